@@ -1,0 +1,47 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "Spindle",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Spindle", targets: ["Spindle"]),
+        .executable(name: "spindle", targets: ["SpindleCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // liburing, the io_uring library. Its header is imported through a shim that pulls the C
+        // library headers in first, so their definitions match the ones Swift's Glibc module sees.
+        .systemLibrary(
+            name: "CLibURing",
+            pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]
+        ),
+        // Linux constants and calls that Swift's Glibc module hides behind _GNU_SOURCE
+        // (O_DIRECT, fallocate modes, RWF_DSYNC, statx's direct-I/O alignment).
+        .target(
+            name: "CSpindleShims",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .target(
+            name: "Spindle",
+            dependencies: ["CLibURing", "CSpindleShims"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .executableTarget(
+            name: "SpindleCLI",
+            dependencies: [
+                "Spindle",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .testTarget(
+            name: "SpindleTests",
+            dependencies: ["Spindle", "SpindleCLI"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+    ]
+)

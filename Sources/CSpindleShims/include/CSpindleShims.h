@@ -1,0 +1,24 @@
+#ifndef SPINDLE_SHIMS_H
+#define SPINDLE_SHIMS_H
+#include <stdint.h>
+
+/// open(2) flag for direct I/O.
+extern const int spindle_O_DIRECT;
+/// fallocate(2) modes.
+extern const int spindle_FALLOC_FL_KEEP_SIZE;
+extern const int spindle_FALLOC_FL_PUNCH_HOLE;
+extern const int spindle_FALLOC_FL_ZERO_RANGE;
+/// Per-write flag that makes a write durable when it completes (forced unit access).
+extern const int spindle_RWF_DSYNC;
+
+/// Direct-I/O alignment of an open file, from statx(STATX_DIOALIGN).
+/// Returns 1 and fills both values when the kernel reports them, 0 when it does not
+/// (direct I/O unsupported or an older kernel), -1 with errno set on failure.
+int spindle_dio_alignment(int fd, uint32_t *memory_alignment, uint32_t *offset_alignment);
+
+/// An eventfd with close-on-exec set, or -1 with errno.
+int spindle_eventfd(void);
+/// Names the calling thread (15 characters at most are kept).
+void spindle_set_thread_name(const char *name);
+
+#endif

@@ -1,0 +1,56 @@
+import Glibc
+
+/// Memory aligned for direct I/O (4096 bytes by default), freed when the last reference goes.
+///
+/// The buffer is a reference to one fixed region of memory, like `UnsafeMutableRawBufferPointer`
+/// with an owner: keep a reference across the `await` of every request that uses it, and do not
+/// touch the bytes a request reads into or writes from until that request returns. Requests take
+/// the region, or part of it, as a raw buffer pointer (``bytes``, ``slice(offset:length:)``).
+public final class AlignedBuffer: @unchecked Sendable {
+    // @unchecked Sendable: the class holds only immutable fields (a pointer and sizes); who may touch
+    // the memory, and when, is the request contract above, as for an unsafe buffer pointer.
+
+    /// Size in bytes.
+    public let count: Int
+    /// Alignment of the start address, in bytes.
+    public let alignment: Int
+    /// The whole region.
+    public let bytes: UnsafeMutableRawBufferPointer
+
+    /// Allocates `count` bytes aligned to `alignment`, filled with zeros.
+    /// - Parameters:
+    ///   - count: bytes to allocate (0 gives an empty buffer).
+    ///   - alignment: a power of two, at least the pointer size.
+    public init(count: Int, alignment: Int = 4096) {
+        precondition(count >= 0, "AlignedBuffer count must not be negative")
+        precondition(alignment > 0 && alignment & (alignment - 1) == 0, "alignment must be a power of two")
+        self.count = count
+        self.alignment = max(alignment, MemoryLayout<UnsafeRawPointer>.size)
+        var memory: UnsafeMutableRawPointer?
+        let result = posix_memalign(&memory, self.alignment, max(count, 1))
+        precondition(result == 0 && memory != nil, "posix_memalign(\(count)) failed: \(result)")
+        memset(memory!, 0, max(count, 1))
+        bytes = UnsafeMutableRawBufferPointer(start: memory, count: count)
+    }
+
+    deinit {
+        free(bytes.baseAddress)
+    }
+
+    /// Part of the region.
+    public func slice(offset: Int, length: Int) -> UnsafeMutableRawBufferPointer {
+        precondition(offset >= 0 && length >= 0 && offset + length <= count, "slice out of the buffer")
+        return UnsafeMutableRawBufferPointer(rebasing: bytes[offset..<(offset + length)])
+    }
+
+    /// The whole region, read-only.
+    public var readOnlyBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(bytes) }
+
+    /// Sets every byte to `value`.
+    public func fill(_ value: UInt8) {
+        bytes.initializeMemory(as: UInt8.self, repeating: value)
+    }
+
+    /// A copy of the contents.
+    public var array: [UInt8] { Array(bytes) }
+}

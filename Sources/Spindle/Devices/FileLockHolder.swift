@@ -1,0 +1,47 @@
+import Glibc
+
+/// Finds who holds a `flock` on a file, from `/proc/locks`, for error messages.
+enum FileLockHolder {
+    /// "process 1234 (spindle)", "this process (the image is open already)", or "another process"
+    /// when the holder cannot be found.
+    static func describe(device: UInt64, inode: UInt64) -> String {
+        guard let pid = holderPID(device: device, inode: inode) else { return "another process" }
+        if pid == getpid() { return "this process (the image is open for writing already)" }
+        if let command = readSmallFile("/proc/\(pid)/comm")?.split(separator: "\n").first {
+            return "process \(pid) (\(command))"
+        }
+        return "process \(pid)"
+    }
+
+    /// Parses `/proc/locks` lines such as `1: FLOCK  ADVISORY  WRITE 4242 fe:01:1234 0 EOF`.
+    static func holderPID(device: UInt64, inode: UInt64, locksText: String? = nil) -> Int32? {
+        guard let text = locksText ?? readSmallFile("/proc/locks") else { return nil }
+        let major = ((device >> 8) & 0xfff) | ((device >> 32) & ~UInt64(0xfff))
+        let minor = (device & 0xff) | ((device >> 12) & ~UInt64(0xff))
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            // Blocked waiters are listed with "->" before the kind; skip them.
+            guard fields.count >= 6, fields[1] == "FLOCK" else { continue }
+            let identity = fields[5].split(separator: ":")
+            guard identity.count == 3, UInt64(identity[2]) == inode,
+                  UInt64(identity[0], radix: 16) == major, UInt64(identity[1], radix: 16) == minor,
+                  let pid = Int32(fields[4]) else { continue }
+            return pid
+        }
+        return nil
+    }
+
+    static func readSmallFile(_ path: String) -> String? {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return nil }
+        defer { close(descriptor) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { Glibc.read(descriptor, $0.baseAddress, $0.count) }
+            if count <= 0 { break }
+            bytes.append(contentsOf: chunk[0..<count])
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}

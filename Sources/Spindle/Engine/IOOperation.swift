@@ -1,0 +1,66 @@
+import CLibURing
+import CSpindleShims
+import Glibc
+
+/// One operation for the ``IOEngine``: what the kernel is asked to do, with the memory it reads or fills.
+///
+/// Pointers inside an operation must stay valid, and the memory they point to must not be touched by
+/// anyone else, until ``IOEngine/execute(_:)`` returns. Callers hold that memory across the `await`,
+/// which is what makes handing the operation to the engine's thread safe; the engine never keeps an
+/// operation after it completes.
+public enum IOOperation: @unchecked Sendable {
+    /// Does nothing; measures the engine's own cost per operation.
+    case nop
+    /// Reads `length` bytes at `offset` into `buffer`.
+    case read(fd: Int32, buffer: UnsafeMutableRawPointer, length: UInt32, offset: UInt64)
+    /// Writes `length` bytes from `buffer` at `offset`; with `fua` the write is durable when it completes.
+    case write(fd: Int32, buffer: UnsafeRawPointer, length: UInt32, offset: UInt64, fua: Bool)
+    /// Reads into several buffers, filled in order, from `offset`.
+    case readVector(fd: Int32, vectors: UnsafePointer<iovec>, count: UInt32, offset: UInt64)
+    /// Writes several buffers, in order, at `offset`.
+    case writeVector(fd: Int32, vectors: UnsafePointer<iovec>, count: UInt32, offset: UInt64, fua: Bool)
+    /// Makes completed writes durable; `dataOnly` is fdatasync.
+    case sync(fd: Int32, dataOnly: Bool)
+    /// fallocate(2) with the given mode (punch hole, zero range).
+    case allocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64)
+    /// Completes after the given time; result 0.
+    case sleep(nanoseconds: UInt64)
+
+    /// Name used in errors and traces.
+    public var name: String {
+        switch self {
+        case .nop: return "nop"
+        case .read, .readVector: return "read"
+        case .write, .writeVector: return "write"
+        case .sync: return "flush"
+        case .allocate: return "fallocate"
+        case .sleep: return "sleep"
+        }
+    }
+
+    /// Fills a submission queue entry. `timespec` is stable storage owned by the operation's slot.
+    func prepare(_ sqe: UnsafeMutablePointer<io_uring_sqe>, timespec: UnsafeMutablePointer<__kernel_timespec>) {
+        switch self {
+        case .nop:
+            io_uring_prep_nop(sqe)
+        case let .read(fd, buffer, length, offset):
+            io_uring_prep_read(sqe, fd, buffer, length, offset)
+        case let .write(fd, buffer, length, offset, fua):
+            io_uring_prep_write(sqe, fd, buffer, length, offset)
+            if fua { sqe.pointee.rw_flags = __kernel_rwf_t(spindle_RWF_DSYNC) }
+        case let .readVector(fd, vectors, count, offset):
+            io_uring_prep_readv(sqe, fd, vectors, count, offset)
+        case let .writeVector(fd, vectors, count, offset, fua):
+            io_uring_prep_writev(sqe, fd, vectors, count, offset)
+            if fua { sqe.pointee.rw_flags = __kernel_rwf_t(spindle_RWF_DSYNC) }
+        case let .sync(fd, dataOnly):
+            io_uring_prep_fsync(sqe, fd, dataOnly ? UInt32(IORING_FSYNC_DATASYNC) : 0)
+        case let .allocate(fd, mode, offset, length):
+            io_uring_prep_fallocate(sqe, fd, mode, off_t(offset), off_t(length))
+        case let .sleep(nanoseconds):
+            timespec.pointee.tv_sec = Int64(nanoseconds / 1_000_000_000)
+            timespec.pointee.tv_nsec = Int64(nanoseconds % 1_000_000_000)
+            io_uring_prep_timeout(sqe, timespec, 0, 0)
+        }
+    }
+}
