@@ -45,3 +45,20 @@ enum FileLockHolder {
         return String(decoding: bytes, as: UTF8.self)
     }
 }
+
+extension FileDevice {
+    /// Who holds the write lock of an image, or nil when nobody does (or the file cannot be opened).
+    /// Does not take the lock.
+    public static func writeLockHolder(path: String) -> String? {
+        let descriptor = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return nil }
+        defer { Glibc.close(descriptor) }
+        if flock(descriptor, LOCK_SH | LOCK_NB) == 0 {
+            flock(descriptor, LOCK_UN)
+            return nil
+        }
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { return "another process" }
+        return FileLockHolder.describe(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+    }
+}

@@ -1,0 +1,193 @@
+import ArgumentParser
+import Foundation
+import Spindle
+
+struct BenchCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Run a fio-like load on an image and report IOPS, throughput and latency.",
+        discussion: """
+            The target is an image file. When it does not exist and --size is given, it is created and, \
+            for loads that read, written in full first (as fio lays out its files) so that reads measure \
+            data rather than holes. --verify writes self-describing blocks, checks every block read and \
+            reads back every block written at the end.
+
+            Examples:
+              spindle bench disk.img --rw randread --bs 4K --iodepth 32 --runtime 10
+              spindle bench disk.img --rw write --bs 1M --iodepth 8 --size 1G --verify
+            """)
+
+    @Argument(help: "The image to load.")
+    var target: String
+
+    @Option(help: "Access pattern: read, write, randread, randwrite or randrw.")
+    var rw: Bench.Pattern = .randread
+
+    @Option(help: "Bytes per request, such as 4K or 1M.", transform: parseSize)
+    var bs: UInt64 = 4096
+
+    @Option(help: "Requests kept in flight.")
+    var iodepth: Int = 1
+
+    @Option(help: "Bytes of the device to touch (from --offset); creates the image at this size if it is missing.",
+            transform: parseSize)
+    var size: UInt64?
+
+    @Option(help: "Start of the region, in bytes.", transform: parseSize)
+    var offset: UInt64 = 0
+
+    @Option(help: "Seconds to run (default 10 unless --ops is given).")
+    var runtime: Double?
+
+    @Option(help: "Requests to complete, instead of a runtime.")
+    var ops: UInt64?
+
+    @Option(help: "Share of reads in randrw, in percent.")
+    var rwmixread: Int = 50
+
+    @Flag(inversion: .prefixedNo, help: "Bypass the page cache with O_DIRECT.")
+    var direct = true
+
+    @Option(help: "Seed for offsets, the read/write mix and verified contents.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Check every byte read against what was written.")
+    var verify = false
+
+    @Flag(help: "Write the whole region before measuring.")
+    var fill = false
+
+    @Option(help: ArgumentHelp(
+        "How workers reach the engine: 'reactor' runs them on the engine's thread (the default, batched), 'global' on Swift's global executor (a cross-thread hand-off per request).",
+        visibility: .hidden))
+    var executor: String = "reactor"
+
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Set up the ring with IORING_SETUP_DEFER_TASKRUN.", visibility: .hidden))
+    var deferTaskrun = true
+
+    @Flag(help: "Print the report as JSON.")
+    var json = false
+
+    func validate() throws {
+        guard iodepth >= 1 && iodepth <= 4096 else { throw ValidationError("--iodepth must be from 1 to 4096") }
+        guard (0...100).contains(rwmixread) else { throw ValidationError("--rwmixread must be a percentage from 0 to 100") }
+        if let runtime, !(runtime > 0) { throw ValidationError("--runtime must be more than 0 seconds, such as 10") }
+        if let ops, ops == 0 { throw ValidationError("--ops must be at least 1") }
+        guard bs > 0 && bs <= 64 << 20 else { throw ValidationError("--bs must be from 512 bytes to 64M") }
+        guard executor == "reactor" || executor == "global" else {
+            throw ValidationError("--executor must be 'reactor' or 'global'")
+        }
+    }
+
+    func run() async throws {
+        var configuration = IOEngine.Configuration()
+        configuration.deferTaskRun = deferTaskrun
+        let engine = try IOEngine(configuration: configuration)
+        defer { engine.shutdown() }
+
+        let fileOptions = FileDevice.Options(directIO: direct ? .preferred : .disabled)
+        var created = false
+        let device: FileDevice
+        if !FileManager.default.fileExists(atPath: target) {
+            guard let size else {
+                throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: target)
+            }
+            device = try FileDevice.create(path: target, sizeBytes: offset + size, engine: engine, options: fileOptions)
+            created = true
+        } else {
+            device = try FileDevice.open(path: target, engine: engine, options: fileOptions)
+        }
+        if direct, let note = device.directIONote { Terminal.warning("\(target): \(note)") }
+
+        var options = Bench.Options(pattern: rw)
+        options.blockBytes = Int(bs)
+        options.ioDepth = iodepth
+        options.regionOffset = offset
+        options.regionBytes = size
+        options.runtimeSeconds = runtime
+        options.operations = ops
+        options.readPercent = rwmixread
+        options.seed = seed
+        options.verify = verify
+        options.fill = fill || (created && rw.readsData)
+
+        if rw.readsData && !options.fill && !verify,
+           let allocated = try? device.allocatedBytes(), allocated < device.capacityBytes / 2 {
+            Terminal.warning(
+                "\(target) is mostly unwritten (\(ByteSize.format(allocated)) of \(ByteSize.format(device.capacityBytes)) allocated): reads of holes are faster than reads of data; add --fill for honest figures")
+        }
+
+        let showProgress = Terminal.showsProgress && !json
+        var progress: (@Sendable (Bench.Progress) -> Void)?
+        if showProgress {
+            progress = { @Sendable state in Terminal.progress(BenchCommand.describe(state)) }
+        }
+        let workerEngine: IOEngine? = executor == "reactor" ? engine : nil
+        let report: Bench.Report
+        do {
+            report = try await Bench.run(on: device, options: options, engine: workerEngine, progress: progress)
+        } catch {
+            if showProgress { Terminal.endProgress() }
+            try? await device.close()
+            throw error
+        }
+        if showProgress { Terminal.endProgress() }
+        try await device.close()
+
+        if json {
+            try Terminal.printJSON(BenchOutput(report: report, directIO: device.usesDirectIO, engineRingFlags: engine.ringFlags))
+        } else {
+            printHuman(report, device: device)
+        }
+    }
+
+    static func describe(_ progress: Bench.Progress) -> String {
+        let seconds = formatDecimal(progress.elapsedSeconds, places: 1)
+        var line = "  \(progress.phase): \(seconds) s, \(progress.operations) requests, \(ByteSize.format(progress.doneBytes))"
+        if let total = progress.totalBytes, total > 0 {
+            line += " of \(ByteSize.format(total)) (\(progress.doneBytes * 100 / total)%)"
+            if progress.elapsedSeconds > 0 && progress.doneBytes > 0 {
+                let rate = Double(progress.doneBytes) / progress.elapsedSeconds
+                let remaining = Double(total - min(progress.doneBytes, total)) / rate
+                line += ", \(ByteSize.format(UInt64(rate)))/s, \(formatDecimal(remaining, places: 0)) s left"
+            }
+        }
+        return line
+    }
+
+    private func printHuman(_ report: Bench.Report, device: FileDevice) {
+        let options = report.options
+        print("\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(device.usesDirectIO ? "direct I/O" : "page cache")")
+        if report.layoutBytes > 0 { print("  layout: wrote \(ByteSize.format(report.layoutBytes)) before measuring") }
+        for (label, direction) in [("read", report.read), ("write", report.write)] {
+            guard let direction else { continue }
+            print("  \(label): \(formatCount(direction.iops)) IOPS, \(formatDecimal(direction.mebibytesPerSecond, places: 1)) MiB/s, latency mean \(formatLatency(UInt64(direction.latencyNanosMean))), p50 \(formatLatency(direction.latencyNanosP50)), p99 \(formatLatency(direction.latencyNanosP99)), p99.9 \(formatLatency(direction.latencyNanosP999)), max \(formatLatency(direction.latencyNanosMax))")
+        }
+        print("  total: \(report.operations) requests, \(ByteSize.format(report.bytes)) in \(formatDecimal(report.elapsedSeconds, places: 2)) s")
+        if options.verify { print("  verify: \(report.verifiedBlocks) blocks checked, all correct") }
+    }
+}
+
+extension Bench.Pattern: ExpressibleByArgument {
+    var readsData: Bool { self == .read || self == .randread || self == .randrw }
+}
+
+/// The JSON report: the library's report plus how the device and engine were set up.
+struct BenchOutput: Encodable {
+    var report: Bench.Report
+    var directIO: Bool
+    var engineRingFlags: UInt32
+}
+
+func formatLatency(_ nanos: UInt64) -> String {
+    if nanos < 1_000 { return "\(nanos) ns" }
+    if nanos < 1_000_000 { return "\(formatDecimal(Double(nanos) / 1e3, places: 1)) µs" }
+    if nanos < 1_000_000_000 { return "\(formatDecimal(Double(nanos) / 1e6, places: 2)) ms" }
+    return "\(formatDecimal(Double(nanos) / 1e9, places: 2)) s"
+}
+
+func formatCount(_ value: Double) -> String {
+    if value >= 1e6 { return "\(formatDecimal(value / 1e6, places: 2))M" }
+    if value >= 1e4 { return "\(formatDecimal(value / 1e3, places: 1))k" }
+    return formatDecimal(value, places: 0)
+}
