@@ -65,6 +65,9 @@ struct BenchCommand: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, help: ArgumentHelp("Set up the ring with IORING_SETUP_DEFER_TASKRUN.", visibility: .hidden))
     var deferTaskrun = true
 
+    @Option(name: .customLong("submit-batch"), help: ArgumentHelp("Prepared requests that make the engine submit at once.", visibility: .hidden))
+    var submitBatch: Int = IOEngine.Configuration().submitBatch
+
     @Flag(help: "Print the report as JSON.")
     var json = false
 
@@ -82,6 +85,7 @@ struct BenchCommand: AsyncParsableCommand {
     func run() async throws {
         var configuration = IOEngine.Configuration()
         configuration.deferTaskRun = deferTaskrun
+        configuration.submitBatch = submitBatch
         let engine = try IOEngine(configuration: configuration)
         defer { engine.shutdown() }
 
