@@ -37,10 +37,11 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         /// `IORING_SETUP_DEFER_TASKRUN`: completions are processed when the reactor asks for them,
         /// not by interrupting it. Requires ``singleIssuer``.
         public var deferTaskRun = true
-        /// Prepared entries that make the reactor submit at once, without waiting for the end of its
-        /// round. Small batches start I/O sooner (the kernel plugs a batch until it is all issued);
-        /// large ones save system calls.
-        public var submitBatch = 8
+        /// Largest batch of prepared entries the reactor holds before submitting them mid-round.
+        /// In each round the first entry is submitted at once, then batches double up to this size:
+        /// the device gets work without waiting for the whole round (the kernel plugs a batch until
+        /// all of it is issued), and a busy round still costs only a few system calls.
+        public var submitBatch = 16
         /// Name of the reactor thread, as `top -H` shows it (15 characters at most).
         public var threadName = "spindle-io"
 
@@ -100,6 +101,8 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     private var wakeArmed = false
     private var inFlight = 0
     private let submitBatch: UInt32
+    /// Prepared entries that trigger a submission in the current round (doubles after each).
+    private var submitThreshold: UInt32 = 1
     private var stopping = false
 
     private static let wakeTag: UInt64 = .max
@@ -300,7 +303,10 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         operation.prepare(sqe, timespec: timespecs + slot)
         io_uring_sqe_set_data64(sqe, UInt64(slot))
         inFlight += 1
-        if io_uring_sq_ready(ring) >= submitBatch { _ = io_uring_submit(ring) }
+        if io_uring_sq_ready(ring) >= submitThreshold {
+            _ = io_uring_submit(ring)
+            submitThreshold = min(submitThreshold * 2, submitBatch)
+        }
     }
 
     private func nextSubmissionEntry() -> UnsafeMutablePointer<io_uring_sqe> {
@@ -380,6 +386,7 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
             }
             let result = io_uring_submit_and_wait(ring, 1)
             sleeping.store(false, ordering: .relaxed)
+            submitThreshold = 1
             if result < 0 && result != -EINTR && result != -EAGAIN && result != -EBUSY && result != -ETIME {
                 fatalError("io_uring_submit_and_wait failed: \(String(cString: strerror(-result)))")
             }
