@@ -129,6 +129,10 @@ public final class FileDevice: BlockDevice {
             let error = errno
             var failure = SpindleError.system(error, operation: "open", path: path)
             if error == ENOENT { failure.message = "no such image file" }
+            if error == EISDIR {
+                failure.code = .invalidArgument
+                failure.message = "it is a directory, not a regular file"
+            }
             throw failure
         }
         var direct = options.directIO != .disabled && note == nil
@@ -241,6 +245,27 @@ public final class FileDevice: BlockDevice {
     public func write(from vectors: UnsafeBufferPointer<iovec>, at offset: UInt64, fua: Bool = false) async throws {
         try checkWritable(operation: "write", offset: offset)
         try await transferVector(read: false, vectors, offset: offset, fua: fua)
+    }
+
+    /// Reads into several buffers, filled in order from `offset`, with one vectored request.
+    public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) async throws {
+        let vectors = Self.vectors(buffers.map { ($0.baseAddress, $0.count) })
+        defer { vectors.deallocate() }
+        try await transferVector(read: true, UnsafeBufferPointer(vectors), offset: offset, fua: false)
+    }
+
+    /// Writes several buffers, in order from `offset`, with one vectored request.
+    public func write(from buffers: [UnsafeRawBufferPointer], at offset: UInt64, fua: Bool = false) async throws {
+        try checkWritable(operation: "write", offset: offset)
+        let vectors = Self.vectors(buffers.map { (UnsafeMutableRawPointer(mutating: $0.baseAddress), $0.count) })
+        defer { vectors.deallocate() }
+        try await transferVector(read: false, UnsafeBufferPointer(vectors), offset: offset, fua: fua)
+    }
+
+    private static func vectors(_ parts: [(UnsafeMutableRawPointer?, Int)]) -> UnsafeMutableBufferPointer<iovec> {
+        let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: parts.count)
+        for (index, part) in parts.enumerated() { vectors[index] = iovec(iov_base: part.0, iov_len: part.1) }
+        return vectors
     }
 
     public func flush() async throws {
