@@ -32,3 +32,13 @@ int spindle_eventfd(void) {
 void spindle_set_thread_name(const char *name) {
     pthread_setname_np(pthread_self(), name);
 }
+
+static __thread void *current_reactor;
+
+void *spindle_current_reactor(void) {
+    return current_reactor;
+}
+
+void spindle_set_current_reactor(void *reactor) {
+    current_reactor = reactor;
+}

@@ -37,7 +37,7 @@ struct FileDeviceTests {
         }
         try await device.write(from: parts.map { $0.readOnlyBytes }, at: 8192)
         let whole = AlignedBuffer(count: 4096 * 6)
-        try await device.read(into: whole.bytes, at: 8192)
+        try await device.read(into: whole, at: 8192)
         #expect(whole.array == parts.flatMap { $0.array })
 
         let targets = (0..<2).map { _ in AlignedBuffer(count: 4096 * 3) }
@@ -65,19 +65,19 @@ struct FileDeviceTests {
         let device = try FileDevice.create(path: path, sizeBytes: 1 << 20)
         let original = AlignedBuffer(count: 8192)
         fillRandom(original.bytes, seed: 3)
-        try await device.write(from: original.readOnlyBytes, at: 0)
+        try await device.write(from: original, at: 0)
         let data = AlignedBuffer(count: 4096)
         data.fill(0xEE)
 
-        expectError(await spindleError { try await device.write(from: data.readOnlyBytes, at: 100) },
+        expectError(await spindleError { try await device.write(from: data, at: 100) },
                     .misaligned, ["write of 4096 bytes at offset 100 on \(path)", "multiples of the logical block size, 512 bytes"])
         expectError(await spindleError { try await device.write(from: UnsafeRawBufferPointer(data.slice(offset: 0, length: 1000)), at: 0) },
                     .misaligned, ["write of 1000 bytes at offset 0"])
         expectError(await spindleError { try await device.read(into: data.slice(offset: 0, length: 0), at: 0) },
                     .invalidArgument, ["empty"])
-        expectError(await spindleError { try await device.write(from: data.readOnlyBytes, at: (1 << 20) - 2048) },
+        expectError(await spindleError { try await device.write(from: data, at: (1 << 20) - 2048) },
                     .outOfRange, ["past the end of the device (capacity 1048576 bytes)", "offset 1046528"])
-        expectError(await spindleError { try await device.read(into: data.bytes, at: 2 << 20) },
+        expectError(await spindleError { try await device.read(into: data, at: 2 << 20) },
                     .outOfRange, ["read of 4096 bytes at offset 2097152"])
         expectError(await spindleError { try await device.discard(offset: 0, length: 0) }, .invalidArgument, ["discard"])
         expectError(await spindleError { try await device.writeZeroes(offset: 512, length: 1 << 20) }, .outOfRange, ["write-zeroes"])
@@ -88,7 +88,7 @@ struct FileDeviceTests {
                         .misaligned, ["not aligned", "direct I/O", "AlignedBuffer"])
         }
         let check = AlignedBuffer(count: 8192)
-        try await device.read(into: check.bytes, at: 0)
+        try await device.read(into: check, at: 0)
         #expect(check.array == original.array, "failed requests must not change data")
         try await device.close()
     }
@@ -103,10 +103,10 @@ struct FileDeviceTests {
         let device = try FileDevice.open(path: path, options: FileDevice.Options(readOnly: true))
         #expect(device.isReadOnly)
         let data = AlignedBuffer(count: 4096)
-        expectError(await spindleError { try await device.write(from: data.readOnlyBytes, at: 0) }, .readOnly, ["read-only", path])
+        expectError(await spindleError { try await device.write(from: data, at: 0) }, .readOnly, ["read-only", path])
         expectError(await spindleError { try await device.discard(offset: 0, length: 4096) }, .readOnly, ["discard"])
         expectError(await spindleError { try await device.writeZeroes(offset: 0, length: 4096) }, .readOnly, ["write-zeroes"])
-        try await device.read(into: data.bytes, at: 0)
+        try await device.read(into: data, at: 0)
         try await device.close()
     }
 
@@ -181,7 +181,7 @@ struct FileDeviceTests {
         let device = try FileDevice.create(path: folder.file("d.img"), sizeBytes: 4 << 20)
         let data = AlignedBuffer(count: 4 << 20)
         fillRandom(data.bytes, seed: 11)
-        try await device.write(from: data.readOnlyBytes, at: 0, fua: true)
+        try await device.write(from: data, at: 0, fua: true)
         try await device.flush()
         let allocatedBefore = try device.allocatedBytes()
         try await device.discard(offset: 1 << 20, length: 1 << 20)
@@ -202,7 +202,7 @@ struct FileDeviceTests {
         let device = try FileDevice.create(path: path, sizeBytes: 1 << 20)
         #expect(truncate(path, 512 * 1024) == 0)
         let buffer = AlignedBuffer(count: 4096)
-        expectError(await spindleError { try await device.read(into: buffer.bytes, at: 768 * 1024) },
+        expectError(await spindleError { try await device.read(into: buffer, at: 768 * 1024) },
                     .shortTransfer, ["read of 4096 bytes at offset 786432 on \(path)", "truncated"])
         try await device.close()
     }
@@ -219,7 +219,7 @@ struct FileDeviceTests {
                 group.addTask(executorPreference: engine) {
                     let buffer = AlignedBuffer(count: 256 * 1024)
                     do {
-                        try await device.write(from: buffer.readOnlyBytes, at: UInt64(index % 64) * 256 * 1024)
+                        try await device.write(from: buffer, at: UInt64(index % 64) * 256 * 1024)
                         return "ok"
                     } catch let error as SpindleError {
                         return error.code == .closed ? "closed" : "\(error)"
@@ -239,7 +239,7 @@ struct FileDeviceTests {
         #expect(outcomes.count == 65)
         #expect(outcomes.allSatisfy { $0 == "ok" || $0 == "closed" || $0 == "closer" }, "\(outcomes)")
         let buffer = AlignedBuffer(count: 4096)
-        expectError(await spindleError { try await device.read(into: buffer.bytes, at: 0) }, .closed, ["closed"])
+        expectError(await spindleError { try await device.read(into: buffer, at: 0) }, .closed, ["closed"])
         expectError(await spindleError { try await device.flush() }, .closed, ["flush"])
         try await device.close()
         // The write lock went with the descriptor.
@@ -282,9 +282,9 @@ struct FileDeviceTests {
         #expect(device.directIONote == "the file system does not support direct I/O (O_DIRECT); using the page cache")
         let data = AlignedBuffer(count: 4096)
         fillRandom(data.bytes, seed: 5)
-        try await device.write(from: data.readOnlyBytes, at: 4096)
+        try await device.write(from: data, at: 4096)
         let back = AlignedBuffer(count: 4096)
-        try await device.read(into: back.bytes, at: 4096)
+        try await device.read(into: back, at: 4096)
         #expect(back.array == data.array)
         try await device.close()
         expectError(await spindleError {

@@ -103,11 +103,11 @@ func exerciseConcurrently(
                     case 0..<8:
                         let buffer = AlignedBuffer(count: length)
                         fillRandom(buffer.bytes, seed: seed &* 31 &+ UInt64(task * 100_000 + step))
-                        try await device.write(from: buffer.readOnlyBytes, at: UInt64(offset), fua: random.chance(0.1))
+                        try await device.write(from: buffer, at: UInt64(offset), fua: random.chance(0.1))
                         model.replaceSubrange(local..<(local + length), with: buffer.array)
                     case 8..<16:
                         let buffer = AlignedBuffer(count: length)
-                        try await device.read(into: buffer.bytes, at: UInt64(offset))
+                        try await device.read(into: buffer, at: UInt64(offset))
                         if buffer.array != Array(model[local..<(local + length)]) {
                             throw SpindleError(.verificationFailed, "task \(task) step \(step): read differs from the model",
                                                operation: "read", path: device.name, offset: UInt64(offset), length: UInt64(length))

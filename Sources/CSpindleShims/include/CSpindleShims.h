@@ -21,4 +21,9 @@ int spindle_eventfd(void);
 /// Names the calling thread (15 characters at most are kept).
 void spindle_set_thread_name(const char *name);
 
+/// The reactor that runs on the calling thread (NULL on other threads). A thread-local, so a thread
+/// identity can never be mistaken for another after a thread ends and its id is reused.
+void *spindle_current_reactor(void);
+void spindle_set_current_reactor(void *reactor);
+
 #endif

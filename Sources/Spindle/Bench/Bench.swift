@@ -360,9 +360,7 @@ public enum Bench {
                             offset: plan.regionOffset + start + UInt64(blockStart), serial: 0)
                     }
                 }
-                try await plan.device.write(
-                    from: UnsafeRawBufferPointer(chunk.slice(offset: 0, length: length)),
-                    at: plan.regionOffset + start, fua: false)
+                try await plan.device.write(from: chunk, range: 0..<length, at: plan.regionOffset + start)
                 shared.completedBytes.add(UInt64(length), ordering: .relaxed)
                 shared.completedOperations.add(1, ordering: .relaxed)
             }
@@ -396,9 +394,9 @@ public enum Bench {
                 let offset = plan.regionOffset + block * blockBytes
                 let start = monotonicNanos()
                 if isRead {
-                    try await device.read(into: buffer.bytes, at: offset)
+                    try await device.read(into: buffer, at: offset)
                 } else {
-                    try await device.write(from: buffer.readOnlyBytes, at: offset, fua: false)
+                    try await device.write(from: buffer, at: offset)
                 }
                 now = monotonicNanos()
                 if isRead { result.readLatency.record(now - start) } else { result.writeLatency.record(now - start) }
@@ -439,13 +437,13 @@ public enum Bench {
             defer { shared.verifyTable.withLock { $0.inFlight[Int(reservation.block)] = false } }
             let start = monotonicNanos()
             if isRead {
-                try await plan.device.read(into: buffer.bytes, at: offset)
+                try await plan.device.read(into: buffer, at: offset)
                 let elapsed = monotonicNanos() - start
                 try check(offset: offset, serial: reservation.serial)
                 result.readLatency.record(elapsed)
             } else {
                 BlockPattern.fill(buffer.bytes, seed: plan.options.seed, offset: offset, serial: reservation.serial)
-                try await plan.device.write(from: buffer.readOnlyBytes, at: offset, fua: false)
+                try await plan.device.write(from: buffer, at: offset)
                 result.writeLatency.record(monotonicNanos() - start)
                 shared.verifyTable.withLock { $0.lastSerial[Int(reservation.block)] = reservation.serial }
             }
@@ -471,7 +469,7 @@ public enum Bench {
                 let serial = shared.verifyTable.withLock { $0.lastSerial[Int(block)] }
                 if serial == VerifyTable.unwritten { continue }
                 let offset = plan.regionOffset + block * UInt64(plan.blockBytes)
-                try await plan.device.read(into: buffer.bytes, at: offset)
+                try await plan.device.read(into: buffer, at: offset)
                 try check(offset: offset, serial: serial)
                 shared.completedBytes.add(UInt64(plan.blockBytes), ordering: .relaxed)
                 shared.completedOperations.add(1, ordering: .relaxed)

@@ -11,7 +11,10 @@
 ///
 /// Buffers are borrowed: the memory must stay valid and untouched by anyone else until the call
 /// returns. Devices that use direct I/O may also require the buffer's address to be aligned
-/// (``AlignedBuffer`` always is).
+/// (``AlignedBuffer`` always is). Swift may release an object right after its last use, so a raw
+/// pointer taken from an ``AlignedBuffer`` does not by itself keep the buffer alive across the
+/// `await`: pass the ``AlignedBuffer`` itself (``read(into:range:at:)``, ``write(from:range:at:fua:)``),
+/// which holds it for the whole call, or use the buffer again after the `await`.
 ///
 /// Concurrent requests may complete in any order. Overlapping concurrent writes, or a read
 /// concurrent with an overlapping write, leave or return either version, per logical block; callers
@@ -62,6 +65,18 @@ extension BlockDevice {
     /// Writes without forced unit access.
     public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) async throws {
         try await write(from: buffer, at: offset, fua: false)
+    }
+
+    /// Reads into an aligned buffer (all of it, or `range` of it), keeping the buffer alive until done.
+    public func read(into buffer: AlignedBuffer, range: Range<Int>? = nil, at offset: UInt64) async throws {
+        let range = range ?? 0..<buffer.count
+        try await read(into: buffer.slice(offset: range.lowerBound, length: range.count), at: offset)
+    }
+
+    /// Writes an aligned buffer (all of it, or `range` of it), keeping the buffer alive until done.
+    public func write(from buffer: AlignedBuffer, range: Range<Int>? = nil, at offset: UInt64, fua: Bool = false) async throws {
+        let range = range ?? 0..<buffer.count
+        try await write(from: UnsafeRawBufferPointer(buffer.slice(offset: range.lowerBound, length: range.count)), at: offset, fua: fua)
     }
 
     /// Checks a request against this device's block size and capacity.

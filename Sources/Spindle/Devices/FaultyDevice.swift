@@ -216,7 +216,7 @@ public final class FaultyDevice: BlockDevice {
                 case .zeroes, .discard:
                     blockBuffer.fill(0)
                 }
-                try await inner.write(from: blockBuffer.readOnlyBytes, at: write.offset + UInt64(index * block), fua: false)
+                try await inner.write(from: blockBuffer, at: write.offset + UInt64(index * block))
                 report.blocksWritten += 1
             }
         }
@@ -269,7 +269,7 @@ public final class FaultyDevice: BlockDevice {
                 try self.checkPower(operation: "flush")
                 switch write.kind {
                 case let .data(bytes):
-                    try await self.inner.write(from: bytes.readOnlyBytes, at: write.offset, fua: false)
+                    try await self.inner.write(from: bytes, at: write.offset)
                 case .zeroes:
                     try await self.inner.writeZeroes(offset: write.offset, length: write.length)
                 case .discard:

@@ -255,8 +255,10 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
 
     // MARK: Submission
 
+    /// Whether the caller runs on this engine's reactor (a thread-local, not a thread id: ids of
+    /// ended threads are reused).
     @usableFromInline
-    var isOnReactorThread: Bool { pthread_equal(pthread_self(), reactorThread) != 0 }
+    var isOnReactorThread: Bool { spindle_current_reactor() == Unmanaged.passUnretained(self).toOpaque() }
 
     @usableFromInline
     func submit(_ operation: IOOperation, _ continuation: UnsafeContinuation<Int32, Never>) {
@@ -325,6 +327,8 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
 
     private func threadMain(_ context: ThreadContext) {
         reactorThread = pthread_self()
+        spindle_set_current_reactor(Unmanaged.passUnretained(self).toOpaque())
+        defer { spindle_set_current_reactor(nil) }
         configuration.threadName.withCString { spindle_set_thread_name($0) }
         let setupError = setUpRing()
         context.setupResult.withLock { $0 = setupError }

@@ -1,0 +1,106 @@
+import Foundation
+import Testing
+@testable import Spindle
+
+/// Runs the built `spindle` binary.
+func spindle(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
+    let process = Process()
+    process.executableURL = spindleBinary()
+    process.arguments = arguments
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    let outputData = output.fileHandleForReading.readDataToEndOfFile()
+    let errorData = errors.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self))
+}
+
+func spindleBinary() -> URL {
+    // The test bundle sits in the build folder, next to the executable.
+    var folder = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    for _ in 0..<3 {
+        let candidate = folder.appendingPathComponent("spindle")
+        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
+        folder = folder.deletingLastPathComponent()
+    }
+    return URL(fileURLWithPath: ".build/debug/spindle")
+}
+
+@Suite("spindle command line", .serialized)
+struct CLITests {
+    @Test("image create and info, for people and for scripts")
+    func imageCreateAndInfo() throws {
+        let folder = TemporaryFolder("cli")
+        defer { folder.remove() }
+        let path = folder.file("a.img")
+        let created = try spindle(["image", "create", path, "--size", "64M"])
+        #expect(created.status == 0, "\(created.errors)")
+        #expect(created.output == "created \(path): 64 MiB (sparse), 512-byte blocks\n")
+        let info = try spindle(["image", "info", path])
+        #expect(info.status == 0)
+        #expect(info.output.contains("size:         64 MiB (67108864 bytes)"))
+        #expect(info.output.contains("write lock:   free"))
+        let json = try spindle(["image", "info", path, "--json"])
+        let decoded = try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as! [String: Any]
+        #expect(decoded["sizeBytes"] as? Int == 64 << 20)
+        #expect(decoded["logicalBlockBytes"] as? Int == 512)
+        #expect(decoded["allocatedBytes"] as? Int == 0)
+    }
+
+    @Test("errors go to standard error as one line, with a non-zero status")
+    func errors() throws {
+        let folder = TemporaryFolder("cli-errors")
+        defer { folder.remove() }
+        let path = folder.file("a.img")
+        let badSize = try spindle(["image", "create", path, "--size", "12X"])
+        #expect(badSize.status != 0)
+        #expect(badSize.errors.contains("'12X' is not a size"))
+        #expect(badSize.output.isEmpty)
+        _ = try spindle(["image", "create", path, "--size", "1M"])
+        let again = try spindle(["image", "create", path, "--size", "1M"])
+        #expect(again.status == 1)
+        #expect(again.errors == "spindle: error: create on \(path) failed: the file exists already; remove it or choose another path\n")
+        let missing = try spindle(["image", "info", folder.file("none.img")])
+        #expect(missing.status == 1)
+        #expect(missing.errors.contains("no such image file"))
+        let noSize = try spindle(["bench", folder.file("none.img")])
+        #expect(noSize.errors.contains("give --size to create it"))
+        let badDepth = try spindle(["bench", path, "--iodepth", "0"])
+        #expect(badDepth.status != 0 && badDepth.errors.contains("--iodepth must be from 1 to 4096"))
+    }
+
+    @Test("info names the process holding the write lock")
+    func infoShowsLockHolder() async throws {
+        let folder = TemporaryFolder("cli-lock")
+        defer { folder.remove() }
+        let path = folder.file("held.img")
+        let device = try FileDevice.create(path: path, sizeBytes: 1 << 20)
+        let info = try spindle(["image", "info", path])
+        #expect(info.output.contains("write lock:   held by process \(getpid())"))
+        let bench = try spindle(["bench", path, "--ops", "10"])
+        #expect(bench.status == 1 && bench.errors.contains("holds its write lock"))
+        try await device.close()
+    }
+
+    @Test("bench creates, fills, verifies and reports as JSON")
+    func benchJSON() throws {
+        let folder = TemporaryFolder("cli-bench")
+        defer { folder.remove() }
+        let path = folder.file("b.img")
+        let result = try spindle(["bench", path, "--size", "4M", "--rw", "randrw", "--bs", "4K", "--iodepth", "4",
+                                  "--ops", "2000", "--verify", "--json"])
+        #expect(result.status == 0, "\(result.errors)")
+        let decoded = try JSONSerialization.jsonObject(with: Data(result.output.utf8)) as! [String: Any]
+        let report = decoded["report"] as! [String: Any]
+        #expect(report["operations"] as? Int == 2000)
+        #expect(report["layoutBytes"] as? Int == 4 << 20)
+        #expect((report["verifiedBlocks"] as? Int ?? 0) > 0)
+        let human = try spindle(["bench", path, "--rw", "read", "--bs", "64K", "--iodepth", "2", "--ops", "100"])
+        #expect(human.status == 0)
+        #expect(human.output.contains("read on \(path): 64 KiB requests, depth 2, 4 MiB region"))
+        #expect(human.output.contains("IOPS"))
+    }
+}

@@ -1,0 +1,117 @@
+import Testing
+@testable import Spindle
+
+@Suite("Sizes, statistics and patterns")
+struct SupportTests {
+    @Test("sizes parse with binary suffixes", arguments: [
+        ("4096", UInt64(4096)), ("4K", 4096), ("4k", 4096), ("4KiB", 4096), ("64KB", 65536), ("1M", 1 << 20),
+        ("1.5G", 3 << 29), ("2T", 2 << 40), (" 10G ", 10 << 30), ("0.5K", 512), ("1P", 1 << 50),
+    ])
+    func parseSizes(text: String, bytes: UInt64) throws {
+        #expect(try ByteSize.parse(text) == bytes)
+    }
+
+    @Test("bad sizes say what to type", arguments: ["", "abc", "4X", "1.3K", "-1", "K", "1..5M", "99999999999T", "4 KiB B"])
+    func rejectSizes(text: String) async {
+        let error = await spindleError { _ = try ByteSize.parse(text) }
+        #expect(error?.code == .invalidArgument)
+    }
+
+    @Test("sizes format with binary units")
+    func formatSizes() {
+        #expect(ByteSize.format(512) == "512 B")
+        #expect(ByteSize.format(4096) == "4 KiB")
+        #expect(ByteSize.format(3 << 29) == "1.5 GiB")
+        #expect(ByteSize.format(1_000_000) == "976.56 KiB")
+        #expect(formatDecimal(2.5, places: 1) == "2.5")
+        #expect(formatDecimal(-0.004, places: 2) == "0")
+    }
+
+    @Test("histogram percentiles stay within 1.6% of the exact values")
+    func histogramAgainstSorting() {
+        var random = SeededRandom(seed: 5)
+        var histogram = LatencyHistogram()
+        var samples: [UInt64] = []
+        for _ in 0..<20_000 {
+            let value = random.below(5_000_000) + random.below(100)
+            samples.append(value)
+            histogram.record(value)
+        }
+        samples.sort()
+        for fraction in [0.5, 0.9, 0.99, 0.999] {
+            let exact = samples[Int((Double(samples.count) * fraction).rounded(.up)) - 1]
+            let estimate = histogram.percentile(fraction)
+            #expect(estimate >= exact, "p\(fraction): \(estimate) < \(exact)")
+            #expect(Double(estimate - exact) <= Double(exact) * 0.016 + 1, "p\(fraction): \(estimate) vs \(exact)")
+        }
+        #expect(histogram.count == 20_000)
+        #expect(histogram.maximumNanos == samples.last && histogram.minimumNanos == samples.first)
+        var merged = LatencyHistogram()
+        merged.merge(histogram)
+        merged.merge(histogram)
+        #expect(merged.count == 40_000 && merged.percentile(0.5) == histogram.percentile(0.5))
+        #expect(LatencyHistogram().percentile(0.5) == 0)
+    }
+
+    @Test("histogram buckets cover every value in order")
+    func histogramBuckets() {
+        var previous = -1
+        for exponent in 0..<63 {
+            for value in Set([UInt64(1) << exponent, (UInt64(1) << exponent) + 1, (UInt64(1) << (exponent + 1)) - 1]).sorted() {
+                let bucket = LatencyHistogram.bucket(of: value)
+                #expect(bucket >= previous && bucket < LatencyHistogram.bucketCount)
+                if exponent <= LatencyHistogram.maximumExponent {
+                    #expect(LatencyHistogram.upperBound(of: bucket) >= value)
+                }
+                previous = bucket
+            }
+        }
+    }
+
+    @Test("seeded random numbers repeat and stay in bounds")
+    func seededRandom() {
+        var first = SeededRandom(seed: 1)
+        var second = SeededRandom(seed: 1)
+        var third = SeededRandom(seed: 2)
+        let a = (0..<100).map { _ in first.next() }
+        #expect(a == (0..<100).map { _ in second.next() })
+        #expect(a != (0..<100).map { _ in third.next() })
+        for bound in [1, 2, 7, 1000] as [UInt64] {
+            for _ in 0..<1000 { #expect(first.below(bound) < bound) }
+        }
+    }
+
+    @Test("verification blocks describe what they hold")
+    func blockPattern() {
+        let block = AlignedBuffer(count: 4096)
+        let scratch = AlignedBuffer(count: 4096)
+        BlockPattern.fill(block.bytes, seed: 7, offset: 8192, serial: 3)
+        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 3, scratch: scratch.bytes) == nil)
+        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 4, scratch: scratch.bytes)?
+            .contains("expected write #4 but the block holds write #3 (lost or stale write)") == true)
+        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 4096, serial: 3, scratch: scratch.bytes)?
+            .contains("offset 8192 (misdirected write)") == true)
+        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 8, offset: 8192, serial: 3, scratch: scratch.bytes)?
+            .contains("data of seed 7") == true)
+        block.bytes[100] ^= 1
+        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 3, scratch: scratch.bytes)?
+            .contains("corrupted data") == true)
+        block.fill(0)
+        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 0, scratch: scratch.bytes)?
+            .contains("expected the layout pass but the block holds zeros") == true)
+    }
+
+    @Test("lock holders are read from /proc/locks")
+    func lockHolderParsing() {
+        let text = """
+            1: POSIX  ADVISORY  WRITE 99 00:15:1234 0 EOF
+            2: FLOCK  ADVISORY  WRITE 4242 fe:01:5678 0 EOF
+            2: -> FLOCK  ADVISORY  WRITE 4343 fe:01:5678 0 EOF
+            3: FLOCK  ADVISORY  WRITE 777 08:02:5678 0 EOF
+            """
+        let device = UInt64(0xfe) << 8 | 0x01
+        #expect(FileLockHolder.holderPID(device: device, inode: 5678, locksText: text) == 4242)
+        #expect(FileLockHolder.holderPID(device: UInt64(8) << 8 | 2, inode: 5678, locksText: text) == 777)
+        #expect(FileLockHolder.holderPID(device: device, inode: 1234, locksText: text) == nil)
+    }
+}
