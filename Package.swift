@@ -19,6 +19,11 @@ let package = Package(
             pkgConfig: "liburing",
             providers: [.apt(["liburing-dev"])]
         ),
+        // The engine's narrow C interface to liburing; liburing's own headers stay inside it.
+        .target(
+            name: "CSpindleRing",
+            dependencies: ["CLibURing"]
+        ),
         // Linux constants and calls that Swift's Glibc module hides behind _GNU_SOURCE
         // (O_DIRECT, fallocate modes, RWF_DSYNC, statx's direct-I/O alignment).
         .target(
@@ -27,7 +32,7 @@ let package = Package(
         ),
         .target(
             name: "Spindle",
-            dependencies: ["CLibURing", "CSpindleShims"],
+            dependencies: ["CSpindleRing", "CSpindleShims"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .executableTarget(

@@ -1,6 +1,5 @@
-import CLibURing
-import CSpindleShims
-import Glibc
+internal import CSpindleShims
+public import Glibc
 
 /// A block device backed by an image file, with every request going through an ``IOEngine``.
 ///

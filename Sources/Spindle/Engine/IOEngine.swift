@@ -1,5 +1,5 @@
-import CLibURing
-import CSpindleShims
+internal import CSpindleRing
+internal import CSpindleShims
 import Dispatch
 import Glibc
 import Synchronization
@@ -56,7 +56,7 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         try IOEngine()
     }
 
-    /// The ring flags the kernel accepted (the engine falls back to none when the kernel refuses some).
+    /// Which of single-issuer (1) and deferred task running (2) the kernel accepted for the ring.
     public private(set) var ringFlags: UInt32 = 0
     public let configuration: Configuration
 
@@ -83,8 +83,7 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
 
     // Reactor-only state.
     private var reactorThread = pthread_t()
-    private let ring: UnsafeMutablePointer<io_uring>
-    private var ringOpen = false
+    private var ring: OpaquePointer?
     private var localJobs: [UnownedJob] = []
     private var runningJobs: [UnownedJob] = []
     private var drainedJobs: [UnownedJob] = []
@@ -92,10 +91,11 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     private var overflow: [Request] = []
     private var overflowHead = 0
     private let continuations: UnsafeMutablePointer<UnsafeContinuation<Int32, Never>?>
-    private let timespecs: UnsafeMutablePointer<__kernel_timespec>
+    private let timespecs: UnsafeMutablePointer<spindle_timespec>
     private let freeSlots: UnsafeMutablePointer<Int32>
     private var freeSlotCount: Int
-    private let completionBatch: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
+    private let completionTags: UnsafeMutablePointer<UInt64>
+    private let completionResults: UnsafeMutablePointer<Int32>
     private let completionBatchSize: UInt32 = 256
     private let wakeBuffer: UnsafeMutablePointer<UInt64>
     private var wakeArmed = false
@@ -115,15 +115,15 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         self.configuration = configuration
         submitBatch = UInt32(max(1, configuration.submitBatch))
         let slots = configuration.maximumInFlight
-        ring = .allocate(capacity: 1)
         continuations = .allocate(capacity: slots)
         continuations.initialize(repeating: nil, count: slots)
         timespecs = .allocate(capacity: slots)
-        timespecs.initialize(repeating: __kernel_timespec(), count: slots)
+        timespecs.initialize(repeating: spindle_timespec(), count: slots)
         freeSlots = .allocate(capacity: slots)
         for index in 0..<slots { freeSlots[index] = Int32(slots - 1 - index) }
         freeSlotCount = slots
-        completionBatch = .allocate(capacity: Int(completionBatchSize))
+        completionTags = .allocate(capacity: Int(completionBatchSize))
+        completionResults = .allocate(capacity: Int(completionBatchSize))
         wakeBuffer = .allocate(capacity: 1)
         wakeBuffer.initialize(to: 0)
         localJobs.reserveCapacity(1024)
@@ -165,11 +165,11 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     }
 
     private func freeMemory() {
-        ring.deallocate()
         continuations.deallocate()
         timespecs.deallocate()
         freeSlots.deallocate()
-        completionBatch.deallocate()
+        completionTags.deallocate()
+        completionResults.deallocate()
         wakeBuffer.deallocate()
     }
 
@@ -301,26 +301,40 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         freeSlotCount -= 1
         let slot = Int(freeSlots[freeSlotCount])
         continuations[slot] = continuation
-        let sqe = nextSubmissionEntry()
-        operation.prepare(sqe, timespec: timespecs + slot)
-        io_uring_sqe_set_data64(sqe, UInt64(slot))
+        check(prepare(operation, tag: UInt64(slot), timespec: timespecs + slot), "prepare a request")
         inFlight += 1
-        if io_uring_sq_ready(ring) >= submitThreshold {
-            _ = io_uring_submit(ring)
+        if spindle_ring_unsubmitted(ring) >= submitThreshold {
+            _ = spindle_ring_submit(ring)
             submitThreshold = min(submitThreshold * 2, submitBatch)
         }
     }
 
-    private func nextSubmissionEntry() -> UnsafeMutablePointer<io_uring_sqe> {
-        while true {
-            if let sqe = io_uring_get_sqe(ring) { return sqe }
-            // The submission queue is full: hand it to the kernel. The completion queue holds every
-            // slot, so this cannot fail for lack of completion space.
-            let submitted = io_uring_submit(ring)
-            if submitted < 0 && submitted != -EINTR && submitted != -EAGAIN && submitted != -EBUSY {
-                fatalError("io_uring_submit failed: \(String(cString: strerror(-submitted)))")
-            }
+    /// Fills a submission entry for an operation.
+    private func prepare(_ operation: IOOperation, tag: UInt64, timespec: UnsafeMutablePointer<spindle_timespec>) -> Int32 {
+        switch operation {
+        case .nop:
+            return spindle_ring_nop(ring, tag)
+        case let .read(fd, buffer, length, offset):
+            return spindle_ring_read(ring, fd, buffer, length, offset, tag)
+        case let .write(fd, buffer, length, offset, fua):
+            return spindle_ring_write(ring, fd, buffer, length, offset, fua ? 1 : 0, tag)
+        case let .readVector(fd, vectors, count, offset):
+            return spindle_ring_readv(ring, fd, vectors, count, offset, tag)
+        case let .writeVector(fd, vectors, count, offset, fua):
+            return spindle_ring_writev(ring, fd, vectors, count, offset, fua ? 1 : 0, tag)
+        case let .sync(fd, dataOnly):
+            return spindle_ring_fsync(ring, fd, dataOnly ? 1 : 0, tag)
+        case let .allocate(fd, mode, offset, length):
+            return spindle_ring_fallocate(ring, fd, mode, offset, length, tag)
+        case let .sleep(nanoseconds):
+            return spindle_ring_timeout(ring, timespec, nanoseconds, tag)
         }
+    }
+
+    /// The ring failing to take work is not recoverable: the kernel refused a submission for a
+    /// reason other than being busy.
+    private func check(_ result: Int32, _ what: String) {
+        if result < 0 { fatalError("io_uring: cannot \(what): \(String(cString: strerror(-result)))") }
     }
 
     // MARK: Reactor
@@ -339,42 +353,33 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     }
 
     private func setUpRing() -> SpindleError? {
-        var flags = UInt32(IORING_SETUP_CQSIZE)
-        if configuration.singleIssuer { flags |= UInt32(IORING_SETUP_SINGLE_ISSUER) }
-        if configuration.singleIssuer && configuration.deferTaskRun { flags |= UInt32(IORING_SETUP_DEFER_TASKRUN) }
-        let completionEntries = UInt32(configuration.maximumInFlight + 64)
-        var params = io_uring_params()
-        params.flags = flags
-        params.cq_entries = completionEntries
-        var result = io_uring_queue_init_params(configuration.submissionQueueEntries, ring, &params)
-        if result == -EINVAL {
-            // An older kernel without SINGLE_ISSUER or DEFER_TASKRUN: run without them.
-            flags = UInt32(IORING_SETUP_CQSIZE)
-            params = io_uring_params()
-            params.flags = flags
-            params.cq_entries = completionEntries
-            result = io_uring_queue_init_params(configuration.submissionQueueEntries, ring, &params)
+        var wanted: UInt32 = 0
+        if configuration.singleIssuer { wanted |= UInt32(SPINDLE_RING_SINGLE_ISSUER) }
+        if configuration.deferTaskRun { wanted |= UInt32(SPINDLE_RING_DEFER_TASKRUN) }
+        var inUse: UInt32 = 0
+        var error: Int32 = 0
+        guard let created = spindle_ring_create(
+            configuration.submissionQueueEntries, UInt32(configuration.maximumInFlight + 64), wanted, &inUse, &error)
+        else {
+            var failure = SpindleError.system(-error, operation: "io_uring_queue_init")
+            failure.message += "; io_uring may be disabled (see /proc/sys/kernel/io_uring_disabled) or blocked by a sandbox"
+            return failure
         }
-        guard result == 0 else {
-            var error = SpindleError.system(-result, operation: "io_uring_queue_init")
-            error.message += "; io_uring may be disabled (see /proc/sys/kernel/io_uring_disabled) or blocked by a sandbox"
-            return error
-        }
-        ringFlags = flags
-        ringOpen = true
+        ring = created
+        ringFlags = inUse
         return nil
     }
 
     private func runLoop() {
-        let defersTaskRun = ringFlags & UInt32(IORING_SETUP_DEFER_TASKRUN) != 0
+        let defersTaskRun = ringFlags & UInt32(SPINDLE_RING_DEFER_TASKRUN) != 0
         while true {
             if inboxCount.load(ordering: .relaxed) > 0 { drainInbox() }
             runJobs()
             reapCompletions()
             if !localJobs.isEmpty || inboxCount.load(ordering: .relaxed) > 0 {
                 // More work is ready: submit what is prepared (and collect finished work) without waiting.
-                if io_uring_sq_ready(ring) > 0 || (defersTaskRun && inFlight > 0) {
-                    _ = io_uring_submit_and_get_events(ring)
+                if spindle_ring_unsubmitted(ring) > 0 || (defersTaskRun && inFlight > 0) {
+                    _ = spindle_ring_submit_and_get_events(ring)
                 }
                 continue
             }
@@ -388,7 +393,7 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
                 sleeping.store(false, ordering: .relaxed)
                 continue
             }
-            let result = io_uring_submit_and_wait(ring, 1)
+            let result = spindle_ring_submit_and_wait(ring, 1)
             sleeping.store(false, ordering: .relaxed)
             submitThreshold = 1
             if result < 0 && result != -EINTR && result != -EAGAIN && result != -EBUSY && result != -ETIME {
@@ -421,13 +426,10 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
 
     private func reapCompletions() {
         while true {
-            let count = io_uring_peek_batch_cqe(ring, completionBatch, completionBatchSize)
-            if count == 0 { break }
+            let count = spindle_ring_reap(ring, completionTags, completionResults, completionBatchSize)
             for index in 0..<Int(count) {
-                let cqe = completionBatch[index]!
-                complete(tag: cqe.pointee.user_data, result: cqe.pointee.res)
+                complete(tag: completionTags[index], result: completionResults[index])
             }
-            io_uring_cq_advance(ring, count)
             if count < completionBatchSize { break }
         }
         startOverflow()
@@ -465,18 +467,14 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     /// Keeps a read of the eventfd in the ring, so that a write to it from another thread ends the wait.
     private func armWake() {
         guard !wakeArmed else { return }
-        let sqe = nextSubmissionEntry()
-        io_uring_prep_read(sqe, wakeDescriptor, wakeBuffer, 8, 0)
-        io_uring_sqe_set_data64(sqe, Self.wakeTag)
+        check(spindle_ring_read(ring, wakeDescriptor, wakeBuffer, 8, 0, Self.wakeTag), "arm the wake-up read")
         wakeArmed = true
     }
 
     private func beginStopping() {
         stopping = true
         startOverflow()  // fails every waiting request with ECANCELED
-        let sqe = nextSubmissionEntry()
-        io_uring_prep_cancel64(sqe, 0, Int32(IORING_ASYNC_CANCEL_ANY))
-        io_uring_sqe_set_data64(sqe, Self.cancelTag)
+        check(spindle_ring_cancel_all(ring, Self.cancelTag), "cancel requests in flight")
         // The cancel also takes out the wake read; it is re-armed before the reactor next blocks.
     }
 
@@ -492,9 +490,9 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     }
 
     private func finish() {
-        if ringOpen {
-            io_uring_queue_exit(ring)
-            ringOpen = false
+        if let ring {
+            spindle_ring_destroy(ring)
+            self.ring = nil
         }
     }
 }

@@ -1,6 +1,4 @@
-import CLibURing
-import CSpindleShims
-import Glibc
+public import Glibc
 
 /// One operation for the ``IOEngine``: what the kernel is asked to do, with the memory it reads or fills.
 ///
@@ -35,32 +33,6 @@ public enum IOOperation: @unchecked Sendable {
         case .sync: return "flush"
         case .allocate: return "fallocate"
         case .sleep: return "sleep"
-        }
-    }
-
-    /// Fills a submission queue entry. `timespec` is stable storage owned by the operation's slot.
-    func prepare(_ sqe: UnsafeMutablePointer<io_uring_sqe>, timespec: UnsafeMutablePointer<__kernel_timespec>) {
-        switch self {
-        case .nop:
-            io_uring_prep_nop(sqe)
-        case let .read(fd, buffer, length, offset):
-            io_uring_prep_read(sqe, fd, buffer, length, offset)
-        case let .write(fd, buffer, length, offset, fua):
-            io_uring_prep_write(sqe, fd, buffer, length, offset)
-            if fua { sqe.pointee.rw_flags = __kernel_rwf_t(spindle_RWF_DSYNC) }
-        case let .readVector(fd, vectors, count, offset):
-            io_uring_prep_readv(sqe, fd, vectors, count, offset)
-        case let .writeVector(fd, vectors, count, offset, fua):
-            io_uring_prep_writev(sqe, fd, vectors, count, offset)
-            if fua { sqe.pointee.rw_flags = __kernel_rwf_t(spindle_RWF_DSYNC) }
-        case let .sync(fd, dataOnly):
-            io_uring_prep_fsync(sqe, fd, dataOnly ? UInt32(IORING_FSYNC_DATASYNC) : 0)
-        case let .allocate(fd, mode, offset, length):
-            io_uring_prep_fallocate(sqe, fd, mode, off_t(offset), off_t(length))
-        case let .sleep(nanoseconds):
-            timespec.pointee.tv_sec = Int64(nanoseconds / 1_000_000_000)
-            timespec.pointee.tv_nsec = Int64(nanoseconds % 1_000_000_000)
-            io_uring_prep_timeout(sqe, timespec, 0, 0)
         }
     }
 }
