@@ -19,6 +19,12 @@ let package = Package(
             pkgConfig: "liburing",
             providers: [.apt(["liburing-dev"])]
         ),
+        // Intel ISA-L: XOR parity (xor_gen, xor_check) and CRC32C (crc32_iscsi).
+        .systemLibrary(
+            name: "CISAL",
+            pkgConfig: "libisal",
+            providers: [.apt(["libisal-dev"])]
+        ),
         // The engine's narrow C interface to liburing; liburing's own headers stay inside it.
         .target(
             name: "CSpindleRing",
@@ -32,7 +38,7 @@ let package = Package(
         ),
         .target(
             name: "Spindle",
-            dependencies: ["CSpindleRing", "CSpindleShims"],
+            dependencies: ["CSpindleRing", "CSpindleShims", "CISAL"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .executableTarget(

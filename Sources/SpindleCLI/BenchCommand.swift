@@ -89,7 +89,9 @@ struct BenchCommand: AsyncParsableCommand {
         let engine = try IOEngine(configuration: configuration)
         defer { engine.shutdown() }
 
-        let fileOptions = FileDevice.Options(directIO: direct ? .preferred : .disabled)
+        // A load that only reads opens the image read-only, as fio does: no write lock is taken.
+        let readOnly = !rw.writesData && !fill && !verify && FileManager.default.fileExists(atPath: target)
+        let fileOptions = FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled)
         var created = false
         let device: FileDevice
         if !FileManager.default.fileExists(atPath: target) {
@@ -174,6 +176,7 @@ struct BenchCommand: AsyncParsableCommand {
 
 extension Bench.Pattern: ExpressibleByArgument {
     var readsData: Bool { self == .read || self == .randread || self == .randrw }
+    var writesData: Bool { self == .write || self == .randwrite || self == .randrw }
 }
 
 /// The JSON report: the library's report plus how the device and engine were set up.
