@@ -1,0 +1,463 @@
+extension RAIDArray {
+    /// Reads the newest valid superblock copy of a device.
+    /// - Returns: the superblock, or the problem with each copy when neither is usable.
+    public static func readSuperblock(of device: any BlockDevice) async throws -> Result<RAIDSuperblock, RAIDSuperblock.Problem> {
+        guard device.capacityBytes >= 8192 else { return .failure(.notAMember) }
+        let buffer = AlignedBuffer(count: 8192)
+        try await device.read(into: buffer, at: 0)
+        var best: RAIDSuperblock?
+        var problems: [RAIDSuperblock.Problem] = []
+        for copy in 0..<2 {
+            do {
+                let block = try RAIDSuperblock.decode(UnsafeRawBufferPointer(buffer.slice(offset: copy * 4096, length: 4096)))
+                if best == nil || block.events > best!.events { best = block }
+            } catch {
+                problems.append(error)
+            }
+        }
+        if let best { return .success(best) }
+        // Report the more specific problem: a corrupt block over a missing magic.
+        return .failure(problems.first { $0 != .notAMember } ?? .notAMember)
+    }
+
+    /// Assembles an array from its members, given in any order.
+    ///
+    /// Refuses, naming the device and the reason: a device that is not a member or has a corrupt
+    /// superblock, members of different arrays, the same member twice, too few members to serve the
+    /// data, and a RAID5 array that is both dirty (shut down uncleanly) and degraded unless `force`.
+    /// Members that are stale (their event count shows they missed changes), truncated, or absent are
+    /// left out, and the array runs degraded; ``AssemblyReport/notes`` says which and why. A dirty
+    /// array resyncs the regions its write-intent bitmap marks before returning.
+    public static func assemble(members devices: [any BlockDevice], force: Bool = false) async throws -> AssemblyReport {
+        guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "no member devices given") }
+        var found: [(device: any BlockDevice, superblock: RAIDSuperblock)] = []
+        for device in devices {
+            switch try await readSuperblock(of: device) {
+            case let .success(superblock): found.append((device, superblock))
+            case let .failure(problem):
+                throw SpindleError(problem == .notAMember ? .invalidArgument : .ioFailed, "\(problem)", operation: "assemble", path: device.name)
+            }
+        }
+        let arrays = Dictionary(grouping: found, by: { $0.superblock.arrayUUID })
+        guard arrays.count == 1 else {
+            let listing = found.map { "\($0.device.name) (array '\($0.superblock.name)' \($0.superblock.arrayUUID))" }
+            throw SpindleError(.invalidArgument, "the devices belong to different arrays: \(listing.joined(separator: ", "))", operation: "assemble")
+        }
+        let byMember = Dictionary(grouping: found, by: { $0.superblock.memberUUID })
+        if let duplicate = byMember.values.first(where: { $0.count > 1 }) {
+            throw SpindleError(
+                .invalidArgument,
+                "\(duplicate.map(\.device.name).joined(separator: " and ")) are the same member (member \(duplicate[0].superblock.memberUUID)); a copied image cannot stand in for another member",
+                operation: "assemble", path: duplicate[0].device.name)
+        }
+        let latest = found.max { $0.superblock.events < $1.superblock.events }!.superblock
+        let geometry = latest.geometry
+        var notes: [String] = []
+        var slots = [Member?](repeating: nil, count: latest.memberCount)
+        var slotStates = [RAIDMemberState](repeating: .missing, count: latest.memberCount)
+        var spares: [Member] = []
+        let neededBytes = dataOffset + latest.memberDataBytes
+        for (slot, recorded) in latest.slots.enumerated() {
+            guard recorded.state == .active || recorded.state == .rebuilding else {
+                slotStates[slot] = recorded.state == .faulty ? .faulty : .missing
+                if recorded.state == .faulty { notes.append("slot \(slot) is marked faulty; replace it with 'array replace' or 'array add'") }
+                continue
+            }
+            guard let match = byMember[recorded.member]?.first else {
+                notes.append("slot \(slot) (member \(recorded.member)) is missing: none of the given devices holds it")
+                continue
+            }
+            if match.superblock.events < latest.events {
+                notes.append("\(match.device.name) is stale (events \(match.superblock.events), the array is at \(latest.events)): it missed changes, so it is not trusted; add it back to rebuild it")
+                continue
+            }
+            if match.device.capacityBytes < neededBytes {
+                notes.append("\(match.device.name) is truncated (\(match.device.capacityBytes) bytes, the array needs \(neededBytes)); slot \(slot) runs missing")
+                continue
+            }
+            slots[slot] = Member(device: match.device, uuid: recorded.member)
+            slotStates[slot] = recorded.state
+        }
+        for candidate in found where candidate.superblock.role == -1 && !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID }) {
+            if candidate.device.capacityBytes >= neededBytes {
+                spares.append(Member(device: candidate.device, uuid: candidate.superblock.memberUUID))
+            }
+        }
+        for candidate in found where candidate.superblock.role >= 0 && !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID }) {
+            notes.append("\(candidate.device.name) was a member of this array but has been replaced; it is not used")
+        }
+        let usable = slotStates.filter { $0 == .active }.count
+        let rebuildingUsable = slotStates.filter { $0 == .rebuilding }.count
+        guard usable >= latest.memberCount - geometry.level.redundancy else {
+            throw SpindleError(
+                .ioFailed,
+                "too few members to assemble '\(latest.name)' (\(geometry.level)): \(usable) of \(latest.memberCount) are usable\(rebuildingUsable > 0 ? " (\(rebuildingUsable) still rebuilding)" : "")\(notes.isEmpty ? "" : "; " + notes.joined(separator: "; "))",
+                operation: "assemble")
+        }
+        let degraded = usable < latest.memberCount
+        if latest.dirty && degraded && geometry.level == .raid5 && !force {
+            throw SpindleError(
+                .ioFailed,
+                "'\(latest.name)' was not shut down cleanly and is degraded: stripes being written at the crash may have parity that disagrees with their data, and with a member missing that cannot be checked, so the missing member's data there could be rebuilt wrong. Start it anyway with --force (or force: true) to recover what can be recovered",
+                operation: "assemble")
+        }
+        var rebuildSlot = latest.rebuildSlot
+        if rebuildSlot >= 0 && slotStates[rebuildSlot] != .rebuilding { rebuildSlot = -1 }
+        let blockBytes = devices.map(\.logicalBlockBytes).max()!
+        let array = RAIDArray(
+            name: latest.name, uuid: latest.arrayUUID, geometry: geometry, createdSeconds: latest.createdSeconds,
+            bitmapChunkShift: latest.bitmapChunkShift,
+            state: State(
+                slots: slots, slotStates: slotStates, spares: spares, events: latest.events, dirty: latest.dirty,
+                rebuildSlot: rebuildSlot, rebuildCheckpointBytes: rebuildSlot >= 0 ? latest.rebuildCheckpointBytes : 0,
+                bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false),
+            logicalBlockBytes: blockBytes)
+        var resyncedBytes: UInt64 = 0
+        if latest.dirty {
+            resyncedBytes = try await array.resyncDirtyRegions()
+            notes.append("the array was not shut down cleanly; resynced \(ByteSize.format(resyncedBytes)) of regions being written")
+        }
+        try await array.commitSuperblocks()
+        await array.activateSpareIfPossible()
+        return AssemblyReport(array: array, notes: notes, resyncedBytes: resyncedBytes)
+    }
+
+    /// An assembled array and what assembly found.
+    public struct AssemblyReport: Sendable {
+        public let array: RAIDArray
+        /// Members left out and why, resyncs done.
+        public let notes: [String]
+        public let resyncedBytes: UInt64
+    }
+
+    /// After an unclean shutdown: makes mirrors or parity agree again in the regions the write-intent
+    /// bitmap marks (all of the array when no member's bitmap can be read). Keeps the dirty state, so
+    /// a crash during resync leads to another.
+    func resyncDirtyRegions() async throws -> UInt64 {
+        guard geometry.level != .raid0 else { return 0 }
+        let readable = readableMembers()
+        var bits: [UInt8]?
+        for member in readable.compactMap({ $0 }) {
+            let buffer = AlignedBuffer(count: Self.bitmapBytes)
+            if (try? await member.device.read(into: buffer, at: Self.bitmapOffset)) != nil {
+                bits = buffer.array
+                break
+            }
+        }
+        let regionBytes = UInt64(1) << UInt64(bitmapChunkShift)
+        let regionCount = Int((geometry.memberDataBytes + regionBytes - 1) / regionBytes)
+        var total: UInt64 = 0
+        for region in 0..<regionCount {
+            if let bits, bits[region / 8] & (1 << UInt8(region % 8)) == 0 { continue }
+            let start = UInt64(region) * regionBytes
+            let end = min(start + regionBytes, geometry.memberDataBytes)
+            _ = try await checkRange(memberStart: start, memberEnd: end, repair: true, progress: nil)
+            total += end - start
+        }
+        return total
+    }
+
+    // MARK: Scrub
+
+    /// What a scrub found.
+    public struct ScrubReport: Sendable, Codable {
+        public var checkedBytes: UInt64
+        /// Logical offsets (array bytes) of stripes whose copies or parity disagreed.
+        public var mismatchOffsets: [UInt64]
+        public var mismatches: Int
+        public var repaired: Int
+    }
+
+    /// Progress of a long operation (rebuild, scrub).
+    public struct Progress: Sendable {
+        public var doneBytes: UInt64
+        public var totalBytes: UInt64
+        public var bytesPerSecond: Double
+        public var secondsLeft: Double?
+    }
+
+    /// Reads every stripe and checks that mirrors agree (RAID1) or that parity matches the data
+    /// (RAID5); with `repair`, rewrites mirror copies from the first member or parity from the data.
+    public func scrub(repair: Bool = false, progress: (@Sendable (Progress) -> Void)? = nil) async throws -> ScrubReport {
+        guard geometry.level != .raid0 else {
+            throw SpindleError(.unsupported, "RAID0 keeps no redundancy, so there is nothing to check", operation: "scrub", path: name)
+        }
+        guard readableMembers().allSatisfy({ $0 != nil }) else {
+            throw SpindleError(.unsupported, "the array is degraded: with a member missing there is no second copy to compare", operation: "scrub", path: name)
+        }
+        try gate.enter(operation: "scrub", name: name)
+        defer { gate.leave() }
+        return try await checkRange(memberStart: 0, memberEnd: geometry.memberDataBytes, repair: repair, progress: progress)
+    }
+
+    /// Checks (and repairs) member data range `memberStart ..< memberEnd`, stripe group by stripe group.
+    func checkRange(memberStart: UInt64, memberEnd: UInt64, repair: Bool, progress: (@Sendable (Progress) -> Void)?) async throws -> ScrubReport {
+        var report = ScrubReport(checkedBytes: 0, mismatchOffsets: [], mismatches: 0, repaired: 0)
+        let chunk = geometry.chunkBytes
+        let step = max(chunk, (1 << 20) / chunk * chunk)
+        let started = monotonicNanos()
+        var lastReport = started
+        var position = memberStart
+        while position < memberEnd {
+            try Task.checkCancellation()
+            let length = min(step, memberEnd - position)
+            let stripes = (position / chunk)...((position + length - 1) / chunk)
+            await stripeLocks.lock(stripes)
+            do {
+                defer { stripeLocks.unlock(stripes) }
+                let readable = readableMembers()
+                let slots = (0..<geometry.memberCount).filter { readable[$0] != nil }
+                let buffers = slots.map { _ in AlignedBuffer(count: Int(length)) }
+                let memberOffset = Self.dataOffset + position
+                let failures = await concurrently(zip(slots, buffers).map { slot, buffer in
+                    (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
+                })
+                if let failure = failures.first {
+                    await failMember(slot: failure.slot, because: failure.error)
+                    throw failure.error
+                }
+                if slots.count == geometry.memberCount {
+                    for stripe in stripes {
+                        let within = Int((stripe * chunk) - position)
+                        let size = Int(chunk)
+                        let pointers = buffers.map { UnsafeRawPointer($0.bytes.baseAddress! + within) }
+                        let consistent: Bool
+                        switch geometry.level {
+                        case .raid1:
+                            consistent = buffers.dropFirst().allSatisfy { Array($0.slice(offset: within, length: size)) == Array(buffers[0].slice(offset: within, length: size)) }
+                        case .raid5:
+                            consistent = XORParity.check(pointers, length: size)
+                        case .raid0:
+                            consistent = true
+                        }
+                        if consistent { continue }
+                        report.mismatches += 1
+                        if report.mismatchOffsets.count < 1000 {
+                            report.mismatchOffsets.append(stripe * geometry.stripeDataBytes)
+                        }
+                        guard repair else { continue }
+                        try await repairStripe(stripe, buffers: buffers, slots: slots, within: within, readable: readable)
+                        report.repaired += 1
+                    }
+                }
+                withExtendedLifetime(buffers) {}
+            }
+            position += length
+            report.checkedBytes += length
+            let now = monotonicNanos()
+            if let progress, now - lastReport >= 1_000_000_000 || position >= memberEnd {
+                lastReport = now
+                let rate = Double(position - memberStart) / (Double(now - started) / 1e9)
+                progress(Progress(doneBytes: position - memberStart, totalBytes: memberEnd - memberStart,
+                                  bytesPerSecond: rate, secondsLeft: rate > 0 ? Double(memberEnd - position) / rate : nil))
+            }
+        }
+        return report
+    }
+
+    private func repairStripe(_ stripe: UInt64, buffers: [AlignedBuffer], slots: [Int], within: Int, readable: [Member?]) async throws {
+        let chunk = Int(geometry.chunkBytes)
+        let memberOffset = Self.dataOffset + stripe * geometry.chunkBytes
+        switch geometry.level {
+        case .raid1:
+            for slot in slots.dropFirst() {
+                try await readable[slot]!.device.write(from: buffers[0], range: within..<(within + chunk), at: memberOffset)
+            }
+        case .raid5:
+            let parityMember = geometry.parityMember(stripe: stripe)
+            let parity = AlignedBuffer(count: chunk)
+            let dataPointers = slots.enumerated().filter { $0.element != parityMember }.map {
+                UnsafeRawPointer(buffers[$0.offset].bytes.baseAddress! + within)
+            }
+            XORParity.generate(sources: dataPointers, parity: parity.bytes.baseAddress!, length: chunk)
+            try await readable[parityMember]!.device.write(from: parity, at: memberOffset)
+        case .raid0:
+            break
+        }
+    }
+
+    // MARK: Rebuild
+
+    /// Rebuilds the member being replaced, from its checkpoint to the end, while the array serves
+    /// I/O. The checkpoint is saved in the superblocks every 64 MiB, so an interrupted rebuild (a
+    /// crash, a cancelled task) resumes there. Returns the bytes rebuilt (0 when nothing needed it).
+    /// - Parameters:
+    ///   - rateBytesPerSecond: an upper bound on the rebuild rate, to leave room for other I/O.
+    ///   - progress: called about once a second and at the end.
+    @discardableResult
+    public func rebuild(rateBytesPerSecond: UInt64? = nil, progress: (@Sendable (Progress) -> Void)? = nil) async throws -> UInt64 {
+        await activateSpareIfPossible()
+        let (slot, checkpoint) = state.withLock { ($0.rebuildSlot, $0.rebuildCheckpointBytes) }
+        guard slot >= 0 else { return 0 }
+        try gate.enter(operation: "rebuild", name: name)
+        defer { gate.leave() }
+        let chunk = geometry.chunkBytes
+        let step = max(chunk, (1 << 20) / chunk * chunk)
+        let checkpointEvery: UInt64 = 64 << 20
+        let total = geometry.memberDataBytes
+        let started = monotonicNanos()
+        var lastReport = started
+        var lastSaved = checkpoint
+        var position = checkpoint
+        while position < total {
+            try Task.checkCancellation()
+            let length = min(step, total - position)
+            let stripes = (position / chunk)...((position + length - 1) / chunk)
+            await stripeLocks.lock(stripes)
+            do {
+                defer { stripeLocks.unlock(stripes) }
+                let readable = readableMembers()
+                let writable = writableMembers()
+                guard let target = writable[slot] else {
+                    throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
+                }
+                let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
+                let result = AlignedBuffer(count: Int(length))
+                if geometry.level == .raid1 {
+                    guard let source = sources.first else { throw failedError("rebuild") }
+                    try await readable[source]!.device.read(into: result, at: Self.dataOffset + position)
+                } else {
+                    guard sources.count == geometry.memberCount - 1 else { throw failedError("rebuild") }
+                    let buffers = sources.map { _ in AlignedBuffer(count: Int(length)) }
+                    let memberOffset = Self.dataOffset + position
+                    let failures = await concurrently(zip(sources, buffers).map { source, buffer in
+                        (source, { try await readable[source]!.device.read(into: buffer, at: memberOffset) })
+                    })
+                    if let failure = failures.first {
+                        await failMember(slot: failure.slot, because: failure.error)
+                        throw failure.error
+                    }
+                    XORParity.generate(sources: buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) },
+                                       parity: result.bytes.baseAddress!, length: Int(length))
+                    withExtendedLifetime(buffers) {}
+                }
+                do {
+                    try await target.device.write(from: result, at: Self.dataOffset + position)
+                } catch {
+                    await failMember(slot: slot, because: error)
+                    throw error
+                }
+            }
+            position += length
+            state.withLock { $0.rebuildCheckpointBytes = position }
+            if position - lastSaved >= checkpointEvery {
+                try await target(slot).flush()
+                try await commitSuperblocks()
+                lastSaved = position
+            }
+            let now = monotonicNanos()
+            let elapsed = Double(now - started) / 1e9
+            if let rateBytesPerSecond, rateBytesPerSecond > 0 {
+                let due = Double(position - checkpoint) / Double(rateBytesPerSecond)
+                if due > elapsed { try await Task.sleep(nanoseconds: UInt64((due - elapsed) * 1e9)) }
+            }
+            if let progress, now - lastReport >= 1_000_000_000 || position >= total {
+                lastReport = now
+                let rate = Double(position - checkpoint) / max(Double(monotonicNanos() - started) / 1e9, 1e-9)
+                progress(Progress(doneBytes: position, totalBytes: total, bytesPerSecond: rate,
+                                  secondsLeft: rate > 0 ? Double(total - position) / rate : nil))
+            }
+        }
+        try await target(slot).flush()
+        state.withLock { state in
+            state.slotStates[slot] = .active
+            state.rebuildSlot = -1
+            state.rebuildCheckpointBytes = 0
+        }
+        try await commitSuperblocks()
+        return total - checkpoint
+    }
+
+    private func target(_ slot: Int) throws -> any BlockDevice {
+        guard let member = writableMembers()[slot] else {
+            throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
+        }
+        return member.device
+    }
+
+    // MARK: Managing members
+
+    /// Marks a member failed, as if the disk had died: the array carries on degraded.
+    public func fail(memberNamed deviceName: String) async throws {
+        guard let slot = state.withLock({ $0.slots.firstIndex { $0?.name == deviceName } }) else {
+            throw SpindleError(.invalidArgument, "\(deviceName) is not an active member of \(name)", operation: "fail")
+        }
+        if geometry.level == .raid0 {
+            throw SpindleError(.unsupported, "failing a member of a RAID0 array would lose its data", operation: "fail", path: deviceName)
+        }
+        let lost = state.withLock { $0.slotStates.filter { $0 != .active }.count }
+        if state.withLock({ $0.slotStates[slot] }) == .active && lost + 1 > geometry.level.redundancy {
+            throw SpindleError(
+                .unsupported, "failing \(deviceName) would leave \(name) without enough members to serve its data",
+                operation: "fail", path: deviceName)
+        }
+        await failMember(slot: slot, because: SpindleError(.ioFailed, "marked failed"))
+    }
+
+    /// Removes a faulty member from its slot (the slot becomes missing), or a spare.
+    public func remove(memberNamed deviceName: String) async throws {
+        let removed = state.withLock { state -> Member? in
+            if let index = state.spares.firstIndex(where: { $0.name == deviceName }) {
+                return state.spares.remove(at: index)
+            }
+            guard let slot = state.slots.firstIndex(where: { $0?.name == deviceName }) else { return nil }
+            guard state.slotStates[slot] == .faulty else { return nil }
+            let member = state.slots[slot]
+            state.slots[slot] = nil
+            state.slotStates[slot] = .missing
+            return member
+        }
+        guard let removed else {
+            throw SpindleError(
+                .invalidArgument, "\(deviceName) is not a faulty member or a spare of \(name); fail it first",
+                operation: "remove")
+        }
+        try await commitSuperblocks()
+        // The removed device no longer belongs to the array: wipe its superblocks.
+        let zeros = AlignedBuffer(count: 8192)
+        try? await removed.device.write(from: zeros, at: 0, fua: true)
+        try? await removed.device.close()
+    }
+
+    /// Adds a device: it replaces a faulty or missing member (and must then be rebuilt with
+    /// ``rebuild(rateBytesPerSecond:progress:)``), or becomes a spare when no slot needs it.
+    public func add(_ device: any BlockDevice) async throws {
+        guard geometry.level != .raid0 else {
+            throw SpindleError(.unsupported, "RAID0 arrays have no redundancy to rebuild onto a new member", operation: "add", path: device.name)
+        }
+        guard device.capacityBytes >= Self.dataOffset + geometry.memberDataBytes else {
+            throw SpindleError(
+                .invalidArgument,
+                "the device is \(device.capacityBytes) bytes; members of \(name) need \(Self.dataOffset + geometry.memberDataBytes)",
+                operation: "add", path: device.name)
+        }
+        guard device.logicalBlockBytes <= logicalBlockBytes else {
+            throw SpindleError(.invalidArgument, "its \(device.logicalBlockBytes)-byte blocks are larger than the array's", operation: "add", path: device.name)
+        }
+        let member = Member(device: device, uuid: .random())
+        state.withLock { state in
+            if let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }), state.rebuildSlot < 0 {
+                state.slots[slot] = member
+                state.slotStates[slot] = .rebuilding
+                state.rebuildSlot = slot
+                state.rebuildCheckpointBytes = 0
+                state.failed = false
+            } else {
+                state.spares.append(member)
+            }
+        }
+        try await commitSuperblocks()
+    }
+
+    /// Fails `old` (if it is not failed already), puts `new` in its slot, and leaves the rebuild to
+    /// ``rebuild(rateBytesPerSecond:progress:)``.
+    public func replace(memberNamed oldName: String, with device: any BlockDevice) async throws {
+        let oldState = state.withLock { state in state.slots.firstIndex { $0?.name == oldName }.map { state.slotStates[$0] } }
+        guard let oldState else {
+            throw SpindleError(.invalidArgument, "\(oldName) is not a member of \(name)", operation: "replace")
+        }
+        if oldState == .active { try await fail(memberNamed: oldName) }
+        try await remove(memberNamed: oldName)
+        try await add(device)
+    }
+}

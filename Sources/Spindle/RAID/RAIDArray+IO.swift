@@ -1,0 +1,358 @@
+/// A caller's buffer, shared with the child tasks of one request.
+///
+/// @unchecked Sendable: the buffer is borrowed for the whole request, every child task finishes
+/// before the request returns, and child tasks touch disjoint parts of it.
+struct RequestBuffer: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+}
+
+extension RAIDArray {
+    /// Runs member requests at once (one task each; inline when there is only one) and reports each
+    /// one's error by slot.
+    func concurrently(_ jobs: [(slot: Int, work: @Sendable () async throws -> Void)]) async -> [(slot: Int, error: Error)] {
+        if jobs.count == 1 {
+            do { try await jobs[0].work() } catch { return [(jobs[0].slot, error)] }
+            return []
+        }
+        return await withTaskGroup(of: (Int, Error?).self) { group in
+            for job in jobs {
+                group.addTask {
+                    do {
+                        try await job.work()
+                        return (job.slot, nil)
+                    } catch {
+                        return (job.slot, error)
+                    }
+                }
+            }
+            var failures: [(slot: Int, error: Error)] = []
+            for await (slot, error) in group { if let error { failures.append((slot, error)) } }
+            return failures
+        }
+    }
+
+    // MARK: Reads
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
+        try validate(offset: offset, length: buffer.count, operation: "read")
+        try gate.enter(operation: "read", name: name)
+        defer { gate.leave() }
+        let target = RequestBuffer(base: buffer.baseAddress!)
+        let length = UInt64(buffer.count)
+        switch geometry.level {
+        case .raid1:
+            try await readMirrored(into: target, offset: offset, length: UInt64(buffer.count))
+        case .raid0, .raid5:
+            let extents = geometry.extents(offset: offset, length: UInt64(buffer.count))
+            let readable = readableMembers()
+            let failures = await concurrently(extents.map { extent in
+                (extent.member, { [self] in
+                    let destination = UnsafeMutableRawBufferPointer(
+                        start: target.base + Int(extent.requestOffset), count: Int(extent.length))
+                    if let member = readable[extent.member] {
+                        do {
+                            try await member.device.read(into: destination, at: Self.dataOffset + extent.memberOffset)
+                            return
+                        } catch where geometry.level == .raid5 {
+                            // Answer from parity, then rewrite the bad block (or fail the member).
+                            try await reconstruct(extent, into: destination, rewrite: true)
+                            return
+                        }
+                    }
+                    guard geometry.level == .raid5 else {
+                        throw SpindleError(.ioFailed, "slot \(extent.member) of the RAID0 array is not available",
+                                           operation: "read", path: name, offset: offset, length: length)
+                    }
+                    try await reconstruct(extent, into: destination, rewrite: false)
+                })
+            })
+            if let failure = failures.first { throw failure.error }
+        }
+    }
+
+    /// Reads one mirror, trying the others on error and rewriting the bad one from a good copy.
+    private func readMirrored(into target: RequestBuffer, offset: UInt64, length: UInt64) async throws {
+        let readable = readableMembers()
+        let order: [Int] = state.withLock { state in
+            state.readRotation &+= 1
+            let start = state.readRotation % geometry.memberCount
+            return (0..<geometry.memberCount).map { ($0 + start) % geometry.memberCount }
+        }
+        let destination = UnsafeMutableRawBufferPointer(start: target.base, count: Int(length))
+        var bad: [Int] = []
+        var lastError: Error?
+        for slot in order {
+            guard let member = readable[slot] else { continue }
+            do {
+                try await member.device.read(into: destination, at: Self.dataOffset + offset)
+            } catch {
+                bad.append(slot)
+                lastError = error
+                continue
+            }
+            for badSlot in bad {
+                guard let badMember = readable[badSlot] else { continue }
+                do {
+                    try await badMember.device.write(from: UnsafeRawBufferPointer(destination), at: Self.dataOffset + offset, fua: false)
+                } catch {
+                    await failMember(slot: badSlot, because: error)
+                }
+            }
+            return
+        }
+        throw lastError ?? failedError("read", offset: offset, length: length)
+    }
+
+    /// Rebuilds one extent of a RAID5 stripe from the other members (data and parity).
+    func reconstruct(_ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool) async throws {
+        await stripeLocks.lock(extent.stripe...extent.stripe)
+        defer { stripeLocks.unlock(extent.stripe...extent.stripe) }
+        let readable = readableMembers()
+        let others = (0..<geometry.memberCount).filter { $0 != extent.member }
+        guard others.allSatisfy({ readable[$0] != nil }) else {
+            throw failedError("read", offset: nil, length: extent.length)
+        }
+        let buffers = others.map { _ in AlignedBuffer(count: Int(extent.length)) }
+        let failures = await concurrently(zip(others, buffers).map { slot, buffer in
+            (slot, { try await readable[slot]!.device.read(into: buffer, at: Self.dataOffset + extent.memberOffset) })
+        })
+        if let failure = failures.first {
+            await failMember(slot: failure.slot, because: failure.error)
+            throw failedError("read", offset: nil, length: extent.length)
+        }
+        XORParity.generate(sources: buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) },
+                           parity: destination.baseAddress!, length: Int(extent.length))
+        if rewrite, let member = readable[extent.member] {
+            do {
+                try await member.device.write(from: UnsafeRawBufferPointer(destination), at: Self.dataOffset + extent.memberOffset, fua: false)
+            } catch {
+                await failMember(slot: extent.member, because: error)
+            }
+        }
+        withExtendedLifetime(buffers) {}
+    }
+
+    // MARK: Writes
+
+    public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        try validate(offset: offset, length: buffer.count, operation: "write")
+        try gate.enter(operation: "write", name: name)
+        defer { gate.leave() }
+        if state.withLock({ $0.failed }) { throw failedError("write", offset: offset, length: UInt64(buffer.count)) }
+        let source = RequestBuffer(base: UnsafeMutableRawPointer(mutating: buffer.baseAddress!))
+        let length = UInt64(buffer.count)
+        switch geometry.level {
+        case .raid0:
+            let extents = geometry.extents(offset: offset, length: length)
+            let writable = writableMembers()
+            let failures = await concurrently(extents.map { extent in
+                (extent.member, {
+                    guard let member = writable[extent.member] else {
+                        throw SpindleError(.ioFailed, "slot \(extent.member) of the RAID0 array is not available", operation: "write")
+                    }
+                    try await member.device.write(
+                        from: UnsafeRawBufferPointer(start: source.base + Int(extent.requestOffset), count: Int(extent.length)),
+                        at: Self.dataOffset + extent.memberOffset, fua: fua)
+                })
+            })
+            if let failure = failures.first { throw failure.error }
+        case .raid1:
+            let stripes = (offset / geometry.chunkBytes)...((offset + length - 1) / geometry.chunkBytes)
+            try await markWriteIntent(memberOffset: offset, length: length)
+            await stripeLocks.lock(stripes)
+            defer { stripeLocks.unlock(stripes) }
+            try await writeMembers(
+                writableMembers().enumerated().compactMap { slot, member in member.map { (slot, $0, source, Self.dataOffset + offset, length) } },
+                fua: fua, operation: "write", offset: offset, length: length)
+        case .raid5:
+            let extents = geometry.extents(offset: offset, length: length)
+            let stripes = extents.first!.stripe...extents.last!.stripe
+            try await markWriteIntent(memberOffset: stripes.lowerBound * geometry.chunkBytes,
+                                      length: UInt64(stripes.count) * geometry.chunkBytes)
+            await stripeLocks.lock(stripes)
+            defer { stripeLocks.unlock(stripes) }
+            var byStripe: [UInt64: [RAIDGeometry.Extent]] = [:]
+            for extent in extents { byStripe[extent.stripe, default: []].append(extent) }
+            let failures = await concurrently(byStripe.map { stripe, pieces in
+                (Int(stripe), { try await self.writeStripe(stripe, pieces: pieces, source: source, fua: fua) })
+            })
+            if let failure = failures.first { throw failure.error }
+        }
+    }
+
+    /// Writes the same kind of request to several members; a member that fails is marked faulty, and
+    /// the write fails only if the array can no longer serve the data.
+    private func writeMembers(
+        _ writes: [(slot: Int, member: Member, source: RequestBuffer, memberOffset: UInt64, length: UInt64)],
+        fua: Bool, operation: String, offset: UInt64?, length: UInt64
+    ) async throws {
+        let failures = await concurrently(writes.map { write in
+            (write.slot, {
+                try await write.member.device.write(
+                    from: UnsafeRawBufferPointer(start: write.source.base, count: Int(write.length)),
+                    at: write.memberOffset, fua: fua)
+            })
+        })
+        for failure in failures { await failMember(slot: failure.slot, because: failure.error) }
+        if state.withLock({ $0.failed }) || writes.count == failures.count {
+            throw failedError(operation, offset: offset, length: length)
+        }
+    }
+
+    /// Writes the pieces of one RAID5 stripe and its parity: a full stripe with no reads; otherwise
+    /// read-modify-write or reconstruct-write, whichever reads less; reconstructing a missing member's
+    /// old data from parity when the array is degraded.
+    private func writeStripe(_ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool) async throws {
+        let chunk = geometry.chunkBytes
+        let low = pieces.map { $0.memberOffset - stripe * chunk }.min()!
+        let high = pieces.map { $0.memberOffset - stripe * chunk + $0.length }.max()!
+        let length = Int(high - low)
+        let memberOffset = Self.dataOffset + stripe * chunk + low
+        let dataCount = geometry.dataMembersPerStripe
+        let parityMember = geometry.parityMember(stripe: stripe)
+        let memberOf = (0..<dataCount).map { geometry.dataMember(stripe: stripe, index: $0) }
+        let readable = readableMembers()
+        let writable = writableMembers()
+        var touched = [RAIDGeometry.Extent?](repeating: nil, count: dataCount)
+        for piece in pieces { touched[piece.dataIndex] = piece }
+        func covers(_ index: Int) -> Bool {
+            guard let piece = touched[index] else { return false }
+            return piece.memberOffset - stripe * chunk == low && piece.length == UInt64(length)
+        }
+        let unreadable = (0..<dataCount).filter { readable[memberOf[$0]] == nil }
+        let parityReadable = readable[parityMember] != nil
+        // A missing data member can be rebuilt only from parity: two unreadable members lose the stripe.
+        if !unreadable.isEmpty && (unreadable.count > 1 || !parityReadable) {
+            throw failedError("write", offset: nil, length: UInt64(length))
+        }
+        let data = (0..<dataCount).map { _ in AlignedBuffer(count: length) }
+        let parity = AlignedBuffer(count: length)
+
+        func readMembers(_ slots: [(slot: Int, buffer: AlignedBuffer)]) async throws {
+            let failures = await concurrently(slots.map { slot, buffer in
+                (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
+            })
+            if let failure = failures.first {
+                // The stripe cannot be computed without it; fail the member and let the caller retry degraded.
+                await failMember(slot: failure.slot, because: failure.error)
+                throw failure.error
+            }
+        }
+        func merge(_ index: Int, into buffer: AlignedBuffer) {
+            guard let piece = touched[index] else { return }
+            (buffer.bytes.baseAddress! + Int(piece.memberOffset - stripe * chunk - low))
+                .copyMemory(from: source.base + Int(piece.requestOffset), byteCount: Int(piece.length))
+        }
+        func pointers(_ buffers: [AlignedBuffer]) -> [UnsafeRawPointer] { buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) } }
+
+        let touchedIndices = (0..<dataCount).filter { touched[$0] != nil }
+        let fullStripe = low == 0 && high == chunk && (0..<dataCount).allSatisfy(covers)
+        if fullStripe {
+            for index in 0..<dataCount { merge(index, into: data[index]) }
+            XORParity.generate(sources: pointers(data), parity: parity.bytes.baseAddress!, length: length)
+        } else if unreadable.isEmpty && parityReadable {
+            let readModifyWriteReads = touchedIndices.count + 1
+            let reconstructWriteReads = (dataCount - touchedIndices.count) + touchedIndices.filter { !covers($0) }.count
+            if readModifyWriteReads < reconstructWriteReads {
+                let old = touchedIndices.map { _ in AlignedBuffer(count: length) }
+                try await readMembers(zip(touchedIndices, old).map { (memberOf[$0], $1) } + [(parityMember, parity)])
+                for (position, index) in touchedIndices.enumerated() {
+                    data[index].bytes.copyMemory(from: UnsafeRawBufferPointer(old[position].bytes))
+                    merge(index, into: data[index])
+                }
+                // new parity = old parity ^ old data ^ new data, over the touched members
+                XORParity.generate(sources: pointers([parity] + old + touchedIndices.map { data[$0] }),
+                                   parity: parity.bytes.baseAddress!, length: length)
+            } else {
+                let toRead = (0..<dataCount).filter { touched[$0] == nil || !covers($0) }
+                try await readMembers(toRead.map { (memberOf[$0], data[$0]) })
+                for index in touchedIndices { merge(index, into: data[index]) }
+                XORParity.generate(sources: pointers(data), parity: parity.bytes.baseAddress!, length: length)
+            }
+        } else {
+            // Degraded: read everything readable, rebuild the missing member's old data, recompute.
+            let present = (0..<dataCount).filter { readable[memberOf[$0]] != nil }
+            var reads = present.map { (memberOf[$0], data[$0]) }
+            if !unreadable.isEmpty { reads.append((parityMember, parity)) }
+            try await readMembers(reads)
+            if let missing = unreadable.first {
+                XORParity.generate(sources: pointers(present.map { data[$0] } + [parity]),
+                                   parity: data[missing].bytes.baseAddress!, length: length)
+            }
+            for index in touchedIndices { merge(index, into: data[index]) }
+            XORParity.generate(sources: pointers(data), parity: parity.bytes.baseAddress!, length: length)
+        }
+
+        var writes: [(slot: Int, member: Member, source: RequestBuffer, memberOffset: UInt64, length: UInt64)] = []
+        let indicesToWrite = fullStripe ? Array(0..<dataCount) : touchedIndices
+        for index in indicesToWrite {
+            if let member = writable[memberOf[index]] {
+                writes.append((memberOf[index], member, RequestBuffer(base: data[index].bytes.baseAddress!), memberOffset, UInt64(length)))
+            }
+        }
+        if let member = writable[parityMember] {
+            writes.append((parityMember, member, RequestBuffer(base: parity.bytes.baseAddress!), memberOffset, UInt64(length)))
+        }
+        try await writeMembers(writes, fua: fua, operation: "write", offset: nil, length: UInt64(length))
+        withExtendedLifetime((data, parity)) {}
+    }
+
+    // MARK: Flush, discard, zeroes, close
+
+    public func flush() async throws {
+        try gate.enter(operation: "flush", name: name)
+        defer { gate.leave() }
+        let writable = writableMembers()
+        let failures = await concurrently(writable.enumerated().compactMap { slot, member in
+            member.map { member in (slot, { try await member.device.flush() }) }
+        })
+        for failure in failures { await failMember(slot: failure.slot, because: failure.error) }
+        if state.withLock({ $0.failed }) { throw failedError("flush") }
+    }
+
+    /// RAID0 passes discards to its members; RAID1 and RAID5 keep the data (discard is advisory, and
+    /// dropping it on one member would make mirrors or parity disagree).
+    public func discard(offset: UInt64, length: UInt64) async throws {
+        try validate(offset: offset, length: length, operation: "discard")
+        guard geometry.level == .raid0 else { return }
+        try gate.enter(operation: "discard", name: name)
+        defer { gate.leave() }
+        let writable = writableMembers()
+        for extent in geometry.extents(offset: offset, length: length) {
+            try await writable[extent.member]?.device.discard(offset: Self.dataOffset + extent.memberOffset, length: extent.length)
+        }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try validate(offset: offset, length: length, operation: "write-zeroes")
+        let pieceBytes = UInt64(max(geometry.stripeDataBytes, 1 << 20) / geometry.stripeDataBytes * geometry.stripeDataBytes)
+        let zeros = AlignedBuffer(count: Int(min(pieceBytes, length)))
+        var position = offset
+        while position < offset + length {
+            let piece = min(UInt64(zeros.count), offset + length - position)
+            try await write(from: zeros, range: 0..<Int(piece), at: position)
+            position += piece
+        }
+    }
+
+    /// Waits for requests in flight, flushes, marks the array clean (an array closed this way needs
+    /// no resync), and closes the members.
+    public func close() async throws {
+        guard await gate.close() else { return }
+        let writable = writableMembers()
+        for member in writable.compactMap({ $0 }) { try? await member.device.flush() }
+        let wasDirty = state.withLock { state -> Bool in
+            let dirty = state.dirty
+            state.dirty = false
+            state.dirtyOnDisk = false
+            state.bitmap = [UInt8](repeating: 0, count: Self.bitmapBytes)
+            return dirty
+        }
+        if wasDirty {
+            try? await writeBitmap()
+            try? await commitSuperblocks()
+        }
+        let everyone = state.withLock { state in state.slots.compactMap { $0 } + state.spares }
+        for member in everyone { try? await member.device.close() }
+    }
+}

@@ -1,0 +1,356 @@
+import Synchronization
+
+/// A software RAID array (levels 0, 1 and 5): a block device made of member block devices.
+///
+/// Members are usually ``FileDevice``s, but any ``BlockDevice`` will do, so arrays compose: RAID10 is
+/// a RAID0 array over RAID1 arrays, and a thin pool can sit on a RAID5 array.
+///
+/// Every member carries the array's description in two checksummed superblock copies
+/// (``RAIDSuperblock``), with an event counter bumped on every change of state, so an array is
+/// assembled from its members alone, in any order, and a member that missed changes (it failed and
+/// came back) is recognised as stale and not trusted.
+///
+/// RAID1 and RAID5 keep serving every byte with one member failed or missing. A read error is
+/// answered from redundancy and the block rewritten; a write error fails the member. A replacement
+/// is rebuilt (``rebuild(rateBytesPerSecond:progress:)``) while the array serves I/O, with its
+/// position checkpointed in the superblocks so that a restarted rebuild resumes. Writes mark their
+/// region in a write-intent bitmap first, so that after a crash only those regions are resynced.
+public final class RAIDArray: BlockDevice {
+    /// A device in the array.
+    public final class Member: Sendable {
+        public let device: any BlockDevice
+        public let uuid: SpindleUUID
+        public var name: String { device.name }
+        init(device: any BlockDevice, uuid: SpindleUUID) {
+            self.device = device
+            self.uuid = uuid
+        }
+    }
+
+    /// Bytes reserved at the start of every member: two superblock copies, the bitmap, alignment.
+    public static let dataOffset: UInt64 = 1 << 20
+    static let bitmapOffset: UInt64 = 8192
+    static let bitmapBytes = 4096
+    /// Default chunk: 64 KiB. Small enough that common 1 MiB writes cover whole stripes (no reads
+    /// for parity) on arrays of up to 16 members, large enough that a 4 KiB request touches one member.
+    public static let defaultChunkBytes: UInt64 = 64 * 1024
+
+    struct State {
+        var slots: [Member?]
+        var slotStates: [RAIDMemberState]
+        var spares: [Member]
+        var events: UInt64
+        var dirty: Bool
+        /// Whether the superblocks on disk say dirty (writes may proceed once this and their bits are set).
+        var dirtyOnDisk = false
+        var rebuildSlot: Int
+        var rebuildCheckpointBytes: UInt64
+        var bitmap: [UInt8]
+        var failed: Bool
+        var readRotation = 0
+    }
+
+    public let arrayName: String
+    public let arrayUUID: SpindleUUID
+    public let geometry: RAIDGeometry
+    public let logicalBlockBytes: Int
+    public var capacityBytes: UInt64 { geometry.capacityBytes }
+    public var isReadOnly: Bool { false }
+    public var discardReadsZeroes: Bool { false }
+    public var name: String { "array \(arrayName)" }
+    let createdSeconds: UInt64
+    let bitmapChunkShift: UInt32
+
+    let state: Mutex<State>
+    let stripeLocks = StripeLocks()
+    /// Serializes superblock writes.
+    let metadataLock = AsyncMutex()
+    /// Serializes bitmap updates (taken before `metadataLock` when both are needed).
+    let bitmapLock = AsyncMutex()
+    let gate = RequestGate()
+
+    init(name: String, uuid: SpindleUUID, geometry: RAIDGeometry, createdSeconds: UInt64, bitmapChunkShift: UInt32,
+         state: State, logicalBlockBytes: Int) {
+        arrayName = name
+        arrayUUID = uuid
+        self.geometry = geometry
+        self.createdSeconds = createdSeconds
+        self.bitmapChunkShift = bitmapChunkShift
+        self.state = Mutex(state)
+        self.logicalBlockBytes = logicalBlockBytes
+    }
+
+    // MARK: Creating
+
+    /// Creates an array over `devices` (in slot order), writing superblocks to each and zeroing their
+    /// data areas so that parity starts consistent. Members may differ in size; the smallest sets the
+    /// array's size.
+    /// - Throws: ``SpindleError`` for a bad member count or chunk size, or a member too small.
+    public static func create(
+        name: String, level: RAIDLevel, chunkBytes: UInt64 = defaultChunkBytes, members devices: [any BlockDevice]
+    ) async throws -> RAIDArray {
+        guard !name.isEmpty, name.utf8.count <= 63, !name.contains("/") else {
+            throw SpindleError(.invalidArgument, "the array name '\(name)' must be 1 to 63 bytes without '/'")
+        }
+        guard devices.count >= level.minimumMembers, devices.count <= RAIDSuperblock.maximumMembers else {
+            throw SpindleError(
+                .invalidArgument,
+                "\(level) needs \(level.minimumMembers) to \(RAIDSuperblock.maximumMembers) members, not \(devices.count)")
+        }
+        guard chunkBytes >= 4096, chunkBytes <= 1 << 20, chunkBytes & (chunkBytes - 1) == 0 else {
+            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 4 KiB to 1 MiB")
+        }
+        let blockBytes = devices.map(\.logicalBlockBytes).max()!
+        guard chunkBytes % UInt64(blockBytes) == 0 else {
+            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) is not a multiple of the members' \(blockBytes)-byte blocks")
+        }
+        var names = Set<String>()
+        for device in devices {
+            guard names.insert(device.name).inserted else {
+                throw SpindleError(.invalidArgument, "\(device.name) is given twice", path: device.name)
+            }
+            guard !device.isReadOnly else { throw SpindleError(.readOnly, "members must be writable", path: device.name) }
+            guard device.capacityBytes >= dataOffset + chunkBytes else {
+                throw SpindleError(
+                    .invalidArgument,
+                    "the member is \(device.capacityBytes) bytes; a member needs at least \(dataOffset + chunkBytes) (1 MiB of metadata and one chunk)",
+                    path: device.name)
+            }
+        }
+        let smallest = devices.map(\.capacityBytes).min()!
+        let memberDataBytes = (smallest - dataOffset) / chunkBytes * chunkBytes
+        let geometry = RAIDGeometry(level: level, memberCount: devices.count, chunkBytes: chunkBytes, memberDataBytes: memberDataBytes)
+        let members = devices.map { Member(device: $0, uuid: .random()) }
+        let array = RAIDArray(
+            name: name, uuid: .random(), geometry: geometry, createdSeconds: UInt64(monotonicNanos() / 1_000_000_000),
+            bitmapChunkShift: bitmapShift(memberDataBytes: memberDataBytes, chunkBytes: chunkBytes),
+            state: State(
+                slots: members, slotStates: Array(repeating: .active, count: devices.count), spares: [], events: 0,
+                dirty: false, rebuildSlot: -1, rebuildCheckpointBytes: 0,
+                bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false),
+            logicalBlockBytes: blockBytes)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for member in members {
+                group.addTask {
+                    try await member.device.writeZeroes(offset: dataOffset, length: memberDataBytes)
+                    try await member.device.writeZeroes(offset: 0, length: dataOffset)
+                }
+            }
+            try await group.waitForAll()
+        }
+        // Both copies, so that a fresh member never falls back to garbage.
+        try await array.commitSuperblocks()
+        try await array.commitSuperblocks()
+        try await array.writeBitmap()
+        return array
+    }
+
+    /// Bitmap granularity: at least 64 MiB of member data per bit, and few enough bits to fit 4 KiB.
+    static func bitmapShift(memberDataBytes: UInt64, chunkBytes: UInt64) -> UInt32 {
+        var shift: UInt32 = 26
+        while (memberDataBytes >> UInt64(shift)) >= UInt64(bitmapBytes * 8) { shift += 1 }
+        return max(shift, UInt32(chunkBytes.trailingZeroBitCount))
+    }
+
+    // MARK: State
+
+    /// The member in a slot and its state.
+    public struct SlotInfo: Sendable, Codable {
+        public var slot: Int
+        public var device: String?
+        public var memberUUID: String?
+        public var state: RAIDMemberState
+    }
+
+    /// A snapshot of the array's state, for status displays.
+    public struct Status: Sendable, Codable {
+        public var name: String
+        public var uuid: String
+        public var level: Int
+        public var chunkBytes: UInt64
+        public var memberCount: Int
+        public var capacityBytes: UInt64
+        public var memberDataBytes: UInt64
+        /// "clean", "active" (written since assembly), "degraded", "failed", "rebuilding".
+        public var state: String
+        public var events: UInt64
+        public var slots: [SlotInfo]
+        public var spares: [String]
+        public var rebuildSlot: Int?
+        public var rebuildDoneBytes: UInt64?
+        public var dirtyRegions: Int
+    }
+
+    public var status: Status {
+        state.withLock { state in
+            let missing = state.slotStates.filter { $0 != .active }.count
+            var summary = state.dirty ? "active" : "clean"
+            if state.failed || missing > geometry.level.redundancy { summary = "failed" }
+            else if state.rebuildSlot >= 0 { summary = "rebuilding" }
+            else if missing > 0 { summary = "degraded" }
+            return Status(
+                name: arrayName, uuid: arrayUUID.description, level: geometry.level.rawValue,
+                chunkBytes: geometry.chunkBytes, memberCount: geometry.memberCount, capacityBytes: capacityBytes,
+                memberDataBytes: geometry.memberDataBytes, state: summary, events: state.events,
+                slots: state.slots.enumerated().map { index, member in
+                    SlotInfo(slot: index, device: member?.name, memberUUID: member?.uuid.description,
+                             state: state.slotStates[index])
+                },
+                spares: state.spares.map(\.name),
+                rebuildSlot: state.rebuildSlot >= 0 ? state.rebuildSlot : nil,
+                rebuildDoneBytes: state.rebuildSlot >= 0 ? state.rebuildCheckpointBytes : nil,
+                dirtyRegions: state.bitmap.reduce(0) { $0 + $1.nonzeroBitCount })
+        }
+    }
+
+    /// Members that can be written (active or being rebuilt), by slot.
+    func writableMembers() -> [Member?] {
+        state.withLock { state in
+            state.slots.enumerated().map { index, member in
+                state.slotStates[index] == .active || state.slotStates[index] == .rebuilding ? member : nil
+            }
+        }
+    }
+
+    /// Members that can be read (active only), by slot.
+    func readableMembers() -> [Member?] {
+        state.withLock { state in
+            state.slots.enumerated().map { index, member in state.slotStates[index] == .active ? member : nil }
+        }
+    }
+
+    func failedError(_ operation: String, offset: UInt64? = nil, length: UInt64? = nil) -> SpindleError {
+        let states = state.withLock { $0.slotStates }
+        let lost = states.enumerated().filter { $0.element != .active }.map { "slot \($0.offset) \($0.element)" }
+        return SpindleError(
+            .ioFailed,
+            "the \(geometry.level) array has lost more members than it can survive (\(lost.joined(separator: ", "))); it takes no writes",
+            operation: operation, path: name, offset: offset, length: length)
+    }
+
+    /// Marks a member faulty after an I/O error, and records it on the other members.
+    func failMember(slot: Int, because error: Error) async {
+        let changed = state.withLock { state -> Bool in
+            guard state.slotStates[slot] != .faulty && state.slotStates[slot] != .missing else { return false }
+            state.slotStates[slot] = .faulty
+            if state.rebuildSlot == slot {
+                state.rebuildSlot = -1
+                state.rebuildCheckpointBytes = 0
+            }
+            let lost = state.slotStates.filter { $0 != .active }.count
+            if lost > geometry.level.redundancy { state.failed = true }
+            return true
+        }
+        guard changed else { return }
+        try? await commitSuperblocks()
+        await activateSpareIfPossible()
+    }
+
+    /// A spare takes the place of a faulty or missing member; the rebuild is then the caller's
+    /// (``rebuild(rateBytesPerSecond:progress:)``).
+    func activateSpareIfPossible() async {
+        let changed = state.withLock { state -> Bool in
+            guard geometry.level != .raid0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,
+                  let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }) else { return false }
+            state.slots[slot] = state.spares.removeFirst()
+            state.slotStates[slot] = .rebuilding
+            state.rebuildSlot = slot
+            state.rebuildCheckpointBytes = 0
+            return true
+        }
+        if changed { try? await commitSuperblocks() }
+    }
+
+    // MARK: Superblocks and bitmap
+
+    /// Bumps the event count and writes the superblock (the copy `events % 2`) to every member that can
+    /// take it, with FUA. A member whose write fails is marked faulty and the others are told.
+    func commitSuperblocks() async throws {
+        await metadataLock.lock()
+        defer { metadataLock.unlock() }
+        for _ in 0..<RAIDSuperblock.maximumMembers {
+            let (targets, blocks, copy) = state.withLock { state -> ([(Int?, Member)], [[UInt8]], Int) in
+                state.events += 1
+                var targets: [(Int?, Member)] = []
+                for (slot, member) in state.slots.enumerated() {
+                    if let member, state.slotStates[slot] == .active || state.slotStates[slot] == .rebuilding {
+                        targets.append((slot, member))
+                    }
+                }
+                for spare in state.spares { targets.append((nil, spare)) }
+                let blocks = targets.map { slot, member in superblock(for: member, role: slot ?? -1, state: state).encoded() }
+                return (targets, blocks, Int(state.events % 2))
+            }
+            var failedSlot: Int?
+            let buffer = AlignedBuffer(count: RAIDSuperblock.blockBytes)
+            for ((slot, member), block) in zip(targets, blocks) {
+                block.withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
+                do {
+                    try await member.device.write(from: buffer, at: RAIDSuperblock.copyOffsets[copy], fua: true)
+                } catch {
+                    if let slot { failedSlot = slot; break }
+                    state.withLock { $0.spares.removeAll { $0 === member } }
+                }
+            }
+            guard let slot = failedSlot else { return }
+            state.withLock { state in
+                state.slotStates[slot] = .faulty
+                if state.slotStates.filter({ $0 != .active }).count > geometry.level.redundancy { state.failed = true }
+            }
+        }
+    }
+
+    func superblock(for member: Member, role: Int, state: State) -> RAIDSuperblock {
+        RAIDSuperblock(
+            arrayUUID: arrayUUID, memberUUID: member.uuid, name: arrayName, level: geometry.level,
+            chunkBytes: UInt32(geometry.chunkBytes), memberCount: geometry.memberCount, role: role, dirty: state.dirty,
+            events: state.events, dataOffset: Self.dataOffset, memberDataBytes: geometry.memberDataBytes,
+            createdSeconds: createdSeconds, rebuildSlot: state.rebuildSlot,
+            rebuildCheckpointBytes: state.rebuildCheckpointBytes, bitmapOffset: Self.bitmapOffset,
+            bitmapBytes: UInt32(Self.bitmapBytes), bitmapChunkShift: bitmapChunkShift,
+            slots: zip(state.slots, state.slotStates).map { member, slotState in
+                RAIDSuperblock.Slot(member: member?.uuid ?? .zero, state: slotState)
+            })
+    }
+
+    /// Writes a bitmap to every writable member, with FUA.
+    func writeBitmap(_ bits: [UInt8]? = nil) async throws {
+        let (current, members) = state.withLock { state in (state.bitmap, state.slots.enumerated().compactMap { index, member in
+            state.slotStates[index] == .active || state.slotStates[index] == .rebuilding ? member : nil
+        }) }
+        let buffer = AlignedBuffer(count: Self.bitmapBytes)
+        (bits ?? current).withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
+        for member in members {
+            // A member that cannot take the bitmap fails on its next data write; the bitmap on the
+            // others is what resync reads.
+            try? await member.device.write(from: buffer, at: Self.bitmapOffset, fua: true)
+        }
+    }
+
+    /// Before writing member range `memberOffset ..< memberOffset + length`: makes sure the array is
+    /// marked dirty on disk and the range's bitmap bits are set on disk, so that a crash during the
+    /// write leads to a resync of that range.
+    func markWriteIntent(memberOffset: UInt64, length: UInt64) async throws {
+        let first = Int(memberOffset >> UInt64(bitmapChunkShift))
+        let last = Int((memberOffset + length - 1) >> UInt64(bitmapChunkShift))
+        func recorded(_ state: State) -> Bool {
+            state.dirtyOnDisk && !(first...last).contains { state.bitmap[$0 / 8] & (1 << UInt8($0 % 8)) == 0 }
+        }
+        if state.withLock({ recorded($0) }) { return }
+        await bitmapLock.lock()
+        defer { bitmapLock.unlock() }
+        if state.withLock({ recorded($0) }) { return }
+        var bits = state.withLock { $0.bitmap }
+        for bit in first...last { bits[bit / 8] |= 1 << UInt8(bit % 8) }
+        try await writeBitmap(bits)
+        let mustMarkDirty = state.withLock { state -> Bool in
+            state.bitmap = bits
+            return !state.dirty
+        }
+        if mustMarkDirty {
+            state.withLock { $0.dirty = true }
+            try await commitSuperblocks()
+        }
+        state.withLock { $0.dirtyOnDisk = true }
+    }
+}
