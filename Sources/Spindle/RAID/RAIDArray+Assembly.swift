@@ -83,8 +83,14 @@ extension RAIDArray {
                 spares.append(Member(device: candidate.device, uuid: candidate.superblock.memberUUID))
             }
         }
-        for candidate in found where candidate.superblock.role >= 0 && !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID }) {
-            notes.append("\(candidate.device.name) was a member of this array but has been replaced; it is not used")
+        for candidate in found where candidate.superblock.role >= 0 && !slots.contains(where: { $0?.uuid == candidate.superblock.memberUUID }) {
+            if candidate.superblock.events < latest.events {
+                if !notes.contains(where: { $0.hasPrefix("\(candidate.device.name) is stale") }) {
+                    notes.append("\(candidate.device.name) is stale (events \(candidate.superblock.events), the array is at \(latest.events)): it missed changes while it was failed or missing, so it is not trusted; add it back to rebuild it")
+                }
+            } else if !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID }) {
+                notes.append("\(candidate.device.name) was a member of this array but has been replaced; it is not used")
+            }
         }
         let usable = slotStates.filter { $0 == .active }.count
         let rebuildingUsable = slotStates.filter { $0 == .rebuilding }.count
@@ -285,7 +291,9 @@ extension RAIDArray {
     ///   - rateBytesPerSecond: an upper bound on the rebuild rate, to leave room for other I/O.
     ///   - progress: called about once a second and at the end.
     @discardableResult
-    public func rebuild(rateBytesPerSecond: UInt64? = nil, progress: (@Sendable (Progress) -> Void)? = nil) async throws -> UInt64 {
+    public func rebuild(
+        rateBytesPerSecond: UInt64? = nil, checkpointBytes: UInt64 = 64 << 20, progress: (@Sendable (Progress) -> Void)? = nil
+    ) async throws -> UInt64 {
         await activateSpareIfPossible()
         let (slot, checkpoint) = state.withLock { ($0.rebuildSlot, $0.rebuildCheckpointBytes) }
         guard slot >= 0 else { return 0 }
@@ -293,14 +301,19 @@ extension RAIDArray {
         defer { gate.leave() }
         let chunk = geometry.chunkBytes
         let step = max(chunk, (1 << 20) / chunk * chunk)
-        let checkpointEvery: UInt64 = 64 << 20
+        let checkpointEvery = max(checkpointBytes, step)
         let total = geometry.memberDataBytes
         let started = monotonicNanos()
         var lastReport = started
         var lastSaved = checkpoint
         var position = checkpoint
         while position < total {
-            try Task.checkCancellation()
+            if Task.isCancelled {
+                // Stopped on purpose: keep the place, so the next rebuild resumes here.
+                try? await target(slot).flush()
+                try? await commitSuperblocks()
+                throw CancellationError()
+            }
             let length = min(step, total - position)
             let stripes = (position / chunk)...((position + length - 1) / chunk)
             await stripeLocks.lock(stripes)
