@@ -17,8 +17,11 @@ struct BenchCommand: AsyncParsableCommand {
               spindle bench disk.img --rw write --bs 1M --iodepth 8 --size 1G --verify
             """)
 
-    @Argument(help: "The image to load.")
-    var target: String
+    @Argument(help: "The image to load (or use --array).")
+    var target: String?
+
+    @Option(parsing: .upToNextOption, help: "Run on the RAID array made of these member images instead of one image.")
+    var array: [String] = []
 
     @Option(help: "Access pattern: read, write, randread, randwrite or randrw.")
     var rw: Bench.Pattern = .randread
@@ -72,6 +75,9 @@ struct BenchCommand: AsyncParsableCommand {
     var json = false
 
     func validate() throws {
+        guard (target == nil) != array.isEmpty else {
+            throw ValidationError("give one image to load, or the member images of an array with --array")
+        }
         guard iodepth >= 1 && iodepth <= 4096 else { throw ValidationError("--iodepth must be from 1 to 4096") }
         guard (0...100).contains(rwmixread) else { throw ValidationError("--rwmixread must be a percentage from 0 to 100") }
         if let runtime, !(runtime > 0) { throw ValidationError("--runtime must be more than 0 seconds, such as 10") }
@@ -89,6 +95,11 @@ struct BenchCommand: AsyncParsableCommand {
         let engine = try IOEngine(configuration: configuration)
         defer { engine.shutdown() }
 
+        if !array.isEmpty {
+            try await runOnArray(engine: engine)
+            return
+        }
+        let target = self.target!
         // A load that only reads opens the image read-only, as fio does: no write lock is taken.
         let readOnly = !rw.writesData && !fill && !verify && FileManager.default.fileExists(atPath: target)
         let fileOptions = FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled)
@@ -105,17 +116,7 @@ struct BenchCommand: AsyncParsableCommand {
         }
         if direct, let note = device.directIONote { Terminal.warning("\(target): \(note)") }
 
-        var options = Bench.Options(pattern: rw)
-        options.blockBytes = Int(bs)
-        options.ioDepth = iodepth
-        options.regionOffset = offset
-        options.regionBytes = size
-        options.runtimeSeconds = runtime
-        options.operations = ops
-        options.readPercent = rwmixread
-        options.seed = seed
-        options.verify = verify
-        options.fill = fill || (created && rw.readsData)
+        let options = options(fill: fill || (created && rw.readsData))
 
         if rw.readsData && !options.fill && !verify,
            let allocated = try? device.allocatedBytes(), allocated < device.capacityBytes / 2 {
@@ -143,8 +144,51 @@ struct BenchCommand: AsyncParsableCommand {
         if json {
             try Terminal.printJSON(BenchOutput(report: report, directIO: device.usesDirectIO, engineRingFlags: engine.ringFlags))
         } else {
-            printHuman(report, device: device)
+            printHuman(report, directIO: device.usesDirectIO)
         }
+    }
+
+    /// Assembles the array from its member images and runs the load on it.
+    private func runOnArray(engine: IOEngine) async throws {
+        let raid = try await ArrayCommand.assemble(paths: array, engine: engine)
+        var progress: (@Sendable (Bench.Progress) -> Void)?
+        if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
+        let workerEngine: IOEngine? = executor == "reactor" ? engine : nil
+        let benchOptions = options(fill: fill)
+        let report: Bench.Report
+        do {
+            report = try await Bench.run(on: raid, options: benchOptions, engine: workerEngine, progress: progress)
+            if Terminal.showsProgress && !json { Terminal.endProgress() }
+        } catch {
+            if Terminal.showsProgress && !json { Terminal.endProgress() }
+            try? await raid.close()
+            throw error
+        }
+        try await raid.close()
+        if json {
+            try Terminal.printJSON(BenchOutput(report: report, directIO: direct, engineRingFlags: engine.ringFlags))
+        } else {
+            printHuman(report, directIO: direct)
+        }
+    }
+
+    private func options(fill: Bool) -> Bench.Options {
+        var options = Bench.Options(pattern: rw)
+        options.blockBytes = Int(bs)
+        options.ioDepth = iodepth
+        options.regionOffset = offset
+        options.regionBytes = size
+        options.runtimeSeconds = runtime
+        options.operations = ops
+        options.readPercent = rwmixread
+        options.seed = seed
+        options.verify = verify
+        options.fill = fill
+        return options
+    }
+
+    @Sendable static func printProgress(_ progress: Bench.Progress) {
+        Terminal.progress(describe(progress))
     }
 
     static func describe(_ progress: Bench.Progress) -> String {
@@ -161,9 +205,9 @@ struct BenchCommand: AsyncParsableCommand {
         return line
     }
 
-    private func printHuman(_ report: Bench.Report, device: FileDevice) {
+    private func printHuman(_ report: Bench.Report, directIO: Bool) {
         let options = report.options
-        print("\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(device.usesDirectIO ? "direct I/O" : "page cache")")
+        print("\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(directIO ? "direct I/O" : "page cache")")
         if report.layoutBytes > 0 { print("  layout: wrote \(ByteSize.format(report.layoutBytes)) before measuring") }
         for (label, direction) in [("read", report.read), ("write", report.write)] {
             guard let direction else { continue }

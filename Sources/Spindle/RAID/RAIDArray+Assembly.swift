@@ -474,3 +474,85 @@ extension RAIDArray {
         try await add(device)
     }
 }
+
+extension RAIDArray {
+    /// What the superblocks of some devices say, without assembling or writing anything.
+    public struct Inspection: Sendable, Codable {
+        public struct Device: Sendable, Codable {
+            public var path: String
+            public var arrayName: String?
+            public var arrayUUID: String?
+            public var memberUUID: String?
+            public var role: Int?
+            public var events: UInt64?
+            public var problem: String?
+        }
+        public var devices: [Device]
+        /// The newest view of the array, from the member with the highest event count.
+        public var name: String?
+        public var uuid: String?
+        public var level: Int?
+        public var chunkBytes: UInt64?
+        public var memberCount: Int?
+        public var capacityBytes: UInt64?
+        public var events: UInt64?
+        public var dirty: Bool?
+        public var slots: [SlotInfo]
+        public var rebuildSlot: Int?
+        public var rebuildDoneBytes: UInt64?
+        public var memberDataBytes: UInt64?
+        public var state: String?
+    }
+
+    /// Reads the superblocks of `devices` and describes the array they form, touching nothing.
+    public static func inspect(_ devices: [any BlockDevice]) async -> Inspection {
+        var entries: [Inspection.Device] = []
+        var newest: RAIDSuperblock?
+        var byMember: [SpindleUUID: (String, UInt64)] = [:]
+        for device in devices {
+            var entry = Inspection.Device(path: device.name)
+            do {
+                switch try await readSuperblock(of: device) {
+                case let .success(block):
+                    entry.arrayName = block.name
+                    entry.arrayUUID = block.arrayUUID.description
+                    entry.memberUUID = block.memberUUID.description
+                    entry.role = block.role
+                    entry.events = block.events
+                    byMember[block.memberUUID] = (device.name, block.events)
+                    if newest == nil || block.events > newest!.events { newest = block }
+                case let .failure(problem):
+                    entry.problem = problem.description
+                }
+            } catch {
+                entry.problem = "\(error)"
+            }
+            entries.append(entry)
+        }
+        var inspection = Inspection(devices: entries, slots: [])
+        guard let newest else { return inspection }
+        inspection.name = newest.name
+        inspection.uuid = newest.arrayUUID.description
+        inspection.level = newest.level.rawValue
+        inspection.chunkBytes = UInt64(newest.chunkBytes)
+        inspection.memberCount = newest.memberCount
+        inspection.capacityBytes = newest.geometry.capacityBytes
+        inspection.memberDataBytes = newest.memberDataBytes
+        inspection.events = newest.events
+        inspection.dirty = newest.dirty
+        inspection.rebuildSlot = newest.rebuildSlot >= 0 ? newest.rebuildSlot : nil
+        inspection.rebuildDoneBytes = newest.rebuildSlot >= 0 ? newest.rebuildCheckpointBytes : nil
+        inspection.slots = newest.slots.enumerated().map { index, slot in
+            var state = slot.state
+            let holder = byMember[slot.member]
+            if (state == .active || state == .rebuilding) && (holder == nil || holder!.1 < newest.events) { state = .missing }
+            return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member == .zero ? nil : slot.member.description, state: state)
+        }
+        let lost = inspection.slots.filter { $0.state != .active }.count
+        if lost > newest.level.redundancy { inspection.state = "failed" }
+        else if newest.rebuildSlot >= 0 { inspection.state = "rebuilding" }
+        else if lost > 0 { inspection.state = "degraded" }
+        else { inspection.state = newest.dirty ? "dirty (not shut down cleanly, or in use)" : "clean" }
+        return inspection
+    }
+}

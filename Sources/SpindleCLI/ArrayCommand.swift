@@ -1,0 +1,471 @@
+import ArgumentParser
+import Foundation
+import Spindle
+
+struct ArrayCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "array",
+        abstract: "Create and manage RAID 0, 1 and 5 arrays of image files.",
+        discussion: """
+            An array lives in its member images: every command finds it from the images you list, or \
+            from a folder with --scan, in any order. Commands that change the array take each image's \
+            write lock, so two of them cannot change one array at once.
+            """,
+        subcommands: [Create.self, Status.self, Assemble.self, Fail.self, Remove.self, Add.self, Replace.self,
+                      Rebuild.self, Scrub.self]
+    )
+
+    /// Which array a command works on: its member images, or a folder to scan for them.
+    struct Selection: ParsableArguments {
+        @Argument(help: "Member images of the array, in any order.")
+        var images: [String] = []
+
+        @Option(help: "Find the members by scanning this folder instead of listing them.")
+        var scan: String?
+
+        @Option(name: .customLong("array-name"), help: "Which array to use when the folder holds several.")
+        var arrayName: String?
+
+        func validate() throws {
+            if images.isEmpty && scan == nil {
+                throw ValidationError("list the array's member images, or give --scan FOLDER")
+            }
+        }
+
+        /// The member image paths.
+        func memberPaths() async throws -> [String] {
+            guard let scan else { return images }
+            guard let names = try? FileManager.default.contentsOfDirectory(atPath: scan) else {
+                throw SpindleError(.notFound, "cannot list the folder", operation: "scan", path: scan)
+            }
+            var groups: [String: (name: String, paths: [String])] = [:]
+            for entry in names.sorted() {
+                let path = (scan as NSString).appendingPathComponent(entry)
+                var isDirectory: ObjCBool = false
+                guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
+                      let device = try? FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)) else { continue }
+                if case let .success(block)? = try? await RAIDArray.readSuperblock(of: device) {
+                    if arrayName == nil || block.name == arrayName {
+                        groups[block.arrayUUID.description, default: (block.name, [])].paths.append(path)
+                    }
+                }
+                try? await device.close()
+            }
+            guard !groups.isEmpty else {
+                throw SpindleError(.notFound, "no array members\(arrayName.map { " of '\($0)'" } ?? "") found", operation: "scan", path: scan)
+            }
+            guard groups.count == 1 else {
+                let listing = groups.values.map { "'\($0.name)'" }.sorted().joined(separator: ", ")
+                throw SpindleError(.invalidArgument, "the folder holds several arrays (\(listing)); choose one with --array-name", operation: "scan", path: scan)
+            }
+            return groups.values.first!.paths
+        }
+    }
+
+    /// Opens member images for writing and assembles the array.
+    static func assemble(_ selection: Selection, engine: IOEngine, force: Bool = false, quiet: Bool = false) async throws -> RAIDArray {
+        try await assemble(paths: try await selection.memberPaths(), engine: engine, force: force, quiet: quiet)
+    }
+
+    /// Opens the given member images for writing and assembles the array.
+    static func assemble(paths: [String], engine: IOEngine, force: Bool = false, quiet: Bool = false) async throws -> RAIDArray {
+        var devices: [FileDevice] = []
+        do {
+            for path in paths { devices.append(try FileDevice.open(path: path, engine: engine)) }
+            let report = try await RAIDArray.assemble(members: devices, force: force)
+            if !quiet { for note in report.notes { Terminal.warning("\(report.array.arrayName): \(note)") } }
+            return report.array
+        } catch {
+            for device in devices { try? await device.close() }
+            throw error
+        }
+    }
+
+    static func progressPrinter(_ label: String) -> (@Sendable (RAIDArray.Progress) -> Void) {
+        let interactive = Terminal.showsProgress
+        let lastQuarter = LockedValue(-1)
+        return { progress in
+            let percent = progress.totalBytes == 0 ? 100 : Int(progress.doneBytes * 100 / progress.totalBytes)
+            let eta = progress.secondsLeft.map { ", \(formatDecimal($0, places: 0)) s left" } ?? ""
+            let line = "\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(progress.bytesPerSecond)))/s\(eta)"
+            if interactive {
+                Terminal.progress(line)
+            } else if lastQuarter.exchange(percent / 25) != percent / 25 {
+                FileHandle.standardError.write(Data("\(line)\n".utf8))
+            }
+        }
+    }
+
+    // MARK: Commands
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create an array over image files.",
+            discussion: "Images that do not exist are created with --size. Members may differ in size; the smallest sets the array's size.")
+
+        @Argument(help: "Name of the array (1 to 63 bytes, no '/').")
+        var name: String
+
+        @Argument(help: "Member images, in slot order.")
+        var images: [String]
+
+        @Option(help: "RAID level: 0, 1 or 5.")
+        var level: Int
+
+        @Option(help: "Chunk size, a power of two from 4K to 1M.", transform: parseSize)
+        var chunk: UInt64 = RAIDArray.defaultChunkBytes
+
+        @Option(help: "Size of each image to create when it does not exist, such as 1G.", transform: parseSize)
+        var size: UInt64?
+
+        @Flag(help: "Print the result as JSON.")
+        var json = false
+
+        func validate() throws {
+            guard let level = RAIDLevel(rawValue: level) else { throw ValidationError("--level must be 0, 1 or 5") }
+            guard images.count >= level.minimumMembers else {
+                throw ValidationError("RAID\(level.rawValue) needs at least \(level.minimumMembers) member images; \(images.count) given")
+            }
+        }
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            var devices: [FileDevice] = []
+            do {
+                for path in images {
+                    if FileManager.default.fileExists(atPath: path) {
+                        devices.append(try FileDevice.open(path: path, engine: engine))
+                    } else {
+                        guard let size else {
+                            throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: path)
+                        }
+                        devices.append(try FileDevice.create(path: path, sizeBytes: size, engine: engine))
+                    }
+                }
+                let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices)
+                let status = array.status
+                try await array.close()
+                if json {
+                    try Terminal.printJSON(status)
+                } else {
+                    print("created array \(name): raid\(level), \(images.count) members, \(ByteSize.format(chunk)) chunks, \(ByteSize.format(status.capacityBytes)) usable")
+                }
+            } catch {
+                for device in devices { try? await device.close() }
+                throw error
+            }
+        }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show an array's state, its members and any rebuild, from the superblocks (changes nothing).")
+
+        @OptionGroup var selection: Selection
+
+        @Flag(help: "Print the result as JSON.")
+        var json = false
+
+        func run() async throws {
+            let paths = try await selection.memberPaths()
+            var devices: [FileDevice] = []
+            for path in paths {
+                devices.append(try FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)))
+            }
+            let inspection = await RAIDArray.inspect(devices)
+            for device in devices { try? await device.close() }
+            if json {
+                try Terminal.printJSON(inspection)
+                return
+            }
+            for device in inspection.devices where device.problem != nil {
+                Terminal.warning("\(device.path): \(device.problem!)")
+            }
+            guard let name = inspection.name else {
+                throw SpindleError(.invalidArgument, "none of the images is an array member")
+            }
+            print("array \(name): raid\(inspection.level!), \(inspection.state!)")
+            print("  size: \(ByteSize.format(inspection.capacityBytes!)), \(inspection.memberCount!) members, \(ByteSize.format(inspection.chunkBytes!)) chunks, events \(inspection.events!)")
+            for slot in inspection.slots {
+                print("  slot \(slot.slot): \(slot.state)\(slot.device.map { "  \($0)" } ?? "")")
+            }
+            for device in inspection.devices where device.role == -1 && device.arrayUUID == inspection.uuid {
+                print("  spare: \(device.path)")
+            }
+            if let slot = inspection.rebuildSlot, let done = inspection.rebuildDoneBytes, let total = inspection.memberDataBytes {
+                print("  rebuild of slot \(slot): \(ByteSize.format(done)) of \(ByteSize.format(total)) (\(done * 100 / max(total, 1))%), as of the last checkpoint")
+            }
+        }
+    }
+
+    struct Assemble: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Assemble an array, resync what an unclean shutdown left, and close it cleanly.")
+
+        @OptionGroup var selection: Selection
+
+        @Flag(help: "Start a RAID5 array that is both dirty and degraded (data written at the crash may be wrong).")
+        var force = false
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine, force: force)
+            let status = array.status
+            try await array.close()
+            print("array \(status.name): raid\(status.level), \(status.state), \(ByteSize.format(status.capacityBytes))")
+        }
+    }
+
+    struct Fail: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Mark a member failed, as if its disk had died.")
+
+        @OptionGroup var selection: Selection
+
+        @Option(help: "The member image to fail.")
+        var member: String
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine)
+            do {
+                try await array.fail(memberNamed: resolveMember(member, in: array))
+            } catch {
+                try? await array.close()
+                throw error
+            }
+            let status = array.status
+            try await array.close()
+            print("failed \(member); array \(status.name) is \(status.state)")
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove a failed member or a spare from an array.")
+
+        @OptionGroup var selection: Selection
+
+        @Option(help: "The failed member or spare image to remove.")
+        var member: String
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine)
+            do {
+                try await array.remove(memberNamed: resolveMember(member, in: array))
+            } catch {
+                try? await array.close()
+                throw error
+            }
+            try await array.close()
+            print("removed \(member) from array \(array.arrayName)")
+        }
+    }
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Add an image: it replaces a failed or missing member (rebuild it with 'array rebuild'), or becomes a spare.")
+
+        @OptionGroup var selection: Selection
+
+        @Option(help: "The image to add; created when missing, as large as the members need.")
+        var device: String
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine)
+            do {
+                let added = try openOrCreate(device, for: array, engine: engine)
+                try await array.add(added)
+            } catch {
+                try? await array.close()
+                throw error
+            }
+            let status = array.status
+            try await array.close()
+            let role = status.spares.contains(device) ? "a spare" : "the member to rebuild"
+            print("added \(device) to array \(status.name) as \(role); array is \(status.state)")
+        }
+    }
+
+    struct Replace: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Replace a member with a new image and rebuild onto it.")
+
+        @OptionGroup var selection: Selection
+
+        @Option(help: "The member image to replace.")
+        var old: String
+
+        @Option(help: "The new image; created when missing, as large as the members need.")
+        var new: String
+
+        @Option(help: "Limit the rebuild rate, such as 100M (bytes per second).", transform: parseSize)
+        var rate: UInt64?
+
+        @Flag(help: "Only swap the member; rebuild later with 'array rebuild'.")
+        var noRebuild = false
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine)
+            do {
+                let device = try openOrCreate(new, for: array, engine: engine)
+                try await array.replace(memberNamed: resolveMember(old, in: array), with: device)
+                print("replaced \(old) with \(new) in array \(array.arrayName)")
+                if !noRebuild {
+                    let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding \(new)"))
+                    if Terminal.showsProgress { Terminal.endProgress() }
+                    print("rebuilt \(ByteSize.format(rebuilt)) onto \(new)")
+                }
+            } catch {
+                if Terminal.showsProgress { Terminal.endProgress() }
+                try? await array.close()
+                throw error
+            }
+            let status = array.status
+            try await array.close()
+            print("array \(status.name) is \(status.state)")
+        }
+    }
+
+    struct Rebuild: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Rebuild the member being replaced, resuming from its checkpoint.",
+            discussion: "Without --wait the rebuild runs in a background process and this command returns at once; follow it with 'array status'. An interrupted rebuild resumes where it stopped.")
+
+        @OptionGroup var selection: Selection
+
+        @Option(help: "Limit the rebuild rate, such as 100M (bytes per second).", transform: parseSize)
+        var rate: UInt64?
+
+        @Flag(help: "Rebuild in the foreground and return when done, showing progress.")
+        var wait = false
+
+        @Flag(help: "Start even if the array is dirty and degraded.")
+        var force = false
+
+        func run() async throws {
+            if !wait {
+                try await spawnInBackground()
+                return
+            }
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine, force: force)
+            do {
+                let started = monotonicNanos()
+                let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding"))
+                if Terminal.showsProgress { Terminal.endProgress() }
+                let seconds = Double(monotonicNanos() - started) / 1e9
+                if rebuilt == 0 {
+                    print("array \(array.arrayName): nothing to rebuild")
+                } else {
+                    print("rebuilt \(ByteSize.format(rebuilt)) in \(formatDecimal(seconds, places: 1)) s (\(ByteSize.format(UInt64(Double(rebuilt) / max(seconds, 1e-9))))/s)")
+                }
+            } catch {
+                if Terminal.showsProgress { Terminal.endProgress() }
+                try? await array.close()
+                throw error
+            }
+            let status = array.status
+            try await array.close()
+            print("array \(status.name) is \(status.state)")
+        }
+
+        /// Starts `spindle array rebuild --wait` with the same selection as a detached process.
+        private func spawnInBackground() async throws {
+            let members = try await selection.memberPaths()
+            var arguments = ["array", "rebuild", "--wait"] + selection.images
+            if let scan = selection.scan { arguments += ["--scan", scan] }
+            if let name = selection.arrayName { arguments += ["--array-name", name] }
+            if let rate { arguments += ["--rate", String(rate)] }
+            if force { arguments.append("--force") }
+            let folder = (members[0] as NSString).deletingLastPathComponent
+            let logPath = ((folder.isEmpty ? "." : folder) as NSString).appendingPathComponent("spindle-rebuild.log")
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL
+            process.arguments = arguments
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+            let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+            process.standardOutput = log
+            process.standardError = log
+            process.standardInput = FileHandle.nullDevice
+            try process.run()
+            print("rebuild started in the background (process \(process.processIdentifier)), logging to \(logPath); follow it with 'spindle array status'")
+        }
+    }
+
+    struct Scrub: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check that mirrors agree or parity matches the data; with --repair, fix what differs.")
+
+        @OptionGroup var selection: Selection
+
+        @Flag(help: "Rewrite mirror copies (from the first member) or parity (from the data) where they disagree.")
+        var repair = false
+
+        @Flag(help: "Print the report as JSON.")
+        var json = false
+
+        func run() async throws {
+            let engine = try IOEngine()
+            defer { engine.shutdown() }
+            let array = try await ArrayCommand.assemble(selection, engine: engine, quiet: json)
+            let report: RAIDArray.ScrubReport
+            do {
+                report = try await array.scrub(repair: repair, progress: json ? nil : ArrayCommand.progressPrinter(repair ? "repairing" : "checking"))
+                if Terminal.showsProgress && !json { Terminal.endProgress() }
+            } catch {
+                if Terminal.showsProgress && !json { Terminal.endProgress() }
+                try? await array.close()
+                throw error
+            }
+            try await array.close()
+            if json {
+                try Terminal.printJSON(report)
+                return
+            }
+            print("scrubbed array \(array.arrayName): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : "")")
+            for offset in report.mismatchOffsets.prefix(20) { print("  mismatch in the stripe at array offset \(offset)") }
+            if report.mismatches > 20 { print("  ... and \(report.mismatches - 20) more") }
+        }
+    }
+}
+
+/// Opens an image to add to an array, creating it at the size the array's members need.
+func openOrCreate(_ path: String, for array: RAIDArray, engine: IOEngine) throws -> FileDevice {
+    if FileManager.default.fileExists(atPath: path) { return try FileDevice.open(path: path, engine: engine) }
+    let needed = RAIDArray.dataOffset + array.geometry.memberDataBytes
+    return try FileDevice.create(path: path, sizeBytes: (needed + 4095) / 4096 * 4096, engine: engine)
+}
+
+/// The name under which an array knows the member image at `path` (however the path is written).
+func resolveMember(_ path: String, in array: RAIDArray) -> String {
+    func canonical(_ path: String) -> String {
+        URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
+    }
+    let status = array.status
+    let names = status.slots.compactMap(\.device) + status.spares
+    return names.first { canonical($0) == canonical(path) } ?? path
+}
+
+/// A value shared between tasks, behind a lock.
+final class LockedValue<Value: Sendable>: @unchecked Sendable {
+    // @unchecked: every access goes through `lock`.
+    private var value: Value
+    private let lock = NSLock()
+    init(_ value: Value) { self.value = value }
+    func exchange(_ newValue: Value) -> Value {
+        lock.lock()
+        defer { lock.unlock() }
+        let old = value
+        value = newValue
+        return old
+    }
+}
