@@ -60,6 +60,9 @@ struct BenchCommand: AsyncParsableCommand {
     @Flag(help: "Write the whole region before measuring.")
     var fill = false
 
+    @Flag(help: "Write nothing: read every block once and check it holds what '--fill --verify' with the same --seed and --bs wrote earlier.")
+    var verifyExisting = false
+
     @Option(help: ArgumentHelp(
         "How workers reach the engine: 'reactor' runs them on the engine's thread (the default, batched), 'global' on Swift's global executor (a cross-thread hand-off per request).",
         visibility: .hidden))
@@ -101,7 +104,7 @@ struct BenchCommand: AsyncParsableCommand {
         }
         let target = self.target!
         // A load that only reads opens the image read-only, as fio does: no write lock is taken.
-        let readOnly = !rw.writesData && !fill && !verify && FileManager.default.fileExists(atPath: target)
+        let readOnly = (verifyExisting || (!rw.writesData && !fill && !verify)) && FileManager.default.fileExists(atPath: target)
         let fileOptions = FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled)
         var created = false
         let device: FileDevice
@@ -118,7 +121,7 @@ struct BenchCommand: AsyncParsableCommand {
 
         let options = options(fill: fill || (created && rw.readsData))
 
-        if rw.readsData && !options.fill && !verify,
+        if rw.readsData && !options.fill && !verify && !verifyExisting,
            let allocated = try? device.allocatedBytes(), allocated < device.capacityBytes / 2 {
             Terminal.warning(
                 "\(target) is mostly unwritten (\(ByteSize.format(allocated)) of \(ByteSize.format(device.capacityBytes)) allocated): reads of holes are faster than reads of data; add --fill for honest figures")
@@ -184,6 +187,7 @@ struct BenchCommand: AsyncParsableCommand {
         options.seed = seed
         options.verify = verify
         options.fill = fill
+        options.verifyExisting = verifyExisting
         return options
     }
 
@@ -214,7 +218,7 @@ struct BenchCommand: AsyncParsableCommand {
             print("  \(label): \(formatCount(direction.iops)) IOPS, \(formatDecimal(direction.mebibytesPerSecond, places: 1)) MiB/s, latency mean \(formatLatency(UInt64(direction.latencyNanosMean))), p50 \(formatLatency(direction.latencyNanosP50)), p99 \(formatLatency(direction.latencyNanosP99)), p99.9 \(formatLatency(direction.latencyNanosP999)), max \(formatLatency(direction.latencyNanosMax))")
         }
         print("  total: \(report.operations) requests, \(ByteSize.format(report.bytes)) in \(formatDecimal(report.elapsedSeconds, places: 2)) s")
-        if options.verify { print("  verify: \(report.verifiedBlocks) blocks checked, all correct") }
+        if options.verify || options.verifyExisting { print("  verify: \(report.verifiedBlocks) blocks checked, all correct") }
     }
 }
 

@@ -37,6 +37,9 @@ public enum Bench {
         public var verify = false
         /// Write the whole region before measuring (fio's layout), so reads measure real data, not holes.
         public var fill = false
+        /// Write nothing: read every block of the region once and check that it holds what a layout
+        /// pass with this seed wrote earlier (`fill` with `verify`), as fio's verify_only does.
+        public var verifyExisting = false
 
         public init(pattern: Pattern) { self.pattern = pattern }
     }
@@ -103,10 +106,21 @@ public enum Bench {
     /// - Throws: ``SpindleError`` for invalid options, any I/O error, or
     ///   ``SpindleError/Code/verificationFailed`` naming the offset and what it held.
     public static func run(
-        on device: any BlockDevice, options: Options, engine: IOEngine? = nil,
+        on device: any BlockDevice, options requested: Options, engine: IOEngine? = nil,
         progress: (@Sendable (Progress) -> Void)? = nil
     ) async throws -> Report {
-        let plan = try Plan(device: device, options: options)
+        var options = requested
+        if options.verifyExisting {
+            options.pattern = .read
+            options.verify = true
+            options.fill = false
+            options.runtimeSeconds = nil
+        }
+        var plan = try Plan(device: device, options: options)
+        if options.verifyExisting {
+            options.operations = plan.blockCount
+            plan = try Plan(device: device, options: options)
+        }
         let shared = Shared(plan: plan)
         let reporter = progress.map { callback in
             Task {
@@ -120,7 +134,7 @@ public enum Bench {
         defer { reporter?.cancel() }
 
         var layoutBytes: UInt64 = 0
-        if options.fill || (options.verify && options.pattern.reads) {
+        if options.fill || (options.verify && options.pattern.reads && !options.verifyExisting) {
             shared.beginPhase("layout", totalBytes: plan.regionBytes, deadline: nil, operations: nil)
             try await runWorkers(plan, shared, engine) { worker in try await worker.layout() }
             layoutBytes = plan.regionBytes
@@ -222,7 +236,7 @@ public enum Bench {
                     .invalidArgument,
                     "verification needs more blocks in the region (\(blockCount)) than requests in flight (\(options.ioDepth))")
             }
-            if (options.pattern.writes || options.fill || options.verify) && device.isReadOnly {
+            if (options.pattern.writes || options.fill || (options.verify && !options.verifyExisting)) && device.isReadOnly {
                 throw SpindleError(.readOnly, "the load writes but the device is open read-only", path: device.name)
             }
             // The layout pass writes in large requests made of whole blocks.

@@ -26,7 +26,8 @@ extension RAIDArray {
     /// superblock, members of different arrays, the same member twice, too few members to serve the
     /// data, and a RAID5 array that is both dirty (shut down uncleanly) and degraded unless `force`.
     /// Members that are stale (their event count shows they missed changes), truncated, or absent are
-    /// left out, and the array runs degraded; ``AssemblyReport/notes`` says which and why. A dirty
+    /// left out, and the array runs degraded; ``AssemblyReport/notes`` says which and why. Devices left
+    /// out stay open: they remain the caller's to close. Devices in the array are the array's. A dirty
     /// array resyncs the regions its write-intent bitmap marks before returning.
     public static func assemble(members devices: [any BlockDevice], force: Bool = false) async throws -> AssemblyReport {
         guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "no member devices given") }
@@ -467,7 +468,12 @@ extension RAIDArray {
     public func replace(memberNamed oldName: String, with device: any BlockDevice) async throws {
         let oldState = state.withLock { state in state.slots.firstIndex { $0?.name == oldName }.map { state.slotStates[$0] } }
         guard let oldState else {
-            throw SpindleError(.invalidArgument, "\(oldName) is not a member of \(name)", operation: "replace")
+            // Left out at assembly (failed, stale or gone): its slot is the faulty or missing one.
+            guard state.withLock({ $0.slotStates.contains { $0 == .faulty || $0 == .missing } }) else {
+                throw SpindleError(.invalidArgument, "\(oldName) is not a member of \(name)", operation: "replace")
+            }
+            try await add(device)
+            return
         }
         if oldState == .active { try await fail(memberNamed: oldName) }
         try await remove(memberNamed: oldName)
