@@ -80,9 +80,43 @@ struct CLITests {
         let device = try FileDevice.create(path: path, sizeBytes: 1 << 20)
         let info = try spindle(["image", "info", path])
         #expect(info.output.contains("write lock:   held by process \(getpid())"))
-        let bench = try spindle(["bench", path, "--ops", "10"])
-        #expect(bench.status == 1 && bench.errors.contains("holds its write lock"))
+        let writer = try spindle(["bench", path, "--rw", "randwrite", "--ops", "10"])
+        #expect(writer.status == 1 && writer.errors.contains("holds its write lock"))
+        let reader = try spindle(["bench", path, "--rw", "randread", "--ops", "10"])
+        #expect(reader.status == 0, "a load that only reads opens the image read-only: \(reader.errors)")
         try await device.close()
+    }
+
+    @Test("the RAID story through the CLI: create, fail, read degraded, replace with rebuild, scrub")
+    func arrayStory() throws {
+        let folder = TemporaryFolder("cli-array")
+        defer { folder.remove() }
+        let members = (0..<3).map { folder.file("m\($0).img") }
+        let created = try spindle(["array", "create", "story", "--level", "5", "--chunk", "16K", "--size", "8M"] + members)
+        #expect(created.status == 0, "\(created.errors)")
+        #expect(created.output.contains("created array story: raid5, 3 members, 16 KiB chunks"))
+        let filled = try spindle(["bench", "--array"] + members + ["--rw", "read", "--fill", "--verify", "--ops", "500", "--seed", "3"])
+        #expect(filled.status == 0, "\(filled.errors)")
+        let failed = try spindle(["array", "fail", "--member", members[1]] + members)
+        #expect(failed.output.contains("is degraded"), "\(failed.errors)")
+        let status = try spindle(["array", "status", "--json"] + members)
+        let decoded = try JSONSerialization.jsonObject(with: Data(status.output.utf8)) as! [String: Any]
+        #expect(decoded["state"] as? String == "degraded")
+        let degradedRead = try spindle(["bench", "--array", members[0], members[2], "--verify-existing", "--seed", "3"])
+        #expect(degradedRead.status == 0, "\(degradedRead.errors)")
+        #expect(degradedRead.output.contains("blocks checked, all correct"))
+        let replaced = try spindle(["array", "replace", "--scan", folder.path, "--old", members[1], "--new", folder.file("m3.img")])
+        #expect(replaced.status == 0, "\(replaced.errors)")
+        #expect(replaced.output.contains("rebuilt"))
+        let scrub = try spindle(["array", "scrub", "--json", "--scan", folder.path])
+        let report = try JSONSerialization.jsonObject(with: Data(scrub.output.utf8)) as! [String: Any]
+        #expect(report["mismatches"] as? Int == 0, "\(scrub.errors)")
+        let final = try spindle(["bench", "--array", members[0], folder.file("m3.img"), members[2], "--verify-existing", "--seed", "3"])
+        #expect(final.status == 0, "\(final.errors)")
+        let missing = try spindle(["array", "assemble", members[0]])
+        #expect(missing.status == 1 && missing.errors.contains("too few members"))
+        let notMember = try spindle(["array", "status", folder.file("none.img")])
+        #expect(notMember.status == 1 && notMember.errors.contains("no such image file"))
     }
 
     @Test("bench creates, fills, verifies and reports as JSON")
