@@ -331,7 +331,8 @@ public final class FaultyDevice: BlockDevice {
         case let .fail(error):
             throw error
         case let .proceed(delayNanos):
-            if delayNanos > 0 { try await Task.sleep(nanoseconds: delayNanos) }
+            // A disk does not answer faster because its caller gave up: the delay ignores cancellation.
+            if delayNanos > 0 { await Self.sleepIgnoringCancellation(nanoseconds: delayNanos) }
         }
         if volatileCache {
             await serial.lock()
@@ -340,6 +341,20 @@ public final class FaultyDevice: BlockDevice {
             try await body()
         } else {
             try await body()
+        }
+    }
+
+    private static func sleepIgnoringCancellation(nanoseconds: UInt64) async {
+        let deadline = monotonicNanos() + nanoseconds
+        while true {
+            let now = monotonicNanos()
+            if now >= deadline { return }
+            do {
+                try await Task.sleep(nanoseconds: deadline - now)
+            } catch {
+                // Cancelled: wait out the rest without the task's cancellation cutting it short.
+                await Task.detached { try? await Task.sleep(nanoseconds: deadline - min(monotonicNanos(), deadline)) }.value
+            }
         }
     }
 

@@ -285,9 +285,14 @@ extension RAIDArray {
 
     // MARK: Rebuild
 
+    /// Steps of a rebuild kept in flight at once: reads of the next steps overlap the write of this one.
+    static let rebuildStepsInFlight = 4
+
     /// Rebuilds the member being replaced, from its checkpoint to the end, while the array serves
-    /// I/O. The checkpoint is saved in the superblocks every 64 MiB, so an interrupted rebuild (a
-    /// crash, a cancelled task) resumes there. Returns the bytes rebuilt (0 when nothing needed it).
+    /// I/O. Several 1 MiB steps are in flight at once, each holding its stripes' locks; the checkpoint
+    /// is the end of the finished prefix and is saved in the superblocks every `checkpointBytes`, and
+    /// when the rebuild is cancelled, so an interrupted rebuild resumes there. Returns the bytes
+    /// rebuilt (0 when nothing needed it).
     /// - Parameters:
     ///   - rateBytesPerSecond: an upper bound on the rebuild rate, to leave room for other I/O.
     ///   - progress: called about once a second and at the end.
@@ -302,75 +307,60 @@ extension RAIDArray {
         defer { gate.leave() }
         let chunk = geometry.chunkBytes
         let step = max(chunk, (1 << 20) / chunk * chunk)
-        let checkpointEvery = max(checkpointBytes, step)
         let total = geometry.memberDataBytes
+        let stepCount = Int((total - checkpoint + step - 1) / step)
         let started = monotonicNanos()
         var lastReport = started
         var lastSaved = checkpoint
+        var finished = [Bool](repeating: false, count: stepCount)
+        var finishedPrefix = 0
+        var next = 0
         var position = checkpoint
-        while position < total {
-            if Task.isCancelled {
+        do {
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                func launch(_ index: Int) {
+                    let start = checkpoint + UInt64(index) * step
+                    let length = min(step, total - start)
+                    group.addTask { try await self.rebuildStep(slot: slot, memberOffset: start, length: length); return index }
+                }
+                while next < min(Self.rebuildStepsInFlight, stepCount) { launch(next); next += 1 }
+                while let done = try await group.next() {
+                    finished[done] = true
+                    while finishedPrefix < stepCount && finished[finishedPrefix] { finishedPrefix += 1 }
+                    position = min(total, checkpoint + UInt64(finishedPrefix) * step)
+                    state.withLock { $0.rebuildCheckpointBytes = position }
+                    if position - lastSaved >= max(checkpointBytes, step) && position < total {
+                        try await target(slot).flush()
+                        try await commitSuperblocks()
+                        lastSaved = position
+                    }
+                    let now = monotonicNanos()
+                    if let rateBytesPerSecond, rateBytesPerSecond > 0 {
+                        let elapsed = Double(now - started) / 1e9
+                        let due = Double(position - checkpoint) / Double(rateBytesPerSecond)
+                        if due > elapsed { try await Task.sleep(nanoseconds: UInt64((due - elapsed) * 1e9)) }
+                    }
+                    if let progress, now - lastReport >= 1_000_000_000 || position >= total {
+                        lastReport = now
+                        let rate = Double(position - checkpoint) / max(Double(monotonicNanos() - started) / 1e9, 1e-9)
+                        progress(Progress(doneBytes: position, totalBytes: total, bytesPerSecond: rate,
+                                          secondsLeft: rate > 0 ? Double(total - position) / rate : nil))
+                    }
+                    if Task.isCancelled { throw CancellationError() }
+                    if next < stepCount {
+                        launch(next)
+                        next += 1
+                    }
+                }
+            }
+        } catch {
+            if error is CancellationError || Task.isCancelled {
                 // Stopped on purpose: keep the place, so the next rebuild resumes here.
                 try? await target(slot).flush()
                 try? await commitSuperblocks()
                 throw CancellationError()
             }
-            let length = min(step, total - position)
-            let stripes = (position / chunk)...((position + length - 1) / chunk)
-            await stripeLocks.lock(stripes)
-            do {
-                defer { stripeLocks.unlock(stripes) }
-                let readable = readableMembers()
-                let writable = writableMembers()
-                guard let target = writable[slot] else {
-                    throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
-                }
-                let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
-                let result = AlignedBuffer(count: Int(length))
-                if geometry.level == .raid1 {
-                    guard let source = sources.first else { throw failedError("rebuild") }
-                    try await readable[source]!.device.read(into: result, at: Self.dataOffset + position)
-                } else {
-                    guard sources.count == geometry.memberCount - 1 else { throw failedError("rebuild") }
-                    let buffers = sources.map { _ in AlignedBuffer(count: Int(length)) }
-                    let memberOffset = Self.dataOffset + position
-                    let failures = await concurrently(zip(sources, buffers).map { source, buffer in
-                        (source, { try await readable[source]!.device.read(into: buffer, at: memberOffset) })
-                    })
-                    if let failure = failures.first {
-                        await failMember(slot: failure.slot, because: failure.error)
-                        throw failure.error
-                    }
-                    XORParity.generate(sources: buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) },
-                                       parity: result.bytes.baseAddress!, length: Int(length))
-                    withExtendedLifetime(buffers) {}
-                }
-                do {
-                    try await target.device.write(from: result, at: Self.dataOffset + position)
-                } catch {
-                    await failMember(slot: slot, because: error)
-                    throw error
-                }
-            }
-            position += length
-            state.withLock { $0.rebuildCheckpointBytes = position }
-            if position - lastSaved >= checkpointEvery {
-                try await target(slot).flush()
-                try await commitSuperblocks()
-                lastSaved = position
-            }
-            let now = monotonicNanos()
-            let elapsed = Double(now - started) / 1e9
-            if let rateBytesPerSecond, rateBytesPerSecond > 0 {
-                let due = Double(position - checkpoint) / Double(rateBytesPerSecond)
-                if due > elapsed { try await Task.sleep(nanoseconds: UInt64((due - elapsed) * 1e9)) }
-            }
-            if let progress, now - lastReport >= 1_000_000_000 || position >= total {
-                lastReport = now
-                let rate = Double(position - checkpoint) / max(Double(monotonicNanos() - started) / 1e9, 1e-9)
-                progress(Progress(doneBytes: position, totalBytes: total, bytesPerSecond: rate,
-                                  secondsLeft: rate > 0 ? Double(total - position) / rate : nil))
-            }
+            throw error
         }
         try await target(slot).flush()
         state.withLock { state in
@@ -380,6 +370,44 @@ extension RAIDArray {
         }
         try await commitSuperblocks()
         return total - checkpoint
+    }
+
+    /// Rebuilds member range `memberOffset ..< memberOffset + length` of `slot` from the others.
+    private func rebuildStep(slot: Int, memberOffset: UInt64, length: UInt64) async throws {
+        let chunk = geometry.chunkBytes
+        let stripes = (memberOffset / chunk)...((memberOffset + length - 1) / chunk)
+        await stripeLocks.lock(stripes)
+        defer { stripeLocks.unlock(stripes) }
+        let readable = readableMembers()
+        guard let target = writableMembers()[slot] else {
+            throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
+        }
+        let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
+        let result = AlignedBuffer(count: Int(length))
+        let offset = Self.dataOffset + memberOffset
+        if geometry.level == .raid1 {
+            guard let source = sources.first else { throw failedError("rebuild") }
+            try await readable[source]!.device.read(into: result, at: offset)
+        } else {
+            guard sources.count == geometry.memberCount - 1 else { throw failedError("rebuild") }
+            let buffers = sources.map { _ in AlignedBuffer(count: Int(length)) }
+            let failures = await concurrently(zip(sources, buffers).map { source, buffer in
+                (source, { try await readable[source]!.device.read(into: buffer, at: offset) })
+            })
+            if let failure = failures.first {
+                await failMember(slot: failure.slot, because: failure.error)
+                throw failure.error
+            }
+            XORParity.generate(sources: buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) },
+                               parity: result.bytes.baseAddress!, length: Int(length))
+            withExtendedLifetime(buffers) {}
+        }
+        do {
+            try await target.device.write(from: result, at: offset)
+        } catch {
+            await failMember(slot: slot, because: error)
+            throw error
+        }
     }
 
     private func target(_ slot: Int) throws -> any BlockDevice {

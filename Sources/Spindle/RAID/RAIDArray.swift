@@ -230,6 +230,8 @@ public final class RAIDArray: BlockDevice {
 
     /// Marks a member faulty after an I/O error, and records it on the other members.
     func failMember(slot: Int, because error: Error) async {
+        // A cancelled request says nothing about the disk.
+        if error is CancellationError { return }
         let changed = state.withLock { state -> Bool in
             guard state.slotStates[slot] != .faulty && state.slotStates[slot] != .missing else { return false }
             state.slotStates[slot] = .faulty
@@ -287,6 +289,8 @@ public final class RAIDArray: BlockDevice {
                 block.withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
                 do {
                     try await member.device.write(from: buffer, at: RAIDSuperblock.copyOffsets[copy], fua: true)
+                } catch is CancellationError {
+                    throw CancellationError()
                 } catch {
                     if let slot { failedSlot = slot; break }
                     state.withLock { $0.spares.removeAll { $0 === member } }
