@@ -286,7 +286,7 @@ extension RAIDArray {
     // MARK: Rebuild
 
     /// Steps of a rebuild kept in flight at once: reads of the next steps overlap the write of this one.
-    static let rebuildStepsInFlight = 4
+    static let rebuildStepsInFlight = 8
 
     /// Rebuilds the member being replaced, from its checkpoint to the end, while the array serves
     /// I/O. Several 1 MiB steps are in flight at once, each holding its stripes' locks; the checkpoint
