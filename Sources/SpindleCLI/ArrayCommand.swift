@@ -67,12 +67,21 @@ struct ArrayCommand: AsyncParsableCommand {
         try await assemble(paths: try await selection.memberPaths(), engine: engine, force: force, quiet: quiet)
     }
 
-    /// Opens the given member images for writing and assembles the array.
-    static func assemble(paths: [String], engine: IOEngine, force: Bool = false, quiet: Bool = false) async throws -> RAIDArray {
+    /// Opens the given member images for writing and assembles the array; `faults` wraps the named
+    /// members in fault injectors.
+    static func assemble(
+        paths: [String], engine: IOEngine, force: Bool = false, quiet: Bool = false, faults: [String: FaultSpec] = [:], seed: UInt64 = 1
+    ) async throws -> RAIDArray {
         var devices: [FileDevice] = []
         do {
             for path in paths { devices.append(try FileDevice.open(path: path, engine: engine)) }
-            let report = try await RAIDArray.assemble(members: devices, force: force)
+            let members: [any BlockDevice] = devices.map { device in
+                guard let spec = faults[device.path] else { return device }
+                let faulty = FaultyDevice(wrapping: device, seed: seed, name: device.path)
+                spec.apply(to: faulty)
+                return faulty
+            }
+            let report = try await RAIDArray.assemble(members: members, force: force)
             if !quiet { for note in report.notes { Terminal.warning("\(report.array.arrayName): \(note)") } }
             return report.array
         } catch {

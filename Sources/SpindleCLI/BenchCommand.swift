@@ -74,6 +74,11 @@ struct BenchCommand: AsyncParsableCommand {
     @Option(name: .customLong("submit-batch"), help: ArgumentHelp("Prepared requests that make the engine submit at once.", visibility: .hidden))
     var submitBatch: Int = IOEngine.Configuration().submitBatch
 
+    @Option(help: ArgumentHelp(
+        "Inject faults: SPEC for the image, or MEMBER:SPEC for a member of --array. SPEC is comma-separated: read-error, write-error, flush-error, range=START-END, probability=P, errno=N, fail-after=N, vanish-after=N, latency=2ms, jitter=1ms.",
+        valueName: "spec"))
+    var fault: [String] = []
+
     @Flag(help: "Print the report as JSON.")
     var json = false
 
@@ -118,6 +123,12 @@ struct BenchCommand: AsyncParsableCommand {
             device = try FileDevice.open(path: target, engine: engine, options: fileOptions)
         }
         if direct, let note = device.directIONote { Terminal.warning("\(target): \(note)") }
+        var loaded: any BlockDevice = device
+        if !fault.isEmpty {
+            let faulty = FaultyDevice(wrapping: device, seed: seed, name: target)
+            for text in fault { try FaultSpec.parse(text).apply(to: faulty) }
+            loaded = faulty
+        }
 
         let options = options(fill: fill || (created && rw.readsData))
 
@@ -135,7 +146,7 @@ struct BenchCommand: AsyncParsableCommand {
         let workerEngine: IOEngine? = executor == "reactor" ? engine : nil
         let report: Bench.Report
         do {
-            report = try await Bench.run(on: device, options: options, engine: workerEngine, progress: progress)
+            report = try await Bench.run(on: loaded, options: options, engine: workerEngine, progress: progress)
         } catch {
             if showProgress { Terminal.endProgress() }
             try? await device.close()
@@ -153,7 +164,18 @@ struct BenchCommand: AsyncParsableCommand {
 
     /// Assembles the array from its member images and runs the load on it.
     private func runOnArray(engine: IOEngine) async throws {
-        let raid = try await ArrayCommand.assemble(paths: array, engine: engine)
+        var faults: [String: FaultSpec] = [:]
+        for text in fault {
+            guard let colon = text.firstIndex(of: ":") else {
+                throw ValidationError("with --array, write a fault as MEMBER:SPEC, such as \(array[0]):read-error,probability=0.01")
+            }
+            let member = String(text[..<colon])
+            guard array.contains(member) else {
+                throw ValidationError("'\(member)' in --fault is not one of the --array images")
+            }
+            faults[member] = try FaultSpec.parse(String(text[text.index(after: colon)...]))
+        }
+        let raid = try await ArrayCommand.assemble(paths: array, engine: engine, faults: faults, seed: seed)
         var progress: (@Sendable (Bench.Progress) -> Void)?
         if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
         let workerEngine: IOEngine? = executor == "reactor" ? engine : nil

@@ -115,3 +115,35 @@ struct SupportTests {
         #expect(FileLockHolder.holderPID(device: device, inode: 1234, locksText: text) == nil)
     }
 }
+
+@Suite("Fault specs")
+struct FaultSpecTests {
+    @Test("specs parse into faults")
+    func parse() throws {
+        let spec = try FaultSpec.parse("read-error,range=0-64M,probability=0.01,errno=61")
+        #expect(spec.faults == [FaultyDevice.Fault(kinds: .reads, range: 0..<(64 << 20), probability: 0.01, errno: 61)])
+        let timing = try FaultSpec.parse("latency=2ms, jitter=500us, vanish-after=100, fail-after=7")
+        #expect(timing.latencyNanos == 2_000_000 && timing.jitterNanos == 500_000)
+        #expect(timing.vanishAfterOperations == 100 && timing.failAfterOperations == 7)
+        #expect(try FaultSpec.parse("write-error,flush-error").faults.first?.kinds == [.writes, .flushes])
+    }
+
+    @Test("bad specs say what is wrong", arguments: [
+        ("nonsense", "unknown fault 'nonsense'"), ("read-error,range=5", "range is START-END"),
+        ("read-error,probability=2", "probability is a number"), ("latency=fast", "not a duration"),
+        ("range=0-1M", "go with read-error"), ("", "names no fault"), ("vanish-after", "needs a value"),
+    ])
+    func rejects(text: String, fragment: String) async {
+        let error = await spindleError { _ = try FaultSpec.parse(text) }
+        expectError(error, .invalidArgument, [fragment])
+    }
+
+    @Test("a spec applied to a device injects its faults")
+    func applies() async throws {
+        let device = FaultyDevice(wrapping: try MemoryDevice(capacityBytes: 1 << 20))
+        try FaultSpec.parse("write-error,range=0-4K").apply(to: device)
+        let buffer = AlignedBuffer(count: 4096)
+        expectError(await spindleError { try await device.write(from: buffer, at: 0) }, .injectedFault, ["write"])
+        try await device.write(from: buffer, at: 4096)
+    }
+}
