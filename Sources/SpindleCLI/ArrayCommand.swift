@@ -90,6 +90,28 @@ struct ArrayCommand: AsyncParsableCommand {
         }
     }
 
+    /// Assembles the selected array, runs `body`, and closes the array cleanly whether `body`
+    /// succeeds or throws (ending any progress line first).
+    static func withArray<Result>(
+        _ selection: Selection, force: Bool = false, quiet: Bool = false,
+        _ body: (RAIDArray, IOEngine) async throws -> Result
+    ) async throws -> Result {
+        let engine = try IOEngine()
+        defer { engine.shutdown() }
+        let array = try await assemble(selection, engine: engine, force: force, quiet: quiet)
+        let result: Result
+        do {
+            result = try await body(array, engine)
+        } catch {
+            if Terminal.showsProgress { Terminal.endProgress() }
+            try? await array.close()
+            throw error
+        }
+        if Terminal.showsProgress { Terminal.endProgress() }
+        try await array.close()
+        return result
+    }
+
     static func progressPrinter(_ label: String) -> (@Sendable (RAIDArray.Progress) -> Void) {
         let interactive = Terminal.showsProgress
         let lastQuarter = LockedValue(-1)
@@ -218,11 +240,7 @@ struct ArrayCommand: AsyncParsableCommand {
         var force = false
 
         func run() async throws {
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine, force: force)
-            let status = array.status
-            try await array.close()
+            let status = try await ArrayCommand.withArray(selection, force: force) { array, _ in array.status }
             print("array \(status.name): raid\(status.level), \(status.state), \(ByteSize.format(status.capacityBytes))")
         }
     }
@@ -236,17 +254,10 @@ struct ArrayCommand: AsyncParsableCommand {
         var member: String
 
         func run() async throws {
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine)
-            do {
+            let status = try await ArrayCommand.withArray(selection) { array, _ in
                 try await array.fail(memberNamed: resolveMember(member, in: array))
-            } catch {
-                try? await array.close()
-                throw error
+                return array.status
             }
-            let status = array.status
-            try await array.close()
             print("failed \(member); array \(status.name) is \(status.state)")
         }
     }
@@ -260,17 +271,11 @@ struct ArrayCommand: AsyncParsableCommand {
         var member: String
 
         func run() async throws {
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine)
-            do {
+            let name = try await ArrayCommand.withArray(selection) { array, _ in
                 try await array.remove(memberNamed: resolveMember(member, in: array))
-            } catch {
-                try? await array.close()
-                throw error
+                return array.arrayName
             }
-            try await array.close()
-            print("removed \(member) from array \(array.arrayName)")
+            print("removed \(member) from array \(name)")
         }
     }
 
@@ -284,18 +289,10 @@ struct ArrayCommand: AsyncParsableCommand {
         var device: String
 
         func run() async throws {
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine)
-            do {
-                let added = try openOrCreate(device, for: array, engine: engine)
-                try await array.add(added)
-            } catch {
-                try? await array.close()
-                throw error
+            let status = try await ArrayCommand.withArray(selection) { array, engine in
+                try await array.add(try openOrCreate(device, for: array, engine: engine))
+                return array.status
             }
-            let status = array.status
-            try await array.close()
             let role = status.spares.contains(device) ? "a spare" : "the member to rebuild"
             print("added \(device) to array \(status.name) as \(role); array is \(status.state)")
         }
@@ -320,10 +317,7 @@ struct ArrayCommand: AsyncParsableCommand {
         var noRebuild = false
 
         func run() async throws {
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine)
-            do {
+            let status = try await ArrayCommand.withArray(selection) { array, engine in
                 let device = try openOrCreate(new, for: array, engine: engine)
                 try await array.replace(memberNamed: resolveMember(old, in: array), with: device)
                 print("replaced \(old) with \(new) in array \(array.arrayName)")
@@ -332,13 +326,8 @@ struct ArrayCommand: AsyncParsableCommand {
                     if Terminal.showsProgress { Terminal.endProgress() }
                     print("rebuilt \(ByteSize.format(rebuilt)) onto \(new)")
                 }
-            } catch {
-                if Terminal.showsProgress { Terminal.endProgress() }
-                try? await array.close()
-                throw error
+                return array.status
             }
-            let status = array.status
-            try await array.close()
             print("array \(status.name) is \(status.state)")
         }
     }
@@ -364,10 +353,7 @@ struct ArrayCommand: AsyncParsableCommand {
                 try await spawnInBackground()
                 return
             }
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine, force: force)
-            do {
+            let status = try await ArrayCommand.withArray(selection, force: force) { array, _ in
                 let started = monotonicNanos()
                 let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding"))
                 if Terminal.showsProgress { Terminal.endProgress() }
@@ -377,13 +363,8 @@ struct ArrayCommand: AsyncParsableCommand {
                 } else {
                     print("rebuilt \(ByteSize.format(rebuilt)) in \(formatDecimal(seconds, places: 1)) s (\(ByteSize.format(UInt64(Double(rebuilt) / max(seconds, 1e-9))))/s)")
                 }
-            } catch {
-                if Terminal.showsProgress { Terminal.endProgress() }
-                try? await array.close()
-                throw error
+                return array.status
             }
-            let status = array.status
-            try await array.close()
             print("array \(status.name) is \(status.state)")
         }
 
@@ -423,24 +404,15 @@ struct ArrayCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let engine = try IOEngine()
-            defer { engine.shutdown() }
-            let array = try await ArrayCommand.assemble(selection, engine: engine, quiet: json)
-            let report: RAIDArray.ScrubReport
-            do {
-                report = try await array.scrub(repair: repair, progress: json ? nil : ArrayCommand.progressPrinter(repair ? "repairing" : "checking"))
-                if Terminal.showsProgress && !json { Terminal.endProgress() }
-            } catch {
-                if Terminal.showsProgress && !json { Terminal.endProgress() }
-                try? await array.close()
-                throw error
+            let (report, name) = try await ArrayCommand.withArray(selection, quiet: json) { array, _ in
+                (try await array.scrub(repair: repair, progress: json ? nil : ArrayCommand.progressPrinter(repair ? "repairing" : "checking")),
+                 array.arrayName)
             }
-            try await array.close()
             if json {
                 try Terminal.printJSON(report)
                 return
             }
-            print("scrubbed array \(array.arrayName): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : "")")
+            print("scrubbed array \(name): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : "")")
             for offset in report.mismatchOffsets.prefix(20) { print("  mismatch in the stripe at array offset \(offset)") }
             if report.mismatches > 20 { print("  ... and \(report.mismatches - 20) more") }
         }
