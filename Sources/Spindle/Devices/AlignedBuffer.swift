@@ -17,11 +17,12 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// The whole region.
     public let bytes: UnsafeMutableRawBufferPointer
 
-    /// Allocates `count` bytes aligned to `alignment`, filled with zeros.
+    /// Allocates `count` bytes aligned to `alignment`, filled with zeros unless `zeroed` is false
+    /// (for buffers about to be filled by a read, where clearing them first is wasted work).
     /// - Parameters:
     ///   - count: bytes to allocate (0 gives an empty buffer).
     ///   - alignment: a power of two, at least the pointer size.
-    public init(count: Int, alignment: Int = 4096) {
+    public init(count: Int, alignment: Int = 4096, zeroed: Bool = true) {
         precondition(count >= 0, "AlignedBuffer count must not be negative")
         precondition(alignment > 0 && alignment & (alignment - 1) == 0, "alignment must be a power of two")
         self.count = count
@@ -29,7 +30,7 @@ public final class AlignedBuffer: @unchecked Sendable {
         var memory: UnsafeMutableRawPointer?
         let result = posix_memalign(&memory, self.alignment, max(count, 1))
         precondition(result == 0 && memory != nil, "posix_memalign(\(count)) failed: \(result)")
-        memset(memory!, 0, max(count, 1))
+        if zeroed { memset(memory!, 0, max(count, 1)) }
         bytes = UnsafeMutableRawBufferPointer(start: memory, count: count)
     }
 

@@ -214,7 +214,7 @@ extension RAIDArray {
                 defer { stripeLocks.unlock(stripes) }
                 let readable = readableMembers()
                 let slots = (0..<geometry.memberCount).filter { readable[$0] != nil }
-                let buffers = slots.map { _ in AlignedBuffer(count: Int(length)) }
+                let buffers = slots.map { _ in AlignedBuffer(count: Int(length), zeroed: false) }
                 let memberOffset = Self.dataOffset + position
                 let failures = await concurrently(zip(slots, buffers).map { slot, buffer in
                     (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
@@ -383,14 +383,14 @@ extension RAIDArray {
             throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
         }
         let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
-        let result = AlignedBuffer(count: Int(length))
+        let result = AlignedBuffer(count: Int(length), zeroed: false)
         let offset = Self.dataOffset + memberOffset
         if geometry.level == .raid1 {
             guard let source = sources.first else { throw failedError("rebuild") }
             try await readable[source]!.device.read(into: result, at: offset)
         } else {
             guard sources.count == geometry.memberCount - 1 else { throw failedError("rebuild") }
-            let buffers = sources.map { _ in AlignedBuffer(count: Int(length)) }
+            let buffers = sources.map { _ in AlignedBuffer(count: Int(length), zeroed: false) }
             let failures = await concurrently(zip(sources, buffers).map { source, buffer in
                 (source, { try await readable[source]!.device.read(into: buffer, at: offset) })
             })

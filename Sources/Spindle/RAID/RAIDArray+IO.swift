@@ -10,9 +10,23 @@ extension RAIDArray {
     /// Runs member requests at once (one task each; inline when there is only one) and reports each
     /// one's error by slot.
     func concurrently(_ jobs: [(slot: Int, work: @Sendable () async throws -> Void)]) async -> [(slot: Int, error: Error)] {
-        if jobs.count == 1 {
-            do { try await jobs[0].work() } catch { return [(jobs[0].slot, error)] }
+        @Sendable func attempt(_ job: (slot: Int, work: @Sendable () async throws -> Void)) async -> (slot: Int, error: Error)? {
+            do { try await job.work() } catch { return (job.slot, error) }
+            return nil
+        }
+        switch jobs.count {
+        case 0:
             return []
+        case 1:
+            return await attempt(jobs[0]).map { [$0] } ?? []
+        case 2:
+            // The common small-write case (data and parity, or two mirrors): `async let` children live
+            // in the task's own allocator, cheaper than a task group.
+            async let first = attempt(jobs[0])
+            async let second = attempt(jobs[1])
+            return [await first, await second].compactMap { $0 }
+        default:
+            break
         }
         return await withTaskGroup(of: (Int, Error?).self) { group in
             for job in jobs {
@@ -112,7 +126,7 @@ extension RAIDArray {
         guard others.allSatisfy({ readable[$0] != nil }) else {
             throw failedError("read", offset: nil, length: extent.length)
         }
-        let buffers = others.map { _ in AlignedBuffer(count: Int(extent.length)) }
+        let buffers = others.map { _ in AlignedBuffer(count: Int(extent.length), zeroed: false) }
         let failures = await concurrently(zip(others, buffers).map { slot, buffer in
             (slot, { try await readable[slot]!.device.read(into: buffer, at: Self.dataOffset + extent.memberOffset) })
         })
@@ -225,8 +239,8 @@ extension RAIDArray {
         if !unreadable.isEmpty && (unreadable.count > 1 || !parityReadable) {
             throw failedError("write", offset: nil, length: UInt64(length))
         }
-        let data = (0..<dataCount).map { _ in AlignedBuffer(count: length) }
-        let parity = AlignedBuffer(count: length)
+        let data = (0..<dataCount).map { _ in AlignedBuffer(count: length, zeroed: false) }
+        let parity = AlignedBuffer(count: length, zeroed: false)
 
         func readMembers(_ slots: [(slot: Int, buffer: AlignedBuffer)]) async throws {
             let failures = await concurrently(slots.map { slot, buffer in
@@ -254,7 +268,7 @@ extension RAIDArray {
             let readModifyWriteReads = touchedIndices.count + 1
             let reconstructWriteReads = (dataCount - touchedIndices.count) + touchedIndices.filter { !covers($0) }.count
             if readModifyWriteReads < reconstructWriteReads {
-                let old = touchedIndices.map { _ in AlignedBuffer(count: length) }
+                let old = touchedIndices.map { _ in AlignedBuffer(count: length, zeroed: false) }
                 try await readMembers(zip(touchedIndices, old).map { (memberOf[$0], $1) } + [(parityMember, parity)])
                 for (position, index) in touchedIndices.enumerated() {
                     data[index].bytes.copyMemory(from: UnsafeRawBufferPointer(old[position].bytes))
