@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the test suite under AddressSanitizer and ThreadSanitizer, each in its own build folder.
+# Usage: Tools/sanitizers.sh [address|thread ...]   (both by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+Tools/setup.sh
+sanitizers=("$@")
+[ ${#sanitizers[@]} -gt 0 ] || sanitizers=(address thread)
+for sanitizer in "${sanitizers[@]}"; do
+  echo "==> swift test --sanitize=$sanitizer"
+  swift test --no-parallel --sanitize="$sanitizer" --scratch-path ".build-$sanitizer"
+done
