@@ -169,6 +169,7 @@ struct RAIDArrayTests {
         task.cancel()
         let outcome = await task.result
         #expect(throws: CancellationError.self) { try outcome.get() }
+        array.setIdleCleanDelay(nanoseconds: 0)  // the process is about to "stop": no more background work
         let status = array.status
         #expect(status.rebuildDoneBytes ?? 0 >= 1 << 20)
         // The process "stops" here: no clean close, so the array is dirty as well as rebuilding, which
@@ -333,6 +334,7 @@ struct RAIDArrayTests {
     func dirtyDegradedRefused() async throws {
         let memory = try memoryMembers(3)
         let array = try await RAIDArray.create(name: "dd", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        array.setIdleCleanDelay(nanoseconds: 0)
         _ = try await randomFill(array, seed: 12)
         // No close: the array is left dirty, as after a crash.
         let error = await spindleError { _ = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }) }
@@ -340,6 +342,33 @@ struct RAIDArrayTests {
         let forced = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }, force: true)
         #expect(forced.array.status.state == "degraded" || forced.array.status.state == "active")
         try await forced.array.close()
+    }
+
+    @Test("an idle array marks itself clean, so a crash while idle needs no resync; the next write marks it dirty again")
+    func idleClean() async throws {
+        let memory = try memoryMembers(3)
+        let array = try await RAIDArray.create(name: "idle", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        array.setIdleCleanDelay(nanoseconds: 50_000_000)
+        let expected = try await randomFill(array, seed: 13)
+        #expect(array.status.state == "active")
+        var waited = 0
+        while array.status.state != "clean" && waited < 400 {
+            try await Task.sleep(nanoseconds: 10_000_000)
+            waited += 1
+        }
+        #expect(array.status.state == "clean")
+        #expect(await RAIDArray.inspect(memory).dirty == false, "the superblocks on disk say clean")
+        array.setIdleCleanDelay(nanoseconds: 0)
+        // A crash now: reassembly needs no resync.
+        let report = try await RAIDArray.assemble(members: memory.map { Reopenable($0) })
+        #expect(report.resyncedBytes == 0 && report.notes.isEmpty, "\(report.notes)")
+        #expect(try await readAll(report.array) == expected)
+        report.array.setIdleCleanDelay(nanoseconds: 0)
+        let patch = AlignedBuffer(count: 4096)
+        try await report.array.write(from: patch, at: 0)
+        #expect(await RAIDArray.inspect(memory).dirty == true, "a write marks the array dirty on disk before it lands")
+        try await report.array.close()
+        #expect(await RAIDArray.inspect(memory).dirty == false)
     }
 
     @Test("creation checks its arguments")

@@ -126,6 +126,7 @@ extension RAIDArray {
         }
         try await array.commitSuperblocks()
         await array.activateSpareIfPossible()
+        array.startIdleCleaner()
         return AssemblyReport(array: array, notes: notes, resyncedBytes: resyncedBytes)
     }
 

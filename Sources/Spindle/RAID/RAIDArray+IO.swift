@@ -152,6 +152,11 @@ extension RAIDArray {
         try validate(offset: offset, length: buffer.count, operation: "write")
         try gate.enter(operation: "write", name: name)
         defer { gate.leave() }
+        writesInFlight.add(1, ordering: .sequentiallyConsistent)
+        defer {
+            lastWriteNanos.store(monotonicNanos(), ordering: .relaxed)
+            writesInFlight.subtract(1, ordering: .sequentiallyConsistent)
+        }
         if state.withLock({ $0.failed }) { throw failedError("write", offset: offset, length: UInt64(buffer.count)) }
         let source = RequestBuffer(base: UnsafeMutableRawPointer(mutating: buffer.baseAddress!))
         let length = UInt64(buffer.count)
@@ -353,6 +358,10 @@ extension RAIDArray {
     /// no resync), and closes the members.
     public func close() async throws {
         guard await gate.close() else { return }
+        cleaner.withLock { $0?.cancel() }
+        // Wait out a clean in progress, so its writes finish before the members close.
+        await bitmapLock.lock()
+        bitmapLock.unlock()
         let writable = writableMembers()
         for member in writable.compactMap({ $0 }) { try? await member.device.flush() }
         let wasDirty = state.withLock { state -> Bool in

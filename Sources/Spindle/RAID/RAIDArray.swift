@@ -62,6 +62,14 @@ public final class RAIDArray: BlockDevice {
     let bitmapChunkShift: UInt32
 
     let state: Mutex<State>
+    /// Writes between entering `write` and completing, for the idle-clean check.
+    let writesInFlight = Atomic<Int>(0)
+    let lastWriteNanos = Atomic<UInt64>(0)
+    let idleCleanNanos = Atomic<UInt64>(RAIDArray.defaultIdleCleanNanos)
+    let cleaner = Mutex<Task<Void, Never>?>(nil)
+    /// An array with no writes for this long is marked clean on disk, as md's safe mode does, so a
+    /// crash while it sits idle needs no resync.
+    public static let defaultIdleCleanNanos: UInt64 = 2_000_000_000
     let stripeLocks = StripeLocks()
     /// Serializes superblock writes.
     let metadataLock = AsyncMutex()
@@ -142,6 +150,7 @@ public final class RAIDArray: BlockDevice {
         try await array.commitSuperblocks()
         try await array.commitSuperblocks()
         try await array.writeBitmap()
+        array.startIdleCleaner()
         return array
     }
 
@@ -261,6 +270,61 @@ public final class RAIDArray: BlockDevice {
             return true
         }
         if changed { try? await commitSuperblocks() }
+    }
+
+    // MARK: Idle clean
+
+    /// Sets how long the array waits without writes before marking itself clean (0 turns it off).
+    public func setIdleCleanDelay(nanoseconds: UInt64) {
+        idleCleanNanos.store(nanoseconds, ordering: .relaxed)
+    }
+
+    func startIdleCleaner() {
+        let task = Task { [weak self] in
+            while !Task.isCancelled {
+                let delay = self?.idleCleanNanos.load(ordering: .relaxed) ?? 0
+                try? await Task.sleep(nanoseconds: max(delay / 4, 10_000_000))
+                guard let self, !Task.isCancelled else { return }
+                if delay > 0 { await self.markCleanIfIdle(idleNanos: delay) }
+            }
+        }
+        cleaner.withLock { $0 = task }
+    }
+
+    /// Marks the array clean on disk when it is dirty and no write has run for `idleNanos`: flushes
+    /// the members, clears the bitmap and the dirty flag. A write that starts meanwhile keeps it dirty.
+    func markCleanIfIdle(idleNanos: UInt64) async {
+        let candidate = state.withLock { $0.dirty && !$0.failed }
+        guard candidate, writesInFlight.load(ordering: .sequentiallyConsistent) == 0,
+              monotonicNanos() - lastWriteNanos.load(ordering: .relaxed) >= idleNanos else { return }
+        await bitmapLock.lock()
+        defer { bitmapLock.unlock() }
+        // New writes now take the slow path and wait for this lock; any write already past the fast
+        // path is counted in `writesInFlight` (it counts itself before looking).
+        state.withLock { $0.dirtyOnDisk = false }
+        if writesInFlight.load(ordering: .sequentiallyConsistent) > 0 {
+            state.withLock { $0.dirtyOnDisk = true }
+            return
+        }
+        for member in writableMembers().compactMap({ $0 }) {
+            do {
+                try await member.device.flush()
+            } catch {
+                state.withLock { $0.dirtyOnDisk = true }
+                return
+            }
+        }
+        let zeros = [UInt8](repeating: 0, count: Self.bitmapBytes)
+        do {
+            try await writeBitmap(zeros)
+            state.withLock { state in
+                state.bitmap = zeros
+                state.dirty = false
+            }
+            try await commitSuperblocks()
+        } catch {
+            state.withLock { $0.dirty = true; $0.dirtyOnDisk = false }
+        }
     }
 
     // MARK: Superblocks and bitmap
