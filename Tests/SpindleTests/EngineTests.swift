@@ -125,5 +125,5 @@ struct EngineTests {
 }
 
 final class ResultBox: Sendable {
-    let values = Mutex<[Int32]>([])
+    let values = Locked<[Int32]>([])
 }

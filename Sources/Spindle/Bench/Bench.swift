@@ -258,15 +258,15 @@ public enum Bench {
         let issued = Atomic<UInt64>(0)
         let completedOperations = Atomic<UInt64>(0)
         let completedBytes = Atomic<UInt64>(0)
-        let phase = Mutex<(name: String, totalBytes: UInt64?, deadline: UInt64?, operations: UInt64?, started: UInt64)>(
+        let phase = Locked<(name: String, totalBytes: UInt64?, deadline: UInt64?, operations: UInt64?, started: UInt64)>(
             ("", nil, nil, nil, 0))
-        let verifyTable: Mutex<VerifyTable>
+        let verifyTable: Locked<VerifyTable>
 
         init(plan: Plan) {
             self.plan = plan
             let blocks = plan.options.verify ? Int(plan.blockCount) : 0
             let initial = plan.options.fill || plan.options.pattern.reads ? 0 : VerifyTable.unwritten
-            verifyTable = Mutex(VerifyTable(
+            verifyTable = Locked(VerifyTable(
                 lastSerial: [UInt64](repeating: initial, count: blocks),
                 inFlight: [Bool](repeating: false, count: blocks)))
         }

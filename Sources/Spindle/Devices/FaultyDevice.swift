@@ -96,7 +96,7 @@ public final class FaultyDevice: BlockDevice {
         var statistics = Statistics()
     }
 
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let serial = AsyncMutex()
     private let gate = RequestGate()
 
@@ -109,7 +109,7 @@ public final class FaultyDevice: BlockDevice {
         self.inner = inner
         self.volatileCache = volatileCache
         self.name = name ?? "faulty(\(inner.name))"
-        state = Mutex(State(random: SeededRandom(seed: seed)))
+        state = Locked(State(random: SeededRandom(seed: seed)))
     }
 
     // MARK: Controls

@@ -23,7 +23,7 @@ import Synchronization
 /// The engine's thread and ring are freed by ``shutdown()``; an engine that is never shut down keeps
 /// its thread for the life of the process (``shared`` is such an engine).
 public final class IOEngine: TaskExecutor, @unchecked Sendable {
-    // @unchecked Sendable: state shared between threads lives in `inbox` (a Mutex) and in atomics;
+    // @unchecked Sendable: state shared between threads lives in `inbox` (a lock) and in atomics;
     // every other stored variable is touched only by the reactor thread (see `assertOnReactor`).
 
     /// How an engine sets up its ring.
@@ -73,13 +73,13 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         var terminated = false
     }
 
-    private let inbox = Mutex(Inbox())
+    private let inbox = Locked(Inbox())
     /// Items posted to the inbox since the reactor last drained it (may over-count, never under-count).
     private let inboxCount = Atomic<Int>(0)
     /// True while the reactor is about to block or blocked in the kernel.
     private let sleeping = Atomic<Bool>(false)
     private let wakeDescriptor: Int32
-    private let joined = Mutex(false)
+    private let joined = Locked(false)
 
     // Reactor-only state.
     private var reactorThread = pthread_t()
@@ -174,10 +174,10 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     }
 
     private final class ThreadContext: @unchecked Sendable {
-        // @unchecked: the engine is @unchecked Sendable; the semaphore and Mutex are thread-safe.
+        // @unchecked: the engine is @unchecked Sendable; the semaphore and lock are thread-safe.
         let engine: IOEngine
         let started = DispatchSemaphore(value: 0)
-        let setupResult = Mutex<SpindleError?>(nil)
+        let setupResult = Locked<SpindleError?>(nil)
         init(engine: IOEngine) {
             self.engine = engine
         }

@@ -61,12 +61,12 @@ public final class RAIDArray: BlockDevice {
     let createdSeconds: UInt64
     let bitmapChunkShift: UInt32
 
-    let state: Mutex<State>
+    let state: Locked<State>
     /// Writes between entering `write` and completing, for the idle-clean check.
     let writesInFlight = Atomic<Int>(0)
     let lastWriteNanos = Atomic<UInt64>(0)
     let idleCleanNanos = Atomic<UInt64>(RAIDArray.defaultIdleCleanNanos)
-    let cleaner = Mutex<Task<Void, Never>?>(nil)
+    let cleaner = Locked<Task<Void, Never>?>(nil)
     /// An array with no writes for this long is marked clean on disk, as md's safe mode does, so a
     /// crash while it sits idle needs no resync.
     public static let defaultIdleCleanNanos: UInt64 = 2_000_000_000
@@ -84,7 +84,7 @@ public final class RAIDArray: BlockDevice {
         self.geometry = geometry
         self.createdSeconds = createdSeconds
         self.bitmapChunkShift = bitmapChunkShift
-        self.state = Mutex(state)
+        self.state = Locked(state)
         self.logicalBlockBytes = logicalBlockBytes
     }
 

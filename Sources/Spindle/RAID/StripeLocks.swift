@@ -7,7 +7,7 @@ final class StripeLocks: Sendable {
     private struct Entry {
         var waiters: [UnsafeContinuation<Void, Never>] = []
     }
-    private let table = Mutex<[UInt64: Entry]>([:])
+    private let table = Locked<[UInt64: Entry]>([:])
 
     /// Takes every stripe in `range`, lowest first.
     func lock(_ range: ClosedRange<UInt64>) async {

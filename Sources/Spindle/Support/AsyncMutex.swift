@@ -8,7 +8,7 @@ public final class AsyncMutex: Sendable {
         var waiters: [UnsafeContinuation<Void, Never>] = []
         var head = 0
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     public init() {}
 
