@@ -8,6 +8,8 @@ sanitizers=("$@")
 [ ${#sanitizers[@]} -gt 0 ] || sanitizers=(address thread)
 # LeakSanitizer reports allocations the XCTest runner itself keeps; leaks are not what this run checks.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
+# See the file for the one pattern suppressed (the Swift runtime's continuation hand-off).
+export TSAN_OPTIONS=${TSAN_OPTIONS:-suppressions=$PWD/Tools/tsan-suppressions.txt}
 for sanitizer in "${sanitizers[@]}"; do
   echo "==> swift test --sanitize=$sanitizer"
   swift test --no-parallel --sanitize="$sanitizer" --scratch-path ".build-$sanitizer"
