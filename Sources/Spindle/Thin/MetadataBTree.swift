@@ -1,0 +1,312 @@
+/// A node of a copy-on-write B-tree of 64-bit keys and values, stored in one 4 KiB metadata block.
+///
+/// Leaves hold (key, value) pairs; internal nodes hold (lowest key of the child, child block). Every
+/// node records its own block number and the transaction that wrote it, and a CRC32C, so a block
+/// that was torn, misdirected or left stale is recognised when read.
+///
+/// Layout (little-endian): magic `SPNDLBTN` (8), CRC32C of bytes 12..<4096 (4), level (2, 0 = leaf),
+/// entry count (2), block number (8), transaction (8), reserved to byte 32, then `count` entries of
+/// key (8) and value or child (8).
+public struct MetadataNode: Sendable, Equatable {
+    public static let blockBytes = 4096
+    static let magic: UInt64 = 0x4E54_424C_444E_5053  // "SPNDLBTN" little-endian
+    static let headerBytes = 32
+    /// Entries a node holds.
+    public static let capacity = (blockBytes - headerBytes) / 16
+
+    public var level: Int
+    public var keys: [UInt64]
+    /// Values in a leaf, child block numbers in an internal node.
+    public var values: [UInt64]
+    public var block: UInt64
+    public var transaction: UInt64
+
+    public var isLeaf: Bool { level == 0 }
+
+    public init(level: Int, keys: [UInt64] = [], values: [UInt64] = [], block: UInt64, transaction: UInt64) {
+        self.level = level
+        self.keys = keys
+        self.values = values
+        self.block = block
+        self.transaction = transaction
+    }
+
+    public func encoded() -> [UInt8] {
+        precondition(keys.count == values.count && keys.count <= Self.capacity)
+        var bytes = [UInt8](repeating: 0, count: Self.blockBytes)
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
+        }
+        put(Self.magic, at: 0)
+        put(UInt16(level), at: 12)
+        put(UInt16(keys.count), at: 14)
+        put(block, at: 16)
+        put(transaction, at: 24)
+        for index in keys.indices {
+            put(keys[index], at: Self.headerBytes + index * 16)
+            put(values[index], at: Self.headerBytes + index * 16 + 8)
+        }
+        let checksum = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[12...])) }
+        put(checksum, at: 8)
+        return bytes
+    }
+
+    /// Why a block is not the node expected.
+    public enum Problem: Error, Equatable, Sendable, CustomStringConvertible {
+        case notANode
+        case checksumMismatch(block: UInt64)
+        case misplaced(expected: UInt64, found: UInt64)
+        case invalid(block: UInt64, reason: String)
+
+        public var description: String {
+            switch self {
+            case .notANode: return "not a metadata node (no magic)"
+            case let .checksumMismatch(block): return "metadata block \(block) is corrupt (checksum mismatch)"
+            case let .misplaced(expected, found): return "metadata block \(expected) holds the node written for block \(found) (misdirected or stale write)"
+            case let .invalid(block, reason): return "metadata block \(block) is corrupt: \(reason)"
+            }
+        }
+    }
+
+    /// Parses and checks the node stored at `block`.
+    public static func decode(_ bytes: [UInt8], expectedBlock block: UInt64) throws(Problem) -> MetadataNode {
+        guard bytes.count == blockBytes else { throw .invalid(block: block, reason: "\(bytes.count) bytes") }
+        func get<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
+            var value: T = 0
+            withUnsafeMutableBytes(of: &value) { target in
+                bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + MemoryLayout<T>.size)])) }
+            }
+            return T(littleEndian: value)
+        }
+        guard get(UInt64.self, 0) == magic else { throw .notANode }
+        let computed = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[12...])) }
+        guard get(UInt32.self, 8) == computed else { throw .checksumMismatch(block: block) }
+        let found = get(UInt64.self, 16)
+        guard found == block else { throw .misplaced(expected: block, found: found) }
+        let count = Int(get(UInt16.self, 14))
+        guard count <= capacity else { throw .invalid(block: block, reason: "\(count) entries, more than \(capacity)") }
+        var keys: [UInt64] = []
+        var values: [UInt64] = []
+        keys.reserveCapacity(count)
+        values.reserveCapacity(count)
+        for index in 0..<count {
+            keys.append(get(UInt64.self, headerBytes + index * 16))
+            values.append(get(UInt64.self, headerBytes + index * 16 + 8))
+        }
+        for index in keys.indices.dropFirst() where keys[index - 1] >= keys[index] {
+            throw .invalid(block: block, reason: "keys out of order at entry \(index)")
+        }
+        return MetadataNode(level: Int(get(UInt16.self, 12)), keys: keys, values: values, block: block,
+                            transaction: get(UInt64.self, 24))
+    }
+}
+
+/// Where a copy-on-write B-tree keeps its nodes during one transaction.
+///
+/// Nodes reachable from the last committed root are never modified: the tree *shadows* a node
+/// (copies it to a block allocated in this transaction) before changing it, and releases the old
+/// block, which the store may reuse only after the transaction commits. So a crash before the commit
+/// leaves the committed tree intact, and committing is a matter of writing the new nodes, flushing,
+/// and then recording the new root.
+public protocol MetadataNodeStore: AnyObject {
+    /// The transaction being built.
+    var transaction: UInt64 { get }
+    /// Reads a node.
+    func node(at block: UInt64) async throws -> MetadataNode
+    /// Stores a node written in this transaction, at `node.block`.
+    func store(_ node: MetadataNode) async throws
+    /// A block for a new node in this transaction.
+    func allocateBlock() throws -> UInt64
+    /// A block the new tree no longer uses; reusable once the transaction commits.
+    func releaseBlock(_ block: UInt64)
+}
+
+/// Copy-on-write B-tree operations over a ``MetadataNodeStore``. Each change returns the new root.
+public enum MetadataBTree {
+    /// An empty tree: one empty leaf.
+    public static func create(in store: some MetadataNodeStore) async throws -> UInt64 {
+        let block = try store.allocateBlock()
+        try await store.store(MetadataNode(level: 0, block: block, transaction: store.transaction))
+        return block
+    }
+
+    /// The value for `key`, or nil.
+    public static func lookup(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> UInt64? {
+        var node = try await store.node(at: root)
+        while !node.isLeaf {
+            guard let index = childIndex(for: key, in: node) else { return nil }
+            node = try await store.node(at: node.values[index])
+        }
+        guard let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key else { return nil }
+        return node.values[index]
+    }
+
+    /// Sets `key` to `value`; returns the new root.
+    public static func insert(_ key: UInt64, value: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> UInt64 {
+        var top = try await shadow(root, in: store)
+        if let split = try await insert(key, value, into: &top, store: store) {
+            // The root split: a new root above the two halves.
+            let block = try store.allocateBlock()
+            let newRoot = MetadataNode(
+                level: top.level + 1, keys: [top.keys.first ?? 0, split.key], values: [top.block, split.block],
+                block: block, transaction: store.transaction)
+            try await store.store(top)
+            try await store.store(newRoot)
+            return block
+        }
+        try await store.store(top)
+        return top.block
+    }
+
+    /// Removes `key`; returns the new root and whether the key was there. Empty nodes are removed;
+    /// nodes are not merged (space, not correctness).
+    public static func remove(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (root: UInt64, removed: Bool) {
+        guard try await lookup(key, root: root, in: store) != nil else { return (root, false) }
+        var top = try await shadow(root, in: store)
+        _ = try await remove(key, from: &top, store: store)
+        // Collapse internal roots with a single child.
+        while !top.isLeaf && top.keys.count == 1 {
+            let child = try await store.node(at: top.values[0])
+            store.releaseBlock(top.block)
+            top = child
+        }
+        if !top.isLeaf && top.keys.isEmpty {
+            store.releaseBlock(top.block)
+            return (try await create(in: store), true)
+        }
+        try await store.store(top)
+        return (top.block, true)
+    }
+
+    /// Calls `body` with every (key, value) whose key is in `range`, in key order; `body` returns
+    /// false to stop.
+    public static func forEach(
+        in range: ClosedRange<UInt64>, root: UInt64, store: some MetadataNodeStore,
+        _ body: (UInt64, UInt64) async throws -> Bool
+    ) async throws {
+        _ = try await visit(range, block: root, store: store, body)
+    }
+
+    /// Every block of the tree (for space accounting and checks).
+    public static func blocks(root: UInt64, store: some MetadataNodeStore) async throws -> [UInt64] {
+        var result: [UInt64] = []
+        var pending = [root]
+        while let block = pending.popLast() {
+            result.append(block)
+            let node = try await store.node(at: block)
+            if !node.isLeaf { pending.append(contentsOf: node.values) }
+        }
+        return result
+    }
+
+    // MARK: Internals
+
+    /// First index whose key is >= `key`.
+    static func position(of key: UInt64, in keys: [UInt64]) -> Int? {
+        var low = 0
+        var high = keys.count
+        while low < high {
+            let middle = (low + high) / 2
+            if keys[middle] < key { low = middle + 1 } else { high = middle }
+        }
+        return low
+    }
+
+    /// The child of an internal node that covers `key` (the last whose lowest key is <= key).
+    static func childIndex(for key: UInt64, in node: MetadataNode) -> Int? {
+        guard !node.keys.isEmpty else { return nil }
+        let index = position(of: key, in: node.keys)!
+        if index < node.keys.count && node.keys[index] == key { return index }
+        return max(index - 1, 0)
+    }
+
+    /// A copy of the node that this transaction may change: the node itself when it was written in
+    /// this transaction, else a copy at a new block (the old block released).
+    static func shadow(_ block: UInt64, in store: some MetadataNodeStore) async throws -> MetadataNode {
+        var node = try await store.node(at: block)
+        if node.transaction == store.transaction { return node }
+        store.releaseBlock(block)
+        node.block = try store.allocateBlock()
+        node.transaction = store.transaction
+        return node
+    }
+
+    /// Inserts below `node` (already shadowed); returns the right half if `node` had to split.
+    private static func insert(
+        _ key: UInt64, _ value: UInt64, into node: inout MetadataNode, store: some MetadataNodeStore
+    ) async throws -> (key: UInt64, block: UInt64)? {
+        if node.isLeaf {
+            let index = position(of: key, in: node.keys)!
+            if index < node.keys.count && node.keys[index] == key {
+                node.values[index] = value
+                return nil
+            }
+            node.keys.insert(key, at: index)
+            node.values.insert(value, at: index)
+        } else {
+            let index = childIndex(for: key, in: node)!
+            var child = try await shadow(node.values[index], in: store)
+            let split = try await insert(key, value, into: &child, store: store)
+            try await store.store(child)
+            node.values[index] = child.block
+            node.keys[index] = min(node.keys[index], child.keys.first ?? node.keys[index])
+            if let split {
+                node.keys.insert(split.key, at: index + 1)
+                node.values.insert(split.block, at: index + 1)
+            }
+        }
+        guard node.keys.count > MetadataNode.capacity else { return nil }
+        let half = node.keys.count / 2
+        let right = MetadataNode(
+            level: node.level, keys: Array(node.keys[half...]), values: Array(node.values[half...]),
+            block: try store.allocateBlock(), transaction: store.transaction)
+        node.keys.removeSubrange(half...)
+        node.values.removeSubrange(half...)
+        try await store.store(right)
+        return (right.keys[0], right.block)
+    }
+
+    /// Removes below `node` (already shadowed); returns whether `node` is now empty.
+    private static func remove(_ key: UInt64, from node: inout MetadataNode, store: some MetadataNodeStore) async throws -> Bool {
+        if node.isLeaf {
+            if let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key {
+                node.keys.remove(at: index)
+                node.values.remove(at: index)
+            }
+            return node.keys.isEmpty
+        }
+        let index = childIndex(for: key, in: node)!
+        var child = try await shadow(node.values[index], in: store)
+        if try await remove(key, from: &child, store: store) {
+            store.releaseBlock(child.block)
+            node.keys.remove(at: index)
+            node.values.remove(at: index)
+        } else {
+            try await store.store(child)
+            node.values[index] = child.block
+            node.keys[index] = child.keys[0]
+        }
+        return node.keys.isEmpty
+    }
+
+    private static func visit(
+        _ range: ClosedRange<UInt64>, block: UInt64, store: some MetadataNodeStore,
+        _ body: (UInt64, UInt64) async throws -> Bool
+    ) async throws -> Bool {
+        let node = try await store.node(at: block)
+        if node.isLeaf {
+            for (key, value) in zip(node.keys, node.values) where range.contains(key) {
+                if try await !body(key, value) { return false }
+            }
+            return true
+        }
+        for index in node.keys.indices {
+            let low = node.keys[index]
+            let next = index + 1 < node.keys.count ? node.keys[index + 1] : nil
+            if let next, next <= range.lowerBound { continue }
+            if low > range.upperBound && index > 0 { break }
+            if try await !visit(range, block: node.values[index], store: store, body) { return false }
+        }
+        return true
+    }
+}
