@@ -1,0 +1,227 @@
+/// A transactional store of metadata nodes in a region of a block device: the persistence under
+/// the thin pool's B-trees (see docs/THIN-DESIGN.md).
+///
+/// Blocks 0 and 1 of the region hold two superblocks, written alternately; every other block is a
+/// ``MetadataNode``. A transaction collects new nodes in memory; ``commit()`` writes them, flushes,
+/// and then writes the next superblock (FUA) naming the new roots. Because ``MetadataBTree`` never
+/// changes a node reachable from a committed root, a crash at any point leaves either the previous
+/// transaction or the new one, whole.
+///
+/// Not safe for concurrent use: callers serialize access (the pool holds a lock around changes).
+public final class MetadataArea: MetadataNodeStore {
+    public static let rootCount = 8
+    static let magic: UInt64 = 0x4154_4D4C_444E_5053  // "SPNDLMTA" little-endian
+    static let formatVersion: UInt32 = 1
+
+    public let device: any BlockDevice
+    /// Byte offset of the region on the device.
+    public let offset: UInt64
+    /// Blocks in the region, the two superblocks included.
+    public let blockCount: UInt64
+    /// Roots of the trees, as the next commit will record them (0 = none).
+    public var roots: [UInt64]
+    public private(set) var transaction: UInt64
+    /// Nodes kept in memory besides those of the open transaction.
+    public let cacheLimit: Int
+
+    private var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
+    private var allocatedNow: Set<UInt64> = []
+    private var releasedNow: [UInt64] = []
+    private var pending: [UInt64: MetadataNode] = [:]
+    private var cache: [UInt64: MetadataNode] = [:]
+    private var cursor: UInt64 = 2
+
+    private init(device: any BlockDevice, offset: UInt64, blockCount: UInt64, roots: [UInt64], transaction: UInt64, cacheLimit: Int) {
+        self.device = device
+        self.offset = offset
+        self.blockCount = blockCount
+        self.roots = roots
+        self.transaction = transaction
+        self.cacheLimit = cacheLimit
+        used = [UInt64](repeating: 0, count: Int((blockCount + 63) / 64))
+        markUsed(0)
+        markUsed(1)
+    }
+
+    /// Writes an empty area (both superblocks at transaction 0, no roots).
+    public static func format(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096) async throws -> MetadataArea {
+        try validate(device: device, offset: offset, blockCount: blockCount)
+        let area = MetadataArea(device: device, offset: offset, blockCount: blockCount,
+                                roots: [UInt64](repeating: 0, count: rootCount), transaction: 1, cacheLimit: cacheLimit)
+        try await area.writeSuperblock(transaction: 0, fua: false)
+        try await area.writeSuperblock(transaction: 1, fua: false)
+        try await device.flush()
+        area.transaction = 2
+        return area
+    }
+
+    /// Opens an area: takes the newest valid superblock and marks every block its trees use.
+    /// - Throws: ``SpindleError`` when neither superblock is valid, or a node is corrupt.
+    public static func open(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096) async throws -> MetadataArea {
+        try validate(device: device, offset: offset, blockCount: blockCount)
+        let buffer = AlignedBuffer(count: 2 * MetadataNode.blockBytes, zeroed: false)
+        try await device.read(into: buffer, at: offset)
+        var best: (transaction: UInt64, roots: [UInt64])?
+        var problems: [String] = []
+        for copy in 0..<2 {
+            let bytes = Array(buffer.slice(offset: copy * MetadataNode.blockBytes, length: MetadataNode.blockBytes))
+            switch decodeSuperblock(bytes, blockCount: blockCount) {
+            case let .success(found):
+                if best == nil || found.transaction > best!.transaction { best = found }
+            case let .failure(problem):
+                problems.append("copy \(copy): \(problem)")
+            }
+        }
+        guard let best else {
+            throw SpindleError(.ioFailed, "no valid metadata superblock (\(problems.joined(separator: "; ")))",
+                               operation: "open metadata", path: device.name, offset: offset)
+        }
+        let area = MetadataArea(device: device, offset: offset, blockCount: blockCount, roots: best.roots,
+                                transaction: best.transaction + 1, cacheLimit: cacheLimit)
+        for root in best.roots where root != 0 {
+            for block in try await MetadataBTree.blocks(root: root, store: area) {
+                guard !area.isUsed(block) else {
+                    throw SpindleError(.ioFailed, "metadata block \(block) is reachable twice (corrupt metadata)",
+                                       operation: "open metadata", path: device.name)
+                }
+                area.markUsed(block)
+            }
+        }
+        return area
+    }
+
+    private static func validate(device: any BlockDevice, offset: UInt64, blockCount: UInt64) throws {
+        guard blockCount >= 3, offset % UInt64(MetadataNode.blockBytes) == 0,
+              MetadataNode.blockBytes % device.logicalBlockBytes == 0,
+              offset + blockCount * UInt64(MetadataNode.blockBytes) <= device.capacityBytes else {
+            throw SpindleError(.invalidArgument, "a metadata area of \(blockCount) blocks at offset \(offset) does not fit",
+                               path: device.name)
+        }
+    }
+
+    // MARK: MetadataNodeStore
+
+    public func node(at block: UInt64) async throws -> MetadataNode {
+        if let node = pending[block] ?? cache[block] { return node }
+        guard block >= 2 && block < blockCount else {
+            throw SpindleError(.ioFailed, "metadata block \(block) is outside the area (\(blockCount) blocks)", path: device.name)
+        }
+        let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
+        try await device.read(into: buffer, at: byteOffset(block))
+        let node: MetadataNode
+        do {
+            node = try MetadataNode.decode(buffer.array, expectedBlock: block)
+        } catch {
+            throw SpindleError(.ioFailed, "\(error)", operation: "read metadata", path: device.name, offset: byteOffset(block),
+                               length: UInt64(MetadataNode.blockBytes))
+        }
+        remember(node)
+        return node
+    }
+
+    public func store(_ node: MetadataNode) async throws {
+        precondition(allocatedNow.contains(node.block), "metadata block \(node.block) was not allocated in this transaction")
+        pending[node.block] = node
+    }
+
+    public func allocateBlock() throws -> UInt64 {
+        for _ in 0..<blockCount {
+            let block = cursor
+            cursor = cursor + 1 >= blockCount ? 2 : cursor + 1
+            if !isUsed(block) {
+                markUsed(block)
+                allocatedNow.insert(block)
+                return block
+            }
+        }
+        throw SpindleError(.ioFailed, "the metadata area is full (\(blockCount) blocks)", operation: "allocate metadata", path: device.name)
+    }
+
+    public func releaseBlock(_ block: UInt64) {
+        if allocatedNow.remove(block) != nil {
+            pending[block] = nil
+            markFree(block)
+        } else {
+            releasedNow.append(block)
+        }
+        cache[block] = nil
+    }
+
+    // MARK: Transactions
+
+    /// Makes the open transaction durable: its nodes, a flush, then the superblock with ``roots``.
+    public func commit() async throws {
+        let nodes = Array(pending.values)
+        let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
+        for node in nodes {
+            node.encoded().withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
+            try await device.write(from: buffer, at: byteOffset(node.block))
+        }
+        try await device.flush()
+        try await writeSuperblock(transaction: transaction, fua: true)
+        for node in nodes { remember(node) }
+        for block in releasedNow { markFree(block) }
+        pending = [:]
+        releasedNow = []
+        allocatedNow = []
+        transaction += 1
+    }
+
+    /// Blocks in use after the open transaction would commit.
+    public var usedBlocks: Int { used.reduce(0) { $0 + $1.nonzeroBitCount } - releasedNow.count }
+
+    // MARK: Internals
+
+    private func byteOffset(_ block: UInt64) -> UInt64 { offset + block * UInt64(MetadataNode.blockBytes) }
+
+    private func isUsed(_ block: UInt64) -> Bool { used[Int(block / 64)] & (1 << (block % 64)) != 0 }
+    private func markUsed(_ block: UInt64) { used[Int(block / 64)] |= 1 << (block % 64) }
+    private func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
+
+    private func remember(_ node: MetadataNode) {
+        if cache.count >= cacheLimit, let victim = cache.keys.first { cache[victim] = nil }
+        cache[node.block] = node
+    }
+
+    private func writeSuperblock(transaction: UInt64, fua: Bool) async throws {
+        var bytes = [UInt8](repeating: 0, count: MetadataNode.blockBytes)
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
+        }
+        put(Self.magic, at: 0)
+        put(Self.formatVersion, at: 8)
+        put(transaction, at: 16)
+        put(blockCount, at: 24)
+        put(UInt32(Self.rootCount), at: 32)
+        for (index, root) in roots.enumerated() { put(root, at: 64 + index * 8) }
+        let checksum = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
+        put(checksum, at: 4092)
+        let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
+        bytes.withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
+        try await device.write(from: buffer, at: byteOffset(transaction % 2), fua: fua)
+    }
+
+    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64]), SpindleError> {
+        func get<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
+            var value: T = 0
+            withUnsafeMutableBytes(of: &value) { target in
+                bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + MemoryLayout<T>.size)])) }
+            }
+            return T(littleEndian: value)
+        }
+        guard get(UInt64.self, 0) == magic else { return .failure(SpindleError(.ioFailed, "no metadata superblock magic")) }
+        guard get(UInt32.self, 8) == formatVersion else {
+            return .failure(SpindleError(.ioFailed, "metadata format version \(get(UInt32.self, 8)) is not supported"))
+        }
+        let computed = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
+        guard get(UInt32.self, 4092) == computed else { return .failure(SpindleError(.ioFailed, "metadata superblock checksum mismatch")) }
+        guard get(UInt64.self, 24) == blockCount, Int(get(UInt32.self, 32)) == rootCount else {
+            return .failure(SpindleError(.ioFailed, "metadata superblock describes another area size"))
+        }
+        let roots = (0..<rootCount).map { get(UInt64.self, 64 + $0 * 8) }
+        guard roots.allSatisfy({ $0 == 0 || ($0 >= 2 && $0 < blockCount) }) else {
+            return .failure(SpindleError(.ioFailed, "metadata superblock names a root outside the area"))
+        }
+        return .success((get(UInt64.self, 16), roots))
+    }
+}
