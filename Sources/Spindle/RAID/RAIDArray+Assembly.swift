@@ -484,7 +484,10 @@ extension RAIDArray {
                 state.slotStates[slot] = .rebuilding
                 state.rebuildSlot = slot
                 state.rebuildCheckpointBytes = 0
-                state.failed = false
+                // A replacement brings nothing back by itself: the array stays failed if it had lost
+                // more members than it survives.
+                state.failed = state.slotStates.filter { $0 != .active && $0 != .rebuilding }.count
+                    + state.slotStates.filter { $0 == .rebuilding }.count > geometry.level.redundancy
             } else {
                 state.spares.append(member)
             }
