@@ -486,8 +486,7 @@ extension RAIDArray {
                 state.rebuildCheckpointBytes = 0
                 // A replacement brings nothing back by itself: the array stays failed if it had lost
                 // more members than it survives.
-                state.failed = state.slotStates.filter { $0 != .active && $0 != .rebuilding }.count
-                    + state.slotStates.filter { $0 == .rebuilding }.count > geometry.level.redundancy
+                state.failed = state.slotStates.filter { $0 != .active }.count > geometry.level.redundancy
             } else {
                 state.spares.append(member)
             }
