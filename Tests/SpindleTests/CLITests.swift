@@ -113,6 +113,26 @@ struct CLITests {
         #expect(report["mismatches"] as? Int == 0, "\(scrub.errors)")
         let final = try spindle(["bench", "--array", members[0], folder.file("m3.img"), members[2], "--verify-existing", "--seed", "3"])
         #expect(final.status == 0, "\(final.errors)")
+        // A background rebuild: the command returns at once, status follows it to the end.
+        let current = [members[0], folder.file("m3.img"), members[2]]
+        _ = try spindle(["array", "fail", "--member", members[2]] + current)
+        let added = try spindle(["array", "add", "--device", folder.file("m4.img")] + current)
+        #expect(added.output.contains("as the member to rebuild"), "\(added.errors)")
+        let withNew = [members[0], folder.file("m3.img"), folder.file("m4.img")]
+        let background = try spindle(["array", "rebuild"] + withNew)
+        #expect(background.output.contains("rebuild started in the background"), "\(background.errors)")
+        var state = ""
+        for _ in 0..<300 {
+            let polled = try spindle(["array", "status", "--json"] + withNew)
+            state = (try? JSONSerialization.jsonObject(with: Data(polled.output.utf8)) as? [String: Any])?["state"] as? String ?? ""
+            if state == "clean" { break }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        #expect(state == "clean")
+        // The rebuild process may still be closing; wait for its locks to go before going on.
+        for _ in 0..<100 where FileDevice.writeLockHolder(path: withNew[0]) != nil { Thread.sleep(forTimeInterval: 0.1) }
+        let afterRebuild = try spindle(["bench", "--array"] + withNew + ["--verify-existing", "--seed", "3"])
+        #expect(afterRebuild.status == 0, "\(afterRebuild.errors)")
         let missing = try spindle(["array", "assemble", members[0]])
         #expect(missing.status == 1 && missing.errors.contains("too few members"))
         let notMember = try spindle(["array", "status", folder.file("none.img")])
