@@ -36,6 +36,8 @@ public struct SpindleError: Error, Sendable, CustomStringConvertible, Equatable 
         case unsupported
         /// Data read back does not match what was written.
         case verificationFailed
+        /// A thin pool has no free chunk for a write that needs one.
+        case noSpace
     }
 
     public var code: Code

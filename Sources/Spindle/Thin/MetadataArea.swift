@@ -20,6 +20,8 @@ public final class MetadataArea: MetadataNodeStore {
     public let blockCount: UInt64
     /// Roots of the trees, as the next commit will record them (0 = none).
     public var roots: [UInt64]
+    /// Eight values for the area's owner (the pool's parameters), recorded with the roots.
+    public var parameters: [UInt64] = [UInt64](repeating: 0, count: 8)
     public private(set) var transaction: UInt64
     /// Nodes kept in memory besides those of the open transaction.
     public let cacheLimit: Int
@@ -44,10 +46,14 @@ public final class MetadataArea: MetadataNodeStore {
     }
 
     /// Writes an empty area (both superblocks at transaction 0, no roots).
-    public static func format(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096) async throws -> MetadataArea {
+    public static func format(
+        device: any BlockDevice, offset: UInt64, blockCount: UInt64, parameters: [UInt64] = [], cacheLimit: Int = 4096
+    ) async throws -> MetadataArea {
         try validate(device: device, offset: offset, blockCount: blockCount)
+        precondition(parameters.count <= 8)
         let area = MetadataArea(device: device, offset: offset, blockCount: blockCount,
                                 roots: [UInt64](repeating: 0, count: rootCount), transaction: 1, cacheLimit: cacheLimit)
+        area.parameters = parameters + [UInt64](repeating: 0, count: 8 - parameters.count)
         try await area.writeSuperblock(transaction: 0, fua: false)
         try await area.writeSuperblock(transaction: 1, fua: false)
         try await device.flush()
@@ -61,7 +67,7 @@ public final class MetadataArea: MetadataNodeStore {
         try validate(device: device, offset: offset, blockCount: blockCount)
         let buffer = AlignedBuffer(count: 2 * MetadataNode.blockBytes, zeroed: false)
         try await device.read(into: buffer, at: offset)
-        var best: (transaction: UInt64, roots: [UInt64])?
+        var best: (transaction: UInt64, roots: [UInt64], parameters: [UInt64])?
         var problems: [String] = []
         for copy in 0..<2 {
             let bytes = Array(buffer.slice(offset: copy * MetadataNode.blockBytes, length: MetadataNode.blockBytes))
@@ -78,6 +84,7 @@ public final class MetadataArea: MetadataNodeStore {
         }
         let area = MetadataArea(device: device, offset: offset, blockCount: blockCount, roots: best.roots,
                                 transaction: best.transaction + 1, cacheLimit: cacheLimit)
+        area.parameters = best.parameters
         for root in best.roots where root != 0 {
             for block in try await MetadataBTree.blocks(root: root, store: area) {
                 guard !area.isUsed(block) else {
@@ -194,6 +201,7 @@ public final class MetadataArea: MetadataNodeStore {
         put(blockCount, at: 24)
         put(UInt32(Self.rootCount), at: 32)
         for (index, root) in roots.enumerated() { put(root, at: 64 + index * 8) }
+        for (index, value) in parameters.enumerated() { put(value, at: 128 + index * 8) }
         let checksum = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
         put(checksum, at: 4092)
         let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
@@ -201,7 +209,17 @@ public final class MetadataArea: MetadataNodeStore {
         try await device.write(from: buffer, at: byteOffset(transaction % 2), fua: fua)
     }
 
-    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64]), SpindleError> {
+    /// The area size recorded by whichever superblock copy (of the first 8 KiB) is valid, or nil.
+    static func decodeSuperblockBlockCount(_ bytes: [UInt8]) -> UInt64? {
+        for copy in 0..<2 {
+            let block = Array(bytes[(copy * MetadataNode.blockBytes)..<((copy + 1) * MetadataNode.blockBytes)])
+            let count = block.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 24, as: UInt64.self) }.littleEndian
+            if case .success = decodeSuperblock(block, blockCount: count) { return count }
+        }
+        return nil
+    }
+
+    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64], parameters: [UInt64]), SpindleError> {
         func get<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
             var value: T = 0
             withUnsafeMutableBytes(of: &value) { target in
@@ -222,6 +240,6 @@ public final class MetadataArea: MetadataNodeStore {
         guard roots.allSatisfy({ $0 == 0 || ($0 >= 2 && $0 < blockCount) }) else {
             return .failure(SpindleError(.ioFailed, "metadata superblock names a root outside the area"))
         }
-        return .success((get(UInt64.self, 16), roots))
+        return .success((get(UInt64.self, 16), roots, (0..<8).map { get(UInt64.self, 128 + $0 * 8) }))
     }
 }
