@@ -121,6 +121,32 @@ struct ThinPoolTests {
         }
     }
 
+    @Test("resizing keeps data within the size both ways, frees chunks past a shrink, and a regrown tail reads zeros")
+    func resize() async throws {
+        let device = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
+        let pool = try await ThinPool.create(name: "r", device: device)
+        let volume = try await pool.createVolume(name: "v", sizeBytes: 4 << 20)
+        let data = AlignedBuffer(count: 4 << 20)
+        fillRandom(data.bytes, seed: 8)
+        try await volume.write(from: data, at: 0)
+        try await volume.flush()
+        let usedBefore = await pool.usage.usedChunks
+        let cut = UInt64(1 << 20) + 8192  // inside a chunk
+        try await pool.resizeVolume(name: "v", sizeBytes: cut)
+        #expect(await pool.usage.usedChunks < usedBefore)
+        let small = try await pool.openVolume(name: "v")
+        #expect(small.capacityBytes == cut)
+        #expect(try await readAll(small) == Array(data.array[0..<Int(cut)]))
+        try await pool.resizeVolume(name: "v", sizeBytes: 8 << 20)
+        let large = try await pool.openVolume(name: "v")
+        var expected = Array(data.array[0..<Int(cut)])
+        expected += [UInt8](repeating: 0, count: (8 << 20) - Int(cut))
+        #expect(try await readAll(large) == expected, "grown space and the cut chunk's tail read zeros")
+        try await pool.renameVolume(name: "v", to: "w")
+        #expect(try await pool.volumes().map(\.name) == ["w"])
+        #expect(try await readAll(try await pool.openVolume(name: "w")) == expected)
+    }
+
     @Test("volume names are unique, and a missing one is reported")
     func names() async throws {
         let pool = try await ThinPool.create(name: "n", device: try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096))

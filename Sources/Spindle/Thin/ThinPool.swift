@@ -140,15 +140,9 @@ public final class ThinPool: @unchecked Sendable {
             }
             let id = area.parameters[Parameter.nextVolume.rawValue]
             area.parameters[Parameter.nextVolume.rawValue] = id + 1
-            var root = area.roots[Root.volumes.rawValue]
-            root = try await MetadataBTree.insert(id << 8, value: sizeBytes, root: root, in: area)
-            var nameBytes = Array(volumeName.utf8)
-            nameBytes += [UInt8](repeating: 0, count: 64 - nameBytes.count)
-            for field in 0..<8 {
-                let word = nameBytes[(field * 8)..<(field * 8 + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-                root = try await MetadataBTree.insert(id << 8 | UInt64(field + 1), value: word, root: root, in: area)
-            }
-            area.roots[Root.volumes.rawValue] = root
+            area.roots[Root.volumes.rawValue] = try await MetadataBTree.insert(
+                id << 8, value: sizeBytes, root: area.roots[Root.volumes.rawValue], in: area)
+            try await writeName(volumeName, volume: id)
             try await commitLocked()
             return id
         }
@@ -183,6 +177,60 @@ public final class ThinPool: @unchecked Sendable {
             area.roots[Root.volumes.rawValue] = root
             try await commitLocked()
         }
+    }
+
+    /// Changes a volume's size. Growing adds unwritten (zero) space; shrinking frees the chunks past
+    /// the new end and zeroes the rest of a chunk the new end cuts, so a later grow reads zeros there.
+    /// Open ``ThinVolume`` objects keep the size they were opened with: open the volume again.
+    public func resizeVolume(name volumeName: String, sizeBytes: UInt64) async throws {
+        guard sizeBytes > 0, sizeBytes % 4096 == 0, sizeBytes / chunkBytes < 1 << Self.chunkBits else {
+            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB", path: name)
+        }
+        try await lock.withLock {
+            guard let info = try await findVolume(volumeName) else {
+                throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
+            }
+            if sizeBytes < info.sizeBytes {
+                let firstWhole = (sizeBytes + chunkBytes - 1) / chunkBytes
+                try await unmap(volume: info.id, chunks: firstWhole...((UInt64(1) << Self.chunkBits) - 1))
+                let within = sizeBytes % chunkBytes
+                if within != 0, let physical = try await mapping(volume: info.id, chunk: sizeBytes / chunkBytes) {
+                    let zeros = AlignedBuffer(count: Int(chunkBytes - within))
+                    try await device.write(from: zeros, at: dataOffset + physical * chunkBytes + within)
+                }
+            }
+            area.roots[Root.volumes.rawValue] = try await MetadataBTree.insert(
+                info.id << 8, value: sizeBytes, root: area.roots[Root.volumes.rawValue], in: area)
+            try await commitLocked()
+        }
+    }
+
+    /// Renames a volume.
+    public func renameVolume(name volumeName: String, to newName: String) async throws {
+        guard !newName.isEmpty, newName.utf8.count <= 64, !newName.contains("/") else {
+            throw SpindleError(.invalidArgument, "the volume name '\(newName)' must be 1 to 64 bytes without '/'", path: name)
+        }
+        try await lock.withLock {
+            guard let info = try await findVolume(volumeName) else {
+                throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
+            }
+            if try await findVolume(newName) != nil {
+                throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(newName)' already", path: name)
+            }
+            try await writeName(newName, volume: info.id)
+            try await commitLocked()
+        }
+    }
+
+    private func writeName(_ volumeName: String, volume id: UInt64) async throws {
+        var root = area.roots[Root.volumes.rawValue]
+        var nameBytes = Array(volumeName.utf8)
+        nameBytes += [UInt8](repeating: 0, count: 64 - nameBytes.count)
+        for field in 0..<8 {
+            let word = nameBytes[(field * 8)..<(field * 8 + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            root = try await MetadataBTree.insert(id << 8 | UInt64(field + 1), value: word, root: root, in: area)
+        }
+        area.roots[Root.volumes.rawValue] = root
     }
 
     /// Makes every completed write durable and mapped: flushes the data, then commits the metadata.
