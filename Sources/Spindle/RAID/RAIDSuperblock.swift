@@ -152,9 +152,7 @@ public struct RAIDSuperblock: Sendable, Equatable {
     /// The 4 KiB on-disk form.
     public func encoded() -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: Self.blockBytes)
-        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
-        }
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) { bytes.putLittleEndian(value, at: offset) }
         func put(_ uuid: SpindleUUID, at offset: Int) {
             put(uuid.high, at: offset)
             put(uuid.low, at: offset + 8)
@@ -193,11 +191,7 @@ public struct RAIDSuperblock: Sendable, Equatable {
     /// Parses and validates a 4 KiB block.
     public static func decode(_ bytes: UnsafeRawBufferPointer) throws(Problem) -> RAIDSuperblock {
         guard bytes.count >= blockBytes else { throw .invalid("block is \(bytes.count) bytes, not \(blockBytes)") }
-        func get<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
-            var value: T = 0
-            withUnsafeMutableBytes(of: &value) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + MemoryLayout<T>.size)])) }
-            return T(littleEndian: value)
-        }
+        func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
         func uuid(_ offset: Int) -> SpindleUUID { SpindleUUID(high: get(UInt64.self, offset), low: get(UInt64.self, offset + 8)) }
         guard get(UInt64.self, 0) == magic else { throw .notAMember }
         let version = get(UInt32.self, 8)

@@ -192,9 +192,7 @@ public final class MetadataArea: MetadataNodeStore {
 
     private func writeSuperblock(transaction: UInt64, fua: Bool) async throws {
         var bytes = [UInt8](repeating: 0, count: MetadataNode.blockBytes)
-        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
-        }
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) { bytes.putLittleEndian(value, at: offset) }
         put(Self.magic, at: 0)
         put(Self.formatVersion, at: 8)
         put(transaction, at: 16)
@@ -213,20 +211,14 @@ public final class MetadataArea: MetadataNodeStore {
     static func decodeSuperblockBlockCount(_ bytes: [UInt8]) -> UInt64? {
         for copy in 0..<2 {
             let block = Array(bytes[(copy * MetadataNode.blockBytes)..<((copy + 1) * MetadataNode.blockBytes)])
-            let count = block.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 24, as: UInt64.self) }.littleEndian
+            let count = block.littleEndian(UInt64.self, at: 24)
             if case .success = decodeSuperblock(block, blockCount: count) { return count }
         }
         return nil
     }
 
     static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64], parameters: [UInt64]), SpindleError> {
-        func get<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
-            var value: T = 0
-            withUnsafeMutableBytes(of: &value) { target in
-                bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + MemoryLayout<T>.size)])) }
-            }
-            return T(littleEndian: value)
-        }
+        func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
         guard get(UInt64.self, 0) == magic else { return .failure(SpindleError(.ioFailed, "no metadata superblock magic")) }
         guard get(UInt32.self, 8) == formatVersion else {
             return .failure(SpindleError(.ioFailed, "metadata format version \(get(UInt32.self, 8)) is not supported"))

@@ -34,9 +34,7 @@ public struct MetadataNode: Sendable, Equatable {
     public func encoded() -> [UInt8] {
         precondition(keys.count == values.count && keys.count <= Self.capacity)
         var bytes = [UInt8](repeating: 0, count: Self.blockBytes)
-        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
-        }
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) { bytes.putLittleEndian(value, at: offset) }
         put(Self.magic, at: 0)
         put(UInt16(level), at: 12)
         put(UInt16(keys.count), at: 14)
@@ -71,13 +69,7 @@ public struct MetadataNode: Sendable, Equatable {
     /// Parses and checks the node stored at `block`.
     public static func decode(_ bytes: [UInt8], expectedBlock block: UInt64) throws(Problem) -> MetadataNode {
         guard bytes.count == blockBytes else { throw .invalid(block: block, reason: "\(bytes.count) bytes") }
-        func get<T: FixedWidthInteger>(_: T.Type, _ offset: Int) -> T {
-            var value: T = 0
-            withUnsafeMutableBytes(of: &value) { target in
-                bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + MemoryLayout<T>.size)])) }
-            }
-            return T(littleEndian: value)
-        }
+        func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
         guard get(UInt64.self, 0) == magic else { throw .notANode }
         let computed = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[12...])) }
         guard get(UInt32.self, 8) == computed else { throw .checksumMismatch(block: block) }
