@@ -110,6 +110,8 @@ struct ThinPoolTests {
         }
         try await faulty.powerCut(tearing: true)
         let reopened = try await ThinPool.open(name: "pc", device: inner)
+        let checked = try await reopened.check()
+        #expect(checked.isClean, "seed \(seed): \(checked.problems)")
         let after = try await readAll(try await reopened.openVolume(name: "v"))
         for index in 0..<blocks {
             let range = (index * block)..<((index + 1) * block)
@@ -145,6 +147,46 @@ struct ThinPoolTests {
         try await pool.renameVolume(name: "v", to: "w")
         #expect(try await pool.volumes().map(\.name) == ["w"])
         #expect(try await readAll(try await pool.openVolume(name: "w")) == expected)
+    }
+
+    @Test("check finds a clean pool clean, and reports corrupt nodes and leaked or unallocated chunks precisely")
+    func check() async throws {
+        let device = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
+        let pool = try await ThinPool.create(name: "c", device: device)
+        let volume = try await pool.createVolume(name: "v", sizeBytes: 8 << 20)
+        let data = AlignedBuffer(count: 1 << 20)
+        fillRandom(data.bytes, seed: 2)
+        try await volume.write(from: data, at: 0)
+        try await volume.discard(offset: 0, length: pool.chunkBytes)
+        try await volume.flush()
+        let clean = try await pool.check()
+        #expect(clean.isClean, "\(clean.problems)")
+        #expect(clean.mappedChunks == 15 && clean.allocatedChunks == 15)
+
+        // A chunk allocated behind the pool's back: leaked.
+        try await pool.lock.withLock {
+            pool.area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(
+                400, value: 1, root: pool.area.roots[ThinPool.Root.referenceCounts.rawValue], in: pool.area)
+        }
+        let leaked = try await pool.check()
+        #expect(leaked.problems.contains("chunk 400 is allocated (reference count 1) but nothing maps it (leaked)"), "\(leaked.problems)")
+        // A mapping whose chunk was never allocated.
+        try await pool.lock.withLock {
+            pool.area.roots[ThinPool.Root.mappings.rawValue] = try await MetadataBTree.insert(
+                1 << ThinPool.chunkBits | 99, value: 300, root: pool.area.roots[ThinPool.Root.mappings.rawValue], in: pool.area)
+        }
+        let unallocated = try await pool.check()
+        #expect(unallocated.problems.contains("chunk 300 is mapped but not allocated (it could be handed out again)"))
+
+        // A corrupt node on disk is reported with its block, never used.
+        let reopened = try await ThinPool.open(name: "c", device: device)
+        let victim = try await MetadataBTree.blocks(root: reopened.area.roots[ThinPool.Root.mappings.rawValue], store: reopened.area).first!
+        let block = AlignedBuffer(count: 4096)
+        try await device.read(into: block, at: victim * 4096)
+        block.bytes[64] ^= 0x01
+        try await device.write(from: block, at: victim * 4096)
+        expectError(await spindleError { _ = try await ThinPool.open(name: "c", device: device) },
+                    .ioFailed, ["metadata block \(victim) is corrupt (checksum mismatch)"])
     }
 
     @Test("volume names are unique, and a missing one is reported")
