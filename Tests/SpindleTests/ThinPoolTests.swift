@@ -66,6 +66,9 @@ struct ThinPoolTests {
             }
         }
         expectError(failure, .noSpace, ["pool small is full", "\(chunks) of \(chunks) chunks used"])
+        let warnings = try await pool.warnings()
+        #expect(warnings.contains { $0.contains("pool small is over-provisioned: its volumes total 128 MiB") }, "\(warnings)")
+        #expect(warnings.contains { $0.contains("pool small is 100% full") }, "\(warnings)")
         let check = AlignedBuffer(count: Int(pool.chunkBytes))
         try await second.read(into: check, at: 0)
         #expect(check.array == block.array, "the other volume's data is untouched")
@@ -193,6 +196,7 @@ struct ThinPoolTests {
     func names() async throws {
         let pool = try await ThinPool.create(name: "n", device: try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096))
         _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20)
+        #expect(try await pool.warnings().isEmpty, "a small volume in an empty pool is nothing to warn about")
         expectError(await spindleError { _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20) }, .alreadyExists, ["'one' already"])
         expectError(await spindleError { _ = try await pool.openVolume(name: "two") }, .notFound, ["no volume named 'two'"])
         expectError(await spindleError { _ = try await pool.createVolume(name: "x", sizeBytes: 1000) }, .invalidArgument, ["multiple of 4 KiB"])

@@ -125,6 +125,26 @@ public final class ThinPool: @unchecked Sendable {
         }
     }
 
+    /// Share of the pool's chunks in use above which ``warnings()`` speaks up (LVM's default: 80%).
+    public var usageWarningPercent: UInt64 = 80
+
+    /// Conditions a person should hear about: the volumes promise more space than the pool has
+    /// (over-provisioning, allowed), or use crossed ``usageWarningPercent``.
+    public func warnings() async throws -> [String] {
+        try await lock.withLock {
+            var result: [String] = []
+            let promised = try await volumesLocked().reduce(UInt64(0)) { $0 + $1.sizeBytes }
+            let capacity = chunkCount * chunkBytes
+            if promised > capacity {
+                result.append("pool \(name) is over-provisioned: its volumes total \(ByteSize.format(promised)) on \(ByteSize.format(capacity)) of space; writes fail once the pool is full")
+            }
+            if chunkCount > 0 && usedChunks * 100 >= usageWarningPercent * chunkCount {
+                result.append("pool \(name) is \(usedChunks * 100 / chunkCount)% full (\(usedChunks) of \(chunkCount) chunks); discard or delete data, or extend the pool")
+            }
+            return result
+        }
+    }
+
     /// Creates a volume of `sizeBytes` (a multiple of 4 KiB); its space is allocated on first write.
     /// Over-provisioning is allowed.
     public func createVolume(name volumeName: String, sizeBytes: UInt64) async throws -> ThinVolume {
