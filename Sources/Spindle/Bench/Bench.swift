@@ -284,20 +284,13 @@ public enum Bench {
 
         func progress() -> Progress {
             let current = phase.withLock { $0 }
-            var total = current.totalBytes
-            if let deadline = current.deadline {
-                // Time-based: report time as the measure of progress.
-                let span = deadline - current.started
-                let elapsed = min(monotonicNanos() - current.started, span)
-                total = nil
-                return Progress(
-                    phase: current.name, doneBytes: completedBytes.load(ordering: .relaxed), totalBytes: total,
-                    operations: completedOperations.load(ordering: .relaxed), elapsedSeconds: Double(elapsed) / 1e9)
-            }
+            var elapsed = monotonicNanos() - current.started
+            // A time-limited phase has no byte total; its progress is the time, capped at the deadline.
+            if let deadline = current.deadline { elapsed = min(elapsed, deadline - current.started) }
             return Progress(
-                phase: current.name, doneBytes: completedBytes.load(ordering: .relaxed), totalBytes: total,
-                operations: completedOperations.load(ordering: .relaxed),
-                elapsedSeconds: Double(monotonicNanos() - current.started) / 1e9)
+                phase: current.name, doneBytes: completedBytes.load(ordering: .relaxed),
+                totalBytes: current.deadline == nil ? current.totalBytes : nil,
+                operations: completedOperations.load(ordering: .relaxed), elapsedSeconds: Double(elapsed) / 1e9)
         }
     }
 

@@ -148,12 +148,8 @@ public final class ThinPool: @unchecked Sendable {
     /// Creates a volume of `sizeBytes` (a multiple of 4 KiB); its space is allocated on first write.
     /// Over-provisioning is allowed.
     public func createVolume(name volumeName: String, sizeBytes: UInt64) async throws -> ThinVolume {
-        guard !volumeName.isEmpty, volumeName.utf8.count <= 64, !volumeName.contains("/") else {
-            throw SpindleError(.invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/'", path: name)
-        }
-        guard sizeBytes > 0, sizeBytes % 4096 == 0, sizeBytes / chunkBytes < 1 << Self.chunkBits else {
-            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB", path: name)
-        }
+        try checkName(volumeName)
+        try checkSize(sizeBytes)
         let id: UInt64 = try await lock.withLock {
             if try await findVolume(volumeName) != nil {
                 throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(volumeName)' already", path: name)
@@ -171,9 +167,7 @@ public final class ThinPool: @unchecked Sendable {
 
     /// Opens an existing volume.
     public func openVolume(name volumeName: String) async throws -> ThinVolume {
-        guard let info = try await lock.withLock({ try await findVolume(volumeName) }) else {
-            throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
-        }
+        let info = try await lock.withLock { try await requireVolume(volumeName) }
         return ThinVolume(pool: self, id: info.id, name: info.name, sizeBytes: info.sizeBytes)
     }
 
@@ -186,9 +180,7 @@ public final class ThinPool: @unchecked Sendable {
     /// this returns).
     public func deleteVolume(name volumeName: String) async throws {
         try await lock.withLock {
-            guard let info = try await findVolume(volumeName) else {
-                throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
-            }
+            let info = try await requireVolume(volumeName)
             try await unmap(volume: info.id, chunks: 0...((UInt64(1) << Self.chunkBits) - 1))
             var root = area.roots[Root.volumes.rawValue]
             for field in 0..<9 {
@@ -203,13 +195,9 @@ public final class ThinPool: @unchecked Sendable {
     /// the new end and zeroes the rest of a chunk the new end cuts, so a later grow reads zeros there.
     /// Open ``ThinVolume`` objects keep the size they were opened with: open the volume again.
     public func resizeVolume(name volumeName: String, sizeBytes: UInt64) async throws {
-        guard sizeBytes > 0, sizeBytes % 4096 == 0, sizeBytes / chunkBytes < 1 << Self.chunkBits else {
-            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB", path: name)
-        }
+        try checkSize(sizeBytes)
         try await lock.withLock {
-            guard let info = try await findVolume(volumeName) else {
-                throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
-            }
+            let info = try await requireVolume(volumeName)
             if sizeBytes < info.sizeBytes {
                 let firstWhole = (sizeBytes + chunkBytes - 1) / chunkBytes
                 try await unmap(volume: info.id, chunks: firstWhole...((UInt64(1) << Self.chunkBits) - 1))
@@ -227,13 +215,9 @@ public final class ThinPool: @unchecked Sendable {
 
     /// Renames a volume.
     public func renameVolume(name volumeName: String, to newName: String) async throws {
-        guard !newName.isEmpty, newName.utf8.count <= 64, !newName.contains("/") else {
-            throw SpindleError(.invalidArgument, "the volume name '\(newName)' must be 1 to 64 bytes without '/'", path: name)
-        }
+        try checkName(newName)
         try await lock.withLock {
-            guard let info = try await findVolume(volumeName) else {
-                throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
-            }
+            let info = try await requireVolume(volumeName)
             if try await findVolume(newName) != nil {
                 throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(newName)' already", path: name)
             }
@@ -294,6 +278,25 @@ public final class ThinPool: @unchecked Sendable {
 
     private func findVolume(_ volumeName: String) async throws -> VolumeInfo? {
         try await volumesLocked().first { $0.name == volumeName }
+    }
+
+    private func requireVolume(_ volumeName: String) async throws -> VolumeInfo {
+        guard let info = try await findVolume(volumeName) else {
+            throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
+        }
+        return info
+    }
+
+    private func checkName(_ volumeName: String) throws(SpindleError) {
+        guard !volumeName.isEmpty, volumeName.utf8.count <= 64, !volumeName.contains("/") else {
+            throw SpindleError(.invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/'", path: name)
+        }
+    }
+
+    private func checkSize(_ sizeBytes: UInt64) throws(SpindleError) {
+        guard sizeBytes > 0, sizeBytes % 4096 == 0, sizeBytes / chunkBytes < 1 << Self.chunkBits else {
+            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB", path: name)
+        }
     }
 
     func mapping(volume: UInt64, chunk: UInt64) async throws -> UInt64? {
