@@ -28,10 +28,21 @@ final class MemoryNodeStore: MetadataNodeStore {
         let block: UInt64
         if let reused = free.popLast() { block = reused } else { block = nextBlock; nextBlock += 1 }
         allocatedNow.insert(block)
+        references[block] = 1
         return block
     }
 
+    private var references: [UInt64: UInt32] = [:]
+
+    func referenceCount(of block: UInt64) -> UInt32 { references[block] ?? 0 }
+
+    func addReference(to block: UInt64) { references[block, default: 0] += 1 }
+
     func releaseBlock(_ block: UInt64) {
+        precondition(referenceCount(of: block) > 0, "block \(block) released more often than referenced")
+        references[block]! -= 1
+        guard references[block] == 0 else { return }
+        references[block] = nil
         if allocatedNow.remove(block) != nil {
             pending[block] = nil
             free.append(block)  // never committed: reusable at once
@@ -47,11 +58,15 @@ final class MemoryNodeStore: MetadataNodeStore {
         pending = [:]
         releasedNow = []
         allocatedNow = []
+        committedReferences = references
         transaction += 1
     }
 
+    private var committedReferences: [UInt64: UInt32] = [:]
+
     func crash() {
         free.append(contentsOf: allocatedNow)
+        references = committedReferences
         pending = [:]
         releasedNow = []
         allocatedNow = []

@@ -6,7 +6,7 @@ struct ThinPoolTests {
     @Test("volumes read zeros until written, keep data across reopening, and use space only where written")
     func readBackAndReopen() async throws {
         let device = try MemoryDevice(capacityBytes: 64 << 20, logicalBlockBytes: 4096)
-        let pool = try await ThinPool.create(name: "tank", device: device)
+        let pool = try await ThinPool.create(name: "tank", devices: [device])
         let volume = try await pool.createVolume(name: "data", sizeBytes: 256 << 20)  // over-provisioned
         let zeros = AlignedBuffer(count: 8192)
         zeros.fill(0xAA)
@@ -18,7 +18,7 @@ struct ThinPoolTests {
         let used = await pool.usage.usedChunks
         #expect(used > 0 && used < 256 << 20 / pool.chunkBytes)
 
-        let reopened = try await ThinPool.open(name: "tank", device: device)
+        let reopened = try await ThinPool.open(devices: [device])
         #expect(await reopened.usage.usedChunks == used)
         let again = try await reopened.openVolume(name: "data")
         #expect(try await readAll(again) == expected)
@@ -32,7 +32,7 @@ struct ThinPoolTests {
         let junk = AlignedBuffer(count: 16 << 20)
         junk.fill(0x5C)
         try await device.write(from: junk, at: 0)
-        let pool = try await ThinPool.create(name: "p", device: device)
+        let pool = try await ThinPool.create(name: "p", devices: [device])
         let volume = try await pool.createVolume(name: "v", sizeBytes: 1 << 20)
         let data = AlignedBuffer(count: 4096)
         data.fill(0x11)
@@ -47,7 +47,7 @@ struct ThinPoolTests {
     @Test("a full pool refuses writes that need space, names itself, and works again after a discard and flush")
     func poolFull() async throws {
         let device = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
-        let pool = try await ThinPool.create(name: "small", device: device)
+        let pool = try await ThinPool.create(name: "small", devices: [device])
         let chunks = pool.chunkCount
         let first = try await pool.createVolume(name: "a", sizeBytes: 64 << 20)
         let second = try await pool.createVolume(name: "b", sizeBytes: 64 << 20)
@@ -82,9 +82,9 @@ struct ThinPoolTests {
     @Test("after a power cut every flushed write reads back and other blocks hold old or new data", arguments: [UInt64(1), 2, 3, 4])
     func powerCut(seed: UInt64) async throws {
         let inner = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
-        _ = try await ThinPool.create(name: "pc", device: inner).createVolume(name: "v", sizeBytes: 16 << 20)
+        _ = try await ThinPool.create(name: "pc", devices: [inner]).createVolume(name: "v", sizeBytes: 16 << 20)
         let faulty = FaultyDevice(wrapping: inner, seed: seed, volatileCache: true)
-        let pool = try await ThinPool.open(name: "pc", device: faulty)
+        let pool = try await ThinPool.open(devices: [faulty])
         let volume = try await pool.openVolume(name: "v")
         let block = 4096
         let blocks = Int(volume.capacityBytes) / block
@@ -112,7 +112,7 @@ struct ThinPoolTests {
             }
         }
         try await faulty.powerCut(tearing: true)
-        let reopened = try await ThinPool.open(name: "pc", device: inner)
+        let reopened = try await ThinPool.open(devices: [inner])
         let checked = try await reopened.check()
         #expect(checked.isClean, "seed \(seed): \(checked.problems)")
         let after = try await readAll(try await reopened.openVolume(name: "v"))
@@ -129,7 +129,7 @@ struct ThinPoolTests {
     @Test("resizing keeps data within the size both ways, frees chunks past a shrink, and a regrown tail reads zeros")
     func resize() async throws {
         let device = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
-        let pool = try await ThinPool.create(name: "r", device: device)
+        let pool = try await ThinPool.create(name: "r", devices: [device])
         let volume = try await pool.createVolume(name: "v", sizeBytes: 4 << 20)
         let data = AlignedBuffer(count: 4 << 20)
         fillRandom(data.bytes, seed: 8)
@@ -155,7 +155,7 @@ struct ThinPoolTests {
     @Test("check finds a clean pool clean, and reports corrupt nodes and leaked or unallocated chunks precisely")
     func check() async throws {
         let device = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
-        let pool = try await ThinPool.create(name: "c", device: device)
+        let pool = try await ThinPool.create(name: "c", devices: [device])
         let volume = try await pool.createVolume(name: "v", sizeBytes: 8 << 20)
         let data = AlignedBuffer(count: 1 << 20)
         fillRandom(data.bytes, seed: 2)
@@ -175,26 +175,33 @@ struct ThinPoolTests {
         #expect(leaked.problems.contains("chunk 400 is allocated (reference count 1) but nothing maps it (leaked)"), "\(leaked.problems)")
         // A mapping whose chunk was never allocated.
         try await pool.lock.withLock {
-            pool.area.roots[ThinPool.Root.mappings.rawValue] = try await MetadataBTree.insert(
-                1 << ThinPool.chunkBits | 99, value: 300, root: pool.area.roots[ThinPool.Root.mappings.rawValue], in: pool.area)
+            var record = pool.records[volume.id]!
+            record.root = try await MetadataBTree.insert(99, value: 300, root: record.root, in: pool.area)
+            record.mappedChunks += 1
+            pool.records[volume.id] = record
         }
         let unallocated = try await pool.check()
-        #expect(unallocated.problems.contains("chunk 300 is mapped but not allocated (it could be handed out again)"))
+        #expect(unallocated.problems.contains("chunk 300 is mapped but not allocated (it could be handed out again)"), "\(unallocated.problems)")
 
-        // A corrupt node on disk is reported with its block, never used.
-        let reopened = try await ThinPool.open(name: "c", device: device)
-        let victim = try await MetadataBTree.blocks(root: reopened.area.roots[ThinPool.Root.mappings.rawValue], store: reopened.area).first!
+        // A corrupt node on disk is reported with its block, never used: by check, and by a read.
+        let reopened = try await ThinPool.open(devices: [device])
+        let victim = reopened.records[volume.id]!.root
+        let position = reopened.area.offset + victim * 4096
         let block = AlignedBuffer(count: 4096)
-        try await device.read(into: block, at: victim * 4096)
+        try await device.read(into: block, at: position)
         block.bytes[64] ^= 0x01
-        try await device.write(from: block, at: victim * 4096)
-        expectError(await spindleError { _ = try await ThinPool.open(name: "c", device: device) },
+        try await device.write(from: block, at: position)
+        let damaged = try await ThinPool.open(devices: [device])
+        let report = try await damaged.check()
+        #expect(report.problems.contains { $0.contains("metadata block \(victim) is corrupt (checksum mismatch)") }, "\(report.problems)")
+        let reader = try await damaged.openVolume(name: "v")
+        expectError(await spindleError { try await reader.read(into: AlignedBuffer(count: 4096), at: 0) },
                     .ioFailed, ["metadata block \(victim) is corrupt (checksum mismatch)"])
     }
 
     @Test("volume names are unique, and a missing one is reported")
     func names() async throws {
-        let pool = try await ThinPool.create(name: "n", device: try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096))
+        let pool = try await ThinPool.create(name: "n", devices: [try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)])
         _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20)
         #expect(try await pool.warnings().isEmpty, "a small volume in an empty pool is nothing to warn about")
         expectError(await spindleError { _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20) }, .alreadyExists, ["'one' already"])

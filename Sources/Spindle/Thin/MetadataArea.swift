@@ -27,10 +27,18 @@ public final class MetadataArea: MetadataNodeStore {
     public let cacheLimit: Int
 
     private var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
+    /// References to each block in the open transaction: parents in trees, plus one per tree root.
+    /// Shared subtrees (snapshots) have counts above one. Rebuilt by walking the trees on open.
+    private var references: [UInt32]
     private var allocatedNow: Set<UInt64> = []
     private var releasedNow: [UInt64] = []
     private var pending: [UInt64: MetadataNode] = [:]
-    private var cache: [UInt64: MetadataNode] = [:]
+    private struct CachedNode {
+        var node: MetadataNode
+        var lastUse: UInt64
+    }
+    private var cache: [UInt64: CachedNode] = [:]
+    private var useClock: UInt64 = 0
     private var cursor: UInt64 = 2
 
     private init(device: any BlockDevice, offset: UInt64, blockCount: UInt64, roots: [UInt64], transaction: UInt64, cacheLimit: Int) {
@@ -41,6 +49,7 @@ public final class MetadataArea: MetadataNodeStore {
         self.transaction = transaction
         self.cacheLimit = cacheLimit
         used = [UInt64](repeating: 0, count: Int((blockCount + 63) / 64))
+        references = [UInt32](repeating: 0, count: Int(blockCount))
         markUsed(0)
         markUsed(1)
     }
@@ -86,15 +95,29 @@ public final class MetadataArea: MetadataNodeStore {
                                 transaction: best.transaction + 1, cacheLimit: cacheLimit)
         area.parameters = best.parameters
         for root in best.roots where root != 0 {
-            for block in try await MetadataBTree.blocks(root: root, store: area) {
-                guard !area.isUsed(block) else {
-                    throw SpindleError(.ioFailed, "metadata block \(block) is reachable twice (corrupt metadata)",
-                                       operation: "open metadata", path: device.name)
-                }
-                area.markUsed(block)
-            }
+            try await area.countReferences(tree: root)
         }
         return area
+    }
+
+    /// Counts one more reference to the tree at `root` and, the first time a node is met, to each of
+    /// its children: how the owner registers trees whose roots it keeps outside ``roots`` (a thin
+    /// pool's volumes). Shared subtrees are walked once.
+    public func countReferences(tree root: UInt64) async throws {
+        // Leaves are counted without being read: only internal nodes name other blocks.
+        var pending: [(block: UInt64, isLeaf: Bool)] = [(root, false)]
+        while let (block, isLeaf) = pending.popLast() {
+            guard block >= 2 && block < blockCount else {
+                throw SpindleError(.ioFailed, "a tree names metadata block \(block), outside the area (\(blockCount) blocks)",
+                                   operation: "open metadata", path: device.name)
+            }
+            references[Int(block)] += 1
+            if references[Int(block)] > 1 { continue }
+            markUsed(block)
+            if isLeaf { continue }
+            let node = try await node(at: block)
+            if !node.isLeaf { pending.append(contentsOf: node.values.map { ($0, node.level == 1) }) }
+        }
     }
 
     private static func validate(device: any BlockDevice, offset: UInt64, blockCount: UInt64) throws {
@@ -109,7 +132,12 @@ public final class MetadataArea: MetadataNodeStore {
     // MARK: MetadataNodeStore
 
     public func node(at block: UInt64) async throws -> MetadataNode {
-        if let node = pending[block] ?? cache[block] { return node }
+        if let node = pending[block] { return node }
+        if let cached = cache[block] {
+            useClock += 1
+            cache[block]!.lastUse = useClock
+            return cached.node
+        }
         guard block >= 2 && block < blockCount else {
             throw SpindleError(.ioFailed, "metadata block \(block) is outside the area (\(blockCount) blocks)", path: device.name)
         }
@@ -137,6 +165,7 @@ public final class MetadataArea: MetadataNodeStore {
             cursor = cursor + 1 >= blockCount ? 2 : cursor + 1
             if !isUsed(block) {
                 markUsed(block)
+                references[Int(block)] = 1
                 allocatedNow.insert(block)
                 return block
             }
@@ -144,7 +173,18 @@ public final class MetadataArea: MetadataNodeStore {
         throw SpindleError(.ioFailed, "the metadata area is full (\(blockCount) blocks)", operation: "allocate metadata", path: device.name)
     }
 
+    public func referenceCount(of block: UInt64) -> UInt32 {
+        block < blockCount ? references[Int(block)] : 0
+    }
+
+    public func addReference(to block: UInt64) {
+        references[Int(block)] += 1
+    }
+
     public func releaseBlock(_ block: UInt64) {
+        precondition(references[Int(block)] > 0, "metadata block \(block) released more often than referenced")
+        references[Int(block)] -= 1
+        guard references[Int(block)] == 0 else { return }
         if allocatedNow.remove(block) != nil {
             pending[block] = nil
             markFree(block)
@@ -185,10 +225,20 @@ public final class MetadataArea: MetadataNodeStore {
     private func markUsed(_ block: UInt64) { used[Int(block / 64)] |= 1 << (block % 64) }
     private func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
 
+    /// Keeps a node in the cache; when full, drops the least recently used eighth.
     private func remember(_ node: MetadataNode) {
-        if cache.count >= cacheLimit, let victim = cache.keys.first { cache[victim] = nil }
-        cache[node.block] = node
+        if cache.count >= cacheLimit {
+            let victims = cache.sorted { $0.value.lastUse < $1.value.lastUse }.prefix(max(1, cacheLimit / 8))
+            for victim in victims { cache[victim.key] = nil }
+        }
+        useClock += 1
+        cache[node.block] = CachedNode(node: node, lastUse: useClock)
     }
+
+    /// Nodes read since open and kept (bounded by ``cacheLimit``), for tests and status.
+    public var cachedNodes: Int { cache.count }
+    /// Nodes written in the open transaction, not yet committed.
+    public var pendingNodes: Int { pending.count }
 
     private func writeSuperblock(transaction: UInt64, fua: Bool) async throws {
         var bytes = [UInt8](repeating: 0, count: MetadataNode.blockBytes)

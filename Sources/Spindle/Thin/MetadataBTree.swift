@@ -107,10 +107,23 @@ public protocol MetadataNodeStore: AnyObject {
     func node(at block: UInt64) async throws -> MetadataNode
     /// Stores a node written in this transaction, at `node.block`.
     func store(_ node: MetadataNode) async throws
-    /// A block for a new node in this transaction.
+    /// A block for a new node in this transaction, with one reference.
     func allocateBlock() throws -> UInt64
-    /// A block the new tree no longer uses; reusable once the transaction commits.
+    /// How many parents (or roots) refer to the block; above one, the node is shared between trees
+    /// (a snapshot and its origin) and must be copied before either changes it.
+    func referenceCount(of block: UInt64) -> UInt32
+    /// One more parent refers to the block.
+    func addReference(to block: UInt64)
+    /// Drops one reference; at zero the block is unused, reusable once the transaction commits.
     func releaseBlock(_ block: UInt64)
+}
+
+/// What the values in a tree's leaves refer to, when they are references (a thin volume's mappings
+/// point at data chunks with their own reference counts). Told when a shared leaf is copied (each
+/// value gains a referrer) and when a leaf is released for good (each value loses one).
+public protocol MetadataValueReferences {
+    func retain(_ values: [UInt64]) async throws
+    func release(_ values: [UInt64]) async throws
 }
 
 /// Copy-on-write B-tree operations over a ``MetadataNodeStore``. Each change returns the new root.
@@ -134,9 +147,11 @@ public enum MetadataBTree {
     }
 
     /// Sets `key` to `value`; returns the new root.
-    public static func insert(_ key: UInt64, value: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> UInt64 {
-        var top = try await shadow(root, in: store)
-        if let split = try await insert(key, value, into: &top, store: store) {
+    public static func insert(
+        _ key: UInt64, value: UInt64, root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil
+    ) async throws -> UInt64 {
+        var top = try await shadow(root, in: store, values: values)
+        if let split = try await insert(key, value, into: &top, store: store, values: values) {
             // The root split: a new root above the two halves.
             let block = try store.allocateBlock()
             let newRoot = MetadataNode(
@@ -152,15 +167,23 @@ public enum MetadataBTree {
 
     /// Removes `key`; returns the new root and whether the key was there. Empty nodes are removed;
     /// nodes are not merged (space, not correctness).
-    public static func remove(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (root: UInt64, removed: Bool) {
+    public static func remove(
+        _ key: UInt64, root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil
+    ) async throws -> (root: UInt64, removed: Bool) {
         guard try await lookup(key, root: root, in: store) != nil else { return (root, false) }
-        var top = try await shadow(root, in: store)
-        _ = try await remove(key, from: &top, store: store)
-        // Collapse internal roots with a single child.
-        while !top.isLeaf && top.keys.count == 1 {
-            let child = try await store.node(at: top.values[0])
-            store.releaseBlock(top.block)
-            top = child
+        var top = try await shadow(root, in: store, values: values)
+        _ = try await remove(key, from: &top, store: store, values: values)
+        // Collapse internal roots with a single child; the child (perhaps committed or shared, so
+        // not to be rewritten) inherits the root's reference.
+        if !top.isLeaf && top.keys.count == 1 {
+            try await store.store(top)
+            while !top.isLeaf && top.keys.count == 1 {
+                let child = try await store.node(at: top.values[0])
+                if store.referenceCount(of: top.block) > 1 { store.addReference(to: child.block) }
+                store.releaseBlock(top.block)
+                top = child
+            }
+            return (top.block, true)
         }
         if !top.isLeaf && top.keys.isEmpty {
             store.releaseBlock(top.block)
@@ -177,6 +200,40 @@ public enum MetadataBTree {
         _ body: (UInt64, UInt64) async throws -> Bool
     ) async throws {
         _ = try await visit(range, block: root, store: store, body)
+    }
+
+    /// The value for `key` and whether any node on the way to it is shared with another tree.
+    public static func lookupSharing(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (value: UInt64, shared: Bool)? {
+        var node = try await store.node(at: root)
+        var shared = store.referenceCount(of: root) > 1
+        while !node.isLeaf {
+            guard let index = childIndex(for: key, in: node) else { return nil }
+            let child = node.values[index]
+            shared = shared || store.referenceCount(of: child) > 1
+            node = try await store.node(at: child)
+        }
+        guard let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key else { return nil }
+        return (node.values[index], shared)
+    }
+
+    /// Drops the tree's reference to its root; every node no other tree shares is released, and the
+    /// values of released leaves are released through `values`. Time is proportional to the part of
+    /// the tree the caller owned alone.
+    public static func release(tree root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil) async throws {
+        var pending = [root]
+        while let block = pending.popLast() {
+            guard store.referenceCount(of: block) == 1 else {
+                store.releaseBlock(block)
+                continue
+            }
+            let node = try await store.node(at: block)
+            store.releaseBlock(block)
+            if node.isLeaf {
+                if !node.values.isEmpty { try await values?.release(node.values) }
+            } else {
+                pending.append(contentsOf: node.values)
+            }
+        }
     }
 
     /// Every block of the tree (for space accounting and checks).
@@ -214,9 +271,19 @@ public enum MetadataBTree {
 
     /// A copy of the node that this transaction may change: the node itself when it was written in
     /// this transaction, else a copy at a new block (the old block released).
-    static func shadow(_ block: UInt64, in store: some MetadataNodeStore) async throws -> MetadataNode {
+    /// A shared node is copied: its children (or, for a leaf, its values) gain the copy as a second
+    /// referrer, and the original keeps its other referrers.
+    static func shadow(_ block: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)?) async throws -> MetadataNode {
         var node = try await store.node(at: block)
-        if node.transaction == store.transaction { return node }
+        let references = store.referenceCount(of: block)
+        if node.transaction == store.transaction && references == 1 { return node }
+        if references > 1 {
+            if node.isLeaf {
+                if !node.values.isEmpty { try await values?.retain(node.values) }
+            } else {
+                for child in node.values { store.addReference(to: child) }
+            }
+        }
         store.releaseBlock(block)
         node.block = try store.allocateBlock()
         node.transaction = store.transaction
@@ -225,7 +292,8 @@ public enum MetadataBTree {
 
     /// Inserts below `node` (already shadowed); returns the right half if `node` had to split.
     private static func insert(
-        _ key: UInt64, _ value: UInt64, into node: inout MetadataNode, store: some MetadataNodeStore
+        _ key: UInt64, _ value: UInt64, into node: inout MetadataNode, store: some MetadataNodeStore,
+        values: (any MetadataValueReferences)?
     ) async throws -> (key: UInt64, block: UInt64)? {
         if node.isLeaf {
             let index = position(of: key, in: node.keys)!
@@ -237,8 +305,8 @@ public enum MetadataBTree {
             node.values.insert(value, at: index)
         } else {
             let index = childIndex(for: key, in: node)!
-            var child = try await shadow(node.values[index], in: store)
-            let split = try await insert(key, value, into: &child, store: store)
+            var child = try await shadow(node.values[index], in: store, values: values)
+            let split = try await insert(key, value, into: &child, store: store, values: values)
             try await store.store(child)
             node.values[index] = child.block
             node.keys[index] = min(node.keys[index], child.keys.first ?? node.keys[index])
@@ -259,7 +327,9 @@ public enum MetadataBTree {
     }
 
     /// Removes below `node` (already shadowed); returns whether `node` is now empty.
-    private static func remove(_ key: UInt64, from node: inout MetadataNode, store: some MetadataNodeStore) async throws -> Bool {
+    private static func remove(
+        _ key: UInt64, from node: inout MetadataNode, store: some MetadataNodeStore, values: (any MetadataValueReferences)?
+    ) async throws -> Bool {
         if node.isLeaf {
             if let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key {
                 node.keys.remove(at: index)
@@ -268,8 +338,8 @@ public enum MetadataBTree {
             return node.keys.isEmpty
         }
         let index = childIndex(for: key, in: node)!
-        var child = try await shadow(node.values[index], in: store)
-        if try await remove(key, from: &child, store: store) {
+        var child = try await shadow(node.values[index], in: store, values: values)
+        if try await remove(key, from: &child, store: store, values: values) {
             store.releaseBlock(child.block)
             node.keys.remove(at: index)
             node.values.remove(at: index)

@@ -4,54 +4,76 @@ extension ThinPool {
         /// Each problem, precisely: the block, chunk, volume and what is wrong. Empty when clean.
         public var problems: [String]
         public var metadataBlocks: Int
+        /// Mappings over all volumes (a chunk shared by two volumes counts twice).
         public var mappedChunks: UInt64
         public var allocatedChunks: UInt64
+        public var volumes: Int
         public var isClean: Bool { problems.isEmpty }
     }
 
-    /// Verifies the committed and pending metadata, as `thin_check` does: every node readable with a
-    /// good checksum and in key order, no block in two places, every mapped chunk allocated with a
-    /// reference count equal to its number of mappings, no allocated chunk unmapped, every chunk
-    /// inside the pool, every mapping belonging to a volume. Reads only; changes nothing.
+    /// Verifies the metadata as of the open transaction, as `thin_check` does: every node readable
+    /// with a good checksum and in key order; the pool's own trees without sharing; each node's
+    /// reference count equal to the number of trees and parents naming it; every data chunk's
+    /// reference count equal to the number of leaves naming it; no allocated chunk unmapped; every
+    /// chunk inside the pool; every mapping inside its volume. Reads only; changes nothing.
     public func check() async throws -> CheckReport {
         try await lock.withLock {
-            var report = CheckReport(problems: [], metadataBlocks: 0, mappedChunks: 0, allocatedChunks: 0)
-            var seen = Set<UInt64>()
-            for root in [Root.mappings, .referenceCounts, .volumes] {
-                await walk(area.roots[root.rawValue], tree: "\(root)", seen: &seen, report: &report)
+            var report = CheckReport(problems: [], metadataBlocks: 0, mappedChunks: 0, allocatedChunks: 0, volumes: records.count)
+            var nodeReferences: [UInt64: UInt32] = [:]
+            var leaves: [(volume: String, node: MetadataNode)] = []
+            for root in [Root.volumes, .referenceCounts, .segments] {
+                await walk(area.roots[root.rawValue], tree: "the \(root) tree", shareable: false, references: &nodeReferences, report: &report) { _ in }
+            }
+            for record in records.values.sorted(by: { $0.id < $1.id }) {
+                await walk(record.root, tree: "volume \(record.name)'s mappings", shareable: true, references: &nodeReferences, report: &report) { leaf in
+                    leaves.append((record.name, leaf))
+                }
             }
             guard report.problems.isEmpty else { return report }  // the trees cannot be read safely
+            for (block, count) in nodeReferences.sorted(by: { $0.key < $1.key }) where area.referenceCount(of: block) != count {
+                report.problems.append("metadata block \(block) is named \(count) times but counted \(area.referenceCount(of: block)) times")
+            }
 
-            var mappingsPerChunk: [UInt64: UInt64] = [:]
-            var volumesWithMappings = Set<UInt64>()
-            try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.mappings.rawValue], store: area) { key, physical in
-                report.mappedChunks += 1
-                let volume = key >> Self.chunkBits
-                volumesWithMappings.insert(volume)
-                if physical >= chunkCount {
-                    report.problems.append("volume \(volume) chunk \(key & ((1 << Self.chunkBits) - 1)) maps to chunk \(physical), past the pool's \(chunkCount) chunks")
+            // Data chunks: references expected from the leaves against the reference-count tree.
+            var expected: [UInt64: UInt64] = [:]
+            for (volume, leaf) in leaves {
+                for (key, physical) in zip(leaf.keys, leaf.values) {
+                    if physical >= chunkCount {
+                        report.problems.append("volume \(volume) chunk \(key) maps to chunk \(physical), past the pool's \(chunkCount) chunks (metadata block \(leaf.block))")
+                    }
+                    expected[physical, default: 0] += 1
                 }
-                mappingsPerChunk[physical, default: 0] += 1
-                return true
+            }
+            for record in records.values.sorted(by: { $0.id < $1.id }) {
+                var mapped: UInt64 = 0
+                var pastEnd: UInt64?
+                try await MetadataBTree.forEach(in: 0...UInt64.max, root: record.root, store: area) { key, _ in
+                    mapped += 1
+                    if key * chunkBytes >= record.sizeBytes && pastEnd == nil { pastEnd = key }
+                    return true
+                }
+                report.mappedChunks += mapped
+                if mapped != record.mappedChunks {
+                    report.problems.append("volume \(record.name) records \(record.mappedChunks) mapped chunks but maps \(mapped)")
+                }
+                if let pastEnd {
+                    report.problems.append("volume \(record.name) maps chunk \(pastEnd), past its end (\(record.sizeBytes) bytes)")
+                }
             }
             var counted = Set<UInt64>()
             try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area) { chunk, count in
                 report.allocatedChunks += 1
                 counted.insert(chunk)
-                let mapped = mappingsPerChunk[chunk] ?? 0
-                if mapped == 0 {
+                let named = expected[chunk] ?? 0
+                if named == 0 {
                     report.problems.append("chunk \(chunk) is allocated (reference count \(count)) but nothing maps it (leaked)")
-                } else if mapped != count {
-                    report.problems.append("chunk \(chunk) has reference count \(count) but \(mapped) mappings")
+                } else if named != count {
+                    report.problems.append("chunk \(chunk) has reference count \(count) but \(named) leaves name it")
                 }
                 return true
             }
-            for chunk in mappingsPerChunk.keys.sorted() where !counted.contains(chunk) {
+            for chunk in expected.keys.sorted() where !counted.contains(chunk) {
                 report.problems.append("chunk \(chunk) is mapped but not allocated (it could be handed out again)")
-            }
-            let known = Set(try await volumesLockedIDs())
-            for volume in volumesWithMappings.sorted() where !known.contains(volume) {
-                report.problems.append("chunks are mapped for volume \(volume), which has no record")
             }
             if report.allocatedChunks != usedChunks {
                 report.problems.append("the pool counts \(usedChunks) used chunks but \(report.allocatedChunks) are allocated")
@@ -60,29 +82,26 @@ extension ThinPool {
         }
     }
 
-    private func walk(_ root: UInt64, tree: String, seen: inout Set<UInt64>, report: inout CheckReport) async {
+    /// Reads every node of a tree once, counting how often each is named; a node of a tree that may
+    /// not share (`shareable` false) named twice is a problem.
+    private func walk(
+        _ root: UInt64, tree: String, shareable: Bool, references: inout [UInt64: UInt32], report: inout CheckReport,
+        leaf: (MetadataNode) -> Void
+    ) async {
         var pending = [root]
         while let block = pending.popLast() {
-            guard seen.insert(block).inserted else {
-                report.problems.append("metadata block \(block) is reachable twice (in the \(tree) tree)")
+            references[block, default: 0] += 1
+            guard references[block] == 1 else {
+                if !shareable { report.problems.append("metadata block \(block) is reachable twice (in \(tree))") }
                 continue
             }
             do {
                 let node = try await area.node(at: block)
                 report.metadataBlocks += 1
-                if !node.isLeaf { pending.append(contentsOf: node.values) }
+                if node.isLeaf { leaf(node) } else { pending.append(contentsOf: node.values) }
             } catch {
-                report.problems.append("\(tree) tree: \(error)")
+                report.problems.append("\(tree): \(error)")
             }
         }
-    }
-
-    private func volumesLockedIDs() async throws -> [UInt64] {
-        var ids: [UInt64] = []
-        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.volumes.rawValue], store: area) { key, _ in
-            if key & 0xFF == 0 { ids.append(key >> 8) }
-            return true
-        }
-        return ids
     }
 }

@@ -1,111 +1,234 @@
-/// A thin pool on one block device: a metadata area at its start and data chunks after it, holding
-/// thin volumes that use chunks only where they were written (see docs/THIN-DESIGN.md).
+/// A thin pool: data chunks on one or more block devices (image files or arrays) and copy-on-write
+/// metadata on the first, holding thin volumes and snapshots that use chunks only where they were
+/// written. The format and the reasoning are in docs/THIN-DESIGN.md and docs/FORMATS.md.
 ///
-/// This is the first slice of issue #4: volumes that allocate on first write, read zeros where never
-/// written, free chunks on discard and deletion, refuse writes clearly when the pool is full, and
-/// keep dm-thin's flush contract through crashes. Snapshots, resizing, several devices, `pool check`
-/// and the CLI are still to come.
+/// Every device starts with a ``ThinPoolLabel`` naming the pool; the metadata area follows the label
+/// on device 0. Each volume's mappings (virtual chunk → pool chunk) are a B-tree of their own; a
+/// snapshot shares its origin's tree by reference and the two part node by node as either changes
+/// (copy-on-write of metadata nodes, then of the shared data chunk only). Data chunks carry
+/// reference counts (the number of tree leaves naming them), so deleting any volume in any order
+/// frees exactly the chunks no other volume uses.
+///
+/// Crash contract, as dm-thin's: when a flush on a volume completes, every write completed before it
+/// survives a crash; a crash never exposes another volume's or a freed chunk's old data and never
+/// leaves the pool unopenable.
 public final class ThinPool: @unchecked Sendable {
-    // @unchecked Sendable: every access to `area` and the allocation state happens under `lock`.
+    // @unchecked Sendable: every access to the metadata, the records and the allocation state
+    // happens under `lock`.
 
-    /// Trees in the metadata area.
+    /// Trees whose roots the metadata superblock records.
     enum Root: Int {
-        case mappings = 0, referenceCounts = 1, volumes = 2
+        case volumes = 0, referenceCounts = 1, segments = 2
     }
 
     /// Parameters in the metadata superblock.
     enum Parameter: Int {
-        case magic = 0, chunkBytes = 1, dataOffset = 2, chunkCount = 3, nextVolume = 4
+        case magic = 0, chunkBytes = 1, chunkCount = 2, nextVolume = 3, deviceCount = 4, uuidHigh = 5, uuidLow = 6, usedChunks = 7
     }
 
-    static let parameterMagic: UInt64 = 0x4C4F_4F50_4E49_4854  // "THINPOOL"
-    /// Virtual chunks per volume: keys are volume << 40 | chunk.
-    static let chunkBits: UInt64 = 40
+    static let parameterMagic: UInt64 = 0x324C_4F50_4E49_4854  // "THINPOL2" little-endian
     public static let defaultChunkBytes: UInt64 = 64 * 1024
+    /// Largest virtual size of a volume, in chunks.
+    static let maximumVolumeChunks: UInt64 = 1 << 40
+    /// Metadata nodes changed in one transaction above which a write commits on its own (bounding
+    /// the memory of a workload that never flushes; committing early is always allowed).
+    static let automaticCommitNodes = 2048
 
-    public let device: any BlockDevice
     public let name: String
+    public let uuid: SpindleUUID
     public let chunkBytes: UInt64
-    public let dataOffset: UInt64
-    public let chunkCount: UInt64
+    private(set) var devices: [any BlockDevice]
+    private(set) var segments: [Segment] = []
+    public private(set) var chunkCount: UInt64
     let area: MetadataArea
     let lock = AsyncMutex()
-    /// Chunks freed in the open transaction: the committed mappings may still use them.
+    let inFlight = InFlightEpochs()
+    var records: [UInt64: VolumeRecord] = [:]
+    /// Volumes whose mapping tree could not be read on open, with the error.
+    var damagedVolumes: [UInt64: String] = [:]
+    var dirtyRecords: Set<UInt64> = []
+    /// Chunks freed in the open transaction: committed mappings may still use them.
     var pendingFree: Set<UInt64> = []
+    /// Chunks handed to a first write or a copy that is not mapped yet.
+    var reserved: Set<UInt64> = []
     var cursor: UInt64 = 0
-    var usedChunks: UInt64 = 0
+    var usedChunks: UInt64
+    lazy var dataReferences = DataReferences(pool: self)
 
-    private init(device: any BlockDevice, name: String, area: MetadataArea) {
-        self.device = device
-        self.name = name
-        self.area = area
-        chunkBytes = area.parameters[Parameter.chunkBytes.rawValue]
-        dataOffset = area.parameters[Parameter.dataOffset.rawValue]
-        chunkCount = area.parameters[Parameter.chunkCount.rawValue]
+    /// A run of pool chunks stored contiguously on one device.
+    struct Segment: Equatable {
+        var firstChunk: UInt64
+        var chunks: UInt64
+        var device: Int
+        /// Where the run starts on its device, in chunks.
+        var deviceChunk: UInt64
     }
 
-    /// Metadata blocks for a pool: room for a mapping and a reference count per chunk, twice over
-    /// for copy-on-write, at 4 KiB per 127 entries (half-full nodes), and at least 1 MiB.
+    /// A volume's record, kept in memory and written to the volumes tree at each commit.
+    struct VolumeRecord {
+        var id: UInt64
+        var name: String
+        var sizeBytes: UInt64
+        var root: UInt64
+        var mappedChunks: UInt64
+        var origin: UInt64
+        var readOnly: Bool
+        var createdSeconds: UInt64
+    }
+    static let recordFields: UInt64 = 14
+
+    private init(name: String, uuid: SpindleUUID, devices: [any BlockDevice], area: MetadataArea) {
+        self.name = name
+        self.uuid = uuid
+        self.devices = devices
+        self.area = area
+        chunkBytes = area.parameters[Parameter.chunkBytes.rawValue]
+        chunkCount = area.parameters[Parameter.chunkCount.rawValue]
+        usedChunks = area.parameters[Parameter.usedChunks.rawValue]
+    }
+
+    /// Metadata blocks for `chunks` data chunks: a mapping and a reference count per chunk in
+    /// half-full nodes (127 entries of 16 bytes per 4 KiB), twice over for copy-on-write between
+    /// commits, plus room for volume records: about 0.2% of the data.
     static func metadataBlocks(chunks: UInt64) -> UInt64 {
         max(256, chunks * 2 * 2 / 127 + 64)
     }
 
-    /// Formats a pool over `device`.
-    /// - Throws: ``SpindleError`` for a bad chunk size or a device too small for metadata and one chunk.
-    public static func create(name: String, device: any BlockDevice, chunkBytes: UInt64 = defaultChunkBytes) async throws -> ThinPool {
-        guard chunkBytes >= 64 * 1024, chunkBytes <= 1 << 20, chunkBytes & (chunkBytes - 1) == 0 else {
-            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 64 KiB to 1 MiB", path: device.name)
-        }
-        let roughChunks = device.capacityBytes / chunkBytes
-        let blocks = metadataBlocks(chunks: roughChunks)
-        let dataOffset = (blocks * UInt64(MetadataNode.blockBytes) + chunkBytes - 1) / chunkBytes * chunkBytes
-        guard device.capacityBytes > dataOffset else {
-            throw SpindleError(.invalidArgument, "the device is \(device.capacityBytes) bytes, too small for a pool's metadata (\(dataOffset) bytes) and data",
-                               path: device.name)
-        }
-        let chunks = (device.capacityBytes - dataOffset) / chunkBytes
-        let area = try await MetadataArea.format(
-            device: device, offset: 0, blockCount: dataOffset / UInt64(MetadataNode.blockBytes),
-            parameters: [parameterMagic, chunkBytes, dataOffset, chunks, 1])
-        area.roots[Root.mappings.rawValue] = try await MetadataBTree.create(in: area)
-        area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.create(in: area)
-        area.roots[Root.volumes.rawValue] = try await MetadataBTree.create(in: area)
-        try await area.commit()
-        return ThinPool(device: device, name: name, area: area)
+    /// Data chunks a metadata area of `blocks` blocks can describe.
+    static func chunkCapacity(metadataBlocks blocks: UInt64) -> UInt64 {
+        blocks <= 64 ? 0 : (blocks - 64) * 127 / 4
     }
 
-    /// Opens a pool, counting its used chunks.
-    public static func open(name: String, device: any BlockDevice) async throws -> ThinPool {
-        let buffer = AlignedBuffer(count: 8192, zeroed: false)
-        try await device.read(into: buffer, at: 0)
-        let blockCount: UInt64
-        switch MetadataArea.decodeSuperblockBlockCount(buffer.array) {
-        case let .some(count): blockCount = count
-        case .none: throw SpindleError(.invalidArgument, "no thin pool metadata", operation: "open pool", path: device.name)
+    /// Formats a pool over `devices`. The metadata area is sized for twice the devices' data, so the
+    /// pool can be extended to double its size.
+    /// - Parameters:
+    ///   - overwrite: format devices that carry another pool's label (destroying that pool).
+    /// - Throws: ``SpindleError`` for a bad name or chunk size, a device too small, or a device that
+    ///   belongs to a pool already.
+    public static func create(
+        name: String, devices: [any BlockDevice], chunkBytes: UInt64 = defaultChunkBytes, overwrite: Bool = false
+    ) async throws -> ThinPool {
+        try checkPoolName(name)
+        guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "a pool needs at least one device") }
+        guard chunkBytes >= 64 * 1024, chunkBytes <= 1 << 20, chunkBytes & (chunkBytes - 1) == 0 else {
+            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 64 KiB to 1 MiB", path: devices[0].name)
         }
-        let area = try await MetadataArea.open(device: device, offset: 0, blockCount: blockCount)
-        guard area.parameters[Parameter.magic.rawValue] == parameterMagic else {
-            throw SpindleError(.invalidArgument, "the metadata area is not a thin pool's", operation: "open pool", path: device.name)
+        for device in devices {
+            if device.isReadOnly { throw SpindleError(.readOnly, "a pool cannot be created on a read-only device", path: device.name) }
+            if !overwrite, let label = try await ThinPoolLabel.read(from: device) {
+                throw SpindleError(.alreadyExists, "the device belongs to pool \(label.poolName) (device \(label.deviceIndex)); pass overwrite to destroy that pool",
+                                   operation: "create pool", path: device.name)
+            }
         }
-        let pool = ThinPool(device: device, name: name, area: area)
-        var used: UInt64 = 0
-        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area) { _, _ in
-            used += 1
-            return true
+        let roughChunks = devices.reduce(UInt64(0)) { $0 + $1.capacityBytes / chunkBytes }
+        let blocks = metadataBlocks(chunks: roughChunks * 2)
+        let metadataOffset = UInt64(ThinPoolLabel.bytes)
+        let firstDataOffset = (metadataOffset + blocks * UInt64(MetadataNode.blockBytes) + chunkBytes - 1) / chunkBytes * chunkBytes
+        guard devices[0].capacityBytes >= firstDataOffset + chunkBytes else {
+            throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(devices[0].capacityBytes)), too small for a pool's metadata (\(ByteSize.format(firstDataOffset))) and data",
+                               operation: "create pool", path: devices[0].name)
         }
-        pool.usedChunks = used
+        for device in devices.dropFirst() where device.capacityBytes < 2 * chunkBytes {
+            throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one \(ByteSize.format(chunkBytes)) chunk",
+                               operation: "create pool", path: device.name)
+        }
+        var segments: [Segment] = []
+        var total: UInt64 = 0
+        for (index, device) in devices.enumerated() {
+            let start = index == 0 ? firstDataOffset / chunkBytes : 1
+            let chunks = device.capacityBytes / chunkBytes - start
+            segments.append(Segment(firstChunk: total, chunks: chunks, device: index, deviceChunk: start))
+            total += chunks
+        }
+        let uuid = SpindleUUID.random()
+        for (index, device) in devices.enumerated() {
+            let label = ThinPoolLabel(poolUUID: uuid, poolName: name, deviceIndex: index, chunkBytes: chunkBytes,
+                                      metadataOffset: index == 0 ? metadataOffset : 0, metadataBlocks: index == 0 ? blocks : 0)
+            try await label.write(to: device)
+        }
+        let area = try await MetadataArea.format(
+            device: devices[0], offset: metadataOffset, blockCount: blocks,
+            parameters: [parameterMagic, chunkBytes, total, 1, UInt64(devices.count), uuid.high, uuid.low, 0])
+        area.roots[Root.volumes.rawValue] = try await MetadataBTree.create(in: area)
+        area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.create(in: area)
+        area.roots[Root.segments.rawValue] = try await MetadataBTree.create(in: area)
+        let pool = ThinPool(name: name, uuid: uuid, devices: devices, area: area)
+        for segment in segments { try await pool.recordSegment(segment) }
+        try await pool.lock.withLock { try await pool.commitLocked() }
         return pool
     }
 
-    // MARK: Volumes
-
-    /// A volume's description.
-    public struct VolumeInfo: Sendable, Codable, Equatable {
-        public var id: UInt64
-        public var name: String
-        public var sizeBytes: UInt64
-        public var mappedChunks: UInt64
+    /// Opens the pool whose devices are given, in any order.
+    /// - Throws: ``SpindleError`` when a device has no label or another pool's, a device is missing
+    ///   or given twice, or the metadata is corrupt.
+    public static func open(devices given: [any BlockDevice], cacheNodes: Int = 4096) async throws -> ThinPool {
+        guard !given.isEmpty else { throw SpindleError(.invalidArgument, "no devices to open a pool from") }
+        var labelled: [(label: ThinPoolLabel, device: any BlockDevice)] = []
+        for device in given {
+            guard let label = try await ThinPoolLabel.read(from: device) else {
+                throw SpindleError(.invalidArgument, "no thin pool label at offset 0 (not a pool device)", operation: "open pool", path: device.name)
+            }
+            if let first = labelled.first, first.label.poolUUID != label.poolUUID {
+                throw SpindleError(.invalidArgument, "the device belongs to pool \(label.poolName) (\(label.poolUUID)), not to pool \(first.label.poolName) (\(first.label.poolUUID)) of \(first.device.name)",
+                                   operation: "open pool", path: device.name)
+            }
+            if let twin = labelled.first(where: { $0.label.deviceIndex == label.deviceIndex }) {
+                throw SpindleError(.invalidArgument, "the device and \(twin.device.name) both claim to be device \(label.deviceIndex) of pool \(label.poolName) (the same image given twice, or a copy)",
+                                   operation: "open pool", path: device.name)
+            }
+            labelled.append((label, device))
+        }
+        labelled.sort { $0.label.deviceIndex < $1.label.deviceIndex }
+        let poolName = labelled[0].label.poolName
+        guard labelled[0].label.deviceIndex == 0 else {
+            throw SpindleError(.invalidArgument, "pool \(poolName) cannot open without its device 0, which holds the metadata", operation: "open pool")
+        }
+        let first = labelled[0]
+        let area = try await MetadataArea.open(device: first.device, offset: first.label.metadataOffset,
+                                               blockCount: first.label.metadataBlocks, cacheLimit: cacheNodes)
+        guard area.parameters[Parameter.magic.rawValue] == parameterMagic else {
+            throw SpindleError(.invalidArgument, "the metadata area is not a thin pool's of this format", operation: "open pool", path: first.device.name)
+        }
+        let uuid = SpindleUUID(high: area.parameters[Parameter.uuidHigh.rawValue], low: area.parameters[Parameter.uuidLow.rawValue])
+        guard uuid == first.label.poolUUID else {
+            throw SpindleError(.invalidArgument, "the metadata belongs to pool \(uuid), the label to \(first.label.poolUUID)", operation: "open pool", path: first.device.name)
+        }
+        let deviceCount = Int(area.parameters[Parameter.deviceCount.rawValue])
+        if let stray = labelled.first(where: { $0.label.deviceIndex >= deviceCount }) {
+            throw SpindleError(.invalidArgument, "the device is labelled device \(stray.label.deviceIndex) of pool \(poolName), which has \(deviceCount) devices (an extend that did not finish)",
+                               operation: "open pool", path: stray.device.name)
+        }
+        guard labelled.count == deviceCount else {
+            let present = Set(labelled.map(\.label.deviceIndex))
+            let missing = (0..<deviceCount).filter { !present.contains($0) }.map(String.init).joined(separator: ", ")
+            throw SpindleError(.notFound, "pool \(poolName) has \(deviceCount) devices; device \(missing) is missing", operation: "open pool")
+        }
+        let pool = ThinPool(name: poolName, uuid: uuid, devices: labelled.map(\.device), area: area)
+        try await pool.loadSegments()
+        try await pool.loadRecords()
+        for record in pool.records.values {
+            do {
+                try await area.countReferences(tree: record.root)
+            } catch {
+                // The pool still opens, so `check` can report it and other volumes stay usable;
+                // I/O that reaches the damaged node fails with the same error.
+                pool.damagedVolumes[record.id] = "\(error)"
+            }
+        }
+        return pool
     }
+
+    /// Makes every completed write durable and mapped: flushes the data, then commits the metadata.
+    public func commit() async throws {
+        try await lock.withLock { try await commitLocked() }
+    }
+
+    /// Commits; the devices stay open (they belong to the caller).
+    public func close() async throws {
+        try await commit()
+    }
+
+    // MARK: Status
 
     /// Space in the pool.
     public struct Usage: Sendable, Codable, Equatable {
@@ -114,13 +237,17 @@ public final class ThinPool: @unchecked Sendable {
         public var usedChunks: UInt64
         public var metadataBlocks: UInt64
         public var usedMetadataBlocks: UInt64
+        public var devices: Int
+        public var sizeBytes: UInt64 { chunks * chunkBytes }
+        public var usedBytes: UInt64 { usedChunks * chunkBytes }
+        public var freeBytes: UInt64 { sizeBytes - usedBytes }
     }
 
     public var usage: Usage {
         get async {
             await lock.withLock {
                 Usage(chunkBytes: chunkBytes, chunks: chunkCount, usedChunks: usedChunks,
-                      metadataBlocks: area.blockCount, usedMetadataBlocks: UInt64(area.usedBlocks))
+                      metadataBlocks: area.blockCount, usedMetadataBlocks: UInt64(area.usedBlocks), devices: devices.count)
             }
         }
     }
@@ -131,9 +258,9 @@ public final class ThinPool: @unchecked Sendable {
     /// Conditions a person should hear about: the volumes promise more space than the pool has
     /// (over-provisioning, allowed), or use crossed ``usageWarningPercent``.
     public func warnings() async throws -> [String] {
-        try await lock.withLock {
+        await lock.withLock {
             var result: [String] = []
-            let promised = try await volumesLocked().reduce(UInt64(0)) { $0 + $1.sizeBytes }
+            let promised = records.values.reduce(UInt64(0)) { $0 + $1.sizeBytes }
             let capacity = chunkCount * chunkBytes
             if promised > capacity {
                 result.append("pool \(name) is over-provisioned: its volumes total \(ByteSize.format(promised)) on \(ByteSize.format(capacity)) of space; writes fail once the pool is full")
@@ -145,214 +272,144 @@ public final class ThinPool: @unchecked Sendable {
         }
     }
 
-    /// Creates a volume of `sizeBytes` (a multiple of 4 KiB); its space is allocated on first write.
-    /// Over-provisioning is allowed.
-    public func createVolume(name volumeName: String, sizeBytes: UInt64) async throws -> ThinVolume {
-        try checkName(volumeName)
-        try checkSize(sizeBytes)
-        let id: UInt64 = try await lock.withLock {
-            if try await findVolume(volumeName) != nil {
-                throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(volumeName)' already", path: name)
-            }
-            let id = area.parameters[Parameter.nextVolume.rawValue]
-            area.parameters[Parameter.nextVolume.rawValue] = id + 1
-            area.roots[Root.volumes.rawValue] = try await MetadataBTree.insert(
-                id << 8, value: sizeBytes, root: area.roots[Root.volumes.rawValue], in: area)
-            try await writeName(volumeName, volume: id)
-            try await commitLocked()
-            return id
-        }
-        return ThinVolume(pool: self, id: id, name: volumeName, sizeBytes: sizeBytes)
-    }
+    // MARK: Growing
 
-    /// Opens an existing volume.
-    public func openVolume(name volumeName: String) async throws -> ThinVolume {
-        let info = try await lock.withLock { try await requireVolume(volumeName) }
-        return ThinVolume(pool: self, id: info.id, name: info.name, sizeBytes: info.sizeBytes)
-    }
-
-    /// Every volume, by id.
-    public func volumes() async throws -> [VolumeInfo] {
-        try await lock.withLock { try await volumesLocked() }
-    }
-
-    /// Deletes a volume; its chunks return to the pool when the deletion commits (it does, before
-    /// this returns).
-    public func deleteVolume(name volumeName: String) async throws {
+    /// Grows the pool: by the space its devices gained since it was created or last extended (an
+    /// image made larger, an array that grew), and by `adding` new devices. Returns the chunks added.
+    /// - Throws: ``SpindleError`` when a new device belongs to a pool, is too small, or the metadata
+    ///   area (sized at creation for twice the data) cannot describe the larger pool.
+    @discardableResult
+    public func extend(adding newDevices: [any BlockDevice] = [], overwrite: Bool = false) async throws -> UInt64 {
         try await lock.withLock {
-            let info = try await requireVolume(volumeName)
-            try await unmap(volume: info.id, chunks: 0...((UInt64(1) << Self.chunkBits) - 1))
-            var root = area.roots[Root.volumes.rawValue]
-            for field in 0..<9 {
-                root = try await MetadataBTree.remove(info.id << 8 | UInt64(field), root: root, in: area).root
-            }
-            area.roots[Root.volumes.rawValue] = root
-            try await commitLocked()
-        }
-    }
-
-    /// Changes a volume's size. Growing adds unwritten (zero) space; shrinking frees the chunks past
-    /// the new end and zeroes the rest of a chunk the new end cuts, so a later grow reads zeros there.
-    /// Open ``ThinVolume`` objects keep the size they were opened with: open the volume again.
-    public func resizeVolume(name volumeName: String, sizeBytes: UInt64) async throws {
-        try checkSize(sizeBytes)
-        try await lock.withLock {
-            let info = try await requireVolume(volumeName)
-            if sizeBytes < info.sizeBytes {
-                let firstWhole = (sizeBytes + chunkBytes - 1) / chunkBytes
-                try await unmap(volume: info.id, chunks: firstWhole...((UInt64(1) << Self.chunkBits) - 1))
-                let within = sizeBytes % chunkBytes
-                if within != 0, let physical = try await mapping(volume: info.id, chunk: sizeBytes / chunkBytes) {
-                    let zeros = AlignedBuffer(count: Int(chunkBytes - within))
-                    try await device.write(from: zeros, at: dataOffset + physical * chunkBytes + within)
+            let before = chunkCount
+            var added: [Segment] = []
+            var total = chunkCount
+            for (index, device) in devices.enumerated() {
+                let end = segments.filter { $0.device == index }.map { $0.deviceChunk + $0.chunks }.max() ?? 1
+                let available = device.capacityBytes / chunkBytes
+                if available > end {
+                    added.append(Segment(firstChunk: total, chunks: available - end, device: index, deviceChunk: end))
+                    total += available - end
                 }
             }
-            area.roots[Root.volumes.rawValue] = try await MetadataBTree.insert(
-                info.id << 8, value: sizeBytes, root: area.roots[Root.volumes.rawValue], in: area)
-            try await commitLocked()
-        }
-    }
-
-    /// Renames a volume.
-    public func renameVolume(name volumeName: String, to newName: String) async throws {
-        try checkName(newName)
-        try await lock.withLock {
-            let info = try await requireVolume(volumeName)
-            if try await findVolume(newName) != nil {
-                throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(newName)' already", path: name)
+            for (offset, device) in newDevices.enumerated() {
+                if device.isReadOnly { throw SpindleError(.readOnly, "a read-only device cannot join pool \(name)", path: device.name) }
+                if devices.contains(where: { $0.name == device.name }) {
+                    throw SpindleError(.invalidArgument, "the device is in pool \(name) already", operation: "extend pool", path: device.name)
+                }
+                if !overwrite, let label = try await ThinPoolLabel.read(from: device) {
+                    throw SpindleError(.alreadyExists, "the device belongs to pool \(label.poolName) (device \(label.deviceIndex)); pass overwrite to destroy that pool",
+                                       operation: "extend pool", path: device.name)
+                }
+                guard device.capacityBytes >= 2 * chunkBytes else {
+                    throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one chunk",
+                                       operation: "extend pool", path: device.name)
+                }
+                let chunks = device.capacityBytes / chunkBytes - 1
+                added.append(Segment(firstChunk: total, chunks: chunks, device: devices.count + offset, deviceChunk: 1))
+                total += chunks
             }
-            try await writeName(newName, volume: info.id)
+            guard total > chunkCount else { return 0 }
+            let capacity = Self.chunkCapacity(metadataBlocks: area.blockCount)
+            guard total <= capacity else {
+                throw SpindleError(.noSpace, "pool \(name)'s metadata area (\(ByteSize.format(area.blockCount * UInt64(MetadataNode.blockBytes)))) describes at most \(ByteSize.format(capacity * chunkBytes)) of data; the pool would grow to \(ByteSize.format(total * chunkBytes))",
+                                   operation: "extend pool")
+            }
+            for (offset, device) in newDevices.enumerated() {
+                let label = ThinPoolLabel(poolUUID: uuid, poolName: name, deviceIndex: devices.count + offset, chunkBytes: chunkBytes,
+                                          metadataOffset: 0, metadataBlocks: 0)
+                try await label.write(to: device)
+            }
+            devices += newDevices
+            for segment in added { try await recordSegment(segment) }
+            area.parameters[Parameter.deviceCount.rawValue] = UInt64(devices.count)
             try await commitLocked()
+            return chunkCount - before
         }
     }
 
-    private func writeName(_ volumeName: String, volume id: UInt64) async throws {
-        var root = area.roots[Root.volumes.rawValue]
-        var nameBytes = Array(volumeName.utf8)
-        nameBytes += [UInt8](repeating: 0, count: 64 - nameBytes.count)
-        for field in 0..<8 {
-            let word = nameBytes[(field * 8)..<(field * 8 + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            root = try await MetadataBTree.insert(id << 8 | UInt64(field + 1), value: word, root: root, in: area)
-        }
-        area.roots[Root.volumes.rawValue] = root
-    }
-
-    /// Makes every completed write durable and mapped: flushes the data, then commits the metadata.
-    public func commit() async throws {
-        try await lock.withLock { try await commitLocked() }
-    }
-
-    // MARK: Internals (callers hold `lock`)
+    // MARK: Internals (callers hold `lock`, except during create and open)
 
     func commitLocked() async throws {
-        try await device.flush()
+        for id in dirtyRecords {
+            if let record = records[id] { try await storeRecord(record) }
+        }
+        dirtyRecords.removeAll()
+        area.parameters[Parameter.usedChunks.rawValue] = usedChunks
+        area.parameters[Parameter.chunkCount.rawValue] = chunkCount
+        // Data on every device first; the metadata commit flushes device 0 before its superblock.
+        for device in devices.dropFirst() { try await device.flush() }
         try await area.commit()
+        // Requests that looked up a mapping before the chunks in `pendingFree` were unmapped must
+        // finish before those chunks can be handed out again.
+        await inFlight.drain()
         pendingFree.removeAll()
     }
 
-    private func volumesLocked() async throws -> [VolumeInfo] {
-        var records: [UInt64: (size: UInt64, name: [UInt64])] = [:]
-        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.volumes.rawValue], store: area) { key, value in
-            let id = key >> 8
-            let field = Int(key & 0xFF)
-            var record = records[id] ?? (0, [UInt64](repeating: 0, count: 8))
-            if field == 0 { record.size = value } else { record.name[field - 1] = value }
-            records[id] = record
-            return true
+    /// The device and byte offset of a pool chunk.
+    func location(of chunk: UInt64) -> (device: any BlockDevice, offset: UInt64) {
+        var low = 0
+        var high = segments.count - 1
+        while low < high {
+            let middle = (low + high + 1) / 2
+            if segments[middle].firstChunk <= chunk { low = middle } else { high = middle - 1 }
         }
-        var result: [VolumeInfo] = []
-        for (id, record) in records.sorted(by: { $0.key < $1.key }) {
-            var bytes: [UInt8] = []
-            for word in record.name { for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) } }
-            let nameText = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
-            var mapped: UInt64 = 0
-            try await MetadataBTree.forEach(in: (id << Self.chunkBits)...((id << Self.chunkBits) | ((1 << Self.chunkBits) - 1)),
-                                            root: area.roots[Root.mappings.rawValue], store: area) { _, _ in
-                mapped += 1
-                return true
-            }
-            result.append(VolumeInfo(id: id, name: nameText, sizeBytes: record.size, mappedChunks: mapped))
-        }
-        return result
+        let segment = segments[low]
+        return (devices[segment.device], (segment.deviceChunk + chunk - segment.firstChunk) * chunkBytes)
     }
 
-    private func findVolume(_ volumeName: String) async throws -> VolumeInfo? {
-        try await volumesLocked().first { $0.name == volumeName }
+    private func recordSegment(_ segment: Segment) async throws {
+        area.roots[Root.segments.rawValue] = try await MetadataBTree.insert(
+            segment.firstChunk, value: UInt64(segment.device) << 48 | segment.deviceChunk,
+            root: area.roots[Root.segments.rawValue], in: area)
+        segments.append(segment)
+        chunkCount = segment.firstChunk + segment.chunks
     }
 
-    private func requireVolume(_ volumeName: String) async throws -> VolumeInfo {
-        guard let info = try await findVolume(volumeName) else {
-            throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", path: name)
-        }
-        return info
-    }
-
-    private func checkName(_ volumeName: String) throws(SpindleError) {
-        guard !volumeName.isEmpty, volumeName.utf8.count <= 64, !volumeName.contains("/") else {
-            throw SpindleError(.invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/'", path: name)
-        }
-    }
-
-    private func checkSize(_ sizeBytes: UInt64) throws(SpindleError) {
-        guard sizeBytes > 0, sizeBytes % 4096 == 0, sizeBytes / chunkBytes < 1 << Self.chunkBits else {
-            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB", path: name)
-        }
-    }
-
-    func mapping(volume: UInt64, chunk: UInt64) async throws -> UInt64? {
-        try await MetadataBTree.lookup(volume << Self.chunkBits | chunk, root: area.roots[Root.mappings.rawValue], in: area)
-    }
-
-    /// A free chunk, counted as used; not one freed in this transaction.
-    func allocateChunk() async throws -> UInt64 {
-        guard usedChunks + UInt64(pendingFree.count) < chunkCount else {
-            let percent = chunkCount == 0 ? 100 : usedChunks * 100 / chunkCount
-            throw SpindleError(
-                .noSpace,
-                "pool \(name) is full: \(usedChunks) of \(chunkCount) chunks used (\(percent)% of \(ByteSize.format(chunkCount * chunkBytes)))\(pendingFree.isEmpty ? "" : "; \(pendingFree.count) chunks freed since the last flush come back after it")",
-                operation: "allocate", path: name)
-        }
-        let root = area.roots[Root.referenceCounts.rawValue]
-        for _ in 0..<chunkCount {
-            let candidate = cursor
-            cursor = cursor + 1 >= chunkCount ? 0 : cursor + 1
-            if pendingFree.contains(candidate) { continue }
-            if try await MetadataBTree.lookup(candidate, root: root, in: area) == nil {
-                area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.insert(candidate, value: 1, root: root, in: area)
-                usedChunks += 1
-                return candidate
-            }
-        }
-        throw SpindleError(.noSpace, "pool \(name) has no free chunk", operation: "allocate", path: name)
-    }
-
-    /// Drops a chunk allocated in this transaction that ended up unused (a concurrent first write won).
-    func returnChunk(_ chunk: UInt64) async throws {
-        area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.remove(
-            chunk, root: area.roots[Root.referenceCounts.rawValue], in: area).root
-        usedChunks -= 1
-    }
-
-    func map(volume: UInt64, chunk: UInt64, to physical: UInt64) async throws {
-        area.roots[Root.mappings.rawValue] = try await MetadataBTree.insert(
-            volume << Self.chunkBits | chunk, value: physical, root: area.roots[Root.mappings.rawValue], in: area)
-    }
-
-    /// Unmaps a volume's chunks in `chunks`; each freed chunk is reusable after the next commit.
-    func unmap(volume: UInt64, chunks: ClosedRange<UInt64>) async throws {
+    private func loadSegments() async throws {
         var found: [(UInt64, UInt64)] = []
-        try await MetadataBTree.forEach(
-            in: (volume << Self.chunkBits | chunks.lowerBound)...(volume << Self.chunkBits | chunks.upperBound),
-            root: area.roots[Root.mappings.rawValue], store: area) { key, value in
+        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.segments.rawValue], store: area) { key, value in
             found.append((key, value))
             return true
         }
-        for (key, physical) in found {
-            area.roots[Root.mappings.rawValue] = try await MetadataBTree.remove(key, root: area.roots[Root.mappings.rawValue], in: area).root
-            area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.remove(
-                physical, root: area.roots[Root.referenceCounts.rawValue], in: area).root
-            usedChunks -= 1
-            pendingFree.insert(physical)
+        for (index, (first, value)) in found.enumerated() {
+            let end = index + 1 < found.count ? found[index + 1].0 : chunkCount
+            let device = Int(value >> 48)
+            guard device < devices.count, end > first, first == (index == 0 ? 0 : found[index - 1].0 + segments[index - 1].chunks) else {
+                throw SpindleError(.ioFailed, "pool \(name)'s segment table is corrupt at chunk \(first)", operation: "open pool", path: devices[0].name)
+            }
+            let segment = Segment(firstChunk: first, chunks: end - first, device: device, deviceChunk: value & ((1 << 48) - 1))
+            guard (segment.deviceChunk + segment.chunks) * chunkBytes <= devices[device].capacityBytes else {
+                throw SpindleError(.ioFailed, "pool \(name) keeps chunks up to \(ByteSize.format((segment.deviceChunk + segment.chunks) * chunkBytes)) on this device, but it has only \(ByteSize.format(devices[device].capacityBytes)) (did it shrink?)",
+                                   operation: "open pool", path: devices[device].name)
+            }
+            segments.append(segment)
         }
+        guard !segments.isEmpty else {
+            throw SpindleError(.ioFailed, "pool \(name) has no data segments (corrupt metadata)", operation: "open pool", path: devices[0].name)
+        }
+    }
+
+    static func checkPoolName(_ poolName: String) throws(SpindleError) {
+        guard !poolName.isEmpty, poolName.utf8.count <= 64, !poolName.contains("/"), !poolName.contains(where: \.isWhitespace) else {
+            throw SpindleError(.invalidArgument, "the pool name '\(poolName)' must be 1 to 64 bytes without '/' or spaces")
+        }
+    }
+}
+
+/// Data chunks' reference counts, as the mapping trees' leaves see them: a copied shared leaf adds a
+/// referrer to each chunk it names, a released leaf drops one, and a chunk nobody refers to becomes
+/// free once the transaction commits.
+final class DataReferences: MetadataValueReferences {
+    unowned let pool: ThinPool
+
+    init(pool: ThinPool) { self.pool = pool }
+
+    func retain(_ values: [UInt64]) async throws {
+        for chunk in values { try await pool.adjustReferences(chunk, by: 1) }
+    }
+
+    func release(_ values: [UInt64]) async throws {
+        for chunk in values { try await pool.adjustReferences(chunk, by: -1) }
     }
 }

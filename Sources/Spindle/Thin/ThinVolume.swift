@@ -1,56 +1,62 @@
-/// A thin volume: a block device whose chunks come from its pool on first write.
+/// A thin volume or snapshot: a block device whose chunks come from its pool on first write.
 ///
-/// Reads of never-written ranges return zeros. The first write to a chunk allocates one, writes the
-/// whole chunk (zeros around a partial write) and only then maps it, so no reader ever sees the old
-/// contents of a reused chunk. A flush makes every completed write durable and mapped (the pool's
-/// commit). Discard and write-zeroes unmap whole chunks (their space returns after the next flush)
-/// and zero the partial ones.
+/// Reads of never-written ranges return zeros. The first write to a chunk reserves a free one, writes
+/// the whole chunk (zeros around a partial write) and only then maps it, so no reader ever sees the
+/// old contents of a reused chunk. A write to a chunk shared with a snapshot or origin copies that
+/// chunk (only that one) to a new one with the write applied, then remaps. A flush makes every
+/// completed write durable and mapped (the pool's commit). Discard and write-zeroes unmap whole
+/// chunks (their space returns after the next flush, when no other volume shares them) and zero the
+/// partial ones.
 public final class ThinVolume: BlockDevice {
     public let pool: ThinPool
     public let id: UInt64
     public let volumeName: String
     public let capacityBytes: UInt64
-    public var logicalBlockBytes: Int { max(4096, pool.device.logicalBlockBytes) }
-    public var isReadOnly: Bool { false }
+    public let isReadOnly: Bool
+    public let logicalBlockBytes: Int
     public var discardReadsZeroes: Bool { true }
     public var name: String { "\(pool.name)/\(volumeName)" }
     private let gate = RequestGate()
+    private let chunkBytes: UInt64
 
-    init(pool: ThinPool, id: UInt64, name: String, sizeBytes: UInt64) {
+    init(pool: ThinPool, record: ThinPool.VolumeRecord, ignoreReadOnly: Bool = false) {
         self.pool = pool
-        self.id = id
-        self.volumeName = name
-        self.capacityBytes = sizeBytes
+        id = record.id
+        volumeName = record.name
+        capacityBytes = record.sizeBytes
+        isReadOnly = record.readOnly && !ignoreReadOnly
+        chunkBytes = pool.chunkBytes
+        logicalBlockBytes = max(4096, pool.devices.map(\.logicalBlockBytes).max() ?? 4096)
     }
 
-    /// The pieces of a request, one per chunk: (virtual chunk, offset in the chunk, offset in the request, length).
-    private func pieces(offset: UInt64, length: UInt64) -> [(chunk: UInt64, within: UInt64, requestOffset: UInt64, length: UInt64)] {
-        var result: [(UInt64, UInt64, UInt64, UInt64)] = []
+    /// Calls `body` with each piece of a request, one per chunk: (virtual chunk, offset in the chunk,
+    /// offset in the request, length).
+    private func forEachPiece(
+        offset: UInt64, length: UInt64, _ body: (_ chunk: UInt64, _ within: UInt64, _ requestOffset: Int, _ length: Int) async throws -> Void
+    ) async throws {
         var position = offset
         while position < offset + length {
-            let chunk = position / pool.chunkBytes
-            let within = position % pool.chunkBytes
-            let piece = min(pool.chunkBytes - within, offset + length - position)
-            result.append((chunk, within, position - offset, piece))
+            let within = position % chunkBytes
+            let piece = min(chunkBytes - within, offset + length - position)
+            try await body(position / chunkBytes, within, Int(position - offset), Int(piece))
             position += piece
         }
-        return result
-    }
-
-    private func dataOffset(_ physical: UInt64, _ within: UInt64) -> UInt64 {
-        pool.dataOffset + physical * pool.chunkBytes + within
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
         try validate(offset: offset, length: buffer.count, operation: "read")
         try gate.enter(operation: "read", name: name)
         defer { gate.leave() }
-        for piece in pieces(offset: offset, length: UInt64(buffer.count)) {
-            let destination = UnsafeMutableRawBufferPointer(
-                rebasing: buffer[Int(piece.requestOffset)..<Int(piece.requestOffset + piece.length)])
-            let physical = try await pool.lock.withLock { try await pool.mapping(volume: id, chunk: piece.chunk) }
-            if let physical {
-                try await pool.device.read(into: destination, at: dataOffset(physical, piece.within))
+        try await forEachPiece(offset: offset, length: UInt64(buffer.count)) { chunk, within, requestOffset, length in
+            let destination = UnsafeMutableRawBufferPointer(rebasing: buffer[requestOffset..<(requestOffset + length)])
+            let (location, epoch) = try await pool.lock.withLock { () async throws -> ((device: any BlockDevice, offset: UInt64)?, Int) in
+                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
+                let physical = try await MetadataBTree.lookup(chunk, root: record.root, in: pool.area)
+                return (physical.map { pool.location(of: $0) }, pool.inFlight.enter())
+            }
+            defer { pool.inFlight.leave(epoch) }
+            if let location {
+                try await location.device.read(into: destination, at: location.offset + within)
             } else {
                 destination.initializeMemory(as: UInt8.self, repeating: 0)
             }
@@ -59,41 +65,73 @@ public final class ThinVolume: BlockDevice {
 
     public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
         try validate(offset: offset, length: buffer.count, operation: "write")
+        try checkWritable(operation: "write", offset: offset, length: UInt64(buffer.count))
         try gate.enter(operation: "write", name: name)
         defer { gate.leave() }
-        for piece in pieces(offset: offset, length: UInt64(buffer.count)) {
-            let source = UnsafeRawBufferPointer(rebasing: buffer[Int(piece.requestOffset)..<Int(piece.requestOffset + piece.length)])
-            try await writePiece(chunk: piece.chunk, within: piece.within, source: source)
+        try await forEachPiece(offset: offset, length: UInt64(buffer.count)) { chunk, within, requestOffset, length in
+            let source = UnsafeRawBufferPointer(rebasing: buffer[requestOffset..<(requestOffset + length)])
+            try await writePiece(chunk: chunk, within: within, source: source)
         }
-        if fua { try await flush() }
+        if fua { try await pool.commit() }
     }
 
+    private enum ChunkState {
+        case unmapped
+        case exclusive(device: any BlockDevice, offset: UInt64)
+        case shared(physical: UInt64, device: any BlockDevice, offset: UInt64)
+    }
+
+    /// Writes within one chunk: in place when the volume owns the chunk alone, else into a new chunk
+    /// (zeros or a copy of the shared one around the data) that is then mapped. Retries when a
+    /// concurrent write changed the mapping first.
     private func writePiece(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws {
-        if let physical = try await pool.lock.withLock({ try await pool.mapping(volume: id, chunk: chunk) }) {
-            try await pool.device.write(from: source, at: dataOffset(physical, within), fua: false)
-            return
-        }
-        let fresh = try await pool.lock.withLock { try await pool.allocateChunk() }
-        // The whole chunk, so that nothing of its previous life shows through.
-        let whole = AlignedBuffer(count: Int(pool.chunkBytes))
-        (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
-        do {
-            try await pool.device.write(from: whole, at: dataOffset(fresh, 0))
-        } catch {
-            try? await pool.lock.withLock { try await pool.returnChunk(fresh) }
-            throw error
-        }
-        let winner: UInt64? = try await pool.lock.withLock {
-            if let existing = try await pool.mapping(volume: id, chunk: chunk) {
-                try await pool.returnChunk(fresh)
-                return existing
+        while true {
+            let (state, epoch) = try await pool.lock.withLock { () async throws -> (ChunkState, Int) in
+                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
+                let epoch = pool.inFlight.enter()
+                guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: pool.area) else {
+                    return (.unmapped, epoch)
+                }
+                let location = pool.location(of: found.value)
+                if !found.shared, try await pool.referenceCount(of: found.value) == 1 {
+                    return (.exclusive(device: location.device, offset: location.offset), epoch)
+                }
+                return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
             }
-            try await pool.map(volume: id, chunk: chunk, to: fresh)
-            return nil
-        }
-        if let winner {
-            // Another first write mapped the chunk meanwhile: write into its chunk instead.
-            try await pool.device.write(from: source, at: dataOffset(winner, within), fua: false)
+            // The whole chunk for a new mapping: zeros, or the shared chunk's data, under the write.
+            let whole: AlignedBuffer
+            let replacing: UInt64?
+            do {
+                defer { pool.inFlight.leave(epoch) }
+                switch state {
+                case let .exclusive(device, offset):
+                    try await device.write(from: source, at: offset + within, fua: false)
+                    return
+                case .unmapped:
+                    whole = AlignedBuffer(count: Int(chunkBytes))
+                    replacing = nil
+                case let .shared(physical, device, offset):
+                    whole = AlignedBuffer(count: Int(chunkBytes), zeroed: false)
+                    try await device.read(into: whole, at: offset)
+                    replacing = physical
+                }
+            }
+            (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
+            let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
+                let fresh = try await pool.allocateChunkLocked()
+                return (fresh, pool.location(of: fresh))
+            }
+            do {
+                try await location.device.write(from: whole, at: location.offset)
+                let mapped = try await pool.lock.withLock {
+                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: replacing)
+                }
+                if mapped { return }
+            } catch {
+                await pool.lock.withLock { pool.returnChunk(fresh) }
+                throw error
+            }
+            await pool.lock.withLock { pool.returnChunk(fresh) }
         }
     }
 
@@ -114,18 +152,30 @@ public final class ThinVolume: BlockDevice {
     /// Unmaps the whole chunks of a range and zeroes the mapped parts of partial ones.
     private func release(offset: UInt64, length: UInt64, operation: String) async throws {
         try validate(offset: offset, length: length, operation: operation)
+        try checkWritable(operation: operation, offset: offset, length: length)
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
-        let parts = pieces(offset: offset, length: length)
-        let whole = parts.filter { $0.within == 0 && $0.length == pool.chunkBytes }.map(\.chunk)
-        if let first = whole.first, let last = whole.last {
-            try await pool.lock.withLock { try await pool.unmap(volume: id, chunks: first...last) }
+        let firstWhole = (offset + chunkBytes - 1) / chunkBytes
+        let endWhole = (offset + length) / chunkBytes
+        if firstWhole < endWhole {
+            try await pool.lock.withLock {
+                guard var record = pool.records[id] else { throw pool.deletedError(volumeName) }
+                try await pool.unmapLocked(&record, chunks: firstWhole...(endWhole - 1))
+                pool.records[id] = record
+            }
         }
-        for part in parts where !(part.within == 0 && part.length == pool.chunkBytes) {
-            guard let physical = try await pool.lock.withLock({ try await pool.mapping(volume: id, chunk: part.chunk) }) else { continue }
-            let zeros = AlignedBuffer(count: Int(part.length))
-            try await pool.device.write(from: zeros, at: dataOffset(physical, part.within))
+        var zeros: AlignedBuffer?
+        try await forEachPiece(offset: offset, length: length) { chunk, within, _, pieceLength in
+            guard within != 0 || UInt64(pieceLength) != chunkBytes else { return }
+            let mapped = try await pool.lock.withLock { () async throws -> Bool in
+                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
+                return try await MetadataBTree.lookup(chunk, root: record.root, in: pool.area) != nil
+            }
+            guard mapped else { return }  // reads zeros already
+            if zeros == nil { zeros = AlignedBuffer(count: Int(chunkBytes)) }
+            try await writePiece(chunk: chunk, within: within, source: UnsafeRawBufferPointer(rebasing: zeros!.bytes[0..<pieceLength]))
         }
+        withExtendedLifetime(zeros) {}
     }
 
     public func close() async throws {
