@@ -50,6 +50,8 @@ public final class FaultyDevice: BlockDevice {
     /// What the device has done, for tests and reports.
     public struct Statistics: Sendable, Equatable {
         public var operations: UInt64 = 0
+        /// Write requests (writes, write-zeroes and discards) passed on or cached.
+        public var writes: UInt64 = 0
         public var injectedReadErrors: UInt64 = 0
         public var injectedWriteErrors: UInt64 = 0
         public var injectedFlushErrors: UInt64 = 0
@@ -361,6 +363,7 @@ public final class FaultyDevice: BlockDevice {
     private func decide(_ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?) -> Verdict {
         state.withLock { state -> Verdict in
             state.statistics.operations += 1
+            if kind == .writes { state.statistics.writes += 1 }
             if state.poweredOff {
                 return .fail(SpindleError(.deviceGone, "the device has lost power", errno: EIO,
                                           operation: operation, path: name, offset: offset, length: length))

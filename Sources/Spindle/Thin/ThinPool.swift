@@ -294,7 +294,7 @@ public final class ThinPool: @unchecked Sendable {
             }
             for (offset, device) in newDevices.enumerated() {
                 if device.isReadOnly { throw SpindleError(.readOnly, "a read-only device cannot join pool \(name)", path: device.name) }
-                if devices.contains(where: { $0.name == device.name }) {
+                if devices.contains(where: { $0 === device }) {
                     throw SpindleError(.invalidArgument, "the device is in pool \(name) already", operation: "extend pool", path: device.name)
                 }
                 if !overwrite, let label = try await ThinPoolLabel.read(from: device) {
