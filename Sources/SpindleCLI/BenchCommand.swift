@@ -23,6 +23,12 @@ struct BenchCommand: AsyncParsableCommand {
     @Option(parsing: .upToNextOption, help: "Run on the RAID array made of these member images instead of one image.")
     var array: [String] = []
 
+    @Option(help: "Run on the thin volume POOL/NAME instead (the pool is found in --dir).")
+    var volume: String?
+
+    @Option(name: .customLong("dir"), help: "Folder holding the pool of --volume (default: $SPINDLE_DIR, else the current folder).")
+    var directory: String?
+
     @Option(help: "Access pattern: read, write, randread, randwrite or randrw.")
     var rw: Bench.Pattern = .randread
 
@@ -83,8 +89,8 @@ struct BenchCommand: AsyncParsableCommand {
     var json = false
 
     func validate() throws {
-        guard (target == nil) != array.isEmpty else {
-            throw ValidationError("give one image to load, or the member images of an array with --array")
+        guard [target != nil, !array.isEmpty, volume != nil].filter({ $0 }).count == 1 else {
+            throw ValidationError("give one image to load, the member images of an array with --array, or a thin volume with --volume POOL/NAME")
         }
         guard iodepth >= 1 && iodepth <= 4096 else { throw ValidationError("--iodepth must be from 1 to 4096") }
         guard (0...100).contains(rwmixread) else { throw ValidationError("--rwmixread must be a percentage from 0 to 100") }
@@ -105,6 +111,10 @@ struct BenchCommand: AsyncParsableCommand {
 
         if !array.isEmpty {
             try await runOnArray(engine: engine)
+            return
+        }
+        if let volume {
+            try await runOnVolume(volume, engine: engine)
             return
         }
         let target = self.target!
@@ -159,6 +169,33 @@ struct BenchCommand: AsyncParsableCommand {
             try Terminal.printJSON(BenchOutput(report: report, directIO: device.usesDirectIO, engineRingFlags: engine.ringFlags))
         } else {
             printHuman(report, directIO: device.usesDirectIO)
+        }
+    }
+
+    /// Opens the pool and runs the load on one of its volumes.
+    private func runOnVolume(_ path: String, engine: IOEngine) async throws {
+        guard fault.isEmpty else { throw ValidationError("--fault applies to an image or --array members, not to --volume") }
+        let (poolName, volumeName) = try PoolStore.split(path)
+        let folder = directory ?? ProcessInfo.processInfo.environment["SPINDLE_DIR"] ?? "."
+        let opened = try await PoolStore.open(poolName, folder: folder, engine: engine)
+        var progress: (@Sendable (Bench.Progress) -> Void)?
+        if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
+        let workerEngine: IOEngine? = executor == "reactor" ? engine : nil
+        let report: Bench.Report
+        do {
+            let target = try await opened.pool.openVolume(name: volumeName)
+            report = try await Bench.run(on: target, options: options(fill: fill), engine: workerEngine, progress: progress)
+            if Terminal.showsProgress && !json { Terminal.endProgress() }
+        } catch {
+            if Terminal.showsProgress && !json { Terminal.endProgress() }
+            try? await opened.close()
+            throw error
+        }
+        try await opened.close()
+        if json {
+            try Terminal.printJSON(BenchOutput(report: report, directIO: direct, engineRingFlags: engine.ringFlags))
+        } else {
+            printHuman(report, directIO: direct)
         }
     }
 

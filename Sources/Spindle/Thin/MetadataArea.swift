@@ -23,6 +23,13 @@ public final class MetadataArea: MetadataNodeStore {
     /// Eight values for the area's owner (the pool's parameters), recorded with the roots.
     public var parameters: [UInt64] = [UInt64](repeating: 0, count: 8)
     public private(set) var transaction: UInt64
+    private var committedRoots: [UInt64] = []
+    private var committedParameters: [UInt64] = []
+
+    /// Whether the open transaction changed anything (a commit without changes writes nothing).
+    public var hasChanges: Bool {
+        !pending.isEmpty || !releasedNow.isEmpty || roots != committedRoots || parameters != committedParameters
+    }
     /// Nodes kept in memory besides those of the open transaction.
     public let cacheLimit: Int
 
@@ -94,6 +101,8 @@ public final class MetadataArea: MetadataNodeStore {
         let area = MetadataArea(device: device, offset: offset, blockCount: blockCount, roots: best.roots,
                                 transaction: best.transaction + 1, cacheLimit: cacheLimit)
         area.parameters = best.parameters
+        area.committedRoots = best.roots
+        area.committedParameters = best.parameters
         for root in best.roots where root != 0 {
             try await area.countReferences(tree: root)
         }
@@ -208,6 +217,8 @@ public final class MetadataArea: MetadataNodeStore {
         try await writeSuperblock(transaction: transaction, fua: true)
         for node in nodes { remember(node) }
         for block in releasedNow { markFree(block) }
+        committedRoots = roots
+        committedParameters = parameters
         pending = [:]
         releasedNow = []
         allocatedNow = []

@@ -40,6 +40,8 @@ public final class ThinPool: @unchecked Sendable {
     private(set) var devices: [any BlockDevice]
     private(set) var segments: [Segment] = []
     public private(set) var chunkCount: UInt64
+    /// Whether the pool was opened on read-only devices: volumes can be read, nothing changes.
+    public let isReadOnly: Bool
     let area: MetadataArea
     let lock = AsyncMutex()
     let inFlight = InFlightEpochs()
@@ -82,6 +84,7 @@ public final class ThinPool: @unchecked Sendable {
         self.uuid = uuid
         self.devices = devices
         self.area = area
+        isReadOnly = devices.contains { $0.isReadOnly }
         chunkBytes = area.parameters[Parameter.chunkBytes.rawValue]
         chunkCount = area.parameters[Parameter.chunkCount.rawValue]
         usedChunks = area.parameters[Parameter.usedChunks.rawValue]
@@ -337,9 +340,19 @@ public final class ThinPool: @unchecked Sendable {
         dirtyRecords.removeAll()
         area.parameters[Parameter.usedChunks.rawValue] = usedChunks
         area.parameters[Parameter.chunkCount.rawValue] = chunkCount
+        if isReadOnly {
+            guard !area.hasChanges else {
+                throw SpindleError(.readOnly, "pool \(name) is open read-only", operation: "commit", path: name)
+            }
+            return
+        }
         // Data on every device first; the metadata commit flushes device 0 before its superblock.
-        for device in devices.dropFirst() { try await device.flush() }
-        try await area.commit()
+        if area.hasChanges {
+            for device in devices.dropFirst() { try await device.flush() }
+            try await area.commit()
+        } else {
+            for device in devices { try await device.flush() }
+        }
         // Requests that looked up a mapping before the chunks in `pendingFree` were unmapped must
         // finish before those chunks can be handed out again.
         await inFlight.drain()

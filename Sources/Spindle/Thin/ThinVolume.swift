@@ -24,7 +24,7 @@ public final class ThinVolume: BlockDevice {
         id = record.id
         volumeName = record.name
         capacityBytes = record.sizeBytes
-        isReadOnly = record.readOnly && !ignoreReadOnly
+        isReadOnly = (record.readOnly && !ignoreReadOnly) || pool.isReadOnly
         chunkBytes = pool.chunkBytes
         logicalBlockBytes = max(4096, pool.devices.map(\.logicalBlockBytes).max() ?? 4096)
     }
@@ -176,6 +176,21 @@ public final class ThinVolume: BlockDevice {
             try await writePiece(chunk: chunk, within: within, source: UnsafeRawBufferPointer(rebasing: zeros!.bytes[0..<pieceLength]))
         }
         withExtendedLifetime(zeros) {}
+    }
+
+    /// The virtual chunks in `range` that hold data (are mapped), in order: what a sparse-aware copy
+    /// reads. Chunks past the end are never mapped.
+    public func mappedChunks(in range: Range<UInt64>) async throws -> [UInt64] {
+        guard !range.isEmpty else { return [] }
+        return try await pool.lock.withLock {
+            guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
+            var result: [UInt64] = []
+            try await MetadataBTree.forEach(in: range.lowerBound...(range.upperBound - 1), root: record.root, store: pool.area) { key, _ in
+                result.append(key)
+                return true
+            }
+            return result
+        }
     }
 
     public func close() async throws {
