@@ -98,6 +98,11 @@ public final class ThinVolume: BlockDevice {
                 }
                 return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
             }
+            if case .unmapped = state {
+                pool.inFlight.leave(epoch)
+                if try await writeFresh(chunk: chunk, within: within, source: source) { return }
+                continue
+            }
             // The whole chunk for a new mapping: zeros, or the shared chunk's data, under the write.
             let whole: AlignedBuffer
             let replacing: UInt64?
@@ -108,8 +113,7 @@ public final class ThinVolume: BlockDevice {
                     try await device.write(from: source, at: offset + within, fua: false)
                     return
                 case .unmapped:
-                    whole = AlignedBuffer(count: Int(chunkBytes))
-                    replacing = nil
+                    preconditionFailure("first writes go through writeFresh")
                 case let .shared(physical, device, offset):
                     whole = AlignedBuffer(count: Int(chunkBytes), zeroed: false)
                     try await device.read(into: whole, at: offset)
@@ -133,6 +137,51 @@ public final class ThinVolume: BlockDevice {
             }
             await pool.lock.withLock { pool.returnChunk(fresh) }
         }
+    }
+
+    /// A first write: the data goes to a fresh chunk, and the rest of the chunk is zeroed, so nothing
+    /// of the chunk's previous life shows through. On devices that zero ranges without writing them
+    /// (image files: a discard reads zeros) the zeroing runs alongside the data write, so a 4 KiB
+    /// first write costs a 4 KiB write, not a whole chunk; elsewhere (arrays) the whole chunk is
+    /// written in one request. Returns false when a concurrent write mapped the chunk
+    /// first (the caller retries).
+    private func writeFresh(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws -> Bool {
+        let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
+            let fresh = try await pool.allocateChunkLocked()
+            return (fresh, pool.location(of: fresh))
+        }
+        do {
+            let end = within + UInt64(source.count)
+            let device = location.device
+            let base = location.offset
+            if !device.discardReadsZeroes {
+                // Zeros must be written: the whole chunk in one request.
+                let whole = AlignedBuffer(count: Int(chunkBytes))
+                (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
+                try await device.write(from: whole, at: base)
+                let mapped = try await pool.lock.withLock {
+                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
+                }
+                if !mapped { await pool.lock.withLock { pool.returnChunk(fresh) } }
+                return mapped
+            }
+            async let head: Void = within > 0 ? device.writeZeroes(offset: base, length: within) : ()
+            async let tail: Void = end < chunkBytes ? device.writeZeroes(offset: base + end, length: chunkBytes - end) : ()
+            var dataError: (any Error)?
+            do { try await device.write(from: source, at: base + within, fua: false) } catch { dataError = error }
+            try await head
+            try await tail
+            if let dataError { throw dataError }
+            let mapped = try await pool.lock.withLock {
+                try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
+            }
+            if mapped { return true }
+        } catch {
+            await pool.lock.withLock { pool.returnChunk(fresh) }
+            throw error
+        }
+        await pool.lock.withLock { pool.returnChunk(fresh) }
+        return false
     }
 
     public func flush() async throws {
