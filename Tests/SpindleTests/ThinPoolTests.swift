@@ -44,6 +44,31 @@ struct ThinPoolTests {
         #expect(chunk.array == expected)
     }
 
+    @Test("a chunk used before, freed and reused by a partial first write reads zeros around the write")
+    func reusedChunkReadsZeros() async throws {
+        let device = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
+        let pool = try await ThinPool.create(name: "reuse", devices: [device])
+        let first = try await pool.createVolume(name: "a", sizeBytes: pool.chunkCount * pool.chunkBytes)
+        let junk = AlignedBuffer(count: Int(first.capacityBytes))
+        junk.fill(0xEE)
+        try await first.write(from: junk, at: 0)
+        try await pool.deleteVolume(name: "a")
+        #expect(await pool.usage.usedChunks == 0)
+        let second = try await pool.createVolume(name: "b", sizeBytes: pool.chunkCount * pool.chunkBytes)
+        let data = AlignedBuffer(count: 4096)
+        data.fill(0x11)
+        for chunk in 0..<pool.chunkCount {
+            try await second.write(from: data, at: chunk * pool.chunkBytes + 8192)
+        }
+        var expected = [UInt8](repeating: 0, count: Int(pool.chunkBytes))
+        expected.replaceSubrange(8192..<12288, with: data.array)
+        let chunk = AlignedBuffer(count: Int(pool.chunkBytes))
+        for index in 0..<pool.chunkCount {
+            try await second.read(into: chunk, at: index * pool.chunkBytes)
+            #expect(chunk.array == expected, "chunk \(index) shows data of a deleted volume")
+        }
+    }
+
     @Test("a full pool refuses writes that need space, names itself, and works again after a discard and flush")
     func poolFull() async throws {
         let device = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)

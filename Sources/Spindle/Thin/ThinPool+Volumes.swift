@@ -286,9 +286,10 @@ extension ThinPool {
         }
     }
 
-    /// A free chunk, reserved until ``mapLocked`` or ``returnChunk``: not in use, not freed in
-    /// this transaction (committed mappings may still name it), not reserved by another write.
-    func allocateChunkLocked() async throws -> UInt64 {
+    /// A free chunk, reserved until ``mapLocked`` or ``returnChunk``, and whether it is clean (has
+    /// held no data since it was zeroed). Never-used chunks come first; then free chunks that are
+    /// not freed in this transaction (committed mappings may still name them) nor reserved.
+    func allocateChunkLocked() async throws -> (chunk: UInt64, clean: Bool) {
         guard usedChunks + UInt64(pendingFree.count + reserved.count) < chunkCount else {
             let percent = chunkCount == 0 ? 100 : usedChunks * 100 / chunkCount
             let waiting = pendingFree.count
@@ -297,14 +298,26 @@ extension ThinPool {
                 "pool \(name) is full: \(usedChunks) of \(chunkCount) chunks used (\(percent)% of \(ByteSize.format(chunkCount * chunkBytes)))\(waiting == 0 ? "" : "; \(waiting) chunks freed since the last flush come back after it")",
                 operation: "allocate", path: name)
         }
+        if cleanNext < chunkCount {
+            if cleanNext >= dirtyBelow {
+                // Record first that the next batch may be written, so a crash leaves it counted dirty.
+                dirtyBelow = min(chunkCount, cleanNext + max(1024, chunkCount / 64))
+                try await commitLocked()
+            }
+            let chunk = cleanNext
+            cleanNext += 1
+            reserved.insert(chunk)
+            return (chunk, true)
+        }
         let root = area.roots[Root.referenceCounts.rawValue]
         func available(_ chunk: UInt64) -> Bool { !pendingFree.contains(chunk) && !reserved.contains(chunk) }
         // The first gap in the reference-count keys from the cursor on, then from the start.
-        for start in [cursor, 0] {
+        let limit = cleanNext
+        for start in [min(cursor, limit), 0] {
             var candidate = start
             var found: UInt64?
             try await MetadataBTree.forEach(in: start...UInt64.max, root: root, store: area) { key, _ in
-                while candidate < key && candidate < chunkCount {
+                while candidate < key && candidate < limit {
                     if available(candidate) {
                         found = candidate
                         return false
@@ -312,10 +325,10 @@ extension ThinPool {
                     candidate += 1
                 }
                 candidate = max(candidate, key + 1)
-                return candidate < chunkCount
+                return candidate < limit
             }
             if found == nil {
-                while candidate < chunkCount {
+                while candidate < limit {
                     if available(candidate) {
                         found = candidate
                         break
@@ -325,8 +338,8 @@ extension ThinPool {
             }
             if let found {
                 reserved.insert(found)
-                cursor = found + 1 >= chunkCount ? 0 : found + 1
-                return found
+                cursor = found + 1 >= limit ? 0 : found + 1
+                return (found, false)
             }
         }
         throw SpindleError(.noSpace, "pool \(name) has no free chunk", operation: "allocate", path: name)

@@ -23,7 +23,8 @@ public final class ThinPool: @unchecked Sendable {
 
     /// Parameters in the metadata superblock.
     enum Parameter: Int {
-        case magic = 0, chunkBytes = 1, chunkCount = 2, nextVolume = 3, deviceCount = 4, uuidHigh = 5, uuidLow = 6, usedChunks = 7
+        /// chunkBytes | deviceCount << 32.
+        case magic = 0, chunkBytesAndDevices = 1, chunkCount = 2, nextVolume = 3, dirtyBelow = 4, uuidHigh = 5, uuidLow = 6, usedChunks = 7
     }
 
     static let parameterMagic: UInt64 = 0x324C_4F50_4E49_4854  // "THINPOL2" little-endian
@@ -55,6 +56,13 @@ public final class ThinPool: @unchecked Sendable {
     var reserved: Set<UInt64> = []
     var cursor: UInt64 = 0
     var usedChunks: UInt64
+    /// Chunks from here on have held no data since they were zeroed (discarded at creation or
+    /// extension): a first write into one writes only its data. Recorded in the metadata and raised
+    /// in batches, always ahead of ``cleanNext``, so that after a crash every chunk that may have
+    /// been written counts as dirty.
+    var dirtyBelow: UInt64
+    /// The next never-used chunk to hand out (in memory; reopening starts at ``dirtyBelow``).
+    var cleanNext: UInt64
     lazy var dataReferences = DataReferences(pool: self)
 
     /// A run of pool chunks stored contiguously on one device.
@@ -85,9 +93,11 @@ public final class ThinPool: @unchecked Sendable {
         self.devices = devices
         self.area = area
         isReadOnly = devices.contains { $0.isReadOnly }
-        chunkBytes = area.parameters[Parameter.chunkBytes.rawValue]
+        chunkBytes = area.parameters[Parameter.chunkBytesAndDevices.rawValue] & 0xFFFF_FFFF
         chunkCount = area.parameters[Parameter.chunkCount.rawValue]
         usedChunks = area.parameters[Parameter.usedChunks.rawValue]
+        dirtyBelow = area.parameters[Parameter.dirtyBelow.rawValue]
+        cleanNext = dirtyBelow
     }
 
     /// Metadata blocks for `chunks` data chunks: a mapping and a reference count per chunk in
@@ -143,6 +153,15 @@ public final class ThinPool: @unchecked Sendable {
             segments.append(Segment(firstChunk: total, chunks: chunks, device: index, deviceChunk: start))
             total += chunks
         }
+        // Zero the data (a discard on an image file punches holes, at no cost) so that first writes
+        // need not zero their chunks; on devices that would have to write the zeros, every chunk
+        // starts dirty and first writes zero the rest of their chunk themselves.
+        let zeroed = devices.allSatisfy(\.discardReadsZeroes)
+        if zeroed {
+            for segment in segments {
+                try await devices[segment.device].discard(offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
+            }
+        }
         let uuid = SpindleUUID.random()
         for (index, device) in devices.enumerated() {
             let label = ThinPoolLabel(poolUUID: uuid, poolName: name, deviceIndex: index, chunkBytes: chunkBytes,
@@ -151,7 +170,7 @@ public final class ThinPool: @unchecked Sendable {
         }
         let area = try await MetadataArea.format(
             device: devices[0], offset: metadataOffset, blockCount: blocks,
-            parameters: [parameterMagic, chunkBytes, total, 1, UInt64(devices.count), uuid.high, uuid.low, 0])
+            parameters: [parameterMagic, chunkBytes | UInt64(devices.count) << 32, total, 1, zeroed ? 0 : total, uuid.high, uuid.low, 0])
         area.roots[Root.volumes.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.segments.rawValue] = try await MetadataBTree.create(in: area)
@@ -196,7 +215,7 @@ public final class ThinPool: @unchecked Sendable {
         guard uuid == first.label.poolUUID else {
             throw SpindleError(.invalidArgument, "the metadata belongs to pool \(uuid), the label to \(first.label.poolUUID)", operation: "open pool", path: first.device.name)
         }
-        let deviceCount = Int(area.parameters[Parameter.deviceCount.rawValue])
+        let deviceCount = Int(area.parameters[Parameter.chunkBytesAndDevices.rawValue] >> 32)
         if let stray = labelled.first(where: { $0.label.deviceIndex >= deviceCount }) {
             throw SpindleError(.invalidArgument, "the device is labelled device \(stray.label.deviceIndex) of pool \(poolName), which has \(deviceCount) devices (an extend that did not finish)",
                                operation: "open pool", path: stray.device.name)
@@ -324,8 +343,17 @@ public final class ThinPool: @unchecked Sendable {
                 try await label.write(to: device)
             }
             devices += newDevices
+            // New space is zeroed like a new pool's, or counts as dirty.
+            if added.allSatisfy({ devices[$0.device].discardReadsZeroes }) && dirtyBelow <= chunkCount {
+                for segment in added {
+                    try await devices[segment.device].discard(offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
+                }
+            } else {
+                dirtyBelow = total
+                cleanNext = total
+            }
             for segment in added { try await recordSegment(segment) }
-            area.parameters[Parameter.deviceCount.rawValue] = UInt64(devices.count)
+            area.parameters[Parameter.chunkBytesAndDevices.rawValue] = chunkBytes | UInt64(devices.count) << 32
             try await commitLocked()
             return chunkCount - before
         }
@@ -340,6 +368,7 @@ public final class ThinPool: @unchecked Sendable {
         dirtyRecords.removeAll()
         area.parameters[Parameter.usedChunks.rawValue] = usedChunks
         area.parameters[Parameter.chunkCount.rawValue] = chunkCount
+        area.parameters[Parameter.dirtyBelow.rawValue] = dirtyBelow
         if isReadOnly {
             guard !area.hasChanges else {
                 throw SpindleError(.readOnly, "pool \(name) is open read-only", operation: "commit", path: name)

@@ -122,7 +122,7 @@ public final class ThinVolume: BlockDevice {
             }
             (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
             let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
-                let fresh = try await pool.allocateChunkLocked()
+                let fresh = try await pool.allocateChunkLocked().chunk
                 return (fresh, pool.location(of: fresh))
             }
             do {
@@ -146,19 +146,29 @@ public final class ThinVolume: BlockDevice {
     /// written in one request. Returns false when a concurrent write mapped the chunk
     /// first (the caller retries).
     private func writeFresh(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws -> Bool {
-        let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
-            let fresh = try await pool.allocateChunkLocked()
-            return (fresh, pool.location(of: fresh))
+        let (fresh, clean, location) = try await pool.lock.withLock {
+            () async throws -> (UInt64, Bool, (device: any BlockDevice, offset: UInt64)) in
+            let (fresh, clean) = try await pool.allocateChunkLocked()
+            return (fresh, clean, pool.location(of: fresh))
         }
         do {
             let end = within + UInt64(source.count)
             let device = location.device
             let base = location.offset
-            if !device.discardReadsZeroes {
+            if !clean && !device.discardReadsZeroes {
                 // Zeros must be written: the whole chunk in one request.
                 let whole = AlignedBuffer(count: Int(chunkBytes))
                 (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
                 try await device.write(from: whole, at: base)
+                let mapped = try await pool.lock.withLock {
+                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
+                }
+                if !mapped { await pool.lock.withLock { pool.returnChunk(fresh) } }
+                return mapped
+            }
+            if clean {
+                // The chunk reads zeros already: only the data is written.
+                try await device.write(from: source, at: base + within, fua: false)
                 let mapped = try await pool.lock.withLock {
                     try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
                 }
