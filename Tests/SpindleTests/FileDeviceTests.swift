@@ -16,12 +16,12 @@ struct FileDeviceTests {
         let device = try FileDevice.create(path: path, sizeBytes: 8 << 20, engine: engine, options: options)
         #expect(device.usesDirectIO == (directIO == .preferred))
         let expected = try await exerciseConcurrently(device, engine: onReactor ? engine : nil, seed: 7)
-        #expect(try await readAll(device) == expected)
+        #expect(byteDifference(try await readAll(device), expected) == nil)
         try await device.flush()
         try await device.close()
 
         let reopened = try FileDevice.open(path: path, engine: engine, options: options)
-        #expect(try await readAll(reopened) == expected)
+        #expect(byteDifference(try await readAll(reopened), expected) == nil)
         try await reopened.close()
     }
 
@@ -38,7 +38,7 @@ struct FileDeviceTests {
         try await device.write(from: parts.map { $0.readOnlyBytes }, at: 8192)
         let whole = AlignedBuffer(count: 4096 * 6)
         try await device.read(into: whole, at: 8192)
-        #expect(whole.array == parts.flatMap { $0.array })
+        #expect(byteDifference(whole.array, parts.flatMap { $0.array }) == nil)
 
         let targets = (0..<2).map { _ in AlignedBuffer(count: 4096 * 3) }
         try await device.read(into: targets.map { $0.bytes }, at: 8192)
@@ -89,7 +89,7 @@ struct FileDeviceTests {
         }
         let check = AlignedBuffer(count: 8192)
         try await device.read(into: check, at: 0)
-        #expect(check.array == original.array, "failed requests must not change data")
+        #expect(byteDifference(check.array, original.array) == nil, "failed requests must not change data")
         try await device.close()
     }
 
@@ -190,7 +190,7 @@ struct FileDeviceTests {
         var expected = data.array
         expected.replaceSubrange((1 << 20)..<(2 << 20), with: repeatElement(0, count: 1 << 20))
         expected.replaceSubrange((3 << 20)..<((3 << 20) + 4096), with: repeatElement(0, count: 4096))
-        #expect(try await readAll(device) == expected)
+        #expect(byteDifference(try await readAll(device), expected) == nil)
         try await device.close()
     }
 
@@ -285,7 +285,7 @@ struct FileDeviceTests {
         try await device.write(from: data, at: 4096)
         let back = AlignedBuffer(count: 4096)
         try await device.read(into: back, at: 4096)
-        #expect(back.array == data.array)
+        #expect(byteDifference(back.array, data.array) == nil)
         try await device.close()
         expectError(await spindleError {
             _ = try FileDevice.open(path: path, options: FileDevice.Options(directIO: .required))

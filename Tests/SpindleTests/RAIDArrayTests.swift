@@ -41,12 +41,12 @@ struct RAIDArrayTests {
         let array = try await RAIDArray.create(name: "r\(level.rawValue)", level: level, chunkBytes: 4096,
                                                members: memory.map { Reopenable($0) })
         let expected = try await exerciseConcurrently(array, engine: nil, tasks: 8, operationsPerTask: 80, seed: UInt64(level.rawValue))
-        #expect(try await readAll(array) == expected)
+        #expect(byteDifference(try await readAll(array), expected) == nil)
         try await array.close()
         let report = try await RAIDArray.assemble(members: memory.reversed().map { Reopenable($0) })
         #expect(report.notes.isEmpty, "\(report.notes)")
         #expect(report.resyncedBytes == 0, "a cleanly closed array needs no resync")
-        #expect(try await readAll(report.array) == expected)
+        #expect(byteDifference(try await readAll(report.array), expected) == nil)
         #expect(report.array.status.state == "clean")
         if level != .raid0 {
             let scrub = try await report.array.scrub()
@@ -67,14 +67,14 @@ struct RAIDArrayTests {
             let before = memory[failed].snapshot()
             try await array.fail(memberNamed: "m\(failed)")
             #expect(array.status.state == "degraded")
-            #expect(try await readAll(array) == expected, "degraded read with slot \(failed) failed")
+            #expect(byteDifference(try await readAll(array), expected) == nil, "degraded read with slot \(failed) failed")
             // Writes while degraded go through parity.
             let patch = AlignedBuffer(count: 12288)
             fillRandom(patch.bytes, seed: 99)
             var updated = expected
             try await array.write(from: patch, at: 20480)
             updated.replaceSubrange(20480..<(20480 + 12288), with: patch.array)
-            #expect(try await readAll(array) == updated)
+            #expect(byteDifference(try await readAll(array), updated) == nil)
 
             let replacement = try MemoryDevice(capacityBytes: memory[0].capacityBytes, name: "new\(failed)")
             try await array.replace(memberNamed: "m\(failed)", with: Reopenable(replacement))
@@ -82,7 +82,7 @@ struct RAIDArrayTests {
             let rebuilt = try await array.rebuild()
             #expect(rebuilt == array.geometry.memberDataBytes)
             #expect(array.status.state == "clean" || array.status.state == "active")
-            #expect(try await readAll(array) == updated)
+            #expect(byteDifference(try await readAll(array), updated) == nil)
             #expect(try await array.scrub().mismatches == 0)
             // Rewriting the same contents as before the failure makes the new member equal the old one.
             let original = AlignedBuffer(count: 12288)
@@ -106,9 +106,9 @@ struct RAIDArrayTests {
         let head = AlignedBuffer(count: 65536)
         for _ in 0..<4 {
             try await array.read(into: head, at: 0)
-            #expect(head.array == Array(expected[0..<65536]))
+            #expect(byteDifference(head.array, Array(expected[0..<65536])) == nil)
         }
-        #expect(try await readAll(array) == expected)
+        #expect(byteDifference(try await readAll(array), expected) == nil)
         #expect(array.status.slots.allSatisfy { $0.state == .active }, "a read error alone does not fail a member")
         let errors = faulty[0].statistics.injectedReadErrors
         #expect(errors > 0)
@@ -130,7 +130,7 @@ struct RAIDArrayTests {
         expected.replaceSubrange(0..<65536, with: patch.array)
         #expect(array.status.slots[0].state == .faulty)
         #expect(array.status.state == "degraded")
-        #expect(try await readAll(array) == expected)
+        #expect(byteDifference(try await readAll(array), expected) == nil)
         // A second failure loses the array: writes are refused with a clear error.
         faulty[1].failWrites()
         let error = await spindleError { try await array.write(from: patch, at: 0) }
@@ -148,7 +148,7 @@ struct RAIDArrayTests {
         try await array.fail(memberNamed: "m1")
         #expect(array.status.slots[1].device == "m3" && array.status.slots[1].state == .rebuilding)
         try await array.rebuild()
-        #expect(try await readAll(array) == expected)
+        #expect(byteDifference(try await readAll(array), expected) == nil)
         #expect(try await array.scrub().mismatches == 0)
         try await array.close()
     }
@@ -183,7 +183,7 @@ struct RAIDArrayTests {
         let rebuilt = try await report.array.rebuild()
         #expect(checkpoint < report.array.geometry.memberDataBytes)
         #expect(rebuilt == report.array.geometry.memberDataBytes - checkpoint, "resumed from the checkpoint, not from zero")
-        #expect(try await readAll(report.array) == expected)
+        #expect(byteDifference(try await readAll(report.array), expected) == nil)
         #expect(try await report.array.scrub().mismatches == 0)
         try await report.array.close()
     }
@@ -249,7 +249,7 @@ struct RAIDArrayTests {
         try await stale.write(from: image, at: 0)
         let report = try await RAIDArray.assemble(members: [memory[0], stale, memory[2]].map { Reopenable($0) })
         #expect(report.notes.contains { $0.contains("m1-back is stale") }, "\(report.notes)")
-        #expect(try await readAll(report.array) == expected)
+        #expect(byteDifference(try await readAll(report.array), expected) == nil)
         try await report.array.close()
 
         let fresh = try memoryMembers(3, prefix: "t")
@@ -263,7 +263,7 @@ struct RAIDArrayTests {
         let truncated = try await RAIDArray.assemble(members: [fresh[0], fresh[1], short].map { Reopenable($0) })
         #expect(truncated.notes.contains { $0.contains("t2-short is truncated") }, "\(truncated.notes)")
         #expect(truncated.array.status.state == "degraded")
-        #expect(try await readAll(truncated.array) == cleanData)
+        #expect(byteDifference(try await readAll(truncated.array), cleanData) == nil)
         try await truncated.array.close()
     }
 
@@ -276,7 +276,7 @@ struct RAIDArrayTests {
         let expected = try await exerciseConcurrently(stripe, engine: nil, tasks: 4, operationsPerTask: 60, seed: 10)
         try await mirrorA.fail(memberNamed: "m0")
         try await mirrorB.fail(memberNamed: "m3")
-        #expect(try await readAll(stripe) == expected)
+        #expect(byteDifference(try await readAll(stripe), expected) == nil)
         try await stripe.close()
     }
 
@@ -327,7 +327,7 @@ struct RAIDArrayTests {
             }
             // And a member failure now reconstructs exactly what the array read.
             try await report.array.fail(memberNamed: "m\(seed % 4)")
-            #expect(try await readAll(report.array) == after, "seed \(seed): reconstruction disagrees with the data")
+            #expect(byteDifference(try await readAll(report.array), after) == nil, "seed \(seed): reconstruction disagrees with the data")
             try await report.array.close()
         }
     }
@@ -364,7 +364,7 @@ struct RAIDArrayTests {
         // A crash now: reassembly needs no resync.
         let report = try await RAIDArray.assemble(members: memory.map { Reopenable($0) })
         #expect(report.resyncedBytes == 0 && report.notes.isEmpty, "\(report.notes)")
-        #expect(try await readAll(report.array) == expected)
+        #expect(byteDifference(try await readAll(report.array), expected) == nil)
         report.array.setIdleCleanDelay(nanoseconds: 0)
         let patch = AlignedBuffer(count: 4096)
         try await report.array.write(from: patch, at: 0)

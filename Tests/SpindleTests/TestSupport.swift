@@ -153,3 +153,14 @@ func openDescriptors(matching fragment: String) -> Int {
     }
     return count
 }
+
+/// nil when the bytes are equal; else where they first differ, in a few words (a failed
+/// expectation then prints this, not two arrays of megabytes).
+func byteDifference(_ got: [UInt8], _ expected: [UInt8]) -> String? {
+    if got == expected { return nil }
+    guard let index = (0..<min(got.count, expected.count)).first(where: { got[$0] != expected[$0] }) else {
+        return "lengths differ: \(got.count) bytes, expected \(expected.count)"
+    }
+    let differing = (index..<min(got.count, expected.count)).filter { got[$0] != expected[$0] }.count
+    return "first difference at byte \(index) (block \(index / 4096)): \(got[index]) instead of \(expected[index]); \(differing) bytes differ"
+}
