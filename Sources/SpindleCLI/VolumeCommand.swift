@@ -300,24 +300,60 @@ enum VolumeCopy {
             }
             let padded = (length + 4095) / 4096 * 4096
             if padded > length { buffer.bytes.baseAddress!.advanced(by: length).initializeMemory(as: UInt8.self, repeating: 0, count: padded - length) }
-            var start = 0
-            while start < padded {
-                let end = min(padded, (start / chunkBytes + 1) * chunkBytes)
-                let slice = UnsafeRawBufferPointer(rebasing: buffer.bytes[start..<end])
-                if slice.allSatisfy({ $0 == 0 }) {
-                    try await volume.discard(offset: offset + UInt64(start), length: UInt64(end - start))
-                    result.skippedBytes += UInt64(min(end, length) - min(start, length))
-                } else {
-                    try await volume.write(from: buffer, range: start..<end, at: offset + UInt64(start))
-                    result.writtenBytes += UInt64(min(end, length) - start)
+            // Each chunk of the piece at once: whole zero chunks are discarded (no space), runs of
+            // zero blocks inside a chunk are written as zeros only where the chunk holds data.
+            let base = offset
+            let counts = try await withThrowingTaskGroup(of: (written: UInt64, skipped: UInt64).self) { group in
+                for start in stride(from: 0, to: padded, by: chunkBytes) {
+                    let end = min(padded, start + chunkBytes)
+                    group.addTask {
+                        try await importChunk(buffer, range: start..<end, dataEnd: length, at: base, into: volume)
+                    }
                 }
-                start = end
+                var total: (written: UInt64, skipped: UInt64) = (0, 0)
+                for try await counts in group {
+                    total.written += counts.written
+                    total.skipped += counts.skipped
+                }
+                return total
             }
+            result.writtenBytes += counts.written
+            result.skippedBytes += counts.skipped
             offset += UInt64(length)
             progress.update(doneBytes: offset)
         }
         progress.finish()
         return result
+    }
+
+    /// Copies one chunk's part of the buffer: nothing but a discard when it is all zeros; else its
+    /// runs of non-zero 4 KiB blocks are written and its runs of zero blocks zeroed (which costs
+    /// nothing where the chunk was never written).
+    private static func importChunk(
+        _ buffer: AlignedBuffer, range: Range<Int>, dataEnd: Int, at base: UInt64, into volume: ThinVolume
+    ) async throws -> (written: UInt64, skipped: UInt64) {
+        let bytes = UnsafeRawBufferPointer(buffer.bytes)
+        func isZero(_ block: Int) -> Bool {
+            UnsafeRawBufferPointer(rebasing: bytes[block..<(block + 4096)]).allSatisfy { $0 == 0 }
+        }
+        var written: UInt64 = 0
+        var skipped: UInt64 = 0
+        var start = range.lowerBound
+        while start < range.upperBound {
+            let zero = isZero(start)
+            var end = start + 4096
+            while end < range.upperBound && isZero(end) == zero { end += 4096 }
+            let counted = UInt64(max(0, min(end, dataEnd) - start))
+            if zero {
+                try await volume.discard(offset: base + UInt64(start), length: UInt64(end - start))
+                skipped += counted
+            } else {
+                try await volume.write(from: buffer, range: start..<end, at: base + UInt64(start))
+                written += counted
+            }
+            start = end
+        }
+        return (written, skipped)
     }
 
     /// Writes the volume's data to the file; unmapped and zero ranges are left as holes.
