@@ -75,6 +75,10 @@ extension ThinPool {
             for chunk in expected.keys.sorted() where !counted.contains(chunk) {
                 report.problems.append("chunk \(chunk) is mapped but not allocated (it could be handed out again)")
             }
+            let shared = UInt64(expected.values.filter { $0 >= 2 }.count)
+            if shared != sharedChunks {
+                report.problems.append("the pool counts \(sharedChunks) shared chunks but \(shared) have more than one referrer")
+            }
             if report.allocatedChunks != usedChunks {
                 report.problems.append("the pool counts \(usedChunks) used chunks but \(report.allocatedChunks) are allocated")
             }

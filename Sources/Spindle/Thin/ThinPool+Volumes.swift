@@ -227,9 +227,24 @@ extension ThinPool {
         area.roots[Root.volumes.rawValue] = root
     }
 
+    /// The pool's own fields in the volumes tree, under id 0: field 0 counts chunks with more than
+    /// one referrer (zero means no write needs to look up a chunk's reference count).
+    func storePoolFields() async throws {
+        area.roots[Root.volumes.rawValue] = try await MetadataBTree.insert(
+            0, value: sharedChunks, root: area.roots[Root.volumes.rawValue], in: area)
+    }
+
     func loadRecords() async throws {
+        if let shared = try await MetadataBTree.lookup(0, root: area.roots[Root.volumes.rawValue], in: area) {
+            sharedChunks = shared
+        } else {
+            try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area) { _, count in
+                if count >= 2 { sharedChunks += 1 }
+                return true
+            }
+        }
         var fields: [UInt64: [UInt64]] = [:]
-        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.volumes.rawValue], store: area) { key, value in
+        try await MetadataBTree.forEach(in: (1 << 8)...UInt64.max, root: area.roots[Root.volumes.rawValue], store: area) { key, value in
             let field = Int(key & 0xFF)
             guard field < Self.recordFields else { return true }
             fields[key >> 8, default: [UInt64](repeating: 0, count: Int(Self.recordFields))][field] = value
@@ -271,6 +286,9 @@ extension ThinPool {
     func adjustReferences(_ chunk: UInt64, by delta: Int) async throws {
         let root = area.roots[Root.referenceCounts.rawValue]
         let count = try await referenceCount(of: chunk)
+        let after = UInt64(Int(count) + delta)
+        if count < 2 && after >= 2 { sharedChunks += 1 }
+        if count >= 2 && after < 2 { sharedChunks -= 1 }
         if delta > 0 {
             if count == 0 { usedChunks += 1 }
             area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.insert(chunk, value: count + UInt64(delta), root: root, in: area)

@@ -56,6 +56,9 @@ public final class ThinPool: @unchecked Sendable {
     var reserved: Set<UInt64> = []
     var cursor: UInt64 = 0
     var usedChunks: UInt64
+    /// Chunks with more than one referrer (kept in the volumes tree under id 0).
+    var sharedChunks: UInt64 = 0
+    var storedSharedChunks: UInt64 = .max
     /// Chunks from here on have held no data since they were zeroed (discarded at creation or
     /// extension): a first write into one writes only its data. Recorded in the metadata and raised
     /// in batches, always ahead of ``cleanNext``, so that after a crash every chunk that may have
@@ -228,6 +231,7 @@ public final class ThinPool: @unchecked Sendable {
         let pool = ThinPool(name: poolName, uuid: uuid, devices: labelled.map(\.device), area: area)
         try await pool.loadSegments()
         try await pool.loadRecords()
+        pool.storedSharedChunks = pool.sharedChunks
         for record in pool.records.values {
             do {
                 try await area.countReferences(tree: record.root)
@@ -366,6 +370,10 @@ public final class ThinPool: @unchecked Sendable {
             if let record = records[id] { try await storeRecord(record) }
         }
         dirtyRecords.removeAll()
+        if sharedChunks != storedSharedChunks && !isReadOnly {
+            try await storePoolFields()
+            storedSharedChunks = sharedChunks
+        }
         area.parameters[Parameter.usedChunks.rawValue] = usedChunks
         area.parameters[Parameter.chunkCount.rawValue] = chunkCount
         area.parameters[Parameter.dirtyBelow.rawValue] = dirtyBelow

@@ -93,7 +93,9 @@ public final class ThinVolume: BlockDevice {
                     return (.unmapped, epoch)
                 }
                 let location = pool.location(of: found.value)
-                if !found.shared, try await pool.referenceCount(of: found.value) == 1 {
+                // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
+                let alone = try await pool.sharedChunks == 0 ? true : pool.referenceCount(of: found.value) == 1
+                if !found.shared && alone {
                     return (.exclusive(device: location.device, offset: location.offset), epoch)
                 }
                 return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
