@@ -126,14 +126,17 @@ enum PoolStore {
     }
 
     /// Opens the devices of a found pool for writing (assembling arrays) and the pool on them.
-    static func open(_ name: String, folder: String, engine: IOEngine, readOnly: Bool = false) async throws -> OpenPool {
+    /// `memberFaults` wraps array members (by path) in fault injectors.
+    static func open(
+        _ name: String, folder: String, engine: IOEngine, readOnly: Bool = false, memberFaults: [String: FaultSpec] = [:]
+    ) async throws -> OpenPool {
         let found = try await find(name, in: folder)
         var files: [FileDevice] = []
         var arrays: [RAIDArray] = []
         do {
             var devices: [any BlockDevice] = []
             for (_, device) in found.devices {
-                let opened = try await openDevice(device, engine: engine, readOnly: readOnly)
+                let opened = try await openDevice(device, engine: engine, readOnly: readOnly, memberFaults: memberFaults)
                 devices.append(opened.device)
                 files += opened.files
                 arrays += opened.arrays
@@ -168,7 +171,7 @@ enum PoolStore {
     }
 
     private static func openDevice(
-        _ device: FoundDevice, engine: IOEngine, readOnly: Bool
+        _ device: FoundDevice, engine: IOEngine, readOnly: Bool, memberFaults: [String: FaultSpec] = [:]
     ) async throws -> (device: any BlockDevice, files: [FileDevice], arrays: [RAIDArray]) {
         switch device {
         case let .image(path):
@@ -176,7 +179,11 @@ enum PoolStore {
             if let note = file.directIONote { Terminal.warning("\(path): \(note)") }
             return (file, [file], [])
         case let .array(_, paths):
-            let array = try await ArrayCommand.assemble(paths: paths, engine: engine)
+            var faults: [String: FaultSpec] = [:]
+            for path in paths {
+                if let spec = memberFaults[URL(fileURLWithPath: path).standardizedFileURL.path] { faults[path] = spec }
+            }
+            let array = try await ArrayCommand.assemble(paths: paths, engine: engine, faults: faults)
             return (array, [], [array])
         }
     }

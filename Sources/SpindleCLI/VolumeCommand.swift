@@ -175,10 +175,13 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let info = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
-                try await pool.snapshot(volume: volumeName, name: snapshotName, readOnly: readOnly)
+            let (info, elapsed) = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
+                let started = ContinuousClock.now
+                let info = try await pool.snapshot(volume: volumeName, name: snapshotName, readOnly: readOnly)
+                return (info, ContinuousClock.now - started)
             }
-            print("created \(readOnly ? "read-only " : "")snapshot \(poolName)/\(snapshotName) of \(volume): \(ByteSize.format(info.sizeBytes)), sharing \(info.mappedChunks) chunks")
+            let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+            print("created \(readOnly ? "read-only " : "")snapshot \(poolName)/\(snapshotName) of \(volume): \(ByteSize.format(info.sizeBytes)), sharing \(info.mappedChunks) chunks, in \(formatDecimal(milliseconds, places: 2)) ms")
         }
     }
 

@@ -1,0 +1,323 @@
+import Glibc
+
+/// One client of an ``NBDServer``: negotiation, then requests read one after another and served
+/// concurrently, each by its own task, replies sent as requests complete.
+final class NBDConnection: @unchecked Sendable {
+    // @unchecked Sendable: the socket is read by `run` alone and written under `replyLock`.
+    let socket: Int32
+    unowned let server: NBDServer
+    private let replyLock = AsyncMutex()
+    private var label = ""
+
+    /// The end of the client's stream (or the server stopping it); not an error.
+    private struct EndOfStream: Error {}
+
+    init(socket: Int32, server: NBDServer) {
+        self.socket = socket
+        self.server = server
+    }
+
+    func run(id: Int) async {
+        label = "connection \(id)"
+        defer { Glibc.close(socket) }
+        do {
+            guard let export = try await negotiate() else { return }
+            label = "connection \(id) (export '\(export.name)')"
+            server.log("\(label): transmission started")
+            try await transmit(export)
+            server.log("\(label): closed")
+        } catch is EndOfStream {
+            server.log("\(label): the client went away")
+        } catch {
+            server.log("\(label): closed after an error: \(error)")
+        }
+    }
+
+    // MARK: Socket I/O through the engine
+
+    private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int) async throws {
+        var done = 0
+        while done < count {
+            let result = await server.engine.execute(
+                .read(fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max))
+            if result == 0 { throw EndOfStream() }
+            if result < 0 {
+                if result == -EINTR || result == -EAGAIN { continue }
+                if result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
+                throw SpindleError.system(-result, operation: "receive")
+            }
+            done += Int(result)
+        }
+    }
+
+    private func receive(_ count: Int) async throws -> [UInt8] {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 16)
+        defer { buffer.deallocate() }
+        try await receive(buffer, count)
+        return Array(UnsafeRawBufferPointer(start: buffer, count: count))
+    }
+
+    private func send(_ buffer: UnsafeRawPointer, _ count: Int) async throws {
+        var done = 0
+        while done < count {
+            let result = await server.engine.execute(
+                .write(fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max, fua: false))
+            if result < 0 {
+                if result == -EINTR || result == -EAGAIN { continue }
+                if result == -EPIPE || result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
+                throw SpindleError.system(-result, operation: "send")
+            }
+            done += Int(result)
+        }
+    }
+
+    private func send(_ bytes: [UInt8]) async throws {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(bytes.count, 1), alignment: 16)
+        defer { buffer.deallocate() }
+        bytes.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        try await send(buffer, bytes.count)
+    }
+
+    // MARK: Negotiation
+
+    /// Runs the fixed newstyle handshake and options; returns the export chosen, or nil when the
+    /// client aborted or the negotiation failed (logged).
+    private func negotiate() async throws -> NBDServer.Export? {
+        var greeting: [UInt8] = []
+        NBDProtocol.append(NBDProtocol.initialMagic, to: &greeting)
+        NBDProtocol.append(NBDProtocol.optionMagic, to: &greeting)
+        NBDProtocol.append(NBDProtocol.flagFixedNewstyle | NBDProtocol.flagNoZeroes, to: &greeting)
+        try await send(greeting)
+        let clientFlags = NBDProtocol.bigEndian(UInt32.self, try await receive(4), 0)
+        guard clientFlags & NBDProtocol.clientFixedNewstyle != 0 else {
+            server.log("\(label): refused: the client does not speak fixed newstyle negotiation (flags \(clientFlags))")
+            return nil
+        }
+        guard clientFlags & ~(NBDProtocol.clientFixedNewstyle | NBDProtocol.clientNoZeroes) == 0 else {
+            server.log("\(label): refused: unknown client flags \(clientFlags)")
+            return nil
+        }
+        let noZeroes = clientFlags & NBDProtocol.clientNoZeroes != 0
+        for _ in 0..<256 {
+            let header = try await receive(16)
+            guard NBDProtocol.bigEndian(UInt64.self, header, 0) == NBDProtocol.optionMagic else {
+                server.log("\(label): refused: an option without the IHAVEOPT magic")
+                return nil
+            }
+            let optionCode = NBDProtocol.bigEndian(UInt32.self, header, 8)
+            let length = Int(NBDProtocol.bigEndian(UInt32.self, header, 12))
+            guard length <= 65536 else {
+                server.log("\(label): refused: option \(optionCode) carries \(length) bytes (at most 65536)")
+                try? await send(NBDProtocol.optionReply(option: optionCode, reply: NBDProtocol.Reply.errorTooBig.rawValue,
+                                                        data: Array("option data too long".utf8)))
+                return nil
+            }
+            let data = try await receive(length)
+            func reply(_ type: NBDProtocol.Reply, _ payload: [UInt8] = []) async throws {
+                try await send(NBDProtocol.optionReply(option: optionCode, reply: type.rawValue, data: payload))
+            }
+            func refuse(_ type: NBDProtocol.Reply, _ message: String) async throws {
+                server.log("\(label): option \(optionCode): \(message)")
+                try await reply(type, Array(message.utf8))
+            }
+            switch NBDProtocol.Option(rawValue: optionCode) {
+            case .exportName:
+                let name = String(decoding: data, as: UTF8.self)
+                guard let export = server.export(named: name) else {
+                    server.log("\(label): refused: no export named '\(name)' (NBD_OPT_EXPORT_NAME closes the connection)")
+                    return nil
+                }
+                var bytes: [UInt8] = []
+                NBDProtocol.append(export.device.capacityBytes, to: &bytes)
+                NBDProtocol.append(export.flags.rawValue, to: &bytes)
+                if !noZeroes { bytes += [UInt8](repeating: 0, count: 124) }
+                try await send(bytes)
+                return export
+            case .abort:
+                try? await reply(.ack)
+                server.log("\(label): the client aborted the negotiation")
+                return nil
+            case .list:
+                guard data.isEmpty else {
+                    try await refuse(.errorInvalid, "NBD_OPT_LIST takes no data")
+                    continue
+                }
+                for export in server.exports {
+                    var payload: [UInt8] = []
+                    NBDProtocol.append(UInt32(export.name.utf8.count), to: &payload)
+                    payload += Array(export.name.utf8)
+                    payload += Array(export.description.utf8)
+                    try await reply(.server, payload)
+                }
+                try await reply(.ack)
+            case .info, .go:
+                guard let request = NBDProtocol.decodeInfoRequest(data) else {
+                    try await refuse(.errorInvalid, "malformed NBD_OPT_INFO/GO data (\(data.count) bytes)")
+                    continue
+                }
+                guard let export = server.export(named: request.name) else {
+                    try await refuse(.errorUnknown, "no export named '\(request.name)'")
+                    continue
+                }
+                var info: [UInt8] = []
+                NBDProtocol.append(NBDProtocol.Info.export.rawValue, to: &info)
+                NBDProtocol.append(export.device.capacityBytes, to: &info)
+                NBDProtocol.append(export.flags.rawValue, to: &info)
+                try await reply(.info, info)
+                var sizes: [UInt8] = []
+                NBDProtocol.append(NBDProtocol.Info.blockSize.rawValue, to: &sizes)
+                NBDProtocol.append(export.minimumBlockBytes, to: &sizes)
+                NBDProtocol.append(export.preferredBlockBytes, to: &sizes)
+                NBDProtocol.append(NBDServer.maximumRequestBytes, to: &sizes)
+                try await reply(.info, sizes)
+                if request.items.contains(NBDProtocol.Info.name.rawValue) {
+                    var name: [UInt8] = []
+                    NBDProtocol.append(NBDProtocol.Info.name.rawValue, to: &name)
+                    try await reply(.info, name + Array(export.name.utf8))
+                }
+                if request.items.contains(NBDProtocol.Info.description.rawValue) && !export.description.isEmpty {
+                    var description: [UInt8] = []
+                    NBDProtocol.append(NBDProtocol.Info.description.rawValue, to: &description)
+                    try await reply(.info, description + Array(export.description.utf8))
+                }
+                try await reply(.ack)
+                if optionCode == NBDProtocol.Option.go.rawValue { return export }
+            case .startTLS:
+                try await refuse(.errorPolicy, "TLS is not offered by this server")
+            default:
+                try await refuse(.errorUnsupported, "option \(optionCode) is not supported")
+            }
+        }
+        server.log("\(label): refused: more than 256 options")
+        return nil
+    }
+
+    // MARK: Transmission
+
+    private func transmit(_ export: NBDServer.Export) async throws {
+        let header = UnsafeMutableRawPointer.allocate(byteCount: NBDProtocol.Request.bytes, alignment: 16)
+        defer { header.deallocate() }
+        let size = export.device.capacityBytes
+        let block = UInt64(export.minimumBlockBytes)
+        try await withThrowingDiscardingTaskGroup { group in
+            requests: while true {
+                do {
+                    try await receive(header, NBDProtocol.Request.bytes)
+                } catch is EndOfStream {
+                    break requests
+                }
+                guard let request = NBDProtocol.Request.decode(UnsafeRawBufferPointer(start: header, count: NBDProtocol.Request.bytes)) else {
+                    server.log("\(label): a request without the request magic; closing (the stream cannot be trusted past it)")
+                    break requests
+                }
+                let command = NBDProtocol.Command(rawValue: request.type)
+                let length = UInt64(request.length)
+                // A write's data follows its header: read it before anything else, or refuse the stream.
+                var payload: AlignedBuffer?
+                if command == .write {
+                    guard request.length <= NBDServer.maximumRequestBytes else {
+                        server.log("\(label): a write of \(request.length) bytes, more than \(NBDServer.maximumRequestBytes); closing")
+                        break requests
+                    }
+                    let buffer = AlignedBuffer(count: Int(request.length), zeroed: false)
+                    try await receive(buffer.bytes.baseAddress!, Int(request.length))
+                    payload = buffer
+                }
+                func fail(_ error: NBDProtocol.ErrorCode, _ message: String) async throws {
+                    server.log("\(label): \(command.map { "\($0)" } ?? "command \(request.type)") at offset \(request.offset), \(request.length) bytes: \(message)")
+                    try await sendReply(error: error.rawValue, cookie: request.cookie)
+                }
+                switch command {
+                case .disconnect:
+                    break requests
+                case .read, .write, .trim, .writeZeroes:
+                    if command == .read && request.length > NBDServer.maximumRequestBytes {
+                        try await fail(.overflow, "longer than the maximum of \(NBDServer.maximumRequestBytes) bytes")
+                        continue
+                    }
+                    if command != .read && export.readOnly {
+                        try await fail(.permission, "the export is read-only")
+                        continue
+                    }
+                    guard request.offset <= size, length <= size - request.offset else {
+                        try await fail(command == .read ? .invalid : .noSpace, "past the end of the export (\(size) bytes)")
+                        continue
+                    }
+                    guard request.offset % block == 0, length % block == 0 else {
+                        try await fail(.invalid, "not aligned to the export's \(block)-byte blocks")
+                        continue
+                    }
+                    guard length > 0 else {
+                        try await sendReply(error: 0, cookie: request.cookie)
+                        continue
+                    }
+                    let fua = request.flags & NBDProtocol.commandFlagFUA != 0
+                    group.addTask { [self] in
+                        try await serve(command!, request, payload: payload, fua: fua, device: export.device)
+                    }
+                case .flush:
+                    group.addTask { [self] in
+                        try await serve(.flush, request, payload: nil, fua: false, device: export.device)
+                    }
+                default:
+                    try await fail(.invalid, "command \(request.type) is not supported")
+                }
+            }
+        }
+    }
+
+    /// Serves one request on the device and sends its reply.
+    private func serve(
+        _ command: NBDProtocol.Command, _ request: NBDProtocol.Request, payload: AlignedBuffer?, fua: Bool, device: any BlockDevice
+    ) async throws {
+        do {
+            switch command {
+            case .read:
+                let buffer = AlignedBuffer(count: Int(request.length), zeroed: false)
+                try await device.read(into: buffer, at: request.offset)
+                try await sendReply(error: 0, cookie: request.cookie, data: buffer)
+                return
+            case .write:
+                try await device.write(from: payload!, at: request.offset, fua: fua)
+            case .trim:
+                try await device.discard(offset: request.offset, length: UInt64(request.length))
+                if fua { try await device.flush() }
+            case .writeZeroes:
+                try await device.writeZeroes(offset: request.offset, length: UInt64(request.length))
+                if fua { try await device.flush() }
+            case .flush:
+                try await device.flush()
+            default:
+                break
+            }
+            try await sendReply(error: 0, cookie: request.cookie)
+        } catch is EndOfStream {
+            return
+        } catch {
+            let code: NBDProtocol.ErrorCode
+            switch (error as? SpindleError)?.code {
+            case .readOnly?: code = .permission
+            case .noSpace?: code = .noSpace
+            case .outOfRange?, .misaligned?, .invalidArgument?: code = .invalid
+            case .closed?: code = .shutdown
+            default: code = .io
+            }
+            server.log("\(label): \(command) at offset \(request.offset), \(request.length) bytes failed: \(error)")
+            try? await sendReply(error: code.rawValue, cookie: request.cookie)
+        }
+    }
+
+    /// Sends a simple reply (and a read's data) as one message: replies never interleave.
+    private func sendReply(error: UInt32, cookie: UInt64, data: AlignedBuffer? = nil) async throws {
+        let header = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
+        defer { header.deallocate() }
+        NBDProtocol.simpleReply(error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
+        try await replyLock.withLock {
+            try await send(header, 16)
+            if let data {
+                try await send(data.bytes.baseAddress!, data.count)
+                withExtendedLifetime(data) {}
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Spindle
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Export thin volumes, arrays and image files over NBD, to qemu, nbd-client, fio, nbdcopy and other clients.",
+        discussion: """
+            EXPORT is volume:POOL/NAME (a thin volume or snapshot, exported as POOL/NAME), array:NAME (an \
+            array whose members are in --dir, exported as NAME) or image:PATH (an image file, exported by its \
+            file name). Runs in the foreground and prints each export's URI; on SIGINT or SIGTERM it stops \
+            accepting, finishes requests in flight, flushes, and closes pools and arrays cleanly.
+            """)
+
+    @Argument(help: "What to export: volume:POOL/NAME, array:NAME or image:PATH.")
+    var exports: [String]
+
+    @Option(help: "Listen on this Unix socket (default: spindle-nbd.sock in the current folder, unless --tcp is given).")
+    var socket: String?
+
+    @Option(help: "Listen on TCP: PORT (on loopback) or HOST:PORT (0.0.0.0 serves every interface).")
+    var tcp: String?
+
+    @Flag(name: .customLong("read-only"), help: "Export everything read-only.")
+    var readOnly = false
+
+    @Option(help: ArgumentHelp("Inject faults into an export's device: EXPORTNAME:SPEC (see spindle bench --fault for SPEC).",
+                               valueName: "name:spec"))
+    var fault: [String] = []
+
+    @OptionGroup var folder: PoolFolder
+
+    func validate() throws {
+        guard !exports.isEmpty else { throw ValidationError("give something to export: volume:POOL/NAME, array:NAME or image:PATH") }
+        for export in exports where !(export.hasPrefix("volume:") || export.hasPrefix("array:") || export.hasPrefix("image:")) {
+            throw ValidationError("'\(export)' is not an export: write volume:POOL/NAME, array:NAME or image:PATH")
+        }
+    }
+
+    func run() async throws {
+        let engine = try IOEngine()
+        defer { engine.shutdown() }
+        var pools: [String: OpenPool] = [:]
+        var arrays: [RAIDArray] = []
+        var files: [FileDevice] = []
+        func closeAll() async {
+            for pool in pools.values {
+                do { try await pool.close() } catch { Terminal.error("closing pool: \(error)") }
+            }
+            for array in arrays {
+                do { try await array.close() } catch { Terminal.error("closing \(array.name): \(error)") }
+            }
+            for file in files { try? await file.close() }
+        }
+        var list: [NBDServer.Export] = []
+        // Faults for array members (by path) are applied as the arrays assemble; the rest name exports.
+        var memberFaults: [String: FaultSpec] = [:]
+        var exportFaults: [(name: String, spec: FaultSpec)] = []
+        for text in fault {
+            guard let colon = text.lastIndex(of: ":"), colon != text.startIndex else {
+                throw ValidationError("--fault takes NAME:SPEC, where NAME is an export name or an array member image")
+            }
+            let target = String(text[..<colon])
+            let spec = try FaultSpec.parse(String(text[text.index(after: colon)...]))
+            if FileManager.default.fileExists(atPath: target) {
+                memberFaults[URL(fileURLWithPath: target).standardizedFileURL.path] = spec
+            } else {
+                exportFaults.append((target, spec))
+            }
+        }
+        do {
+            for text in exports {
+                let value = String(text[text.index(after: text.firstIndex(of: ":")!)...])
+                if text.hasPrefix("volume:") {
+                    let (poolName, volumeName) = try PoolStore.split(value)
+                    if pools[poolName] == nil {
+                        pools[poolName] = try await PoolStore.open(poolName, folder: folder.path, engine: engine, readOnly: readOnly,
+                                                                   memberFaults: memberFaults)
+                    }
+                    let volume = try await pools[poolName]!.pool.openVolume(name: volumeName)
+                    list.append(NBDServer.Export(name: value, device: volume, readOnly: readOnly,
+                                                 description: "Spindle thin volume \(value)"))
+                } else if text.hasPrefix("array:") {
+                    let selection = try ArrayCommand.Selection.parse(["--scan", folder.path, "--array-name", value])
+                    var faults: [String: FaultSpec] = [:]
+                    for path in try await selection.memberPaths() {
+                        if let spec = memberFaults[URL(fileURLWithPath: path).standardizedFileURL.path] { faults[path] = spec }
+                    }
+                    let array = try await ArrayCommand.assemble(paths: try await selection.memberPaths(), engine: engine, faults: faults)
+                    arrays.append(array)
+                    list.append(NBDServer.Export(name: value, device: array, readOnly: readOnly, description: "Spindle array \(value)"))
+                } else {
+                    let file = try FileDevice.open(path: value, engine: engine, options: FileDevice.Options(readOnly: readOnly))
+                    files.append(file)
+                    list.append(NBDServer.Export(name: (value as NSString).lastPathComponent, device: file, readOnly: readOnly,
+                                                 description: "image \(value)"))
+                }
+            }
+            for (name, spec) in exportFaults {
+                guard let index = list.firstIndex(where: { $0.name == name }) else {
+                    throw ValidationError("--fault names '\(name)', which is neither an export (\(list.map(\.name).joined(separator: ", "))) nor an image file")
+                }
+                let faulty = FaultyDevice(wrapping: list[index].device, seed: 1, name: list[index].device.name)
+                spec.apply(to: faulty)
+                list[index].device = faulty
+            }
+        } catch {
+            await closeAll()
+            throw error
+        }
+
+        let server = try NBDServer(exports: list, engine: engine) { line in
+            FileHandle.standardError.write(Data("spindle serve: \(line)\n".utf8))
+        }
+        var uris: [String] = []
+        do {
+            if let tcp {
+                let parts = tcp.split(separator: ":")
+                let host = parts.count == 2 ? String(parts[0]) : "127.0.0.1"
+                guard let port = UInt16(parts.last ?? "") else { throw ValidationError("--tcp takes PORT or HOST:PORT, such as 10809") }
+                let bound = try server.listen(host: host, port: port)
+                let shown = host == "0.0.0.0" ? ProcessInfo.processInfo.hostName : host
+                uris += list.map { "nbd://\(shown):\(bound)/\($0.name)" }
+                print(host == "127.0.0.1"
+                      ? "TCP on 127.0.0.1:\(bound) (loopback only; --tcp 0.0.0.0:\(bound) serves other machines)"
+                      : "TCP on \(host):\(bound): reachable from other machines, with no authentication")
+            }
+            if socket != nil || tcp == nil {
+                let path = (socket ?? "spindle-nbd.sock")
+                let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+                try server.listen(unixSocket: absolute)
+                uris += list.map { "nbd+unix:///\($0.name)?socket=\(absolute)" }
+            }
+        } catch {
+            await server.stop()
+            await closeAll()
+            throw error
+        }
+        for (export, uri) in zip(list + list, uris) {
+            print("\(uri)  \(ByteSize.format(export.device.capacityBytes))\(export.readOnly ? ", read-only" : "")")
+        }
+        print("serving; stop with Ctrl-C or SIGTERM")
+        fflush(nil)
+
+        let signalName = await Self.waitForSignal()
+        print("\(signalName): stopping (finishing requests in flight, flushing, closing)")
+        await server.stop()
+        await closeAll()
+        if socket != nil || tcp == nil {
+            unlink((socket ?? "spindle-nbd.sock"))
+        }
+        print("stopped cleanly")
+    }
+
+    /// Waits for SIGINT or SIGTERM and returns its name.
+    static func waitForSignal() async -> String {
+        signal(SIGINT, SIG_IGN)
+        signal(SIGTERM, SIG_IGN)
+        let queue = DispatchQueue(label: "spindle.signals")
+        return await withCheckedContinuation { continuation in
+            let fired = LockedValue(false)
+            var sources: [DispatchSourceSignal] = []
+            for (number, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
+                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+                source.setEventHandler {
+                    if !fired.exchange(true) { continuation.resume(returning: name) }
+                }
+                source.resume()
+                sources.append(source)
+            }
+            // The sources stay alive for the life of the process.
+            Self.keep(sources)
+        }
+    }
+
+    nonisolated(unsafe) private static var keptSources: [DispatchSourceSignal] = []
+    private static func keep(_ sources: [DispatchSourceSignal]) { keptSources += sources }
+}
