@@ -138,6 +138,26 @@ struct RAIDArrayTests {
         try await array.close()
     }
 
+    @Test("a member that vanishes under partial-stripe writes is failed, and every write completes degraded")
+    func memberVanishesDuringWrites() async throws {
+        let memory = try memoryMembers(4)
+        let faulty = memory.map { FaultyDevice(wrapping: $0, seed: 3) }
+        let array = try await RAIDArray.create(name: "v", level: .raid5, chunkBytes: 4096, members: faulty)
+        var expected = try await randomFill(array, seed: 8)
+        faulty[2].vanish(afterOperations: 40)
+        var random = SeededRandom(seed: 9)
+        let patch = AlignedBuffer(count: 4096)
+        for _ in 0..<200 {  // small writes: read-modify-writes that need the vanishing member's reads
+            let block = Int(random.below(UInt64(expected.count / 4096)))
+            fillRandom(patch.bytes, seed: random.next())
+            try await array.write(from: patch, at: UInt64(block * 4096))
+            expected.replaceSubrange((block * 4096)..<((block + 1) * 4096), with: patch.array)
+        }
+        #expect(array.status.slots[2].state == .faulty)
+        #expect(byteDifference(try await readAll(array), expected) == nil)
+        try await array.close()
+    }
+
     @Test("a spare present when a member fails is used automatically")
     func spareTakesOver() async throws {
         let memory = try memoryMembers(4)

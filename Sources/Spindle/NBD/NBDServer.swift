@@ -71,6 +71,9 @@ public final class NBDServer: @unchecked Sendable {
         self.exports = exports
         self.engine = engine
         self.log = log
+        // A reply to a client that has gone away must fail with EPIPE, not kill the process: the
+        // engine writes to sockets with write(2), which raises SIGPIPE. Process-wide, as servers do.
+        signal(SIGPIPE, SIG_IGN)
     }
 
     func export(named name: String) -> Export? {

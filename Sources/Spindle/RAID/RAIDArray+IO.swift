@@ -192,8 +192,20 @@ extension RAIDArray {
             defer { stripeLocks.unlock(stripes) }
             var byStripe: [UInt64: [RAIDGeometry.Extent]] = [:]
             for extent in extents { byStripe[extent.stripe, default: []].append(extent) }
+            let attempts = geometry.memberCount
             let failures = await concurrently(byStripe.map { stripe, pieces in
-                (Int(stripe), { try await self.writeStripe(stripe, pieces: pieces, source: source, fua: fua) })
+                (Int(stripe), {
+                    // A member that fails a read the stripe needs is failed on the spot; the stripe is
+                    // then written again, degraded, without it.
+                    for attempt in 1...attempts {
+                        do {
+                            try await self.writeStripe(stripe, pieces: pieces, source: source, fua: fua)
+                            return
+                        } catch {
+                            if attempt == attempts || self.state.withLock({ $0.failed }) { throw error }
+                        }
+                    }
+                })
             })
             if let failure = failures.first { throw failure.error }
         }
