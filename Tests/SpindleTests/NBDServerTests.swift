@@ -84,8 +84,8 @@ final class RawNBDClient {
         be(UInt32(name.utf8.count)) + Array(name.utf8) + be(UInt16(items.count)) + items.flatMap { be($0) }
     }
 
-    /// Negotiates `name` with NBD_OPT_GO; returns (size, transmission flags, minimum block).
-    func go(_ name: String) throws -> (size: UInt64, flags: UInt16, minimumBlock: UInt32) {
+    /// Negotiates `name` with NBD_OPT_GO; returns (size, transmission flags, preferred block).
+    func go(_ name: String) throws -> (size: UInt64, flags: UInt16, preferredBlock: UInt32) {
         try greet()
         option(7, Self.infoRequest(name, items: [3]))
         var size: UInt64 = 0
@@ -99,7 +99,7 @@ final class RawNBDClient {
                 size = Self.read(UInt64.self, reply.data, 2)
                 flags = Self.read(UInt16.self, reply.data, 10)
             case 3:
-                minimum = Self.read(UInt32.self, reply.data, 2)
+                minimum = Self.read(UInt32.self, reply.data, 6)
             default:
                 break
             }
@@ -207,7 +207,8 @@ struct NBDServerTests {
                 #expect(flags & (1 << 5) == 0, "no trim on a read-only export")
             case 3:
                 sawBlockSize = true
-                #expect(RawNBDClient.read(UInt32.self, reply.data, 2) == 512)
+                #expect(RawNBDClient.read(UInt32.self, reply.data, 2) == 1, "any alignment is served")
+                #expect(RawNBDClient.read(UInt32.self, reply.data, 6) == 4096, "the device's block is preferred")
                 #expect(RawNBDClient.read(UInt32.self, reply.data, 10) == NBDServer.maximumRequestBytes)
             default: break
             }
@@ -228,7 +229,7 @@ struct NBDServerTests {
         let test = try TestServer([NBDServer.Export(name: "d", device: SlowFirstBlockDevice(memory))])
         let client = try test.client()
         let negotiated = try client.go("d")
-        #expect(negotiated.size == 4 << 20 && negotiated.minimumBlock == 4096)
+        #expect(negotiated.size == 4 << 20 && negotiated.preferredBlock == 4096)
         #expect(negotiated.flags & (1 << 8) != 0, "multi-conn is advertised")
         var model = [UInt8](repeating: 0, count: 4 << 20)
         var random = SeededRandom(seed: 9)
@@ -282,10 +283,17 @@ struct NBDServerTests {
         #expect(bad.reply()?.error == 22)
         bad.request(1, offset: (1 << 20) - 4096, length: 8192, cookie: 2, payload: [UInt8](repeating: 1, count: 8192))
         #expect(bad.reply()?.error == 28, "a write past the end: ENOSPC")
-        bad.request(0, offset: 100, length: 4096, cookie: 3)  // misaligned
-        #expect(bad.reply()?.error == 22)
-        bad.request(1, offset: 512, length: 512, cookie: 4, payload: [UInt8](repeating: 9, count: 512))
-        #expect(bad.reply()?.error == 22, "a misaligned write is refused whole")
+        // Requests off the device's 4 KiB blocks are served by read-modify-write.
+        bad.request(1, offset: 16384 + 512, length: 512, cookie: 3, payload: [UInt8](repeating: 9, count: 512))
+        #expect(bad.reply()?.error == 0)
+        bad.request(1, offset: 16384 + 1024 + 100, length: 50, cookie: 4, payload: [UInt8](repeating: 8, count: 50))
+        #expect(bad.reply()?.error == 0)
+        bad.request(0, offset: 16384 + 500, length: 700, cookie: 5)
+        let unaligned = try #require(bad.reply(dataLength: 700))
+        var expectedBytes = [UInt8](repeating: 0, count: 700)
+        expectedBytes.replaceSubrange(12..<524, with: repeatElement(9, count: 512))
+        expectedBytes.replaceSubrange(624..<674, with: repeatElement(8, count: 50))
+        #expect(unaligned.error == 0 && unaligned.data == expectedBytes)
         bad.request(0, offset: 0, length: 64 << 20, cookie: 5)  // oversized read
         #expect(bad.reply()?.error == 75)
         bad.request(42, offset: 0, length: 0, cookie: 6)  // unknown command
@@ -326,7 +334,6 @@ struct NBDServerTests {
         #expect(reply.data[4096...].allSatisfy { $0 == 0 }, "no partial or refused write landed")
         let log = test.log
         #expect(log.contains { $0.contains("past the end of the export") })
-        #expect(log.contains { $0.contains("not aligned to the export's 4096-byte blocks") })
         #expect(log.contains { $0.contains("a request without the request magic; closing") })
         #expect(log.contains { $0.contains("the export is read-only") })
         #expect(log.contains { $0.contains("does not speak fixed newstyle") })

@@ -198,7 +198,6 @@ final class NBDConnection: @unchecked Sendable {
         let header = UnsafeMutableRawPointer.allocate(byteCount: NBDProtocol.Request.bytes, alignment: 16)
         defer { header.deallocate() }
         let size = export.device.capacityBytes
-        let block = UInt64(export.minimumBlockBytes)
         try await withThrowingDiscardingTaskGroup { group in
             requests: while true {
                 do {
@@ -243,10 +242,6 @@ final class NBDConnection: @unchecked Sendable {
                         try await fail(command == .read ? .invalid : .noSpace, "past the end of the export (\(size) bytes)")
                         continue
                     }
-                    guard request.offset % block == 0, length % block == 0 else {
-                        try await fail(.invalid, "not aligned to the export's \(block)-byte blocks")
-                        continue
-                    }
                     guard length > 0 else {
                         try await sendReply(error: 0, cookie: request.cookie)
                         continue
@@ -270,7 +265,13 @@ final class NBDConnection: @unchecked Sendable {
     private func serve(
         _ command: NBDProtocol.Command, _ request: NBDProtocol.Request, payload: AlignedBuffer?, fua: Bool, device: any BlockDevice
     ) async throws {
+        let block = UInt64(device.logicalBlockBytes)
+        let aligned = request.offset % block == 0 && UInt64(request.length) % block == 0
         do {
+            if !aligned && command != .flush {
+                try await serveUnaligned(command, request, payload: payload, fua: fua, device: device, block: block)
+                return
+            }
             switch command {
             case .read:
                 let buffer = AlignedBuffer(count: Int(request.length), zeroed: false)
@@ -305,6 +306,39 @@ final class NBDConnection: @unchecked Sendable {
             server.log("\(label): \(command) at offset \(request.offset), \(request.length) bytes failed: \(error)")
             try? await sendReply(error: code.rawValue, cookie: request.cookie)
         }
+    }
+
+    /// A request that does not fall on the device's blocks (FUSE and some clients send them): a read
+    /// goes through a bounce buffer; a write, trim or write-zeroes becomes a read-modify-write of the
+    /// covering blocks, one at a time per export, so two such requests sharing a block cannot lose
+    /// each other's bytes.
+    private func serveUnaligned(
+        _ command: NBDProtocol.Command, _ request: NBDProtocol.Request, payload: AlignedBuffer?, fua: Bool,
+        device: any BlockDevice, block: UInt64
+    ) async throws {
+        let start = request.offset / block * block
+        let end = (request.offset + UInt64(request.length) + block - 1) / block * block
+        let bounce = AlignedBuffer(count: Int(end - start), zeroed: false)
+        let within = Int(request.offset - start)
+        let length = Int(request.length)
+        if command == .read {
+            try await device.read(into: bounce, at: start)
+            let data = AlignedBuffer(count: length, zeroed: false)
+            data.bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce.bytes[within..<(within + length)]))
+            try await sendReply(error: 0, cookie: request.cookie, data: data)
+            return
+        }
+        try await server.unalignedLock(for: device).withLock {
+            try await device.read(into: bounce, at: start)
+            let target = UnsafeMutableRawBufferPointer(rebasing: bounce.bytes[within..<(within + length)])
+            if let payload {
+                target.copyMemory(from: UnsafeRawBufferPointer(payload.bytes))
+            } else {
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            }
+            try await device.write(from: bounce, at: start, fua: fua)
+        }
+        try await sendReply(error: 0, cookie: request.cookie)
     }
 
     /// Sends a simple reply (and a read's data) as one message: replies never interleave.

@@ -39,8 +39,10 @@ public final class NBDServer: @unchecked Sendable {
             return flags
         }
 
-        var minimumBlockBytes: UInt32 { UInt32(device.logicalBlockBytes) }
-        var preferredBlockBytes: UInt32 { max(4096, minimumBlockBytes) }
+        /// Any alignment is served (unaligned requests by read-modify-write); the device's block is
+        /// what clients should prefer.
+        var minimumBlockBytes: UInt32 { 1 }
+        var preferredBlockBytes: UInt32 { UInt32(max(4096, device.logicalBlockBytes)) }
     }
 
     /// Largest read or write a client may send (`NBD_INFO_BLOCK_SIZE` maximum).
@@ -57,6 +59,12 @@ public final class NBDServer: @unchecked Sendable {
         var stopping = false
     }
     private let state = Locked(State())
+    private let unalignedLocks: [ObjectIdentifier: AsyncMutex]
+
+    /// The lock serializing read-modify-writes of one device.
+    func unalignedLock(for device: any BlockDevice) -> AsyncMutex {
+        unalignedLocks[ObjectIdentifier(device)]!
+    }
 
     /// - Parameters:
     ///   - exports: the devices to offer; names must be unique. With one export, the empty name (a
@@ -69,6 +77,9 @@ public final class NBDServer: @unchecked Sendable {
             throw SpindleError(.invalidArgument, "two exports are named '\(export.name)'")
         }
         self.exports = exports
+        var locks: [ObjectIdentifier: AsyncMutex] = [:]
+        for export in exports { locks[ObjectIdentifier(export.device)] = AsyncMutex() }
+        unalignedLocks = locks
         self.engine = engine
         self.log = log
         // A reply to a client that has gone away must fail with EPIPE, not kill the process: the
