@@ -12,10 +12,19 @@ final class NBDConnection: @unchecked Sendable {
     /// The end of the client's stream (or the server stopping it); not an error.
     private struct EndOfStream: Error {}
 
+    /// Bytes read from the socket and not consumed yet: one read takes in as many pipelined
+    /// requests as have arrived, instead of one read per 28-byte header.
+    private let inbox = UnsafeMutableRawPointer.allocate(byteCount: NBDConnection.inboxBytes, alignment: 64)
+    private var inboxStart = 0
+    private var inboxEnd = 0
+    private static let inboxBytes = 256 * 1024
+
     init(socket: Int32, server: NBDServer) {
         self.socket = socket
         self.server = server
     }
+
+    deinit { inbox.deallocate() }
 
     func run(id: Int) async {
         label = "connection \(id)"
@@ -35,18 +44,35 @@ final class NBDConnection: @unchecked Sendable {
 
     // MARK: Socket I/O through the engine
 
+    /// Exactly `count` bytes: from the inbox first, then from the socket (large remainders straight
+    /// into `buffer`, small ones through the inbox).
     private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int) async throws {
         var done = 0
         while done < count {
+            if inboxStart < inboxEnd {
+                let take = min(count - done, inboxEnd - inboxStart)
+                (buffer + done).copyMemory(from: inbox + inboxStart, byteCount: take)
+                inboxStart += take
+                done += take
+                continue
+            }
+            let direct = count - done >= Self.inboxBytes / 4
+            let target = direct ? buffer + done : inbox
+            let room = direct ? count - done : Self.inboxBytes
             let result = await server.engine.execute(
-                .read(fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max))
+                .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max))
             if result == 0 { throw EndOfStream() }
             if result < 0 {
                 if result == -EINTR || result == -EAGAIN { continue }
                 if result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
                 throw SpindleError.system(-result, operation: "receive")
             }
-            done += Int(result)
+            if direct {
+                done += Int(result)
+            } else {
+                inboxStart = 0
+                inboxEnd = Int(result)
+            }
         }
     }
 
@@ -347,11 +373,31 @@ final class NBDConnection: @unchecked Sendable {
         defer { header.deallocate() }
         NBDProtocol.simpleReply(error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
         try await replyLock.withLock {
-            try await send(header, 16)
-            if let data {
-                try await send(data.bytes.baseAddress!, data.count)
-                withExtendedLifetime(data) {}
+            guard let data else {
+                try await send(header, 16)
+                return
             }
+            // Header and data in one writev; a partial write finishes with plain sends.
+            let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2)
+            defer { vectors.deallocate() }
+            vectors[0] = iovec(iov_base: header, iov_len: 16)
+            vectors[1] = iovec(iov_base: data.bytes.baseAddress!, iov_len: data.count)
+            var result = await server.engine.execute(.writeVector(fd: socket, vectors: vectors, count: 2, offset: UInt64.max, fua: false))
+            while result == -EINTR || result == -EAGAIN {
+                result = await server.engine.execute(.writeVector(fd: socket, vectors: vectors, count: 2, offset: UInt64.max, fua: false))
+            }
+            if result < 0 {
+                if result == -EPIPE || result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
+                throw SpindleError.system(-result, operation: "send")
+            }
+            let sent = Int(result)
+            if sent < 16 {
+                try await send(header + sent, 16 - sent)
+                try await send(data.bytes.baseAddress!, data.count)
+            } else if sent < 16 + data.count {
+                try await send(data.bytes.baseAddress! + (sent - 16), data.count - (sent - 16))
+            }
+            withExtendedLifetime(data) {}
         }
     }
 }
