@@ -125,7 +125,7 @@ def main():
                     uri = f"nbd+unix:///tank/new?socket={socket}"
                 else:
                     server = Server(["qemu-nbd", "--socket", socket, "--format=qcow2", "--aio=io_uring", "--cache=none",
-                                     "--export-name=new", qcow], socket)
+                                     "--persistent", "--shared=8", "--export-name=new", qcow], socket)
                     uri = f"nbd+unix:///new?socket={socket}"
                 try:
                     values[name].append(fio(uri, "randwrite", "4k", 32, io_size=str(args.first_writes * 4096))[0])

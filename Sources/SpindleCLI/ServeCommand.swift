@@ -26,6 +26,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Flag(name: .customLong("read-only"), help: "Export everything read-only.")
     var readOnly = false
 
+    @Flag(inversion: .prefixedNo, help: "Open image exports with O_DIRECT (bypassing the page cache, as the volumes and arrays do).")
+    var direct = true
+
     @Option(help: ArgumentHelp("Inject faults into an export's device: EXPORTNAME:SPEC (see spindle bench --fault for SPEC).",
                                valueName: "name:spec"))
     var fault: [String] = []
@@ -92,7 +95,8 @@ struct ServeCommand: AsyncParsableCommand {
                     arrays.append(array)
                     list.append(NBDServer.Export(name: value, device: array, readOnly: readOnly, description: "Spindle array \(value)"))
                 } else {
-                    let file = try FileDevice.open(path: value, engine: engine, options: FileDevice.Options(readOnly: readOnly))
+                    let file = try FileDevice.open(path: value, engine: engine,
+                                                   options: FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled))
                     files.append(file)
                     list.append(NBDServer.Export(name: (value as NSString).lastPathComponent, device: file, readOnly: readOnly,
                                                  description: "image \(value)"))

@@ -173,6 +173,11 @@ public final class NBDServer: @unchecked Sendable {
                 _ = fcntl(client, F_SETFD, FD_CLOEXEC)
                 var one: Int32 = 1
                 setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                // Room for several 1 MiB replies and writes in the socket, so large requests move in
+                // few system calls.
+                var bufferBytes: Int32 = 4 << 20
+                setsockopt(client, SOL_SOCKET, SO_SNDBUF, &bufferBytes, socklen_t(MemoryLayout<Int32>.size))
+                setsockopt(client, SOL_SOCKET, SO_RCVBUF, &bufferBytes, socklen_t(MemoryLayout<Int32>.size))
                 self.serve(client, from: label)
             }
         }
