@@ -106,6 +106,15 @@ int spindle_ring_writev(spindle_ring *ring, int fd, const void *vectors, unsigne
     return 0;
 }
 
+int spindle_ring_writev_stream(spindle_ring *ring, int fd, const void *vectors, unsigned count, int offload, uint64_t tag) {
+    TAKE_ENTRY
+    io_uring_prep_writev(sqe, fd, (const struct iovec *)vectors, count, (uint64_t)-1);
+    /* Large sends copy their data into the socket: in a kernel worker, not on the reactor thread. */
+    if (offload) sqe->flags |= IOSQE_ASYNC;
+    io_uring_sqe_set_data64(sqe, tag);
+    return 0;
+}
+
 int spindle_ring_fsync(spindle_ring *ring, int fd, int data_only, uint64_t tag) {
     TAKE_ENTRY
     io_uring_prep_fsync(sqe, fd, data_only ? IORING_FSYNC_DATASYNC : 0);

@@ -35,6 +35,8 @@ int spindle_ring_write(spindle_ring *ring, int fd, const void *buffer, unsigned 
 int spindle_ring_readv(spindle_ring *ring, int fd, const void *vectors, unsigned count, uint64_t offset, uint64_t tag);
 int spindle_ring_writev(spindle_ring *ring, int fd, const void *vectors, unsigned count, uint64_t offset, int fua,
                         uint64_t tag);
+/* A writev to a stream (socket, pipe) at its current position; with offload, run in a kernel worker. */
+int spindle_ring_writev_stream(spindle_ring *ring, int fd, const void *vectors, unsigned count, int offload, uint64_t tag);
 int spindle_ring_fsync(spindle_ring *ring, int fd, int data_only, uint64_t tag);
 int spindle_ring_fallocate(spindle_ring *ring, int fd, int mode, uint64_t offset, uint64_t length, uint64_t tag);
 int spindle_ring_timeout(spindle_ring *ring, spindle_timespec *storage, uint64_t nanoseconds, uint64_t tag);

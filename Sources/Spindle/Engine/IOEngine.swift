@@ -322,6 +322,8 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
             return spindle_ring_readv(ring, fd, vectors, count, offset, tag)
         case let .writeVector(fd, vectors, count, offset, fua):
             return spindle_ring_writev(ring, fd, vectors, count, offset, fua ? 1 : 0, tag)
+        case let .writeStream(fd, vectors, count, offload):
+            return spindle_ring_writev_stream(ring, fd, vectors, count, offload ? 1 : 0, tag)
         case let .sync(fd, dataOnly):
             return spindle_ring_fsync(ring, fd, dataOnly ? 1 : 0, tag)
         case let .allocate(fd, mode, offset, length):

@@ -17,6 +17,9 @@ public enum IOOperation: @unchecked Sendable {
     case readVector(fd: Int32, vectors: UnsafePointer<iovec>, count: UInt32, offset: UInt64)
     /// Writes several buffers, in order, at `offset`.
     case writeVector(fd: Int32, vectors: UnsafePointer<iovec>, count: UInt32, offset: UInt64, fua: Bool)
+    /// Writes several buffers to a stream (a socket) at its current position; with `offload` the
+    /// kernel copies the data in a worker thread, not on the reactor (for large payloads).
+    case writeStream(fd: Int32, vectors: UnsafePointer<iovec>, count: UInt32, offload: Bool)
     /// Makes completed writes durable; `dataOnly` is fdatasync.
     case sync(fd: Int32, dataOnly: Bool)
     /// fallocate(2) with the given mode (punch hole, zero range).
@@ -29,7 +32,7 @@ public enum IOOperation: @unchecked Sendable {
         switch self {
         case .nop: return "nop"
         case .read, .readVector: return "read"
-        case .write, .writeVector: return "write"
+        case .write, .writeVector, .writeStream: return "write"
         case .sync: return "flush"
         case .allocate: return "fallocate"
         case .sleep: return "sleep"

@@ -244,7 +244,7 @@ final class NBDConnection: @unchecked Sendable {
                         server.log("\(label): a write of \(request.length) bytes, more than \(NBDServer.maximumRequestBytes); closing")
                         break requests
                     }
-                    let buffer = AlignedBuffer(count: Int(request.length), zeroed: false)
+                    let buffer = server.buffers.take(Int(request.length))
                     try await receive(buffer.bytes.baseAddress!, Int(request.length))
                     payload = buffer
                 }
@@ -274,6 +274,7 @@ final class NBDConnection: @unchecked Sendable {
                     }
                     let fua = request.flags & NBDProtocol.commandFlagFUA != 0
                     group.addTask { [self] in
+                        defer { if let payload { server.buffers.give(payload) } }
                         try await serve(command!, request, payload: payload, fua: fua, device: export.device)
                     }
                 case .flush:
@@ -300,12 +301,13 @@ final class NBDConnection: @unchecked Sendable {
             }
             switch command {
             case .read:
-                let buffer = AlignedBuffer(count: Int(request.length), zeroed: false)
-                try await device.read(into: buffer, at: request.offset)
-                try await sendReply(error: 0, cookie: request.cookie, data: buffer)
+                let buffer = server.buffers.take(Int(request.length))
+                defer { server.buffers.give(buffer) }
+                try await device.read(into: buffer, range: 0..<Int(request.length), at: request.offset)
+                try await sendReply(error: 0, cookie: request.cookie, data: buffer, length: Int(request.length))
                 return
             case .write:
-                try await device.write(from: payload!, at: request.offset, fua: fua)
+                try await device.write(from: payload!, range: 0..<Int(request.length), at: request.offset, fua: fua)
             case .trim:
                 try await device.discard(offset: request.offset, length: UInt64(request.length))
                 if fua { try await device.flush() }
@@ -358,7 +360,7 @@ final class NBDConnection: @unchecked Sendable {
             try await device.read(into: bounce, at: start)
             let target = UnsafeMutableRawBufferPointer(rebasing: bounce.bytes[within..<(within + length)])
             if let payload {
-                target.copyMemory(from: UnsafeRawBufferPointer(payload.bytes))
+                target.copyMemory(from: UnsafeRawBufferPointer(rebasing: payload.bytes[0..<length]))
             } else {
                 target.initializeMemory(as: UInt8.self, repeating: 0)
             }
@@ -368,7 +370,7 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     /// Sends a simple reply (and a read's data) as one message: replies never interleave.
-    private func sendReply(error: UInt32, cookie: UInt64, data: AlignedBuffer? = nil) async throws {
+    private func sendReply(error: UInt32, cookie: UInt64, data: AlignedBuffer? = nil, length dataLength: Int? = nil) async throws {
         let header = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
         defer { header.deallocate() }
         NBDProtocol.simpleReply(error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
@@ -381,10 +383,12 @@ final class NBDConnection: @unchecked Sendable {
             let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2)
             defer { vectors.deallocate() }
             vectors[0] = iovec(iov_base: header, iov_len: 16)
-            vectors[1] = iovec(iov_base: data.bytes.baseAddress!, iov_len: data.count)
-            var result = await server.engine.execute(.writeVector(fd: socket, vectors: vectors, count: 2, offset: UInt64.max, fua: false))
+            let count = dataLength ?? data.count
+            vectors[1] = iovec(iov_base: data.bytes.baseAddress!, iov_len: count)
+            let offload = count >= 128 * 1024
+            var result = await server.engine.execute(.writeStream(fd: socket, vectors: vectors, count: 2, offload: offload))
             while result == -EINTR || result == -EAGAIN {
-                result = await server.engine.execute(.writeVector(fd: socket, vectors: vectors, count: 2, offset: UInt64.max, fua: false))
+                result = await server.engine.execute(.writeStream(fd: socket, vectors: vectors, count: 2, offload: offload))
             }
             if result < 0 {
                 if result == -EPIPE || result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
@@ -393,9 +397,9 @@ final class NBDConnection: @unchecked Sendable {
             let sent = Int(result)
             if sent < 16 {
                 try await send(header + sent, 16 - sent)
-                try await send(data.bytes.baseAddress!, data.count)
-            } else if sent < 16 + data.count {
-                try await send(data.bytes.baseAddress! + (sent - 16), data.count - (sent - 16))
+                try await send(data.bytes.baseAddress!, count)
+            } else if sent < 16 + count {
+                try await send(data.bytes.baseAddress! + (sent - 16), count - (sent - 16))
             }
             withExtendedLifetime(data) {}
         }

@@ -60,6 +60,8 @@ public final class NBDServer: @unchecked Sendable {
     }
     private let state = Locked(State())
     private let unalignedLocks: [ObjectIdentifier: AsyncMutex]
+    /// Request buffers, reused across requests and connections.
+    let buffers = BufferPool()
 
     /// The lock serializing read-modify-writes of one device.
     func unalignedLock(for device: any BlockDevice) -> AsyncMutex {
