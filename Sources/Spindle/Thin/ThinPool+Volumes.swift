@@ -183,14 +183,14 @@ extension ThinPool {
     func requireVolume(_ volumeName: String) throws(SpindleError) -> VolumeRecord {
         guard let record = records.values.first(where: { $0.name == volumeName }) else {
             let known = records.values.map(\.name).sorted()
-            throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'\(known.isEmpty ? " (it has no volumes)" : "; it has \(known.joined(separator: ", "))")", path: name)
+            throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'\(known.isEmpty ? " (it has no volumes)" : "; it has \(known.joined(separator: ", "))")")
         }
         return record
     }
 
     private func requireUnused(_ volumeName: String) throws(SpindleError) {
         if records.values.contains(where: { $0.name == volumeName }) {
-            throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(volumeName)' already", path: name)
+            throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(volumeName)' already")
         }
     }
 
@@ -200,13 +200,13 @@ extension ThinPool {
 
     private func checkName(_ volumeName: String) throws(SpindleError) {
         guard !volumeName.isEmpty, volumeName.utf8.count <= 64, !volumeName.contains("/"), !volumeName.contains(where: \.isWhitespace) else {
-            throw SpindleError(.invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/' or spaces", path: name)
+            throw SpindleError(.invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/' or spaces")
         }
     }
 
     private func checkSize(_ sizeBytes: UInt64) throws(SpindleError) {
         guard sizeBytes > 0, sizeBytes % 4096 == 0, sizeBytes / chunkBytes < Self.maximumVolumeChunks else {
-            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB", path: name)
+            throw SpindleError(.invalidArgument, "the volume size \(sizeBytes) must be a positive multiple of 4 KiB")
         }
     }
 
