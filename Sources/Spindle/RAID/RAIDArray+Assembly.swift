@@ -144,12 +144,15 @@ extension RAIDArray {
     func resyncDirtyRegions() async throws -> UInt64 {
         guard geometry.level != .raid0 else { return 0 }
         let readable = readableMembers()
+        // The union of every member's bitmap: a member added or rebuilt since the bits were set
+        // may not carry them, and missing one dirty region would leave its mirrors (or parity)
+        // disagreeing for good.
         var bits: [UInt8]?
         for member in readable.compactMap({ $0 }) {
             let buffer = AlignedBuffer(count: Self.bitmapBytes)
             if (try? await member.device.read(into: buffer, at: Self.bitmapOffset)) != nil {
-                bits = buffer.array
-                break
+                let read = buffer.array
+                bits = bits.map { zip($0, read).map { $0 | $1 } } ?? read
             }
         }
         let regionBytes = UInt64(1) << UInt64(bitmapChunkShift)

@@ -197,10 +197,16 @@ extension RAIDArray {
                 (Int(stripe), {
                     // A member that fails a read the stripe needs is failed on the spot; the stripe is
                     // then written again, degraded, without it.
+                    var unreadable = Set<Int>()
                     for attempt in 1...attempts {
                         do {
-                            try await self.writeStripe(stripe, pieces: pieces, source: source, fua: fua)
+                            try await self.writeStripe(stripe, pieces: pieces, source: source, fua: fua, avoiding: unreadable)
                             return
+                        } catch let failure as StripeReadFailure {
+                            if attempt == attempts || self.state.withLock({ $0.failed }) { throw failure.error }
+                            // Compute this stripe without that member's block (from parity and the
+                            // others), as a degraded write does; the member stays in the array.
+                            unreadable.insert(failure.slot)
                         } catch {
                             if attempt == attempts || self.state.withLock({ $0.failed }) { throw error }
                         }
@@ -233,7 +239,15 @@ extension RAIDArray {
     /// Writes the pieces of one RAID5 stripe and its parity: a full stripe with no reads; otherwise
     /// read-modify-write or reconstruct-write, whichever reads less; reconstructing a missing member's
     /// old data from parity when the array is degraded.
-    private func writeStripe(_ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool) async throws {
+    /// A member read a partial-stripe write needed failed.
+    struct StripeReadFailure: Error {
+        var slot: Int
+        var error: any Error
+    }
+
+    private func writeStripe(
+        _ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool, avoiding unreadableSlots: Set<Int> = []
+    ) async throws {
         let chunk = geometry.chunkBytes
         let low = pieces.map { $0.memberOffset - stripe * chunk }.min()!
         let high = pieces.map { $0.memberOffset - stripe * chunk + $0.length }.max()!
@@ -242,7 +256,9 @@ extension RAIDArray {
         let dataCount = geometry.dataMembersPerStripe
         let parityMember = geometry.parityMember(stripe: stripe)
         let memberOf = (0..<dataCount).map { geometry.dataMember(stripe: stripe, index: $0) }
-        let readable = readableMembers()
+        var readableNow = readableMembers()
+        for slot in unreadableSlots { readableNow[slot] = nil }
+        let readable = readableNow
         let writable = writableMembers()
         var touched = [RAIDGeometry.Extent?](repeating: nil, count: dataCount)
         for piece in pieces { touched[piece.dataIndex] = piece }
@@ -264,9 +280,13 @@ extension RAIDArray {
                 (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
             })
             if let failure = failures.first {
-                // The stripe cannot be computed without it; fail the member and let the caller retry degraded.
-                await failMember(slot: failure.slot, because: failure.error)
-                throw failure.error
+                // The stripe cannot be computed without it. A member that is gone is failed at once
+                // (the caller retries degraded); another read error may pass: the caller retries,
+                // and fails the member only if it keeps failing.
+                if (failure.error as? SpindleError)?.code == .deviceGone {
+                    await failMember(slot: failure.slot, because: failure.error)
+                }
+                throw StripeReadFailure(slot: failure.slot, error: failure.error)
             }
         }
         func merge(_ index: Int, into buffer: AlignedBuffer) {

@@ -287,6 +287,10 @@ extension ThinPool {
         let root = area.roots[Root.referenceCounts.rawValue]
         let count = try await referenceCount(of: chunk)
         let after = UInt64(Int(count) + delta)
+        // A chunk that was shared when the transaction began stays shared for writes until it
+        // commits: the committed mappings still give it to the other volume, which a crash would
+        // bring back, so writing it in place would leak this volume's writes into that one.
+        if delta < 0 && count >= 2 { unsharedSinceCommit.insert(chunk) }
         if count < 2 && after >= 2 { sharedChunks += 1 }
         if count >= 2 && after < 2 { sharedChunks -= 1 }
         if delta > 0 {

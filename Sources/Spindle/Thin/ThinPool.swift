@@ -56,6 +56,8 @@ public final class ThinPool: @unchecked Sendable {
     var reserved: Set<UInt64> = []
     var cursor: UInt64 = 0
     var usedChunks: UInt64
+    /// Chunks whose sharing ended in the open transaction: written by copy until it commits.
+    var unsharedSinceCommit: Set<UInt64> = []
     /// Chunks with more than one referrer (kept in the volumes tree under id 0).
     var sharedChunks: UInt64 = 0
     var storedSharedChunks: UInt64 = .max
@@ -394,6 +396,7 @@ public final class ThinPool: @unchecked Sendable {
         // finish before those chunks can be handed out again.
         await inFlight.drain()
         pendingFree.removeAll()
+        unsharedSinceCommit.removeAll()
     }
 
     /// The device and byte offset of a pool chunk.

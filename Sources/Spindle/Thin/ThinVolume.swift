@@ -95,7 +95,7 @@ public final class ThinVolume: BlockDevice {
                 let location = pool.location(of: found.value)
                 // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
                 let alone = try await pool.sharedChunks == 0 ? true : pool.referenceCount(of: found.value) == 1
-                if !found.shared && alone {
+                if !found.shared && alone && !pool.unsharedSinceCommit.contains(found.value) {
                     return (.exclusive(device: location.device, offset: location.offset), epoch)
                 }
                 return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
