@@ -11,7 +11,7 @@ struct SpindleCommand: AsyncParsableCommand {
             Sizes take K, M, G and T suffixes, powers of two (4K = 4096 bytes). Commands that a script \
             reads take --json. Errors go to standard error, with a non-zero exit status.
             """,
-        subcommands: [ImageCommand.self, ArrayCommand.self, PoolCommand.self, VolumeCommand.self, ServeCommand.self, BenchCommand.self]
+        subcommands: [ImageCommand.self, ArrayCommand.self, PoolCommand.self, VolumeCommand.self, ServeCommand.self, BenchCommand.self, SimulateCommand.self]
     )
 
     /// Runs the command line, printing Spindle's errors as one line on standard error.
