@@ -16,6 +16,16 @@ struct StackSimulationTests {
         }
     }
 
+    @Test("regressions found by the soak: RAID1 members replaced one after the other, then power cuts (a new member lacked the bitmap; resync repairs were not flushed)",
+          arguments: [UInt64(1015), 1055, 1065])
+    func soakRegressions(seed: UInt64) async throws {
+        var options = StackSimulation.Options(seed: seed)
+        options.level = .raid1
+        options.members = 2
+        let report = await StackSimulation.run(options)
+        #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.trace.joined(separator: "\n"))")
+    }
+
     @Test("the same seed replays the same run")
     func replay() async throws {
         let first = await StackSimulation.run(StackSimulation.Options(seed: 42))

@@ -165,6 +165,9 @@ extension RAIDArray {
             _ = try await checkRange(memberStart: start, memberEnd: end, repair: true, progress: nil)
             total += end - start
         }
+        // The repairs must be on disk before anything rewrites the bitmap: the next write starts a
+        // fresh one, and a crash after that would find the repaired regions unmarked.
+        for member in writableMembers().compactMap({ $0 }) { try await member.device.flush() }
         return total
     }
 
@@ -307,6 +310,17 @@ extension RAIDArray {
         await activateSpareIfPossible()
         let (slot, checkpoint) = state.withLock { ($0.rebuildSlot, $0.rebuildCheckpointBytes) }
         guard slot >= 0 else { return 0 }
+        // The new member takes the write-intent bitmap as it stands: bits set before it joined are
+        // not written again, and once the members that carried them are gone, a crash must still
+        // find them (or regions written but unflushed would never be resynced).
+        await bitmapLock.lock()
+        do {
+            try await writeBitmap()
+        } catch {
+            bitmapLock.unlock()
+            throw error
+        }
+        bitmapLock.unlock()
         try gate.enter(operation: "rebuild", name: name)
         defer { gate.leave() }
         let chunk = geometry.chunkBytes
