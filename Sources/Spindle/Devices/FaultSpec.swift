@@ -23,8 +23,9 @@ public struct FaultSpec: Sendable, Equatable {
         var probability = 1.0
         var errorNumber = EIO
         for part in text.split(separator: ",").map({ String($0).trimmingSpaces() }) where !part.isEmpty {
-            let pieces = part.split(separator: "=", maxSplits: 1).map(String.init)
+            let pieces = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
             let key = pieces[0]
+            guard !key.isEmpty else { throw invalid(text, "'\(part)' has no name before '='") }
             let value = pieces.count == 2 ? pieces[1] : nil
             func need() throws(SpindleError) -> String {
                 guard let value, !value.isEmpty else { throw invalid(text, "'\(key)' needs a value, as in \(key)=…") }
