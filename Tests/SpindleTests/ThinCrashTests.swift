@@ -1,40 +1,9 @@
 import Testing
 @testable import Spindle
 
-/// What a volume may hold after a crash: the state of the last commit, plus every version of a block
-/// written (or discarded) since, per 4 KiB block.
-private struct VolumeModel {
-    var current: [UInt8]
-    var durable: [UInt8]
-    var versions: [[[UInt8]]]
-
-    init(bytes: [UInt8]) {
-        current = bytes
-        durable = bytes
-        versions = [[[UInt8]]](repeating: [], count: bytes.count / 4096)
-    }
-
-    mutating func committed() {
-        durable = current
-        versions = [[[UInt8]]](repeating: [], count: current.count / 4096)
-    }
-
-    mutating func apply(_ data: [UInt8], at offset: Int) {
-        current.replaceSubrange(offset..<(offset + data.count), with: data)
-        for block in (offset / 4096)..<((offset + data.count) / 4096) {
-            versions[block].append(Array(current[(block * 4096)..<((block + 1) * 4096)]))
-        }
-    }
-
-    /// Shrinks or grows; the caller commits right after (a resize commits).
-    mutating func resize(to bytes: Int) {
-        if bytes < current.count {
-            current.removeSubrange(bytes...)
-        } else {
-            current += [UInt8](repeating: 0, count: bytes - current.count)
-        }
-    }
-}
+/// What a volume may hold after a crash: the simulator's model (contents at the last commit, plus
+/// every version of a 4 KiB block written since).
+private typealias VolumeModel = StackSimulation.VolumeModel
 
 @Suite("Thin pool crash consistency")
 struct ThinCrashTests {
@@ -44,7 +13,7 @@ struct ThinCrashTests {
         let inner = try MemoryDevice(capacityBytes: 40 << 20, logicalBlockBytes: 4096)
         let setup = try await ThinPool.create(name: "crash", devices: [inner])
         _ = try await setup.createVolume(name: "v0", sizeBytes: 4 << 20)
-        var models = ["v0": VolumeModel(bytes: [UInt8](repeating: 0, count: 4 << 20))]
+        var models = ["v0": VolumeModel([UInt8](repeating: 0, count: 4 << 20))]
         let faulty = FaultyDevice(wrapping: inner, seed: seed, volatileCache: true)
         let pool = try await ThinPool.open(devices: [faulty])
         var random = SeededRandom(seed: seed)
@@ -89,7 +58,7 @@ struct ThinCrashTests {
                     trace.append("snapshot \(name) as \(snapshotName)")
                     ambiguous = snapshotName
                     try await pool.snapshot(volume: name, name: snapshotName)
-                    models[snapshotName] = VolumeModel(bytes: models[name]!.current)
+                    models[snapshotName] = VolumeModel(models[name]!.current)
                     commitAll()
                 case 86..<91:
                     guard models.count > 1 else { continue }
@@ -111,7 +80,7 @@ struct ThinCrashTests {
                     trace.append("create \(newName)")
                     ambiguous = newName
                     _ = try await pool.createVolume(name: newName, sizeBytes: 2 << 20)
-                    models[newName] = VolumeModel(bytes: [UInt8](repeating: 0, count: 2 << 20))
+                    models[newName] = VolumeModel([UInt8](repeating: 0, count: 2 << 20))
                     commitAll()
                 }
                 ambiguous = nil

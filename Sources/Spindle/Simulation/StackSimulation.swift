@@ -69,6 +69,15 @@ public enum StackSimulation {
                 versions[block].append(Array(current[(block * 4096)..<((block + 1) * 4096)]))
             }
         }
+
+        /// Shrinks or grows (new space reads zeros); the caller commits right after, as a resize does.
+        mutating func resize(to bytes: Int) {
+            if bytes < current.count {
+                current.removeSubrange(bytes...)
+            } else {
+                current += [UInt8](repeating: 0, count: bytes - current.count)
+            }
+        }
     }
 
     private struct Mismatch: Error { var message: String }
@@ -209,13 +218,7 @@ public enum StackSimulation {
                 let size = Int(1 + random.below(options.volumeBytes / 65536 * 3 / 2)) * 65536 - (random.chance(0.5) ? 8192 : 0)
                 log("resize \(name) to \(size)")
                 try await pool.resizeVolume(name: name, sizeBytes: UInt64(size))
-                var model = models[name]!
-                if size < model.current.count {
-                    model.current.removeSubrange(size...)
-                } else {
-                    model.current += [UInt8](repeating: 0, count: size - model.current.count)
-                }
-                models[name] = model
+                models[name]!.resize(to: size)
                 commitAll()
                 report.volumeChanges += 1
             case 820..<870:
