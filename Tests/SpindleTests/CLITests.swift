@@ -4,9 +4,15 @@ import Testing
 
 /// Runs the built `spindle` binary.
 func spindle(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
+    try runProcess(spindleBinary(), arguments)
+}
+
+/// Runs a program to its end; returns (status, output, errors).
+func runProcess(_ executable: URL, _ arguments: [String], directory: String? = nil) throws -> (status: Int32, output: String, errors: String) {
     let process = Process()
-    process.executableURL = spindleBinary()
+    process.executableURL = executable
     process.arguments = arguments
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
     let output = Pipe()
     let errors = Pipe()
     process.standardOutput = output

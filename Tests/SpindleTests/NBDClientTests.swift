@@ -51,19 +51,7 @@ final class ServeProcess {
 /// Runs a program from PATH; returns (status, output, errors).
 @discardableResult
 func tool(_ arguments: [String], directory: String? = nil) throws -> (status: Int32, output: String, errors: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-    let output = Pipe()
-    let errors = Pipe()
-    process.standardOutput = output
-    process.standardError = errors
-    try process.run()
-    let outputData = output.fileHandleForReading.readDataToEndOfFile()
-    let errorData = errors.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self))
+    try runProcess(URL(fileURLWithPath: "/usr/bin/env"), arguments, directory: directory)
 }
 
 @Suite("NBD with real clients (nbdinfo, nbdcopy, qemu-img, fio, nbdfuse with ext4)", .serialized)
@@ -128,7 +116,8 @@ struct NBDClientTests {
                                       directory: folder.path)
         let uri = try #require(server.uri("nbd+unix:///tank/db"))
         let fio = try tool(["fio", "--name=verify", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-                            "--size=48M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json"])
+                            "--size=48M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json"],
+                       directory: folder.path)  // fio leaves a verify state file in its folder
         #expect(fio.status == 0, "\(fio.errors)")
         let stopped = server.stop()
         #expect(stopped.status == 0)

@@ -24,7 +24,15 @@ final class NBDConnection: @unchecked Sendable {
         self.server = server
     }
 
-    deinit { inbox.deallocate() }
+    /// The reply header and the writev vectors, used only under `replyLock`: no allocation per reply.
+    private let replyHeader = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
+    private let replyVectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2)
+
+    deinit {
+        inbox.deallocate()
+        replyHeader.deallocate()
+        replyVectors.deallocate()
+    }
 
     func run(id: Int) async {
         label = "connection \(id)"
@@ -371,17 +379,15 @@ final class NBDConnection: @unchecked Sendable {
 
     /// Sends a simple reply (and a read's data) as one message: replies never interleave.
     private func sendReply(error: UInt32, cookie: UInt64, data: AlignedBuffer? = nil, length dataLength: Int? = nil) async throws {
-        let header = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
-        defer { header.deallocate() }
-        NBDProtocol.simpleReply(error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
         try await replyLock.withLock {
+            let header = replyHeader
+            let vectors = replyVectors
+            NBDProtocol.simpleReply(error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
             guard let data else {
                 try await send(header, 16)
                 return
             }
             // Header and data in one writev; a partial write finishes with plain sends.
-            let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2)
-            defer { vectors.deallocate() }
             vectors[0] = iovec(iov_base: header, iov_len: 16)
             let count = dataLength ?? data.count
             vectors[1] = iovec(iov_base: data.bytes.baseAddress!, iov_len: count)
