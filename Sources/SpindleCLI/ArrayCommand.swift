@@ -44,10 +44,16 @@ struct ArrayCommand: AsyncParsableCommand {
                 var isDirectory: ObjCBool = false
                 guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
                       let device = try? FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)) else { continue }
-                if case let .success(block)? = try? await RAIDArray.readSuperblock(of: device) {
+                switch try? await RAIDArray.readSuperblock(of: device) {
+                case let .success(block)?:
                     if arrayName == nil || block.name == arrayName {
                         groups[block.arrayUUID.description, default: (block.name, [])].paths.append(path)
                     }
+                case let .failure(problem)? where problem != .notAMember:
+                    // A damaged member is reported, never skipped in silence.
+                    Terminal.warning("\(path): \(problem); not used")
+                default:
+                    break
                 }
                 try? await device.close()
             }
@@ -72,6 +78,13 @@ struct ArrayCommand: AsyncParsableCommand {
     static func assemble(
         paths: [String], engine: IOEngine, force: Bool = false, quiet: Bool = false, faults: [String: FaultSpec] = [:], seed: UInt64 = 1
     ) async throws -> RAIDArray {
+        var seen: [String: String] = [:]
+        for path in paths {
+            if let first = seen[canonicalPath(path)] {
+                throw SpindleError(.invalidArgument, "the image is given twice (as \(first) and \(path))", operation: "assemble", path: path)
+            }
+            seen[canonicalPath(path)] = path
+        }
         var devices: [FileDevice] = []
         do {
             for path in paths { devices.append(try FileDevice.open(path: path, engine: engine)) }
@@ -149,6 +162,9 @@ struct ArrayCommand: AsyncParsableCommand {
         @Option(help: "Size of each image to create when it does not exist, such as 1G.", transform: parseSize)
         var size: UInt64?
 
+        @Flag(help: "Use existing images even if they hold something (another array, a pool, a file system, data), destroying it.")
+        var force = false
+
         @Flag(help: "Print the result as JSON.")
         var json = false
 
@@ -174,7 +190,7 @@ struct ArrayCommand: AsyncParsableCommand {
                         devices.append(try FileDevice.create(path: path, sizeBytes: size, engine: engine))
                     }
                 }
-                let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices)
+                let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices, overwrite: force)
                 let status = array.status
                 try await array.close()
                 if json {
@@ -288,9 +304,12 @@ struct ArrayCommand: AsyncParsableCommand {
         @Option(help: "The image to add; created when missing, as large as the members need.")
         var device: String
 
+        @Flag(help: "Use the image even if it holds something (another array, a pool, a file system, data), destroying it.")
+        var force = false
+
         func run() async throws {
             let status = try await ArrayCommand.withArray(selection) { array, engine in
-                try await array.add(try openOrCreate(device, for: array, engine: engine))
+                try await array.add(try openOrCreate(device, for: array, engine: engine), overwrite: force)
                 return array.status
             }
             let role = status.spares.contains(device) ? "a spare" : "the member to rebuild"
@@ -316,10 +335,13 @@ struct ArrayCommand: AsyncParsableCommand {
         @Flag(help: "Only swap the member; rebuild later with 'array rebuild'.")
         var noRebuild = false
 
+        @Flag(help: "Use the new image even if it holds something (another array, a pool, a file system, data), destroying it.")
+        var force = false
+
         func run() async throws {
             let status = try await ArrayCommand.withArray(selection) { array, engine in
                 let device = try openOrCreate(new, for: array, engine: engine)
-                try await array.replace(memberNamed: resolveMember(old, in: array), with: device)
+                try await array.replace(memberNamed: resolveMember(old, in: array), with: device, overwrite: force)
                 print("replaced \(old) with \(new) in array \(array.arrayName)")
                 if !noRebuild {
                     let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding \(new)"))
@@ -428,12 +450,14 @@ func openOrCreate(_ path: String, for array: RAIDArray, engine: IOEngine) throws
 
 /// The name under which an array knows the member image at `path` (however the path is written).
 func resolveMember(_ path: String, in array: RAIDArray) -> String {
-    func canonical(_ path: String) -> String {
-        URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
-    }
     let status = array.status
     let names = status.slots.compactMap(\.device) + status.spares
-    return names.first { canonical($0) == canonical(path) } ?? path
+    return names.first { canonicalPath($0) == canonicalPath(path) } ?? path
+}
+
+/// One spelling for a file however its path is written (relative, with '..', through symlinks).
+func canonicalPath(_ path: String) -> String {
+    URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
 }
 
 /// A value shared between tasks, behind a lock.

@@ -31,7 +31,7 @@ struct PoolCommand: AsyncParsableCommand {
         @Option(help: "Size of each image to create when it does not exist, such as 1G.", transform: parseSize)
         var size: UInt64?
 
-        @Flag(help: "Format devices that belong to another pool (destroys it).")
+        @Flag(help: "Use devices that hold something (another pool, an array member, a file system, data), destroying it.")
         var force = false
 
         @OptionGroup var folder: PoolFolder
@@ -193,7 +193,7 @@ struct PoolCommand: AsyncParsableCommand {
         @Option(help: "Size of each new image to create when it does not exist, such as 1G.", transform: parseSize)
         var size: UInt64?
 
-        @Flag(help: "Format new devices that belong to another pool (destroys it).")
+        @Flag(help: "Use new devices that hold something (another pool, an array member, a file system, data), destroying it.")
         var force = false
 
         @OptionGroup var folder: PoolFolder

@@ -66,6 +66,15 @@ enum PoolStore {
     /// Every pool whose devices are in `folder`: plain images with a pool label, and arrays (found
     /// from their members) whose first block holds one. Reads only.
     static func scan(_ folder: String) async throws -> [FoundPool] {
+        let (pools, damaged) = try await scanReport(folder)
+        for problem in damaged { Terminal.warning(problem) }
+        return pools
+    }
+
+    /// The pools in `folder`, and what looked like a pool's or an array's but is damaged (each
+    /// "PATH: what is wrong; not used"): a damaged header is reported, never skipped in silence.
+    static func scanReport(_ folder: String) async throws -> (pools: [FoundPool], damaged: [String]) {
+        var damaged: [String] = []
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: folder) else {
             throw SpindleError(.notFound, "cannot list the folder", operation: "scan", path: folder)
         }
@@ -76,10 +85,19 @@ enum PoolStore {
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
                   let device = try? FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)) else { continue }
-            if case let .success(block)? = try? await RAIDArray.readSuperblock(of: device) {
+            switch try? await RAIDArray.readSuperblock(of: device) {
+            case let .success(block)?:
                 members[block.arrayUUID, default: []].append((path, block))
-            } else if let label = try? await ThinPoolLabel.read(from: device) {
-                labelled.append((label, .image(path: path)))
+            case let .failure(problem)? where problem != .notAMember:
+                damaged.append("\(path): \(problem); not used")
+            default:
+                do {
+                    if let label = try await ThinPoolLabel.read(from: device) { labelled.append((label, .image(path: path))) }
+                } catch let error as SpindleError {
+                    damaged.append("\(path): \(error.message); not used")
+                } catch {
+                    damaged.append("\(path): \(error); not used")
+                }
             }
             try? await device.close()
         }
@@ -92,9 +110,13 @@ enum PoolStore {
             guard let holder = holders.first,
                   let device = try? FileDevice.open(path: holder.path, options: FileDevice.Options(readOnly: true, directIO: .disabled)) else { continue }
             let buffer = AlignedBuffer(count: ThinPoolLabel.bytes, zeroed: false)
-            if (try? await device.read(into: buffer, at: holder.block.dataOffset + extent.memberOffset)) != nil,
-               let label = try? ThinPoolLabel.decode(buffer.array) {
-                labelled.append((label, .array(name: newest.name, paths: group.map(\.path))))
+            if (try? await device.read(into: buffer, at: holder.block.dataOffset + extent.memberOffset)) != nil {
+                do {
+                    labelled.append((try ThinPoolLabel.decode(buffer.array), .array(name: newest.name, paths: group.map(\.path))))
+                } catch ThinPoolLabel.Problem.notALabel {
+                } catch {
+                    damaged.append("array:\(newest.name) (its first block, on \(holder.path)): damaged pool label: \(error); not used")
+                }
             }
             try? await device.close()
         }
@@ -103,21 +125,25 @@ enum PoolStore {
             pools[label.poolUUID, default: FoundPool(name: label.poolName, uuid: label.poolUUID, devices: [])]
                 .devices.append((label.deviceIndex, device))
         }
-        return pools.values.map { pool in
+        let found = pools.values.map { pool in
             var sorted = pool
             sorted.devices.sort { $0.index < $1.index }
             return sorted
         }.sorted { $0.name < $1.name }
+        return (found, damaged)
     }
 
     /// Finds the pool named `name` in `folder`.
     static func find(_ name: String, in folder: String) async throws -> FoundPool {
-        let pools = try await scan(folder).filter { $0.name == name }
+        let (all, damaged) = try await scanReport(folder)
+        let pools = all.filter { $0.name == name }
         guard let pool = pools.first else {
-            let others = try await scan(folder).map(\.name)
-            throw SpindleError(.notFound, "no pool named '\(name)' in the folder\(others.isEmpty ? " (it holds no pools)" : "; it holds \(others.joined(separator: ", "))")",
+            let others = all.map(\.name)
+            let problems = damaged.isEmpty ? "" : ". Damaged and not used: " + damaged.joined(separator: "; ")
+            throw SpindleError(.notFound, "no pool named '\(name)' in the folder\(others.isEmpty ? " (it holds no pools)" : "; it holds \(others.joined(separator: ", "))")\(problems)",
                                operation: "find pool", path: folder)
         }
+        for problem in damaged { Terminal.warning(problem) }
         guard pools.count == 1 else {
             throw SpindleError(.invalidArgument, "the folder holds \(pools.count) pools named '\(name)' (\(pools.map(\.uuid.description).joined(separator: ", "))); move one away",
                                operation: "find pool", path: folder)
@@ -142,6 +168,7 @@ enum PoolStore {
                 arrays += opened.arrays
             }
             let pool = try await ThinPool.open(devices: devices)
+            for note in pool.openNotes { Terminal.warning("pool \(name): \(note)") }
             return OpenPool(pool: pool, files: files, arrays: arrays)
         } catch {
             for array in arrays { try? await array.close() }

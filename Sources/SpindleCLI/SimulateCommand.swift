@@ -7,10 +7,11 @@ struct SimulateCommand: AsyncParsableCommand {
         commandName: "simulate",
         abstract: "Run the seeded whole-stack simulation: thin volumes on a pool on RAID on fault-injecting in-memory disks, checked against a model.",
         discussion: """
-            Each seed builds the stack, runs a random load with read errors, member failures and rebuilds, and \
-            power cuts with reassembly, and checks every read and every post-crash state against the flush \
-            contract. A failing seed prints its last operations; the same seed replays the same run. Exits 1 \
-            when any seed fails.
+            Each seed builds the stack, runs a random load with read and write errors, member failures and \
+            rebuilds (some paused part way), power cuts with reassembly and, for one seed in four, a pool too \
+            small for its volumes; it checks every read and every post-crash state against the flush contract. \
+            A failing seed prints its last operations and those that bear on the block that went wrong; the \
+            same seed replays the same run. Exits 1 when any seed fails.
             """)
 
     @Option(help: "First seed.")
@@ -43,6 +44,10 @@ struct SimulateCommand: AsyncParsableCommand {
         var injectedReadErrors = 0
         var memberFailures = 0
         var rebuilds = 0
+        var injectedWriteErrors = 0
+        var pausedRebuilds = 0
+        var idleCleans = 0
+        var poolFullErrors = 0
         var powerCuts = 0
         var mismatches = 0
         var failedSeeds: [String] = []
@@ -77,12 +82,19 @@ struct SimulateCommand: AsyncParsableCommand {
                 totals.injectedReadErrors += report.injectedReadErrors
                 totals.memberFailures += report.memberFailures
                 totals.rebuilds += report.rebuilds
+                totals.injectedWriteErrors += report.injectedWriteErrors
+                totals.pausedRebuilds += report.pausedRebuilds
+                totals.idleCleans += report.idleCleans
+                totals.poolFullErrors += report.poolFullErrors
                 totals.powerCuts += report.powerCuts
                 totals.mismatches += report.mismatches
                 if let failure = report.failure {
                     totals.failedSeeds.append("raid\(level.rawValue) seed \(next)")
                     Terminal.error("raid\(level.rawValue) seed \(next) failed: \(failure)")
                     FileHandle.standardError.write(Data(("last operations:\n" + report.trace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
+                    if !report.relevantTrace.isEmpty {
+                        FileHandle.standardError.write(Data(("operations that bear on it (#operation):\n" + report.relevantTrace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
+                    }
                 } else if Terminal.showsProgress && !json {
                     Terminal.progress("\(totals.runs) runs, \(totals.operations) operations, \(totals.powerCuts) power cuts, \(totals.failedSeeds.count) failed")
                 }
@@ -97,7 +109,7 @@ struct SimulateCommand: AsyncParsableCommand {
             print("""
                 runs \(totals.runs) (seeds \(seed)–\(next - 1), raid \(levels)), operations \(totals.operations) in \(formatDecimal(totals.seconds, places: 1)) s
                   reads \(totals.reads), writes \(totals.writes), flushes \(totals.flushes), discards/zeroes \(totals.discards), snapshots \(totals.snapshots), volume creates/deletes/resizes \(totals.volumeChanges)
-                  faults: read-error episodes \(totals.injectedReadErrors), member failures \(totals.memberFailures) (rebuilt \(totals.rebuilds)), power cuts \(totals.powerCuts)
+                  faults: read-error episodes \(totals.injectedReadErrors), write errors \(totals.injectedWriteErrors), member failures \(totals.memberFailures) (rebuilds \(totals.rebuilds), paused part way \(totals.pausedRebuilds)), power cuts \(totals.powerCuts), idle cleans \(totals.idleCleans), writes refused by a full pool \(totals.poolFullErrors)
                   mismatches \(totals.mismatches), failed runs \(totals.failedSeeds.count)\(totals.failedSeeds.isEmpty ? "" : ": " + totals.failedSeeds.joined(separator: ", "))
                 """)
         }

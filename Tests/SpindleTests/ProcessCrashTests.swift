@@ -256,10 +256,17 @@ private final class CrashRun {
         }
     }
 
-    /// Completes whatever rebuild a killed command left, killing it once more at random first;
-    /// then drops the image that left the array.
+    /// Completes whatever a killed replace left — the old member still in place, a rebuild to
+    /// finish (killed once more at random first), or the old member failed and no new one added
+    /// yet (the replace is run again) — then drops the image that left the array.
     func finishRebuild(round: Int, old: String, new: String) throws {
-        let slots = try slotDevices()
+        var slots = try slotDevices()
+        let stateNow = try arrayStatus()["state"] as? String
+        if !slots.contains(new) && stateNow != "clean" {
+            // Killed between failing the old member and adding the new one: replace again.
+            _ = try run(["array", "replace"] + arrayArguments + ["--old", old, "--new", new, "--no-rebuild"], "round \(round): replace again")
+            slots = try slotDevices()
+        }
         if slots.contains(new) {
             if random.chance(0.5) {
                 try killed("rebuild", ["array", "rebuild", "--wait", "--rate", "60M"] + arrayArguments, round: round)
@@ -271,7 +278,7 @@ private final class CrashRun {
             members[members.firstIndex(of: old)!] = new
         } else {
             try #require(slots.contains(old), "seed \(seed) round \(round): after a killed replace neither \(old) nor \(new) is a member: \(slots)")
-            try FileManager.default.removeItem(atPath: new)
+            try? FileManager.default.removeItem(atPath: new)
         }
         let state = try arrayStatus()["state"] as? String
         try #require(state == "clean", "seed \(seed) round \(round): after the rebuild the array is \(state ?? "?")")

@@ -32,7 +32,7 @@ struct ThinPoolTests {
         let junk = AlignedBuffer(count: 16 << 20)
         junk.fill(0x5C)
         try await device.write(from: junk, at: 0)
-        let pool = try await ThinPool.create(name: "p", devices: [device])
+        let pool = try await ThinPool.create(name: "p", devices: [device], overwrite: true)
         let volume = try await pool.createVolume(name: "v", sizeBytes: 1 << 20)
         let data = AlignedBuffer(count: 4096)
         data.fill(0x11)

@@ -163,7 +163,7 @@ struct ThinSnapshotTests {
         expectError(await spindleError { _ = try await ThinPool.open(devices: [devices[0], other]) },
                     .invalidArgument, ["belongs to pool other"])
         expectError(await spindleError { _ = try await ThinPool.create(name: "again", devices: [other]) },
-                    .alreadyExists, ["belongs to pool other"])
+                    .alreadyExists, ["holds device 0 of pool 'other'", "refusing to overwrite it"])
         let blank = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
         expectError(await spindleError { _ = try await ThinPool.open(devices: [blank]) }, .invalidArgument, ["no thin pool label"])
     }

@@ -145,7 +145,7 @@ public final class FileDevice: BlockDevice {
             }
             fileBytes = UInt64(info.st_size)
 
-            if !options.readOnly && flock(descriptor, LOCK_EX | LOCK_NB) != 0 {
+            if !options.readOnly && !FileLockHolder.lock(descriptor, device: UInt64(info.st_dev), inode: UInt64(info.st_ino)) {
                 let error = errno
                 if error == EWOULDBLOCK {
                     throw SpindleError(

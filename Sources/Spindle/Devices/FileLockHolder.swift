@@ -7,10 +7,36 @@ enum FileLockHolder {
     static func describe(device: UInt64, inode: UInt64) -> String {
         guard let pid = holderPID(device: device, inode: inode) else { return "another process" }
         if pid == getpid() { return "this process (the image is open for writing already)" }
+        if !isAlive(pid) { return "process \(pid), which has exited (the kernel is still finishing its I/O and has not released the lock)," }
         if let command = readSmallFile("/proc/\(pid)/comm")?.split(separator: "\n").first {
             return "process \(pid) (\(command))"
         }
         return "process \(pid)"
+    }
+
+    /// Takes an exclusive `flock` without blocking. When a process holds it that has already
+    /// exited — a killed process whose io_uring requests the kernel is still tearing down keeps its
+    /// files, and so its lock, for a moment — waits up to `patienceSeconds` for the lock to go.
+    /// Returns false with `errno` set when the lock is not taken.
+    static func lock(_ descriptor: Int32, device: UInt64, inode: UInt64, patienceSeconds: Double = 10) -> Bool {
+        if flock(descriptor, LOCK_EX | LOCK_NB) == 0 { return true }
+        var failure = errno
+        var waited = 0.0
+        while failure == EWOULDBLOCK, waited < patienceSeconds,
+              let pid = holderPID(device: device, inode: inode), pid != getpid(), !isAlive(pid) {
+            usleep(10_000)
+            waited += 0.01
+            if flock(descriptor, LOCK_EX | LOCK_NB) == 0 { return true }
+            failure = errno
+        }
+        errno = failure
+        return false
+    }
+
+    /// Whether a process with this id exists (a zombie counts: it still holds nothing, but its
+    /// parent has not collected it yet, which is the parent's business).
+    static func isAlive(_ pid: Int32) -> Bool {
+        kill(pid, 0) == 0 || errno != ESRCH
     }
 
     /// Parses `/proc/locks` lines such as `1: FLOCK  ADVISORY  WRITE 4242 fe:01:1234 0 EOF`.

@@ -157,6 +157,17 @@ extension RAIDArray {
         }
         let regionBytes = UInt64(1) << UInt64(bitmapChunkShift)
         let regionCount = Int((geometry.memberDataBytes + regionBytes - 1) / regionBytes)
+        // A member being rebuilt took the writes below its checkpoint too, and the crash may have
+        // dropped or torn them differently there than on the others: rebuild it again from the
+        // first dirty region below the checkpoint.
+        state.withLock { state in
+            guard state.rebuildSlot >= 0, state.rebuildCheckpointBytes > 0 else { return }
+            if let region = (0..<regionCount).first(where: { region in
+                bits.map { $0[region / 8] & (1 << UInt8(region % 8)) != 0 } ?? true
+            }) {
+                state.rebuildCheckpointBytes = min(state.rebuildCheckpointBytes, UInt64(region) * regionBytes)
+            }
+        }
         var total: UInt64 = 0
         for region in 0..<regionCount {
             if let bits, bits[region / 8] & (1 << UInt8(region % 8)) == 0 { continue }
@@ -230,7 +241,9 @@ extension RAIDArray {
                     await failMember(slot: failure.slot, because: failure.error)
                     throw failure.error
                 }
-                if slots.count == geometry.memberCount {
+                // RAID5 needs every member to check parity; mirrors compare whichever copies are in
+                // sync (a member being rebuilt is not read: it is rebuilt again where it may differ).
+                if slots.count == geometry.memberCount || (geometry.level == .raid1 && slots.count >= 2) {
                     for stripe in stripes {
                         let within = Int((stripe * chunk) - position)
                         let size = Int(chunk)
@@ -303,9 +316,12 @@ extension RAIDArray {
     /// - Parameters:
     ///   - rateBytesPerSecond: an upper bound on the rebuild rate, to leave room for other I/O.
     ///   - progress: called about once a second and at the end.
+    ///   - stopAtBytes: pause once the rebuilt prefix reaches this member offset (md's `sync_max`):
+    ///     the checkpoint is saved, the array stays rebuilding, and a later call resumes.
     @discardableResult
     public func rebuild(
-        rateBytesPerSecond: UInt64? = nil, checkpointBytes: UInt64 = 64 << 20, progress: (@Sendable (Progress) -> Void)? = nil
+        rateBytesPerSecond: UInt64? = nil, checkpointBytes: UInt64 = 64 << 20, stopAtBytes: UInt64? = nil,
+        progress: (@Sendable (Progress) -> Void)? = nil
     ) async throws -> UInt64 {
         await activateSpareIfPossible()
         let (slot, checkpoint) = state.withLock { ($0.rebuildSlot, $0.rebuildCheckpointBytes) }
@@ -365,12 +381,17 @@ extension RAIDArray {
                                           secondsLeft: rate > 0 ? Double(total - position) / rate : nil))
                     }
                     if Task.isCancelled { throw CancellationError() }
+                    if let stopAtBytes, position >= stopAtBytes, position < total { throw RebuildPaused() }
                     if next < stepCount {
                         launch(next)
                         next += 1
                     }
                 }
             }
+        } catch is RebuildPaused {
+            try await target(slot).flush()
+            try await commitSuperblocks()
+            return position - checkpoint
         } catch {
             if error is CancellationError || Task.isCancelled {
                 // Stopped on purpose: keep the place, so the next rebuild resumes here.
@@ -389,6 +410,8 @@ extension RAIDArray {
         try await commitSuperblocks()
         return total - checkpoint
     }
+
+    private struct RebuildPaused: Error {}
 
     /// Rebuilds member range `memberOffset ..< memberOffset + length` of `slot` from the others.
     private func rebuildStep(slot: Int, memberOffset: UInt64, length: UInt64) async throws {
@@ -481,7 +504,10 @@ extension RAIDArray {
 
     /// Adds a device: it replaces a faulty or missing member (and must then be rebuilt with
     /// ``rebuild(rateBytesPerSecond:progress:)``), or becomes a spare when no slot needs it.
-    public func add(_ device: any BlockDevice) async throws {
+    /// - Parameter overwrite: take a device that holds something else (a member of another array,
+    ///   a pool, a file system, data), destroying it. A former member of this array is always taken.
+    public func add(_ device: any BlockDevice, overwrite: Bool = false) async throws {
+        if !overwrite { try await refuseIfInUse(device, operation: "add") }
         guard geometry.level != .raid0 else {
             throw SpindleError(.unsupported, "RAID0 arrays have no redundancy to rebuild onto a new member", operation: "add", path: device.name)
         }
@@ -513,19 +539,26 @@ extension RAIDArray {
 
     /// Fails `old` (if it is not failed already), puts `new` in its slot, and leaves the rebuild to
     /// ``rebuild(rateBytesPerSecond:progress:)``.
-    public func replace(memberNamed oldName: String, with device: any BlockDevice) async throws {
+    public func replace(memberNamed oldName: String, with device: any BlockDevice, overwrite: Bool = false) async throws {
+        if !overwrite { try await refuseIfInUse(device, operation: "replace") }
         let oldState = state.withLock { state in state.slots.firstIndex { $0?.name == oldName }.map { state.slotStates[$0] } }
         guard let oldState else {
             // Left out at assembly (failed, stale or gone): its slot is the faulty or missing one.
             guard state.withLock({ $0.slotStates.contains { $0 == .faulty || $0 == .missing } }) else {
                 throw SpindleError(.invalidArgument, "\(oldName) is not a member of \(name)", operation: "replace")
             }
-            try await add(device)
+            try await add(device, overwrite: true)
             return
         }
         if oldState == .active { try await fail(memberNamed: oldName) }
         try await remove(memberNamed: oldName)
-        try await add(device)
+        try await add(device, overwrite: true)
+    }
+
+    /// Refuses a device that holds anything but a former member of this array.
+    private func refuseIfInUse(_ device: any BlockDevice, operation: String) async throws {
+        if case let .success(superblock) = try await Self.readSuperblock(of: device), superblock.arrayUUID == arrayUUID { return }
+        try await DeviceSignature.refuseIfInUse(device, operation: operation)
     }
 }
 

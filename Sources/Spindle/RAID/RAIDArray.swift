@@ -95,7 +95,7 @@ public final class RAIDArray: BlockDevice {
     /// array's size.
     /// - Throws: ``SpindleError`` for a bad member count or chunk size, or a member too small.
     public static func create(
-        name: String, level: RAIDLevel, chunkBytes: UInt64 = defaultChunkBytes, members devices: [any BlockDevice]
+        name: String, level: RAIDLevel, chunkBytes: UInt64 = defaultChunkBytes, members devices: [any BlockDevice], overwrite: Bool = false
     ) async throws -> RAIDArray {
         guard !name.isEmpty, name.utf8.count <= 63, !name.contains("/") else {
             throw SpindleError(.invalidArgument, "the array name '\(name)' must be 1 to 63 bytes without '/'")
@@ -124,6 +124,9 @@ public final class RAIDArray: BlockDevice {
                     "the member is \(device.capacityBytes) bytes; a member needs at least \(dataOffset + chunkBytes) (1 MiB of metadata and one chunk)",
                     path: device.name)
             }
+        }
+        if !overwrite {
+            for device in devices { try await DeviceSignature.refuseIfInUse(device, operation: "create array") }
         }
         let smallest = devices.map(\.capacityBytes).min()!
         let memberDataBytes = (smallest - dataOffset) / chunkBytes * chunkBytes

@@ -3,11 +3,18 @@
 /// model after every read, in the manner of FoundationDB's and TigerBeetle's simulators.
 ///
 /// The same seed replays the same run. Faults come from the seed too: read errors on a member (the
-/// array must answer from redundancy), a member failed, replaced and rebuilt under the load, and
-/// power cuts that drop or tear every write no flush covered, followed by reassembly (resyncing
-/// dirty regions) and reopening the pool. After a power cut the model accepts, block by block,
-/// what the flush contract allows — the contents at the last commit or any version written since —
-/// and nothing else; then that state becomes the model's.
+/// array must answer from redundancy), write errors on a member (the array fails it and goes on
+/// degraded until it is replaced), a member failed, replaced and rebuilt under the load, rebuilds
+/// paused part way (then resumed, possibly after a crash), idle moments in which the array marks
+/// itself clean, a pool too small for its volumes (writes fail with "no space" and must leave each
+/// block old or new), and power cuts that drop or tear every write no flush covered, followed by
+/// reassembly (resyncing dirty regions) and reopening the pool. After a power cut the model
+/// accepts, block by block, what the flush contract allows — the contents at the last commit or
+/// any version written since — and nothing else; then that state becomes the model's.
+///
+/// A failing run reports its seed, its last operations, and the operations that bear on the block
+/// that went wrong: the writes that covered it, everything else done to its volume and to the
+/// volumes it was snapshotted from, and the faults.
 public enum StackSimulation {
     public struct Options: Sendable {
         public var seed: UInt64
@@ -19,6 +26,10 @@ public enum StackSimulation {
         public var maximumVolumes: Int = 5
         /// Keep every operation in the report's trace (else the last 30).
         public var fullTrace = false
+        /// Write errors, paused rebuilds, idle moments, power cuts while degraded and, for one seed
+        /// in four, a pool too small for its volumes. Off, the run is the one earlier versions made
+        /// from the same seed (the regression seeds found before these faults existed).
+        public var extendedFaults = true
 
         public init(seed: UInt64) { self.seed = seed }
     }
@@ -35,12 +46,18 @@ public enum StackSimulation {
         public var injectedReadErrors = 0
         public var memberFailures = 0
         public var rebuilds = 0
+        public var injectedWriteErrors = 0
+        public var pausedRebuilds = 0
+        public var idleCleans = 0
+        public var poolFullErrors = 0
         public var powerCuts = 0
         public var mismatches = 0
         /// What went wrong, when something did.
         public var failure: String?
         /// The last operations before the failure (or the end).
         public var trace: [String] = []
+        /// On failure: the operations that bear on the block that went wrong (see the type's notes).
+        public var relevantTrace: [String] = []
         public var passed: Bool { failure == nil }
     }
 
@@ -80,34 +97,81 @@ public enum StackSimulation {
         }
     }
 
-    private struct Mismatch: Error { var message: String }
+    private struct Mismatch: Error {
+        var message: String
+        var volume: String? = nil
+        var block: Int? = nil
+    }
+
+    /// One operation of the run, with what it touched (for the relevant trace).
+    struct Step {
+        var index: Int
+        var text: String
+        var volume: String?
+        var blocks: Range<Int>?
+        /// For a snapshot: the volume it was taken of.
+        var origin: String?
+    }
+
+    /// The steps that bear on `block` of `volume`: steps without a volume (faults, power cuts),
+    /// steps on the volume that name no blocks or name this one, and the same for the volume a
+    /// snapshot was taken of, up to the snapshot.
+    static func relevant(_ steps: [Step], volume: String, block: Int?) -> [Step] {
+        var watched: Set<String> = [volume]
+        var kept: [Step] = []
+        for step in steps.reversed() {
+            guard let name = step.volume else {
+                kept.append(step)
+                continue
+            }
+            guard watched.contains(name) else { continue }
+            if let blocks = step.blocks, let block, !blocks.contains(block) { continue }
+            kept.append(step)
+            if let origin = step.origin {
+                // Before the snapshot the volume did not exist: its history is its origin's.
+                watched.remove(name)
+                watched.insert(origin)
+            }
+        }
+        return kept.reversed()
+    }
 
     /// Runs one simulation; never throws: what went wrong is in the report.
     public static func run(_ options: Options) async -> Report {
         var report = Report(seed: options.seed)
+        var steps: [Step] = []
         do {
-            try await simulate(options, &report)
+            try await simulate(options, &report, &steps)
         } catch let mismatch as Mismatch {
             report.mismatches += 1
             report.failure = mismatch.message
+            if let volume = mismatch.volume {
+                report.relevantTrace = relevant(steps, volume: volume, block: mismatch.block).map { "#\($0.index) \($0.text)" }
+            }
         } catch {
             report.failure = "unexpected error: \(error)"
+            report.relevantTrace = steps.suffix(30).map { "#\($0.index) \($0.text)" }
         }
         if options.fullTrace == false { report.trace = Array(report.trace.suffix(30)) }
         return report
     }
 
-    private static func simulate(_ options: Options, _ report: inout Report) async throws {
+    private static func simulate(_ options: Options, _ report: inout Report, _ steps: inout [Step]) async throws {
         var random = SeededRandom(seed: options.seed)
+        let extended = options.extendedFaults
+        // One seed in four (with the extended faults) gets a pool too small for its volumes.
+        let tight = extended && options.seed % 4 == 3
+        let memberBytes = tight ? (options.level == .raid5 ? 8 << 20 : 12 << 20) : options.memberBytes
         var memberCounter = 0
         func newMember() throws -> FaultyDevice {
             memberCounter += 1
-            let memory = try MemoryDevice(capacityBytes: options.memberBytes, logicalBlockBytes: 4096, name: "member\(memberCounter)")
+            let memory = try MemoryDevice(capacityBytes: memberBytes, logicalBlockBytes: 4096, name: "member\(memberCounter)")
             return FaultyDevice(wrapping: memory, seed: options.seed &+ UInt64(memberCounter), volatileCache: true, name: "member\(memberCounter)")
         }
         var members = try (0..<options.members).map { _ in try newMember() }
         var array = try await RAIDArray.create(name: "sim", level: options.level, chunkBytes: 16384, members: members)
-        // Wall-clock behaviour (marking an idle array clean) would make runs differ by timing.
+        // Wall-clock behaviour (marking an idle array clean) would make runs differ by timing; the
+        // simulation makes its own idle moments.
         array.setIdleCleanDelay(nanoseconds: .max)
         var pool = try await ThinPool.create(name: "sim", devices: [array])
         _ = try await pool.createVolume(name: "v0", sizeBytes: options.volumeBytes)
@@ -116,14 +180,84 @@ public enum StackSimulation {
         var counter = 0
         var readErrorsActive = 0
 
-        func log(_ line: String) {
+        func log(_ line: String, volume: String? = nil, blocks: Range<Int>? = nil, origin: String? = nil) {
             report.trace.append(line)
             if !options.fullTrace && report.trace.count > 200 { report.trace.removeFirst(100) }
+            steps.append(Step(index: counter, text: line, volume: volume, blocks: blocks, origin: origin))
         }
         func commitAll() { for name in models.keys { models[name]!.committed() } }
         func pickVolume(writable: Bool) -> String? {
             let names = models.keys.sorted().filter { !writable || !models[$0]!.readOnly }
             return names.isEmpty ? nil : names[Int(random.below(UInt64(names.count)))]
+        }
+        /// Every slot active and no rebuild pending.
+        func isWhole() -> Bool {
+            let status = array.status
+            return status.rebuildSlot == nil && status.slots.allSatisfy { $0.state == .active }
+        }
+        /// After a write the pool refused for want of space: each block must hold its old or its new
+        /// contents; what it holds becomes the model's.
+        func settleRefusedWrite(_ name: String, first: Int, data: [UInt8]) async throws {
+            let old = models[name]!.current
+            let buffer = AlignedBuffer(count: data.count, zeroed: false)
+            try await pool.openVolume(name: name).read(into: buffer, at: UInt64(first * 4096))
+            let got = buffer.array
+            for block in 0..<(data.count / 4096) {
+                let range = (block * 4096)..<((block + 1) * 4096)
+                let bytes = Array(got[range])
+                if bytes == Array(data[range]) {
+                    models[name]!.apply(bytes, at: (first + block) * 4096)
+                } else if bytes != Array(old[((first + block) * 4096)..<((first + block + 1) * 4096)]) {
+                    throw Mismatch(message: "seed \(options.seed): after a write refused for want of space, \(name) block \(first + block) holds neither its old nor its new contents",
+                                   volume: name, block: first + block)
+                }
+            }
+        }
+        func write(fua: Bool) async throws {
+            guard let name = pickVolume(writable: true) else { return }
+            let size = models[name]!.current.count
+            let blocks = min(1 + Int(random.below(16)), size / 4096)
+            let first = Int(random.below(UInt64(size / 4096 - blocks + 1)))
+            let data = AlignedBuffer(count: blocks * 4096, zeroed: false)
+            fillRandom(data.bytes, seed: options.seed << 24 ^ UInt64(counter))
+            log("write \(name) blocks \(first)+\(blocks)\(fua ? " fua" : "")", volume: name, blocks: first..<(first + blocks))
+            do {
+                try await pool.openVolume(name: name).write(from: data, at: UInt64(first * 4096), fua: fua)
+            } catch let error as SpindleError where error.code == .noSpace && tight {
+                log("  refused: the pool is full", volume: name, blocks: first..<(first + blocks))
+                report.poolFullErrors += 1
+                try await settleRefusedWrite(name, first: first, data: data.array)
+                return
+            }
+            models[name]!.apply(data.array, at: first * 4096)
+            if fua { commitAll() }
+            report.writes += 1
+        }
+        /// Replaces the member that is not active (failed by write errors, or left out) and
+        /// rebuilds onto the new one; with the extended faults the rebuild may pause part way.
+        func replaceAndRebuild(_ victim: FaultyDevice, reason: String) async throws {
+            log("\(reason): replace \(victim.name) and rebuild")
+            if array.status.slots.contains(where: { $0.device == victim.name && $0.state == .active }) {
+                try await array.fail(memberNamed: victim.name)
+            }
+            let replacement = try newMember()
+            try await array.replace(memberNamed: victim.name, with: replacement)
+            members[members.firstIndex { $0 === victim }!] = replacement
+            report.memberFailures += 1
+            if extended && random.chance(0.4) {
+                let stop = (1 + random.below((memberBytes >> 20) - 2)) << 20
+                _ = try await array.rebuild(checkpointBytes: 1 << 20, stopAtBytes: stop)
+                log("  rebuild paused at \(stop >> 20) MiB")
+                report.pausedRebuilds += 1
+            } else {
+                _ = try await array.rebuild()
+                report.rebuilds += 1
+            }
+        }
+        /// The member whose slot is not active, when there is one.
+        func brokenMember() -> FaultyDevice? {
+            let active = Set(array.status.slots.filter { $0.state == .active }.compactMap(\.device))
+            return members.first { !active.contains($0.name) }
         }
 
         var lastState = array.status.state
@@ -135,21 +269,20 @@ public enum StackSimulation {
             }
             counter += 1
             report.operations += 1
+            if extended && !isWhole() && readErrorsActive == 0 && random.chance(0.1) {
+                if array.status.rebuildSlot != nil {
+                    log("resume the rebuild")
+                    _ = try await array.rebuild()
+                    report.rebuilds += 1
+                } else if let victim = brokenMember() {
+                    try await replaceAndRebuild(victim, reason: "degraded")
+                }
+                continue
+            }
             let dice = random.below(1000)
             switch dice {
             case 0..<300:
-                guard let name = pickVolume(writable: true) else { continue }
-                let size = models[name]!.current.count
-                let blocks = min(1 + Int(random.below(16)), size / 4096)
-                let first = Int(random.below(UInt64(size / 4096 - blocks + 1)))
-                let data = AlignedBuffer(count: blocks * 4096, zeroed: false)
-                fillRandom(data.bytes, seed: options.seed << 24 ^ UInt64(counter))
-                let fua = random.chance(0.1)
-                log("write \(name) blocks \(first)+\(blocks)\(fua ? " fua" : "")")
-                models[name]!.apply(data.array, at: first * 4096)
-                try await pool.openVolume(name: name).write(from: data, at: UInt64(first * 4096), fua: fua)
-                if fua { commitAll() }
-                report.writes += 1
+                try await write(fua: random.chance(0.1))
             case 300..<550:
                 guard let name = pickVolume(writable: false) else { continue }
                 let size = models[name]!.current.count
@@ -157,13 +290,14 @@ public enum StackSimulation {
                 let first = Int(random.below(UInt64(size / 4096 - min(blocks, size / 4096) + 1)))
                 let count = min(blocks, size / 4096 - first)
                 let buffer = AlignedBuffer(count: count * 4096, zeroed: false)
-                log("read \(name) blocks \(first)+\(count)")
+                log("read \(name) blocks \(first)+\(count)", volume: name, blocks: first..<(first + count))
                 try await pool.openVolume(name: name).read(into: buffer, at: UInt64(first * 4096))
                 let expected = Array(models[name]!.current[(first * 4096)..<((first + count) * 4096)])
                 if buffer.array != expected {
                     let got = buffer.array
                     let index = (0..<got.count).first { got[$0] != expected[$0] }!
-                    throw Mismatch(message: "seed \(options.seed): \(name) byte \(first * 4096 + index) (block \(first + index / 4096)) reads \(got[index]), the model says \(expected[index])")
+                    throw Mismatch(message: "seed \(options.seed): \(name) byte \(first * 4096 + index) (block \(first + index / 4096)) reads \(got[index]), the model says \(expected[index])",
+                                   volume: name, block: first + index / 4096)
                 }
                 report.reads += 1
             case 550..<630:
@@ -178,20 +312,28 @@ public enum StackSimulation {
                 let blocks = min(1 + Int(random.below(40)), size / 4096)
                 let first = Int(random.below(UInt64(size / 4096 - blocks + 1)))
                 let zeroes = random.chance(0.5)
-                log("\(zeroes ? "write-zeroes" : "discard") \(name) blocks \(first)+\(blocks)")
-                models[name]!.apply([UInt8](repeating: 0, count: blocks * 4096), at: first * 4096)
+                log("\(zeroes ? "write-zeroes" : "discard") \(name) blocks \(first)+\(blocks)", volume: name, blocks: first..<(first + blocks))
                 let volume = try await pool.openVolume(name: name)
-                if zeroes {
-                    try await volume.writeZeroes(offset: UInt64(first * 4096), length: UInt64(blocks * 4096))
-                } else {
-                    try await volume.discard(offset: UInt64(first * 4096), length: UInt64(blocks * 4096))
+                do {
+                    if zeroes {
+                        try await volume.writeZeroes(offset: UInt64(first * 4096), length: UInt64(blocks * 4096))
+                    } else {
+                        try await volume.discard(offset: UInt64(first * 4096), length: UInt64(blocks * 4096))
+                    }
+                } catch let error as SpindleError where error.code == .noSpace && tight {
+                    // Zeroing part of a shared chunk copies it, which needs space.
+                    log("  refused: the pool is full", volume: name, blocks: first..<(first + blocks))
+                    report.poolFullErrors += 1
+                    try await settleRefusedWrite(name, first: first, data: [UInt8](repeating: 0, count: blocks * 4096))
+                    continue
                 }
+                models[name]!.apply([UInt8](repeating: 0, count: blocks * 4096), at: first * 4096)
                 report.discards += 1
             case 690..<740:
                 guard models.count < options.maximumVolumes, let name = pickVolume(writable: false) else { continue }
                 let snapshot = "s\(counter)"
                 let readOnly = random.chance(0.3)
-                log("snapshot \(name) as \(snapshot)\(readOnly ? " read-only" : "")")
+                log("snapshot \(name) as \(snapshot)\(readOnly ? " read-only" : "")", volume: snapshot, origin: name)
                 try await pool.snapshot(volume: name, name: snapshot, readOnly: readOnly)
                 var model = VolumeModel(models[name]!.current)
                 model.readOnly = readOnly
@@ -200,12 +342,12 @@ public enum StackSimulation {
                 report.snapshots += 1
             case 740..<780:
                 if models.count > 1, random.chance(0.5), let name = pickVolume(writable: false) {
-                    log("delete \(name)")
+                    log("delete \(name)", volume: name)
                     try await pool.deleteVolume(name: name)
                     models[name] = nil
                 } else if models.count < options.maximumVolumes {
                     let name = "c\(counter)"
-                    log("create \(name)")
+                    log("create \(name)", volume: name)
                     _ = try await pool.createVolume(name: name, sizeBytes: options.volumeBytes)
                     models[name] = VolumeModel([UInt8](repeating: 0, count: Int(options.volumeBytes)))
                 } else {
@@ -216,7 +358,7 @@ public enum StackSimulation {
             case 780..<820:
                 guard let name = pickVolume(writable: true) else { continue }
                 let size = Int(1 + random.below(options.volumeBytes / 65536 * 3 / 2)) * 65536 - (random.chance(0.5) ? 8192 : 0)
-                log("resize \(name) to \(size)")
+                log("resize \(name) to \(size)", volume: name)
                 try await pool.resizeVolume(name: name, sizeBytes: UInt64(size))
                 models[name]!.resize(to: size)
                 commitAll()
@@ -228,7 +370,7 @@ public enum StackSimulation {
                     log("read errors stop")
                     for device in members { device.clearFaults() }
                     readErrorsActive = 0
-                } else if !array.status.state.contains("degraded") {
+                } else if extended ? isWhole() : !array.status.state.contains("degraded") {
                     log("read errors on \(member.name)")
                     member.failReads(probability: 0.05)
                     readErrorsActive = 1
@@ -236,19 +378,35 @@ public enum StackSimulation {
                 }
             case 870..<900:
                 // A member fails under the load, is replaced and rebuilt.
-                guard !array.status.state.contains("degraded"), readErrorsActive == 0 else { continue }
+                guard extended ? isWhole() : !array.status.state.contains("degraded"), readErrorsActive == 0 else { continue }
                 let victim = members[Int(random.below(UInt64(members.count)))]
-                log("fail \(victim.name), replace and rebuild")
-                try await array.fail(memberNamed: victim.name)
-                let replacement = try newMember()
-                try await array.replace(memberNamed: victim.name, with: replacement)
-                _ = try await array.rebuild()
-                members[members.firstIndex { $0 === victim }!] = replacement
-                report.memberFailures += 1
-                report.rebuilds += 1
+                try await replaceAndRebuild(victim, reason: "fail \(victim.name)")
+            case 900..<915 where extended:
+                // Write errors on one member: the array fails it at the first one and goes on degraded.
+                guard isWhole(), readErrorsActive == 0 else { continue }
+                let member = members[Int(random.below(UInt64(members.count)))]
+                log("write errors on \(member.name)")
+                member.failWrites(probability: 1)
+                report.injectedWriteErrors += 1
+                try await write(fua: false)
+                member.clearFaults()
+            case 915..<930 where extended:
+                // An idle moment: the array flushes its members and marks itself clean.
+                log("idle: the array marks itself clean")
+                await array.markCleanIfIdle(idleNanos: 0)
+                report.idleCleans += 1
             default:
                 // Power cut: unflushed writes on every member dropped or torn; reassemble and reopen.
-                guard !array.status.state.contains("degraded") else { continue }
+                if !(extended ? isWhole() : !array.status.state.contains("degraded")) {
+                    // Dirty and degraded is RAID5's write hole, which assembly refuses (as md does):
+                    // let the cut come after the array has been idle long enough to be clean.
+                    guard extended else { continue }
+                    if options.level == .raid5 {
+                        log("idle: the array marks itself clean")
+                        await array.markCleanIfIdle(idleNanos: 0)
+                        report.idleCleans += 1
+                    }
+                }
                 log("power cut")
                 for device in members {
                     device.clearFaults()
@@ -273,7 +431,8 @@ public enum StackSimulation {
                         let range = (block * 4096)..<((block + 1) * 4096)
                         let got = Array(bytes[range])
                         if got != Array(model.durable[range]) && !model.versions[block].contains(got) {
-                            throw Mismatch(message: "seed \(options.seed): after a power cut \(name) block \(block) holds data the flush contract does not allow (neither its committed contents nor a version written since)")
+                            throw Mismatch(message: "seed \(options.seed): after a power cut \(name) block \(block) holds data the flush contract does not allow (neither its committed contents nor a version written since)",
+                                           volume: name, block: block)
                         }
                     }
                     var settled = VolumeModel(bytes)
@@ -288,6 +447,16 @@ public enum StackSimulation {
             }
         }
         for device in members { device.clearFaults() }
+        if extended && !isWhole() {
+            // Finish what is pending so the scrub below sees every member.
+            if array.status.rebuildSlot != nil {
+                log("resume the rebuild")
+                _ = try await array.rebuild()
+                report.rebuilds += 1
+            }
+            if let victim = brokenMember() { try await replaceAndRebuild(victim, reason: "degraded at the end") }
+            if array.status.rebuildSlot != nil { _ = try await array.rebuild() }
+        }
         try await pool.commit()
         let check = try await pool.check()
         guard check.isClean else {

@@ -22,6 +22,9 @@ public final class MetadataArea: MetadataNodeStore {
     public var roots: [UInt64]
     /// Eight values for the area's owner (the pool's parameters), recorded with the roots.
     public var parameters: [UInt64] = [UInt64](repeating: 0, count: 8)
+    /// What opening found wrong but could work around (a damaged superblock copy), for the owner
+    /// to report.
+    public private(set) var openNotes: [String] = []
     public private(set) var transaction: UInt64
     private var committedRoots: [UInt64] = []
     private var committedParameters: [UInt64] = []
@@ -101,6 +104,11 @@ public final class MetadataArea: MetadataNodeStore {
         let area = MetadataArea(device: device, offset: offset, blockCount: blockCount, roots: best.roots,
                                 transaction: best.transaction + 1, cacheLimit: cacheLimit)
         area.parameters = best.parameters
+        if !problems.isEmpty {
+            area.openNotes.append(
+                "metadata superblock \(problems.joined(separator: "; ")); opened transaction \(best.transaction) from the other copy. "
+                + "If the damaged copy held a later commit (a crash while committing, or damage), that commit's changes are lost; the next commit rewrites the damaged copy")
+        }
         area.committedRoots = best.roots
         area.committedParameters = best.parameters
         for root in best.roots where root != 0 {
@@ -133,8 +141,8 @@ public final class MetadataArea: MetadataNodeStore {
         guard blockCount >= 3, offset % UInt64(MetadataNode.blockBytes) == 0,
               MetadataNode.blockBytes % device.logicalBlockBytes == 0,
               offset + blockCount * UInt64(MetadataNode.blockBytes) <= device.capacityBytes else {
-            throw SpindleError(.invalidArgument, "a metadata area of \(blockCount) blocks at offset \(offset) does not fit",
-                               path: device.name)
+            throw SpindleError(.invalidArgument, "a metadata area of \(blockCount) blocks at offset \(offset) does not fit on the device's \(device.capacityBytes) bytes (was it truncated?)",
+                               operation: "open metadata", path: device.name)
         }
     }
 
@@ -232,7 +240,7 @@ public final class MetadataArea: MetadataNodeStore {
 
     private func byteOffset(_ block: UInt64) -> UInt64 { offset + block * UInt64(MetadataNode.blockBytes) }
 
-    private func isUsed(_ block: UInt64) -> Bool { used[Int(block / 64)] & (1 << (block % 64)) != 0 }
+    func isUsed(_ block: UInt64) -> Bool { used[Int(block / 64)] & (1 << (block % 64)) != 0 }
     private func markUsed(_ block: UInt64) { used[Int(block / 64)] |= 1 << (block % 64) }
     private func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
 

@@ -37,6 +37,9 @@ public final class ThinPool: @unchecked Sendable {
 
     public let name: String
     public let uuid: SpindleUUID
+    /// What opening the pool found damaged but worked around (such as one damaged metadata
+    /// superblock copy); empty for a healthy pool. The CLI prints these as warnings.
+    public var openNotes: [String] { area.openNotes }
     public let chunkBytes: UInt64
     private(set) var devices: [any BlockDevice]
     private(set) var segments: [Segment] = []
@@ -120,7 +123,8 @@ public final class ThinPool: @unchecked Sendable {
     /// Formats a pool over `devices`. The metadata area is sized for twice the devices' data, so the
     /// pool can be extended to double its size.
     /// - Parameters:
-    ///   - overwrite: format devices that carry another pool's label (destroying that pool).
+    ///   - overwrite: format devices that hold something already (another pool, an array member, a
+    ///     file system, any data), destroying it.
     /// - Throws: ``SpindleError`` for a bad name or chunk size, a device too small, or a device that
     ///   belongs to a pool already.
     public static func create(
@@ -133,10 +137,7 @@ public final class ThinPool: @unchecked Sendable {
         }
         for device in devices {
             if device.isReadOnly { throw SpindleError(.readOnly, "a pool cannot be created on a read-only device", path: device.name) }
-            if !overwrite, let label = try await ThinPoolLabel.read(from: device) {
-                throw SpindleError(.alreadyExists, "the device belongs to pool \(label.poolName) (device \(label.deviceIndex)); pass overwrite to destroy that pool",
-                                   operation: "create pool", path: device.name)
-            }
+            if !overwrite { try await DeviceSignature.refuseIfInUse(device, operation: "create pool") }
         }
         let roughChunks = devices.reduce(UInt64(0)) { $0 + $1.capacityBytes / chunkBytes }
         let blocks = metadataBlocks(chunks: roughChunks * 2)
@@ -325,9 +326,10 @@ public final class ThinPool: @unchecked Sendable {
                 if devices.contains(where: { $0 === device }) {
                     throw SpindleError(.invalidArgument, "the device is in pool \(name) already", operation: "extend pool", path: device.name)
                 }
-                if !overwrite, let label = try await ThinPoolLabel.read(from: device) {
-                    throw SpindleError(.alreadyExists, "the device belongs to pool \(label.poolName) (device \(label.deviceIndex)); pass overwrite to destroy that pool",
-                                       operation: "extend pool", path: device.name)
+                if !overwrite {
+                    // A device this pool labelled in an extend that did not commit is this pool's to reuse.
+                    let ours = (try? await ThinPoolLabel.read(from: device))??.poolUUID == uuid
+                    if !ours { try await DeviceSignature.refuseIfInUse(device, operation: "extend pool") }
                 }
                 guard device.capacityBytes >= 2 * chunkBytes else {
                     throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one chunk",

@@ -1,0 +1,121 @@
+import Glibc
+
+/// What a device already holds, so that creating an array or a pool never silently destroys it:
+/// a Spindle array superblock or pool label, another known format (file systems, partition tables,
+/// disk images, LVM, swap, LUKS), or any non-zero data.
+///
+/// ``identify(_:at:)`` is pure (bytes in, description out); ``inspect(_:)`` reads the places worth
+/// looking at: the first MiB, the data extents of an image file (found with SEEK_DATA, so a sparse
+/// new image costs nothing), and evenly spread samples of any other device.
+public enum DeviceSignature {
+    /// Magic numbers at fixed offsets: (offset, bytes, what they mean).
+    static let magics: [(offset: Int, bytes: [UInt8], meaning: String)] = [
+        (1080, [0x53, 0xEF], "an ext2/ext3/ext4 file system"),
+        (0, Array("XFSB".utf8), "an XFS file system"),
+        (0x10040, Array("_BHRfS_M".utf8), "a btrfs file system"),
+        (512, Array("EFI PART".utf8), "a GPT partition table"),
+        (0, [0x51, 0x46, 0x49, 0xFB], "a qcow2 disk image"),
+        (0, Array("KDMV".utf8), "a VMDK disk image"),
+        (0, Array("LUKS".utf8) + [0xBA, 0xBE], "a LUKS encrypted volume"),
+        (512, Array("LABELONE".utf8), "an LVM physical volume"),
+        (4086, Array("SWAPSPACE2".utf8), "Linux swap space"),
+        (3, Array("NTFS    ".utf8), "an NTFS file system"),
+        (0x8001, Array("CD001".utf8), "an ISO 9660 image"),
+        (510, [0x55, 0xAA], "a boot sector or MBR partition table"),
+    ]
+
+    /// Describes what `bytes` (read from `offset` of a device) show, or nil when they are all zero.
+    /// Spindle's own headers are recognized by ``inspect(_:)`` with their decoders.
+    public static func identify(_ bytes: [UInt8], at offset: UInt64) -> String? {
+        for magic in magics {
+            let start = magic.offset - Int(offset)
+            guard start >= 0, start + magic.bytes.count <= bytes.count else { continue }
+            if bytes[start..<(start + magic.bytes.count)].elementsEqual(magic.bytes) { return magic.meaning }
+        }
+        guard let index = bytes.firstIndex(where: { $0 != 0 }) else { return nil }
+        return "data (a non-zero byte at offset \(offset + UInt64(index)))"
+    }
+
+    /// What the device holds, or nil when every place looked at is zero.
+    public static func inspect(_ device: any BlockDevice) async throws -> String? {
+        switch try await RAIDArray.readSuperblock(of: device) {
+        case let .success(superblock):
+            let role = superblock.role >= 0 ? "member \(superblock.role)" : "a spare"
+            return "\(role) of array '\(superblock.name)' (\(superblock.arrayUUID))"
+        case let .failure(problem) where problem != .notAMember:
+            return "a damaged Spindle array superblock (\(problem))"
+        case .failure:
+            break
+        }
+        do {
+            if let label = try await ThinPoolLabel.read(from: device) {
+                return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
+            }
+        } catch {
+            return "a damaged Spindle pool label (\(error))"
+        }
+        for range in placesToLook(device) {
+            let block = UInt64(device.logicalBlockBytes)
+            let start = range.lowerBound / block * block
+            let end = min(device.capacityBytes, (range.upperBound + block - 1) / block * block)
+            guard end > start else { continue }
+            let buffer = AlignedBuffer(count: Int(end - start), zeroed: false)
+            try await device.read(into: buffer, at: start)
+            if let found = identify(buffer.array, at: start) { return found }
+        }
+        return nil
+    }
+
+    /// Throws ``SpindleError/Code/alreadyExists`` naming what the device holds, unless it holds nothing.
+    public static func refuseIfInUse(_ device: any BlockDevice, operation: String) async throws {
+        if let found = try await inspect(device) {
+            throw SpindleError(.alreadyExists, "the device holds \(found); refusing to overwrite it (to destroy it, ask for overwrite explicitly: spindle's --force)",
+                               operation: operation, path: device.name)
+        }
+    }
+
+    /// The first MiB (enough for every magic above); then an image file's data extents (up to 16
+    /// MiB of them), or 17 samples of 64 KiB spread over any other device.
+    static func placesToLook(_ device: any BlockDevice) -> [Range<UInt64>] {
+        let capacity = device.capacityBytes
+        var places = [0..<min(capacity, 1 << 20)]
+        if let file = device as? FileDevice, let extents = file.dataExtents(limitBytes: 16 << 20) {
+            places += extents.compactMap { extent in
+                let start = max(extent.lowerBound, 1 << 20)
+                return start < min(extent.upperBound, capacity) ? start..<min(extent.upperBound, capacity) : nil
+            }
+        } else if capacity > 1 << 20 {
+            for sample in 0...16 {
+                let start = max(1 << 20, (capacity - 65536) / 16 * UInt64(sample))
+                if start < capacity { places.append(start..<min(capacity, start + 65536)) }
+            }
+        }
+        return places
+    }
+}
+
+extension FileDevice {
+    /// The byte ranges of the file that hold data (not holes), from SEEK_DATA/SEEK_HOLE, up to
+    /// `limitBytes` in all; nil when the file system cannot tell.
+    public func dataExtents(limitBytes: UInt64) -> [Range<UInt64>]? {
+        let descriptor = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return nil }
+        defer { Glibc.close(descriptor) }
+        let seekData: Int32 = 3
+        let seekHole: Int32 = 4
+        var extents: [Range<UInt64>] = []
+        var total: UInt64 = 0
+        var offset: off_t = 0
+        while UInt64(offset) < fileBytes && total < limitBytes {
+            let data = lseek(descriptor, offset, seekData)
+            if data < 0 { return errno == ENXIO ? extents : nil }
+            let hole = lseek(descriptor, data, seekHole)
+            guard hole > data else { return nil }
+            let end = min(UInt64(hole), UInt64(data) + limitBytes - total)
+            extents.append(UInt64(data)..<end)
+            total += end - UInt64(data)
+            offset = hole
+        }
+        return extents
+    }
+}
