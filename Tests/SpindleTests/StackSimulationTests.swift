@@ -28,6 +28,48 @@ struct StackSimulationTests {
         #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.trace.joined(separator: "\n"))")
     }
 
+    @Test("regression: a RAID1 rebuild paused, writes, power cuts, then the rebuild resumed (the new member kept regions the crash left different)",
+          arguments: [UInt64(1065)])
+    func pausedRebuildRegression(seed: UInt64) async throws {
+        var options = StackSimulation.Options(seed: seed)
+        options.level = .raid1
+        options.members = 2
+        let report = await StackSimulation.run(options)
+        #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
+        #expect(report.pausedRebuilds > 0 && report.powerCuts > 0)
+    }
+
+    @Test("a pool too small for its volumes refuses writes with no space, each block left old or new", arguments: [UInt64(3), 7])
+    func fullPool(seed: UInt64) async throws {
+        var refused = 0
+        for level in [RAIDLevel.raid5, .raid1] {
+            var options = StackSimulation.Options(seed: seed)
+            options.level = level
+            options.members = level == .raid5 ? 4 : 2
+            let report = await StackSimulation.run(options)
+            #expect(report.passed, "\(level) seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
+            refused += report.poolFullErrors
+        }
+        #expect(refused > 0, "the tight pools filled up")
+    }
+
+    @Test("the trace of a failure keeps what bears on the block: its writes, its volume's other steps, its origin's before the snapshot, and the faults")
+    func relevantTrace() {
+        typealias Step = StackSimulation.Step
+        let steps = [
+            Step(index: 1, text: "write v0 blocks 0+4", volume: "v0", blocks: 0..<4),
+            Step(index: 2, text: "write v0 blocks 10+2", volume: "v0", blocks: 10..<12),
+            Step(index: 3, text: "write other blocks 2+1", volume: "other", blocks: 2..<3),
+            Step(index: 4, text: "snapshot v0 as s4", volume: "s4", origin: "v0"),
+            Step(index: 5, text: "write v0 blocks 2+1", volume: "v0", blocks: 2..<3),
+            Step(index: 6, text: "power cut"),
+            Step(index: 7, text: "write s4 blocks 3+1", volume: "s4", blocks: 3..<4),
+            Step(index: 8, text: "flush s4", volume: "s4"),
+        ]
+        let kept = StackSimulation.relevant(steps, volume: "s4", block: 2).map(\.index)
+        #expect(kept == [1, 4, 6, 8])
+    }
+
     @Test("the same seed replays the same run")
     func replay() async throws {
         let first = await StackSimulation.run(StackSimulation.Options(seed: 42))

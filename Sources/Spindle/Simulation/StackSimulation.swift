@@ -161,7 +161,7 @@ public enum StackSimulation {
         let extended = options.extendedFaults
         // One seed in four (with the extended faults) gets a pool too small for its volumes.
         let tight = extended && options.seed % 4 == 3
-        let memberBytes = tight ? (options.level == .raid5 ? 8 << 20 : 12 << 20) : options.memberBytes
+        let memberBytes = tight ? (options.level == .raid5 ? 4 << 20 : 5 << 20) : options.memberBytes
         var memberCounter = 0
         func newMember() throws -> FaultyDevice {
             memberCounter += 1
@@ -216,7 +216,8 @@ public enum StackSimulation {
         func write(fua: Bool) async throws {
             guard let name = pickVolume(writable: true) else { return }
             let size = models[name]!.current.count
-            let blocks = min(1 + Int(random.below(16)), size / 4096)
+            // A tight pool gets larger writes, to fill it.
+            let blocks = min(1 + Int(random.below(tight ? 64 : 16)), size / 4096)
             let first = Int(random.below(UInt64(size / 4096 - blocks + 1)))
             let data = AlignedBuffer(count: blocks * 4096, zeroed: false)
             fillRandom(data.bytes, seed: options.seed << 24 ^ UInt64(counter))
@@ -359,7 +360,19 @@ public enum StackSimulation {
                 guard let name = pickVolume(writable: true) else { continue }
                 let size = Int(1 + random.below(options.volumeBytes / 65536 * 3 / 2)) * 65536 - (random.chance(0.5) ? 8192 : 0)
                 log("resize \(name) to \(size)", volume: name)
-                try await pool.resizeVolume(name: name, sizeBytes: UInt64(size))
+                do {
+                    try await pool.resizeVolume(name: name, sizeBytes: UInt64(size))
+                } catch let error as SpindleError where error.code == .noSpace && tight {
+                    // Cutting inside a shared chunk copies it first, which needs space.
+                    log("  refused: the pool is full", volume: name)
+                    report.poolFullErrors += 1
+                    let now = try await pool.volumes().first { $0.name == name }?.sizeBytes
+                    guard now == UInt64(models[name]!.current.count) else {
+                        throw Mismatch(message: "seed \(options.seed): a resize of \(name) refused for want of space left it \(now.map(String.init) ?? "missing"), not \(models[name]!.current.count) bytes",
+                                       volume: name)
+                    }
+                    continue
+                }
                 models[name]!.resize(to: size)
                 commitAll()
                 report.volumeChanges += 1
