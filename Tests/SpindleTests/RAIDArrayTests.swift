@@ -287,6 +287,37 @@ struct RAIDArrayTests {
         try await truncated.array.close()
     }
 
+    @Test("a superblock update a crash cut short (on one member only) is outlived; two updates behind is stale")
+    func superblockUpdateCutShort() async throws {
+        let memory = try memoryMembers(4)
+        let array = try await RAIDArray.create(name: "cut", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let expected = try await randomFill(array, seed: 8)
+        try await array.close()
+        /// Writes member 0's next superblock update, as if the crash came before the others got it.
+        func advanceFirstMember() async throws {
+            guard case var .success(block) = try await RAIDArray.readSuperblock(of: memory[0]) else {
+                Issue.record("member 0 has no superblock")
+                return
+            }
+            block.events += 1
+            let buffer = AlignedBuffer(count: RAIDSuperblock.blockBytes)
+            block.encoded().withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
+            try await memory[0].write(from: buffer, at: RAIDSuperblock.copyOffsets[Int(block.events % 2)], fua: true)
+        }
+        try await advanceFirstMember()
+        let report = try await RAIDArray.assemble(members: memory.map { Reopenable($0) })
+        #expect(report.notes.filter { $0.contains("one superblock update behind (a crash cut the update short); brought up to date") }.count == 3,
+                "\(report.notes)")
+        #expect(report.array.status.slots.allSatisfy { $0.state == .active })
+        #expect(byteDifference(try await readAll(report.array), expected) == nil)
+        try await report.array.close()
+
+        try await advanceFirstMember()
+        try await advanceFirstMember()
+        let error = await spindleError { _ = try await RAIDArray.assemble(members: memory.map { Reopenable($0) }) }
+        expectError(error, .ioFailed, ["too few members", "m1 is stale", "it missed changes"])
+    }
+
     @Test("RAID10 is RAID0 over RAID1 arrays, and survives a member failure in each mirror")
     func raid10ByComposition() async throws {
         let memory = try memoryMembers(4)

@@ -68,9 +68,16 @@ extension RAIDArray {
                 notes.append("slot \(slot) (member \(recorded.member)) is missing: none of the given devices holds it")
                 continue
             }
-            if match.superblock.events < latest.events {
+            // Superblocks are written to the members side by side, and each update is on every
+            // member before anything else happens: a member one update behind, which the newest
+            // superblock still counts in, only missed an update a crash cut short (as mdadm's
+            // event margin of 1 allows). Further behind, it missed changes.
+            if match.superblock.events + 1 < latest.events {
                 notes.append("\(match.device.name) is stale (events \(match.superblock.events), the array is at \(latest.events)): it missed changes, so it is not trusted; add it back to rebuild it")
                 continue
+            }
+            if match.superblock.events < latest.events {
+                notes.append("\(match.device.name) is one superblock update behind (a crash cut the update short); brought up to date")
             }
             if match.device.capacityBytes < neededBytes {
                 notes.append("\(match.device.name) is truncated (\(match.device.capacityBytes) bytes, the array needs \(neededBytes)); slot \(slot) runs missing")
