@@ -86,5 +86,6 @@ step "Mistakes are refused with reasons"
 run spindle pool status pond || true
 run spindle volume create tank/vm1 --size 1G || true
 run spindle volume snapshot tank/ghost g1 || true
+run spindle pool create other m0.img || true
 
 step "Done: the images are removed with their temporary folder"

@@ -127,7 +127,11 @@ private final class CrashRun {
         try #require(Int(negotiated.size) == model.current.count, "seed \(seed) round \(round): the export's size")
         let pid = server.process.processIdentifier
         let delay = 20 + Int(random.below(400))
-        DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(delay)) { kill(pid, SIGKILL) }
+        // A thread of its own: the shared queues may all be busy with other tests' blocking work.
+        Thread.detachNewThread {
+            usleep(UInt32(delay) * 1000)
+            kill(pid, SIGKILL)
+        }
         let blocks = model.current.count / 4096
         serving: while true {
             var batch: [(cookie: UInt64, first: Int, data: [UInt8])] = []
@@ -161,6 +165,9 @@ private final class CrashRun {
                 figures.flushesAcknowledged += 1
             }
         }
+        // A reply that timed out without the kill having come: end the server all the same.
+        if server.process.isRunning { usleep(UInt32(delay) * 1000) }
+        if server.process.isRunning { kill(pid, SIGKILL) }
         server.process.waitUntilExit()
         #expect(server.process.terminationReason == .uncaughtSignal, "seed \(seed) round \(round): serve ended by itself: \(server.process.terminationStatus)")
         figures.killedServes += 1
