@@ -293,6 +293,9 @@ struct CorruptionCLITests {
         #expect(listed.errors.contains("metadata superblock copy \(newer): metadata superblock checksum mismatch; opened transaction \(min(transaction(0), transaction(1)))"),
                 "\(listed.errors)")
         #expect(listed.errors.contains("that commit's changes are lost"))
+        let check = try superblock.run(["pool", "check", "p2", "--json"] + superblock.dir)
+        let checked = try JSONSerialization.jsonObject(with: Data(check.output.utf8)) as? [String: Any]
+        #expect((checked?["warnings"] as? [String])?.first?.contains("metadata superblock copy \(newer)") == true, "\(check.output)")
         try superblock.flip("plain.img", at: 4096 * (2 - newer) + 300)
         try superblock.refused(["volume", "list", "p2"] + superblock.dir, ["no valid metadata superblock", "plain.img"])
 

@@ -8,6 +8,9 @@ extension ThinPool {
         public var mappedChunks: UInt64
         public var allocatedChunks: UInt64
         public var volumes: Int
+        /// What opening the pool worked around (``ThinPool/openNotes``), such as a damaged metadata
+        /// superblock copy: not a problem of the metadata in use, but worth knowing.
+        public var warnings: [String] = []
         public var isClean: Bool { problems.isEmpty }
     }
 
@@ -19,6 +22,7 @@ extension ThinPool {
     public func check() async throws -> CheckReport {
         try await lock.withLock {
             var report = CheckReport(problems: [], metadataBlocks: 0, mappedChunks: 0, allocatedChunks: 0, volumes: records.count)
+            report.warnings = area.openNotes
             var nodeReferences: [UInt64: UInt32] = [:]
             var leaves: [(volume: String, node: MetadataNode)] = []
             for root in [Root.volumes, .referenceCounts, .segments] {
