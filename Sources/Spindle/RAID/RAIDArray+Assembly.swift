@@ -165,22 +165,25 @@ extension RAIDArray {
         let regionBytes = UInt64(1) << UInt64(bitmapChunkShift)
         let regionCount = Int((geometry.memberDataBytes + regionBytes - 1) / regionBytes)
         // A member being rebuilt took the writes below its checkpoint too, and the crash may have
-        // dropped or torn them differently there than on the others: rebuild it again from the
-        // first dirty region below the checkpoint.
-        state.withLock { state in
-            guard state.rebuildSlot >= 0, state.rebuildCheckpointBytes > 0 else { return }
-            if let region = (0..<regionCount).first(where: { region in
-                bits.map { $0[region / 8] & (1 << UInt8(region % 8)) != 0 } ?? true
-            }) {
-                state.rebuildCheckpointBytes = min(state.rebuildCheckpointBytes, UInt64(region) * regionBytes)
-            }
-        }
+        // dropped or torn them differently there than on the others: those parts of the dirty
+        // regions are rebuilt onto it again (as md resyncs onto a recovering member); the
+        // checkpoint stays where it was.
+        let (rebuildSlot, checkpoint) = state.withLock { ($0.rebuildSlot, $0.rebuildCheckpointBytes) }
+        let step = max(geometry.chunkBytes, (1 << 20) / geometry.chunkBytes * geometry.chunkBytes)
         var total: UInt64 = 0
         for region in 0..<regionCount {
             if let bits, bits[region / 8] & (1 << UInt8(region % 8)) == 0 { continue }
             let start = UInt64(region) * regionBytes
             let end = min(start + regionBytes, geometry.memberDataBytes)
             _ = try await checkRange(memberStart: start, memberEnd: end, repair: true, progress: nil)
+            if rebuildSlot >= 0 {
+                var position = start
+                while position < min(end, checkpoint) {
+                    let length = min(step, min(end, checkpoint) - position)
+                    try await rebuildStep(slot: rebuildSlot, memberOffset: position, length: length)
+                    position += length
+                }
+            }
             total += end - start
         }
         // The repairs must be on disk before anything rewrites the bitmap: the next write starts a
