@@ -158,6 +158,11 @@ extension RAIDArray {
             writesInFlight.subtract(1, ordering: .sequentiallyConsistent)
         }
         if state.withLock({ $0.failed }) { throw failedError("write", offset: offset, length: UInt64(buffer.count)) }
+        try await writeToMembers(from: buffer, at: offset, fua: fua)
+        await awaitFailuresRecorded()
+    }
+
+    private func writeToMembers(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
         let source = RequestBuffer(base: UnsafeMutableRawPointer(mutating: buffer.baseAddress!))
         let length = UInt64(buffer.count)
         switch geometry.level {
@@ -359,6 +364,7 @@ extension RAIDArray {
         })
         for failure in failures { await failMember(slot: failure.slot, because: failure.error) }
         if state.withLock({ $0.failed }) { throw failedError("flush") }
+        await awaitFailuresRecorded()
     }
 
     /// RAID0 passes discards to its members; RAID1 and RAID5 keep the data (discard is advisory, and

@@ -64,6 +64,11 @@ public final class RAIDArray: BlockDevice {
     let state: Locked<State>
     /// Writes between entering `write` and completing, for the idle-clean check.
     let writesInFlight = Atomic<Int>(0)
+    /// Members marked failed in memory whose failure the superblocks do not record yet. Writes and
+    /// flushes that complete meanwhile (having skipped such a member) wait for the record before
+    /// they report success, as md holds completions while a superblock change is pending: else a
+    /// crash could bring the member back as in sync without the data it missed.
+    let unrecordedFailures = Atomic<Int>(0)
     let lastWriteNanos = Atomic<UInt64>(0)
     let idleCleanNanos = Atomic<UInt64>(RAIDArray.defaultIdleCleanNanos)
     let cleaner = Locked<Task<Void, Never>?>(nil)
@@ -253,11 +258,23 @@ public final class RAIDArray: BlockDevice {
             }
             let lost = state.slotStates.filter { $0 != .active }.count
             if lost > geometry.level.redundancy { state.failed = true }
+            // Counted under the state lock, with the mark: a request that sees the member
+            // faulty sees the count.
+            unrecordedFailures.add(1, ordering: .sequentiallyConsistent)
             return true
         }
         guard changed else { return }
         try? await commitSuperblocks()
+        unrecordedFailures.subtract(1, ordering: .sequentiallyConsistent)
         await activateSpareIfPossible()
+    }
+
+    /// Returns once every member failure marked in memory is recorded in the superblocks (at once,
+    /// unless a failure is being recorded right now).
+    func awaitFailuresRecorded() async {
+        while unrecordedFailures.load(ordering: .sequentiallyConsistent) > 0 {
+            try? await Task.sleep(nanoseconds: 1_000_000)
+        }
     }
 
     /// A spare takes the place of a faulty or missing member; the rebuild is then the caller's
