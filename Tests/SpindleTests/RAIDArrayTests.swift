@@ -25,6 +25,49 @@ final class Reopenable: BlockDevice {
     func close() async throws {}
 }
 
+/// A device whose superblock writes (the first 8 KiB) wait while its gate is shut.
+final class SuperblockGate: BlockDevice, @unchecked Sendable {
+    // @unchecked: `state` is only touched under its lock.
+    let inner: any BlockDevice
+    private let state = Locked((shut: false, waiting: [CheckedContinuation<Void, Never>](), held: 0))
+    init(_ inner: any BlockDevice) { self.inner = inner }
+    var logicalBlockBytes: Int { inner.logicalBlockBytes }
+    var capacityBytes: UInt64 { inner.capacityBytes }
+    var isReadOnly: Bool { false }
+    var discardReadsZeroes: Bool { inner.discardReadsZeroes }
+    var name: String { inner.name }
+    /// Superblock writes waiting at the gate.
+    var held: Int { state.withLock { $0.held } }
+    func shut() { state.withLock { $0.shut = true } }
+    func open() {
+        let waiting = state.withLock { state in
+            state.shut = false
+            defer { state.waiting = [] }
+            return state.waiting
+        }
+        for continuation in waiting { continuation.resume() }
+    }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws { try await inner.read(into: buffer, at: offset) }
+    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        if offset < 8192 {
+            await withCheckedContinuation { continuation in
+                let proceed = state.withLock { state -> Bool in
+                    guard state.shut else { return true }
+                    state.waiting.append(continuation)
+                    state.held += 1
+                    return false
+                }
+                if proceed { continuation.resume() }
+            }
+        }
+        try await inner.write(from: buffer, at: offset, fua: fua)
+    }
+    func flush() async throws { try await inner.flush() }
+    func discard(offset: UInt64, length: UInt64) async throws { try await inner.discard(offset: offset, length: length) }
+    func writeZeroes(offset: UInt64, length: UInt64) async throws { try await inner.writeZeroes(offset: offset, length: length) }
+    func close() async throws {}
+}
+
 private func randomFill(_ array: RAIDArray, seed: UInt64) async throws -> [UInt8] {
     let data = AlignedBuffer(count: Int(array.capacityBytes))
     fillRandom(data.bytes, seed: seed)
@@ -285,6 +328,40 @@ struct RAIDArrayTests {
         #expect(truncated.array.status.state == "degraded")
         #expect(byteDifference(try await readAll(truncated.array), cleanData) == nil)
         try await truncated.array.close()
+    }
+
+    @Test("a write that skipped a just-failed member reports success only once the failure is in the superblocks")
+    func failureRecordedBeforeSuccess() async throws {
+        let memory = try memoryMembers(2)
+        let gate = SuperblockGate(Reopenable(memory[0]))
+        let failing = FaultyDevice(wrapping: Reopenable(memory[1]), name: "m1")
+        let array = try await RAIDArray.create(name: "rec", level: .raid1, chunkBytes: 4096, members: [gate, failing])
+        let data = AlignedBuffer(count: 4096)
+        data.fill(0x3C)
+        try await array.write(from: data, at: 0)
+        // m1 fails its next data write; the superblocks recording that cannot be written yet.
+        failing.failWrites(in: RAIDArray.dataOffset..<(RAIDArray.dataOffset + (1 << 20)))
+        gate.shut()
+        let first = Task { try await array.write(from: data, at: 4096) }
+        while gate.held == 0 { try await Task.sleep(nanoseconds: 1_000_000) }
+        // A second write sees m1 faulty and writes m0 alone: it must not report success yet.
+        let finished = Locked(false)
+        let second = Task {
+            try await array.write(from: data, at: 8192)
+            finished.withLock { $0 = true }
+        }
+        try await Task.sleep(nanoseconds: 200_000_000)
+        #expect(finished.withLock { $0 } == false, "the write reported success while the superblocks still counted m1 in sync")
+        gate.open()
+        try await first.value
+        try await second.value
+        #expect(finished.withLock { $0 })
+        guard case let .success(block) = try await RAIDArray.readSuperblock(of: memory[0]) else {
+            Issue.record("no superblock on m0")
+            return
+        }
+        #expect(block.slots[1].state == .faulty)
+        try await array.close()
     }
 
     @Test("a superblock update a crash cut short (on one member only) is outlived; two updates behind is stale")
