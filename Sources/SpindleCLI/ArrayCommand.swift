@@ -35,27 +35,11 @@ struct ArrayCommand: AsyncParsableCommand {
         /// The member image paths.
         func memberPaths() async throws -> [String] {
             guard let scan else { return images }
-            guard let names = try? FileManager.default.contentsOfDirectory(atPath: scan) else {
-                throw SpindleError(.notFound, "cannot list the folder", operation: "scan", path: scan)
-            }
+            let found = try await ImageScan(scan, labels: false)
+            for problem in found.damaged { Terminal.warning(problem) }
             var groups: [String: (name: String, paths: [String])] = [:]
-            for entry in names.sorted() {
-                let path = (scan as NSString).appendingPathComponent(entry)
-                var isDirectory: ObjCBool = false
-                guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
-                      let device = try? FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)) else { continue }
-                switch try? await RAIDArray.readSuperblock(of: device) {
-                case let .success(block)?:
-                    if arrayName == nil || block.name == arrayName {
-                        groups[block.arrayUUID.description, default: (block.name, [])].paths.append(path)
-                    }
-                case let .failure(problem)? where problem != .notAMember:
-                    // A damaged member is reported, never skipped in silence.
-                    Terminal.warning("\(path): \(problem); not used")
-                default:
-                    break
-                }
-                try? await device.close()
+            for (path, block) in found.members where arrayName == nil || block.name == arrayName {
+                groups[block.arrayUUID.description, default: (block.name, [])].paths.append(path)
             }
             guard !groups.isEmpty else {
                 throw SpindleError(.notFound, "no array members\(arrayName.map { " of '\($0)'" } ?? "") found", operation: "scan", path: scan)

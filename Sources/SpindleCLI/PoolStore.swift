@@ -74,33 +74,10 @@ enum PoolStore {
     /// The pools in `folder`, and what looked like a pool's or an array's but is damaged (each
     /// "PATH: what is wrong; not used"): a damaged header is reported, never skipped in silence.
     static func scanReport(_ folder: String) async throws -> (pools: [FoundPool], damaged: [String]) {
-        var damaged: [String] = []
-        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: folder) else {
-            throw SpindleError(.notFound, "cannot list the folder", operation: "scan", path: folder)
-        }
-        var labelled: [(label: ThinPoolLabel, device: FoundDevice)] = []
-        var members: [SpindleUUID: [(path: String, block: RAIDSuperblock)]] = [:]
-        for entry in entries.sorted() {
-            let path = (folder as NSString).appendingPathComponent(entry)
-            var isDirectory: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
-                  let device = try? FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)) else { continue }
-            switch try? await RAIDArray.readSuperblock(of: device) {
-            case let .success(block)?:
-                members[block.arrayUUID, default: []].append((path, block))
-            case let .failure(problem)? where problem != .notAMember:
-                damaged.append("\(path): \(problem); not used")
-            default:
-                do {
-                    if let label = try await ThinPoolLabel.read(from: device) { labelled.append((label, .image(path: path))) }
-                } catch let error as SpindleError {
-                    damaged.append("\(path): \(error.message); not used")
-                } catch {
-                    damaged.append("\(path): \(error); not used")
-                }
-            }
-            try? await device.close()
-        }
+        let images = try await ImageScan(folder, labels: true)
+        var damaged = images.damaged
+        var labelled: [(label: ThinPoolLabel, device: FoundDevice)] = images.labelled.map { ($0.label, .image(path: $0.path)) }
+        let members = Dictionary(grouping: images.members.map { (path: $0.path, block: $0.superblock) }, by: { $0.block.arrayUUID })
         // An array's first 4 KiB live on one member, at a place its superblock's geometry says.
         for group in members.values {
             guard let newest = group.max(by: { $0.block.events < $1.block.events })?.block else { continue }

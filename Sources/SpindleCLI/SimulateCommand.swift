@@ -66,10 +66,8 @@ struct SimulateCommand: AsyncParsableCommand {
         var next = seed
         while minutes.map({ Date().timeIntervalSince(started) < $0 * 60 }) ?? (totals.runs < seeds * levelList.count) {
             for level in levelList {
-                var options = StackSimulation.Options(seed: next)
+                var options = StackSimulation.Options(seed: next, level: level)
                 options.operations = operations
-                options.level = level
-                options.members = level == .raid5 ? 4 : 2
                 let report = await StackSimulation.run(options)
                 totals.runs += 1
                 totals.operations += report.operations

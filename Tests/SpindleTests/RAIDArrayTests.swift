@@ -9,7 +9,8 @@ private func memoryMembers(_ count: Int, bytes: UInt64 = (1 << 20) + (2 << 20), 
 
 /// A wrapper that hides the inner device's close, so a test can close an array and reassemble it
 /// from the same memory (an array closes its members).
-final class Reopenable: BlockDevice {
+class Reopenable: BlockDevice, @unchecked Sendable {
+    // @unchecked: not final so that test devices can override a call; it holds only `inner`.
     let inner: any BlockDevice
     init(_ inner: any BlockDevice) { self.inner = inner }
     var logicalBlockBytes: Int { inner.logicalBlockBytes }
@@ -26,16 +27,9 @@ final class Reopenable: BlockDevice {
 }
 
 /// A device whose superblock writes (the first 8 KiB) wait while its gate is shut.
-final class SuperblockGate: BlockDevice, @unchecked Sendable {
+final class SuperblockGate: Reopenable, @unchecked Sendable {
     // @unchecked: `state` is only touched under its lock.
-    let inner: any BlockDevice
     private let state = Locked((shut: false, waiting: [CheckedContinuation<Void, Never>](), held: 0))
-    init(_ inner: any BlockDevice) { self.inner = inner }
-    var logicalBlockBytes: Int { inner.logicalBlockBytes }
-    var capacityBytes: UInt64 { inner.capacityBytes }
-    var isReadOnly: Bool { false }
-    var discardReadsZeroes: Bool { inner.discardReadsZeroes }
-    var name: String { inner.name }
     /// Superblock writes waiting at the gate.
     var held: Int { state.withLock { $0.held } }
     func shut() { state.withLock { $0.shut = true } }
@@ -47,8 +41,7 @@ final class SuperblockGate: BlockDevice, @unchecked Sendable {
         }
         for continuation in waiting { continuation.resume() }
     }
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws { try await inner.read(into: buffer, at: offset) }
-    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+    override func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
         if offset < 8192 {
             await withCheckedContinuation { continuation in
                 let proceed = state.withLock { state -> Bool in
@@ -60,12 +53,8 @@ final class SuperblockGate: BlockDevice, @unchecked Sendable {
                 if proceed { continuation.resume() }
             }
         }
-        try await inner.write(from: buffer, at: offset, fua: fua)
+        try await super.write(from: buffer, at: offset, fua: fua)
     }
-    func flush() async throws { try await inner.flush() }
-    func discard(offset: UInt64, length: UInt64) async throws { try await inner.discard(offset: offset, length: length) }
-    func writeZeroes(offset: UInt64, length: UInt64) async throws { try await inner.writeZeroes(offset: offset, length: length) }
-    func close() async throws {}
 }
 
 private func randomFill(_ array: RAIDArray, seed: UInt64) async throws -> [UInt8] {
@@ -333,7 +322,7 @@ struct RAIDArrayTests {
     @Test("a write that skipped a just-failed member reports success only once the failure is in the superblocks")
     func failureRecordedBeforeSuccess() async throws {
         let memory = try memoryMembers(2)
-        let gate = SuperblockGate(Reopenable(memory[0]))
+        let gate = SuperblockGate(memory[0])
         let failing = FaultyDevice(wrapping: Reopenable(memory[1]), name: "m1")
         let array = try await RAIDArray.create(name: "rec", level: .raid1, chunkBytes: 4096, members: [gate, failing])
         let data = AlignedBuffer(count: 4096)

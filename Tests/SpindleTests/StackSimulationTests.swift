@@ -7,10 +7,7 @@ struct StackSimulationTests {
           arguments: Array(UInt64(1)...6))
     func seeds(seed: UInt64) async throws {
         for level in [RAIDLevel.raid5, .raid1] {
-            var options = StackSimulation.Options(seed: seed)
-            options.level = level
-            options.members = level == .raid5 ? 4 : 2
-            let report = await StackSimulation.run(options)
+            let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: level))
             #expect(report.passed, "\(level) seed \(seed): \(report.failure ?? "")\n\(report.trace.joined(separator: "\n"))")
             #expect(report.reads > 0 && report.writes > 0)
         }
@@ -19,9 +16,7 @@ struct StackSimulationTests {
     @Test("regressions found by the soak: RAID1 members replaced one after the other, then power cuts (a new member lacked the bitmap; resync repairs were not flushed)",
           arguments: [UInt64(1015), 1055, 1065])
     func soakRegressions(seed: UInt64) async throws {
-        var options = StackSimulation.Options(seed: seed)
-        options.level = .raid1
-        options.members = 2
+        var options = StackSimulation.Options(seed: seed, level: .raid1)
         // These seeds were found before the extended faults: replay them as they ran then.
         options.extendedFaults = false
         let report = await StackSimulation.run(options)
@@ -31,10 +26,7 @@ struct StackSimulationTests {
     @Test("regression: a RAID1 rebuild paused, writes, power cuts, then the rebuild resumed (the new member kept regions the crash left different)",
           arguments: [UInt64(1065)])
     func pausedRebuildRegression(seed: UInt64) async throws {
-        var options = StackSimulation.Options(seed: seed)
-        options.level = .raid1
-        options.members = 2
-        let report = await StackSimulation.run(options)
+        let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: .raid1))
         #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
         #expect(report.pausedRebuilds > 0 && report.powerCuts > 0)
     }
@@ -43,10 +35,7 @@ struct StackSimulationTests {
     func fullPool(seed: UInt64) async throws {
         var refused = 0
         for level in [RAIDLevel.raid5, .raid1] {
-            var options = StackSimulation.Options(seed: seed)
-            options.level = level
-            options.members = level == .raid5 ? 4 : 2
-            let report = await StackSimulation.run(options)
+            let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: level))
             #expect(report.passed, "\(level) seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
             refused += report.poolFullErrors
         }

@@ -169,7 +169,7 @@ extension RAIDArray {
         // regions are rebuilt onto it again (as md resyncs onto a recovering member); the
         // checkpoint stays where it was.
         let (rebuildSlot, checkpoint) = state.withLock { ($0.rebuildSlot, $0.rebuildCheckpointBytes) }
-        let step = max(geometry.chunkBytes, (1 << 20) / geometry.chunkBytes * geometry.chunkBytes)
+        let step = stepBytes
         var total: UInt64 = 0
         for region in 0..<regionCount {
             if let bits, bits[region / 8] & (1 << UInt8(region % 8)) == 0 { continue }
@@ -229,7 +229,7 @@ extension RAIDArray {
     func checkRange(memberStart: UInt64, memberEnd: UInt64, repair: Bool, progress: (@Sendable (Progress) -> Void)?) async throws -> ScrubReport {
         var report = ScrubReport(checkedBytes: 0, mismatchOffsets: [], mismatches: 0, repaired: 0)
         let chunk = geometry.chunkBytes
-        let step = max(chunk, (1 << 20) / chunk * chunk)
+        let step = stepBytes
         let started = monotonicNanos()
         var lastReport = started
         var position = memberStart
@@ -349,8 +349,7 @@ extension RAIDArray {
         bitmapLock.unlock()
         try gate.enter(operation: "rebuild", name: name)
         defer { gate.leave() }
-        let chunk = geometry.chunkBytes
-        let step = max(chunk, (1 << 20) / chunk * chunk)
+        let step = stepBytes
         let total = geometry.memberDataBytes
         let stepCount = Int((total - checkpoint + step - 1) / step)
         let started = monotonicNanos()
@@ -422,6 +421,9 @@ extension RAIDArray {
     }
 
     private struct RebuildPaused: Error {}
+
+    /// The unit of scrubs, resyncs and rebuilds: 1 MiB of member data, in whole chunks.
+    var stepBytes: UInt64 { max(geometry.chunkBytes, (1 << 20) / geometry.chunkBytes * geometry.chunkBytes) }
 
     /// Rebuilds member range `memberOffset ..< memberOffset + length` of `slot` from the others.
     private func rebuildStep(slot: Int, memberOffset: UInt64, length: UInt64) async throws {

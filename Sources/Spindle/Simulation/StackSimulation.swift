@@ -32,6 +32,13 @@ public enum StackSimulation {
         public var extendedFaults = true
 
         public init(seed: UInt64) { self.seed = seed }
+
+        /// A run on `level` with the usual member count for it (4 for RAID5, 2 for RAID1).
+        public init(seed: UInt64, level: RAIDLevel) {
+            self.seed = seed
+            self.level = level
+            members = level == .raid5 ? 4 : 2
+        }
     }
 
     public struct Report: Sendable, Codable {
@@ -152,7 +159,7 @@ public enum StackSimulation {
             report.failure = "unexpected error: \(error)"
             report.relevantTrace = steps.suffix(30).map { "#\($0.index) \($0.text)" }
         }
-        if options.fullTrace == false { report.trace = Array(report.trace.suffix(30)) }
+        report.trace = (options.fullTrace ? steps[...] : steps.suffix(30)).map(\.text)
         return report
     }
 
@@ -181,8 +188,6 @@ public enum StackSimulation {
         var readErrorsActive = 0
 
         func log(_ line: String, volume: String? = nil, blocks: Range<Int>? = nil, origin: String? = nil) {
-            report.trace.append(line)
-            if !options.fullTrace && report.trace.count > 200 { report.trace.removeFirst(100) }
             steps.append(Step(index: counter, text: line, volume: volume, blocks: blocks, origin: origin))
         }
         func commitAll() { for name in models.keys { models[name]!.committed() } }
@@ -195,6 +200,9 @@ public enum StackSimulation {
             let status = array.status
             return status.rebuildSlot == nil && status.slots.allSatisfy { $0.state == .active }
         }
+        /// Whether a fault that needs every member may start now (without the extended faults, as
+        /// the earlier generator decided it).
+        func mayInject() -> Bool { extended ? isWhole() : !array.status.state.contains("degraded") }
         /// After a write the pool refused for want of space: each block must hold its old or its new
         /// contents; what it holds becomes the model's.
         func settleRefusedWrite(_ name: String, first: Int, data: [UInt8]) async throws {
@@ -383,7 +391,7 @@ public enum StackSimulation {
                     log("read errors stop")
                     for device in members { device.clearFaults() }
                     readErrorsActive = 0
-                } else if extended ? isWhole() : !array.status.state.contains("degraded") {
+                } else if mayInject() {
                     log("read errors on \(member.name)")
                     member.failReads(probability: 0.05)
                     readErrorsActive = 1
@@ -391,7 +399,7 @@ public enum StackSimulation {
                 }
             case 870..<900:
                 // A member fails under the load, is replaced and rebuilt.
-                guard extended ? isWhole() : !array.status.state.contains("degraded"), readErrorsActive == 0 else { continue }
+                guard mayInject(), readErrorsActive == 0 else { continue }
                 let victim = members[Int(random.below(UInt64(members.count)))]
                 try await replaceAndRebuild(victim, reason: "fail \(victim.name)")
             case 900..<915 where extended:
@@ -410,7 +418,7 @@ public enum StackSimulation {
                 report.idleCleans += 1
             default:
                 // Power cut: unflushed writes on every member dropped or torn; reassemble and reopen.
-                if !(extended ? isWhole() : !array.status.state.contains("degraded")) {
+                if !mayInject() {
                     // Dirty and degraded is RAID5's write hole, which assembly refuses (as md does):
                     // let the cut come after the array has been idle long enough to be clean.
                     guard extended else { continue }
