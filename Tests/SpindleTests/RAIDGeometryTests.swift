@@ -109,15 +109,17 @@ struct RAIDGeometryTests {
             return buffer
         }
         let parity = AlignedBuffer(count: 4096)
-        XORParity.generate(sources: blocks.map { UnsafeRawPointer($0.bytes.baseAddress!) },
-                           parity: parity.bytes.baseAddress!, length: 4096)
+        XORParity.generate(sources: blocks, into: parity, length: 4096)
         for byte in stride(from: 0, to: 4096, by: 97) {
             #expect(parity.bytes[byte] == blocks.reduce(0) { $0 ^ $1.bytes[byte] })
         }
-        let all = (blocks + [parity]).map { UnsafeRawPointer($0.bytes.baseAddress!) }
-        #expect(XORParity.check(all, length: 4096))
+        #expect(XORParity.check(blocks + [parity], length: 4096))
+        // Regions inside larger buffers: the second half of each block.
+        let halves = AlignedBuffer(count: 4096)
+        XORParity.generate(sources: blocks, offset: 2048, into: halves, parityOffset: 1024, length: 2048)
+        #expect(Array(halves.slice(offset: 1024, length: 2048)) == Array(parity.slice(offset: 2048, length: 2048)))
         parity.bytes[5] ^= 0x40
-        #expect(!XORParity.check(all, length: 4096))
-        withExtendedLifetime((blocks, parity)) {}
+        #expect(!XORParity.check(blocks + [parity], length: 4096))
+        #expect(XORParity.check(blocks + [parity], offset: 2048, length: 2048))
     }
 }

@@ -54,4 +54,23 @@ public final class AlignedBuffer: @unchecked Sendable {
 
     /// A copy of the contents.
     public var array: [UInt8] { Array(bytes) }
+
+    /// Copies `length` bytes at `offset` of `source` to the same place in this buffer (all of
+    /// `source` by default), both buffers kept alive for the copy.
+    public func copy(from source: AlignedBuffer, offset: Int = 0, length: Int? = nil) {
+        let length = length ?? source.count
+        precondition(offset >= 0 && offset + length <= min(count, source.count), "copy out of the buffers")
+        withExtendedLifetime((self, source)) {
+            (bytes.baseAddress! + offset).copyMemory(from: source.bytes.baseAddress! + offset, byteCount: length)
+        }
+    }
+
+    /// Whether `length` bytes at `offset` are the same in both buffers.
+    public func equals(_ other: AlignedBuffer, offset: Int = 0, length: Int? = nil) -> Bool {
+        let length = length ?? count
+        precondition(offset >= 0 && offset + length <= min(count, other.count), "comparison out of the buffers")
+        return withExtendedLifetime((self, other)) {
+            memcmp(bytes.baseAddress! + offset, other.bytes.baseAddress! + offset, length) == 0
+        }
+    }
 }

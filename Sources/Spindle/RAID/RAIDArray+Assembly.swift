@@ -102,7 +102,7 @@ extension RAIDArray {
         }
         let usable = slotStates.filter { $0 == .active }.count
         let rebuildingUsable = slotStates.filter { $0 == .rebuilding }.count
-        guard usable >= latest.memberCount - geometry.level.redundancy else {
+        guard usable >= latest.memberCount - geometry.redundancy else {
             throw SpindleError(
                 .ioFailed,
                 "too few members to assemble '\(latest.name)' (\(geometry.level)): \(usable) of \(latest.memberCount) are usable\(rebuildingUsable > 0 ? " (\(rebuildingUsable) still rebuilding)" : "")\(notes.isEmpty ? "" : "; " + notes.joined(separator: "; "))",
@@ -201,6 +201,17 @@ extension RAIDArray {
         public var mismatchOffsets: [UInt64]
         public var mismatches: Int
         public var repaired: Int
+        /// Chunks a member could not read, rebuilt from redundancy and rewritten.
+        public var readErrorsRepaired: Int = 0
+        /// Member offsets (of member data areas, with the slot) of chunks that could not be read
+        /// nor rebuilt: no redundancy was left for them. The members stay in the array.
+        public var unreadable: [UnreadableChunk] = []
+
+        public struct UnreadableChunk: Sendable, Codable, Equatable {
+            public var slot: Int
+            public var member: String
+            public var memberOffset: UInt64
+        }
     }
 
     /// Progress of a long operation (rebuild, scrub).
@@ -247,37 +258,81 @@ extension RAIDArray {
                 let failures = await concurrently(zip(slots, buffers).map { slot, buffer in
                     (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
                 })
-                if let failure = failures.first {
+                for failure in failures where Self.isDeviceGone(failure.error) {
                     await failMember(slot: failure.slot, because: failure.error)
                     throw failure.error
                 }
-                // RAID5 needs every member to check parity; mirrors compare whichever copies are in
-                // sync (a member being rebuilt is not read: it is rebuilt again where it may differ).
-                if slots.count == geometry.memberCount || (geometry.level == .raid1 && slots.count >= 2) {
+                // A member that answers but cannot read some blocks keeps its place: find its bad
+                // chunks, rebuild them from redundancy and rewrite them (as md's scrub does), or report them.
+                var badChunks: [UInt64: Set<Int>] = [:]
+                for failure in failures {
+                    let index = slots.firstIndex(of: failure.slot)!
                     for stripe in stripes {
                         let within = Int((stripe * chunk) - position)
-                        let size = Int(chunk)
-                        let pointers = buffers.map { UnsafeRawPointer($0.bytes.baseAddress! + within) }
-                        let consistent: Bool
-                        switch geometry.level {
-                        case .raid1:
-                            consistent = buffers.dropFirst().allSatisfy { Array($0.slice(offset: within, length: size)) == Array(buffers[0].slice(offset: within, length: size)) }
-                        case .raid5:
-                            consistent = XORParity.check(pointers, length: size)
-                        case .raid0:
-                            consistent = true
+                        do {
+                            try await readable[failure.slot]!.device.read(
+                                into: buffers[index], range: within..<(within + Int(chunk)), at: Self.dataOffset + stripe * chunk)
+                        } catch {
+                            if Self.isDeviceGone(error) {
+                                await failMember(slot: failure.slot, because: error)
+                                throw error
+                            }
+                            badChunks[stripe, default: []].insert(failure.slot)
                         }
-                        if consistent { continue }
-                        report.mismatches += 1
-                        if report.mismatchOffsets.count < 1000 {
-                            report.mismatchOffsets.append(stripe * geometry.stripeDataBytes)
-                        }
-                        guard repair else { continue }
-                        try await repairStripe(stripe, buffers: buffers, slots: slots, within: within, readable: readable)
-                        report.repaired += 1
                     }
                 }
-                withExtendedLifetime(buffers) {}
+                let complete = slots.count == geometry.memberCount
+                for stripe in stripes {
+                    let within = Int((stripe * chunk) - position)
+                    let size = Int(chunk)
+                    if let bad = badChunks[stripe] {
+                        let good = slots.indices.filter { !bad.contains(slots[$0]) }
+                        let rebuildable = geometry.level == .raid1 ? !good.isEmpty : (complete && bad.count == 1)
+                        guard rebuildable else {
+                            for slot in bad.sorted() {
+                                report.unreadable.append(.init(slot: slot, member: readable[slot]!.name, memberOffset: stripe * chunk))
+                            }
+                            continue
+                        }
+                        for slot in bad {
+                            let index = slots.firstIndex(of: slot)!
+                            if geometry.level == .raid1 {
+                                buffers[index].copy(from: buffers[good[0]], offset: within, length: size)
+                            } else {
+                                XORParity.generate(sources: good.map { buffers[$0] }, offset: within, into: buffers[index],
+                                                   parityOffset: within, length: size)
+                            }
+                            do {
+                                try await readable[slot]!.device.write(from: buffers[index], range: within..<(within + size),
+                                                                        at: Self.dataOffset + stripe * chunk)
+                                report.readErrorsRepaired += 1
+                            } catch {
+                                await failMember(slot: slot, because: error)
+                                throw error
+                            }
+                        }
+                    }
+                    // RAID5 needs every member to check parity; mirrors compare whichever copies are in
+                    // sync (a member being rebuilt is not read: it is rebuilt again where it may differ).
+                    guard complete || (geometry.level == .raid1 && slots.count >= 2) else { continue }
+                    let consistent: Bool
+                    switch geometry.level {
+                    case .raid1:
+                        consistent = buffers.dropFirst().allSatisfy { $0.equals(buffers[0], offset: within, length: size) }
+                    case .raid5:
+                        consistent = XORParity.check(buffers, offset: within, length: size)
+                    case .raid0:
+                        consistent = true
+                    }
+                    if consistent { continue }
+                    report.mismatches += 1
+                    if report.mismatchOffsets.count < 1000 {
+                        report.mismatchOffsets.append(stripe * geometry.stripeDataBytes)
+                    }
+                    guard repair else { continue }
+                    try await repairStripe(stripe, buffers: buffers, slots: slots, within: within, readable: readable)
+                    report.repaired += 1
+                }
             }
             position += length
             report.checkedBytes += length
@@ -303,10 +358,8 @@ extension RAIDArray {
         case .raid5:
             let parityMember = geometry.parityMember(stripe: stripe)
             let parity = AlignedBuffer(count: chunk)
-            let dataPointers = slots.enumerated().filter { $0.element != parityMember }.map {
-                UnsafeRawPointer(buffers[$0.offset].bytes.baseAddress! + within)
-            }
-            XORParity.generate(sources: dataPointers, parity: parity.bytes.baseAddress!, length: chunk)
+            let data = slots.indices.filter { slots[$0] != parityMember }.map { buffers[$0] }
+            XORParity.generate(sources: data, offset: within, into: parity, length: chunk)
             try await readable[parityMember]!.device.write(from: parity, at: memberOffset)
         case .raid0:
             break
@@ -408,6 +461,11 @@ extension RAIDArray {
                 try? await commitSuperblocks()
                 throw CancellationError()
             }
+            // Keep the place reached, so the next rebuild resumes there.
+            if !state.withLock({ $0.failed }) {
+                try? await target(slot).flush()
+                try? await commitSuperblocks()
+            }
             throw error
         }
         try await target(slot).flush()
@@ -439,21 +497,39 @@ extension RAIDArray {
         let result = AlignedBuffer(count: Int(length), zeroed: false)
         let offset = Self.dataOffset + memberOffset
         if geometry.level == .raid1 {
-            guard let source = sources.first else { throw failedError("rebuild") }
-            try await readable[source]!.device.read(into: result, at: offset)
+            // Any in-sync mirror will do: on a read error, try the next.
+            var errors: [String] = []
+            var done = false
+            for source in sources {
+                do {
+                    try await readable[source]!.device.read(into: result, at: offset)
+                    done = true
+                    break
+                } catch {
+                    if Self.isDeviceGone(error) { await failMember(slot: source, because: error) }
+                    errors.append("\(readable[source]!.name): \(error)")
+                }
+            }
+            guard done else {
+                if sources.isEmpty { throw failedError("rebuild") }
+                throw rebuildSourceError(slot: slot, memberOffset: memberOffset, length: length, errors: errors)
+            }
         } else {
             guard sources.count == geometry.memberCount - 1 else { throw failedError("rebuild") }
             let buffers = sources.map { _ in AlignedBuffer(count: Int(length), zeroed: false) }
             let failures = await concurrently(zip(sources, buffers).map { source, buffer in
                 (source, { try await readable[source]!.device.read(into: buffer, at: offset) })
             })
-            if let failure = failures.first {
-                await failMember(slot: failure.slot, because: failure.error)
-                throw failure.error
+            if !failures.isEmpty {
+                // A source that is gone is failed (and the array with it); a read error on one that
+                // answers stops the rebuild here, members untouched, to be resumed from the checkpoint.
+                for failure in failures where Self.isDeviceGone(failure.error) {
+                    await failMember(slot: failure.slot, because: failure.error)
+                }
+                throw rebuildSourceError(slot: slot, memberOffset: memberOffset, length: length,
+                                         errors: failures.map { "\(readable[$0.slot]!.name): \($0.error)" })
             }
-            XORParity.generate(sources: buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) },
-                               parity: result.bytes.baseAddress!, length: Int(length))
-            withExtendedLifetime(buffers) {}
+            XORParity.generate(sources: buffers, into: result, length: Int(length))
         }
         do {
             try await target.device.write(from: result, at: offset)
@@ -461,6 +537,13 @@ extension RAIDArray {
             await failMember(slot: slot, because: error)
             throw error
         }
+    }
+
+    private func rebuildSourceError(slot: Int, memberOffset: UInt64, length: UInt64, errors: [String]) -> SpindleError {
+        SpindleError(
+            .ioFailed,
+            "the rebuild of slot \(slot) stopped at member offset \(memberOffset): no source could read \(length) bytes there (\(errors.joined(separator: "; "))); the members stay in the array and a later rebuild resumes from the last checkpoint",
+            operation: "rebuild", path: name, offset: memberOffset, length: length)
     }
 
     private func target(_ slot: Int) throws -> any BlockDevice {
@@ -481,7 +564,7 @@ extension RAIDArray {
             throw SpindleError(.unsupported, "failing a member of a RAID0 array would lose its data", operation: "fail", path: deviceName)
         }
         let lost = state.withLock { $0.slotStates.filter { $0 != .active }.count }
-        if state.withLock({ $0.slotStates[slot] }) == .active && lost + 1 > geometry.level.redundancy {
+        if state.withLock({ $0.slotStates[slot] }) == .active && lost + 1 > geometry.redundancy {
             throw SpindleError(
                 .unsupported, "failing \(deviceName) would leave \(name) without enough members to serve its data",
                 operation: "fail", path: deviceName)
@@ -541,7 +624,7 @@ extension RAIDArray {
                 state.rebuildCheckpointBytes = 0
                 // A replacement brings nothing back by itself: the array stays failed if it had lost
                 // more members than it survives.
-                state.failed = state.slotStates.filter { $0 != .active }.count > geometry.level.redundancy
+                state.failed = state.slotStates.filter { $0 != .active }.count > geometry.redundancy
             } else {
                 state.spares.append(member)
             }
@@ -648,7 +731,7 @@ extension RAIDArray {
             return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member == .zero ? nil : slot.member.description, state: state)
         }
         let lost = inspection.slots.filter { $0.state != .active }.count
-        if lost > newest.level.redundancy { inspection.state = "failed" }
+        if lost > newest.level.redundancy(memberCount: newest.memberCount) { inspection.state = "failed" }
         else if newest.rebuildSlot >= 0 { inspection.state = "rebuilding" }
         else if lost > 0 { inspection.state = "degraded" }
         else { inspection.state = newest.dirty ? "dirty (not shut down cleanly, or in use)" : "clean" }

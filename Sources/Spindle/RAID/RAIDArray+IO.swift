@@ -100,8 +100,12 @@ extension RAIDArray {
             do {
                 try await member.device.read(into: destination, at: Self.dataOffset + offset)
             } catch {
-                bad.append(slot)
                 lastError = error
+                if Self.isDeviceGone(error) {
+                    await failMember(slot: slot, because: error)
+                } else {
+                    bad.append(slot)
+                }
                 continue
             }
             for badSlot in bad {
@@ -114,7 +118,11 @@ extension RAIDArray {
             }
             return
         }
-        throw lastError ?? failedError("read", offset: offset, length: length)
+        guard let lastError else { throw failedError("read", offset: offset, length: length) }
+        unrecoverableReads.add(1, ordering: .relaxed)
+        throw SpindleError(
+            .ioFailed, "no in-sync mirror could read these bytes (last error: \(lastError)); the members stay in the array",
+            operation: "read", path: name, offset: offset, length: length)
     }
 
     /// Rebuilds one extent of a RAID5 stripe from the other members (data and parity).
@@ -130,12 +138,16 @@ extension RAIDArray {
         let failures = await concurrently(zip(others, buffers).map { slot, buffer in
             (slot, { try await readable[slot]!.device.read(into: buffer, at: Self.dataOffset + extent.memberOffset) })
         })
-        if let failure = failures.first {
-            await failMember(slot: failure.slot, because: failure.error)
-            throw failedError("read", offset: nil, length: extent.length)
+        if !failures.isEmpty {
+            // A member that has gone away is failed; a read error on one that still answers only
+            // costs this request (no redundancy is left to answer it from), as md fails the read
+            // and keeps the member.
+            for failure in failures where Self.isDeviceGone(failure.error) {
+                await failMember(slot: failure.slot, because: failure.error)
+            }
+            throw unreadable(extent, because: failures)
         }
-        XORParity.generate(sources: buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) },
-                           parity: destination.baseAddress!, length: Int(extent.length))
+        XORParity.generate(sources: buffers, into: destination)
         if rewrite, let member = readable[extent.member] {
             do {
                 try await member.device.write(from: UnsafeRawBufferPointer(destination), at: Self.dataOffset + extent.memberOffset, fua: false)
@@ -143,7 +155,22 @@ extension RAIDArray {
                 await failMember(slot: extent.member, because: error)
             }
         }
-        withExtendedLifetime(buffers) {}
+    }
+
+    /// Whether an error says the device itself is gone (as opposed to a bad block on a device that
+    /// still answers): only then is a member failed on a read.
+    static func isDeviceGone(_ error: Error) -> Bool {
+        (error as? SpindleError)?.code == .deviceGone
+    }
+
+    /// Counts and describes a read that neither the member nor redundancy could answer.
+    func unreadable(_ extent: RAIDGeometry.Extent, because failures: [(slot: Int, error: Error)]) -> SpindleError {
+        unrecoverableReads.add(1, ordering: .relaxed)
+        let detail = failures.map { "slot \($0.slot): \($0.error)" }.joined(separator: "; ")
+        return SpindleError(
+            .ioFailed,
+            "\(extent.length) bytes of stripe \(extent.stripe) on slot \(extent.member) cannot be read or rebuilt from redundancy (\(detail)); the members stay in the array",
+            operation: "read", path: name, offset: geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset), length: extent.length)
     }
 
     // MARK: Writes
@@ -186,7 +213,9 @@ extension RAIDArray {
             await stripeLocks.lock(stripes)
             defer { stripeLocks.unlock(stripes) }
             try await writeMembers(
-                writableMembers().enumerated().compactMap { slot, member in member.map { (slot, $0, source, Self.dataOffset + offset, length) } },
+                writableMembers().enumerated().compactMap { slot, member in
+                    member.map { (slot, $0, .request(source, length: Int(length)), Self.dataOffset + offset) }
+                },
                 fua: fua, operation: "write", offset: offset, length: length)
         case .raid5:
             let extents = geometry.extents(offset: offset, length: length)
@@ -202,7 +231,7 @@ extension RAIDArray {
                 (Int(stripe), {
                     // A member that fails a read the stripe needs is failed on the spot; the stripe is
                     // then written again, degraded, without it.
-                    var unreadable = Set<Int>()
+                    var unreadable: [Int: any Error] = [:]
                     for attempt in 1...attempts {
                         do {
                             try await self.writeStripe(stripe, pieces: pieces, source: source, fua: fua, avoiding: unreadable)
@@ -211,7 +240,7 @@ extension RAIDArray {
                             if attempt == attempts || self.state.withLock({ $0.failed }) { throw failure.error }
                             // Compute this stripe without that member's block (from parity and the
                             // others), as a degraded write does; the member stays in the array.
-                            unreadable.insert(failure.slot)
+                            unreadable[failure.slot] = failure.error
                         } catch {
                             if attempt == attempts || self.state.withLock({ $0.failed }) { throw error }
                         }
@@ -222,17 +251,29 @@ extension RAIDArray {
         }
     }
 
+    /// Where the bytes of one member write come from: the caller's buffer (borrowed for the whole
+    /// request, as the block device contract says), or a buffer of the array's own, which the write
+    /// keeps alive until it completes.
+    enum MemberWriteSource: Sendable {
+        case request(RequestBuffer, length: Int)
+        case owned(AlignedBuffer)
+    }
+
     /// Writes the same kind of request to several members; a member that fails is marked faulty, and
     /// the write fails only if the array can no longer serve the data.
     private func writeMembers(
-        _ writes: [(slot: Int, member: Member, source: RequestBuffer, memberOffset: UInt64, length: UInt64)],
+        _ writes: [(slot: Int, member: Member, source: MemberWriteSource, memberOffset: UInt64)],
         fua: Bool, operation: String, offset: UInt64?, length: UInt64
     ) async throws {
         let failures = await concurrently(writes.map { write in
             (write.slot, {
-                try await write.member.device.write(
-                    from: UnsafeRawBufferPointer(start: write.source.base, count: Int(write.length)),
-                    at: write.memberOffset, fua: fua)
+                switch write.source {
+                case let .request(source, length):
+                    try await write.member.device.write(
+                        from: UnsafeRawBufferPointer(start: source.base, count: length), at: write.memberOffset, fua: fua)
+                case let .owned(buffer):
+                    try await write.member.device.write(from: buffer, at: write.memberOffset, fua: fua)
+                }
             })
         })
         for failure in failures { await failMember(slot: failure.slot, because: failure.error) }
@@ -241,17 +282,27 @@ extension RAIDArray {
         }
     }
 
-    /// Writes the pieces of one RAID5 stripe and its parity: a full stripe with no reads; otherwise
-    /// read-modify-write or reconstruct-write, whichever reads less; reconstructing a missing member's
-    /// old data from parity when the array is degraded.
     /// A member read a partial-stripe write needed failed.
     struct StripeReadFailure: Error {
         var slot: Int
         var error: any Error
     }
 
+    /// How a RAID5 write that covers part of a stripe computes the new parity.
+    enum PartialStripeWrite: Sendable {
+        /// Read the old data of the touched chunks and the old parity; new parity = old parity ^ old
+        /// data ^ new data.
+        case readModifyWrite
+        /// Read the untouched data chunks; new parity = XOR of all data.
+        case reconstructWrite
+    }
+
+    /// Writes the pieces of one RAID5 stripe and its parity: a full stripe with no reads; otherwise
+    /// read-modify-write or reconstruct-write, whichever reads less (or the one
+    /// ``partialStripeWriteOverride`` forces, for tests); reconstructing a missing member's old data
+    /// from parity when the array is degraded.
     private func writeStripe(
-        _ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool, avoiding unreadableSlots: Set<Int> = []
+        _ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool, avoiding unreadableSlots: [Int: any Error] = [:]
     ) async throws {
         let chunk = geometry.chunkBytes
         let low = pieces.map { $0.memberOffset - stripe * chunk }.min()!
@@ -262,7 +313,7 @@ extension RAIDArray {
         let parityMember = geometry.parityMember(stripe: stripe)
         let memberOf = (0..<dataCount).map { geometry.dataMember(stripe: stripe, index: $0) }
         var readableNow = readableMembers()
-        for slot in unreadableSlots { readableNow[slot] = nil }
+        for slot in unreadableSlots.keys { readableNow[slot] = nil }
         let readable = readableNow
         let writable = writableMembers()
         var touched = [RAIDGeometry.Extent?](repeating: nil, count: dataCount)
@@ -275,8 +326,16 @@ extension RAIDArray {
         let parityReadable = readable[parityMember] != nil
         // A missing data member can be rebuilt only from parity: two unreadable members lose the stripe.
         if !unreadable.isEmpty && (unreadable.count > 1 || !parityReadable) {
-            throw failedError("write", offset: nil, length: UInt64(length))
+            guard !unreadableSlots.isEmpty else { throw failedError("write", offset: nil, length: UInt64(length)) }
+            // Members that answer but failed a read here stay in the array; only this write fails.
+            unrecoverableReads.add(1, ordering: .relaxed)
+            let detail = unreadableSlots.sorted { $0.key < $1.key }.map { "slot \($0.key): \($0.value)" }.joined(separator: "; ")
+            throw SpindleError(
+                .ioFailed,
+                "stripe \(stripe) cannot be written: its parity needs blocks that cannot be read and no redundancy is left to rebuild them (\(detail)); the members stay in the array",
+                operation: "write", path: name, offset: geometry.logicalOffset(member: memberOf[0], memberOffset: stripe * chunk + low), length: UInt64(length))
         }
+        // The new contents of each data chunk's [low, high) and of the parity's.
         let data = (0..<dataCount).map { _ in AlignedBuffer(count: length, zeroed: false) }
         let parity = AlignedBuffer(count: length, zeroed: false)
 
@@ -288,69 +347,71 @@ extension RAIDArray {
                 // The stripe cannot be computed without it. A member that is gone is failed at once
                 // (the caller retries degraded); another read error may pass: the caller retries,
                 // and fails the member only if it keeps failing.
-                if (failure.error as? SpindleError)?.code == .deviceGone {
+                if Self.isDeviceGone(failure.error) {
                     await failMember(slot: failure.slot, because: failure.error)
                 }
                 throw StripeReadFailure(slot: failure.slot, error: failure.error)
             }
         }
+        /// Copies the caller's piece for data chunk `index` into its place in `buffer`.
         func merge(_ index: Int, into buffer: AlignedBuffer) {
             guard let piece = touched[index] else { return }
-            (buffer.bytes.baseAddress! + Int(piece.memberOffset - stripe * chunk - low))
-                .copyMemory(from: source.base + Int(piece.requestOffset), byteCount: Int(piece.length))
+            buffer.slice(offset: Int(piece.memberOffset - stripe * chunk - low), length: Int(piece.length))
+                .copyMemory(from: UnsafeRawBufferPointer(start: source.base + Int(piece.requestOffset), count: Int(piece.length)))
         }
-        func pointers(_ buffers: [AlignedBuffer]) -> [UnsafeRawPointer] { buffers.map { UnsafeRawPointer($0.bytes.baseAddress!) } }
 
         let touchedIndices = (0..<dataCount).filter { touched[$0] != nil }
         let fullStripe = low == 0 && high == chunk && (0..<dataCount).allSatisfy(covers)
         if fullStripe {
             for index in 0..<dataCount { merge(index, into: data[index]) }
-            XORParity.generate(sources: pointers(data), parity: parity.bytes.baseAddress!, length: length)
+            XORParity.generate(sources: data, into: parity, length: length)
         } else if unreadable.isEmpty && parityReadable {
             let readModifyWriteReads = touchedIndices.count + 1
             let reconstructWriteReads = (dataCount - touchedIndices.count) + touchedIndices.filter { !covers($0) }.count
-            if readModifyWriteReads < reconstructWriteReads {
+            let method = partialStripeWriteOverride.withLock { $0 }
+                ?? (readModifyWriteReads < reconstructWriteReads ? .readModifyWrite : .reconstructWrite)
+            switch method {
+            case .readModifyWrite:
                 let old = touchedIndices.map { _ in AlignedBuffer(count: length, zeroed: false) }
-                try await readMembers(zip(touchedIndices, old).map { (memberOf[$0], $1) } + [(parityMember, parity)])
+                let oldParity = AlignedBuffer(count: length, zeroed: false)
+                try await readMembers(zip(touchedIndices, old).map { (memberOf[$0], $1) } + [(parityMember, oldParity)])
                 for (position, index) in touchedIndices.enumerated() {
-                    data[index].bytes.copyMemory(from: UnsafeRawBufferPointer(old[position].bytes))
+                    data[index].copy(from: old[position])
                     merge(index, into: data[index])
                 }
                 // new parity = old parity ^ old data ^ new data, over the touched members
-                XORParity.generate(sources: pointers([parity] + old + touchedIndices.map { data[$0] }),
-                                   parity: parity.bytes.baseAddress!, length: length)
-            } else {
+                XORParity.generate(sources: [oldParity] + old + touchedIndices.map { data[$0] }, into: parity, length: length)
+            case .reconstructWrite:
                 let toRead = (0..<dataCount).filter { touched[$0] == nil || !covers($0) }
                 try await readMembers(toRead.map { (memberOf[$0], data[$0]) })
                 for index in touchedIndices { merge(index, into: data[index]) }
-                XORParity.generate(sources: pointers(data), parity: parity.bytes.baseAddress!, length: length)
+                XORParity.generate(sources: data, into: parity, length: length)
             }
         } else {
             // Degraded: read everything readable, rebuild the missing member's old data, recompute.
             let present = (0..<dataCount).filter { readable[memberOf[$0]] != nil }
             var reads = present.map { (memberOf[$0], data[$0]) }
-            if !unreadable.isEmpty { reads.append((parityMember, parity)) }
+            let oldParity = AlignedBuffer(count: length, zeroed: false)
+            if !unreadable.isEmpty { reads.append((parityMember, oldParity)) }
             try await readMembers(reads)
             if let missing = unreadable.first {
-                XORParity.generate(sources: pointers(present.map { data[$0] } + [parity]),
-                                   parity: data[missing].bytes.baseAddress!, length: length)
+                XORParity.generate(sources: present.map { data[$0] } + [oldParity], into: data[missing], length: length)
             }
             for index in touchedIndices { merge(index, into: data[index]) }
-            XORParity.generate(sources: pointers(data), parity: parity.bytes.baseAddress!, length: length)
+            XORParity.generate(sources: data, into: parity, length: length)
         }
 
-        var writes: [(slot: Int, member: Member, source: RequestBuffer, memberOffset: UInt64, length: UInt64)] = []
+        var writes: [(slot: Int, member: Member, source: MemberWriteSource, memberOffset: UInt64)] = []
         let indicesToWrite = fullStripe ? Array(0..<dataCount) : touchedIndices
         for index in indicesToWrite {
             if let member = writable[memberOf[index]] {
-                writes.append((memberOf[index], member, RequestBuffer(base: data[index].bytes.baseAddress!), memberOffset, UInt64(length)))
+                writes.append((memberOf[index], member, .owned(data[index]), memberOffset))
             }
         }
         if let member = writable[parityMember] {
-            writes.append((parityMember, member, RequestBuffer(base: parity.bytes.baseAddress!), memberOffset, UInt64(length)))
+            writes.append((parityMember, member, .owned(parity), memberOffset))
         }
         try await writeMembers(writes, fua: fua, operation: "write", offset: nil, length: UInt64(length))
-        withExtendedLifetime((data, parity)) {}
     }
 
     // MARK: Flush, discard, zeroes, close

@@ -81,6 +81,10 @@ public final class RAIDArray: BlockDevice {
     /// Serializes bitmap updates (taken before `metadataLock` when both are needed).
     let bitmapLock = AsyncMutex()
     let gate = RequestGate()
+    /// Reads that neither a member nor redundancy could answer (each returned an error to its caller).
+    let unrecoverableReads = Atomic<Int>(0)
+    /// Forces the partial-stripe RAID5 write path (tests only); nil chooses by the reads each needs.
+    let partialStripeWriteOverride = Locked<PartialStripeWrite?>(nil)
 
     init(name: String, uuid: SpindleUUID, geometry: RAIDGeometry, createdSeconds: UInt64, bitmapChunkShift: UInt32,
          state: State, logicalBlockBytes: Int) {
@@ -196,13 +200,15 @@ public final class RAIDArray: BlockDevice {
         public var rebuildSlot: Int?
         public var rebuildDoneBytes: UInt64?
         public var dirtyRegions: Int
+        /// Reads since assembly that failed because neither the member nor redundancy could answer.
+        public var unrecoverableReads: Int
     }
 
     public var status: Status {
         state.withLock { state in
             let missing = state.slotStates.filter { $0 != .active }.count
             var summary = state.dirty ? "active" : "clean"
-            if state.failed || missing > geometry.level.redundancy { summary = "failed" }
+            if state.failed || missing > geometry.redundancy { summary = "failed" }
             else if state.rebuildSlot >= 0 { summary = "rebuilding" }
             else if missing > 0 { summary = "degraded" }
             return Status(
@@ -216,7 +222,8 @@ public final class RAIDArray: BlockDevice {
                 spares: state.spares.map(\.name),
                 rebuildSlot: state.rebuildSlot >= 0 ? state.rebuildSlot : nil,
                 rebuildDoneBytes: state.rebuildSlot >= 0 ? state.rebuildCheckpointBytes : nil,
-                dirtyRegions: state.bitmap.reduce(0) { $0 + $1.nonzeroBitCount })
+                dirtyRegions: state.bitmap.reduce(0) { $0 + $1.nonzeroBitCount },
+                unrecoverableReads: unrecoverableReads.load(ordering: .relaxed))
         }
     }
 
@@ -257,7 +264,7 @@ public final class RAIDArray: BlockDevice {
                 state.rebuildCheckpointBytes = 0
             }
             let lost = state.slotStates.filter { $0 != .active }.count
-            if lost > geometry.level.redundancy { state.failed = true }
+            if lost > geometry.redundancy { state.failed = true }
             // Counted under the state lock, with the mark: a request that sees the member
             // faulty sees the count.
             unrecordedFailures.add(1, ordering: .sequentiallyConsistent)
@@ -383,7 +390,7 @@ public final class RAIDArray: BlockDevice {
             guard let slot = failedSlot else { return }
             state.withLock { state in
                 state.slotStates[slot] = .faulty
-                if state.slotStates.filter({ $0 != .active }).count > geometry.level.redundancy { state.failed = true }
+                if state.slotStates.filter({ $0 != .active }).count > geometry.redundancy { state.failed = true }
             }
         }
     }

@@ -6,8 +6,15 @@ public enum RAIDLevel: Int, Codable, Sendable, CaseIterable, CustomStringConvert
 
     /// Fewest members the level takes.
     public var minimumMembers: Int { self == .raid5 ? 3 : 2 }
-    /// Members that may be missing while the array still serves every byte.
-    public var redundancy: Int { self == .raid0 ? 0 : 1 }
+    /// Members that may be missing from an array of `memberCount` while it still serves every byte:
+    /// none for RAID0, one for RAID5, all but one for a mirror.
+    public func redundancy(memberCount: Int) -> Int {
+        switch self {
+        case .raid0: return 0
+        case .raid1: return memberCount - 1
+        case .raid5: return 1
+        }
+    }
     public var description: String { "raid\(rawValue)" }
 }
 
@@ -44,6 +51,9 @@ public struct RAIDGeometry: Sendable, Equatable, Codable {
         case .raid5: return memberCount - 1
         }
     }
+
+    /// Members that may be missing while the array still serves every byte.
+    public var redundancy: Int { level.redundancy(memberCount: memberCount) }
 
     /// Stripes in the array.
     public var stripeCount: UInt64 { memberDataBytes / chunkBytes }
