@@ -1,23 +1,34 @@
 extension RAIDArray {
-    /// Reads the newest valid superblock copy of a device.
-    /// - Returns: the superblock, or the problem with each copy when neither is usable.
+    /// Reads the newest valid superblock copy of a device. The two copies are read separately, so a
+    /// bad sector under one leaves the other usable.
+    /// - Returns: the superblock, or the problem with the copies when neither is usable (an
+    ///   ``RAIDSuperblock/Problem/unreadable(_:)`` when a copy could not be read and the other is not
+    ///   usable either).
     public static func readSuperblock(of device: any BlockDevice) async throws -> Result<RAIDSuperblock, RAIDSuperblock.Problem> {
         guard device.capacityBytes >= 8192 else { return .failure(.notAMember) }
-        let buffer = AlignedBuffer(count: 8192)
-        try await device.read(into: buffer, at: 0)
+        let buffer = AlignedBuffer(count: RAIDSuperblock.blockBytes)
         var best: RAIDSuperblock?
         var problems: [RAIDSuperblock.Problem] = []
-        for copy in 0..<2 {
+        for offset in RAIDSuperblock.copyOffsets {
             do {
-                let block = try RAIDSuperblock.decode(UnsafeRawBufferPointer(buffer.slice(offset: copy * 4096, length: 4096)))
+                try await device.read(into: buffer, at: offset)
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                problems.append(.unreadable("the superblock copy at byte \(offset) cannot be read: \(error)"))
+                continue
+            }
+            do {
+                let block = try RAIDSuperblock.decode(buffer.readOnlyBytes)
                 if best == nil || block.events > best!.events { best = block }
             } catch {
                 problems.append(error)
             }
         }
         if let best { return .success(best) }
-        // Report the more specific problem: a corrupt block over a missing magic.
-        return .failure(problems.first { $0 != .notAMember } ?? .notAMember)
+        // Report the more specific problem: a read error, then a corrupt block, over a missing magic.
+        return .failure(problems.first { if case .unreadable = $0 { true } else { false } }
+                        ?? problems.first { $0 != .notAMember } ?? .notAMember)
     }
 
     /// Assembles an array from its members, given in any order.
@@ -32,12 +43,19 @@ extension RAIDArray {
     public static func assemble(members devices: [any BlockDevice], force: Bool = false) async throws -> AssemblyReport {
         guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "no member devices given") }
         var found: [(device: any BlockDevice, superblock: RAIDSuperblock)] = []
+        var unreadable: [String] = []
         for device in devices {
             switch try await readSuperblock(of: device) {
             case let .success(superblock): found.append((device, superblock))
+            case let .failure(.unreadable(reason)):
+                // As for a missing member: left out, and the array runs degraded if it can.
+                unreadable.append("\(device.name) is left out: \(reason)")
             case let .failure(problem):
                 throw SpindleError(problem == .notAMember ? .invalidArgument : .ioFailed, "\(problem)", operation: "assemble", path: device.name)
             }
+        }
+        guard !found.isEmpty else {
+            throw SpindleError(.ioFailed, "no member's superblock can be read: \(unreadable.joined(separator: "; "))", operation: "assemble")
         }
         let arrays = Dictionary(grouping: found, by: { $0.superblock.arrayUUID })
         guard arrays.count == 1 else {
@@ -53,19 +71,30 @@ extension RAIDArray {
         }
         let latest = found.max { $0.superblock.events < $1.superblock.events }!.superblock
         let geometry = latest.geometry
-        var notes: [String] = []
+        var notes = unreadable
         var slots = [Member?](repeating: nil, count: latest.memberCount)
         var slotStates = [RAIDMemberState](repeating: .missing, count: latest.memberCount)
         var spares: [Member] = []
         let neededBytes = dataOffset + latest.memberDataBytes
         for (slot, recorded) in latest.slots.enumerated() {
+            let known = recorded.lastKnownName.isEmpty ? "" : "\(recorded.lastKnownName), "
             guard recorded.state == .active || recorded.state == .rebuilding else {
                 slotStates[slot] = recorded.state == .faulty ? .faulty : .missing
-                if recorded.state == .faulty { notes.append("slot \(slot) is marked faulty; replace it with 'array replace' or 'array add'") }
+                if recorded.state == .faulty {
+                    // The failed member, when given, stays in its slot as faulty (not used for I/O),
+                    // so that it can be named, removed or replaced.
+                    if let match = byMember[recorded.member]?.first {
+                        slots[slot] = Member(device: match.device, uuid: recorded.member)
+                        let stale = match.superblock.events < latest.events ? "is stale and " : ""
+                        notes.append("\(match.device.name) \(stale)is marked faulty in slot \(slot) (events \(match.superblock.events), the array is at \(latest.events)): it is not used; remove it, or replace it with 'array replace'")
+                    } else {
+                        notes.append("slot \(slot) (\(known)member \(recorded.member)) is marked faulty; replace it with 'array replace' or 'array add'")
+                    }
+                }
                 continue
             }
             guard let match = byMember[recorded.member]?.first else {
-                notes.append("slot \(slot) (member \(recorded.member)) is missing: none of the given devices holds it")
+                notes.append("slot \(slot) (\(known)member \(recorded.member)) is missing: none of the given devices holds it")
                 continue
             }
             // Superblocks are written to the members side by side, and each update is on every
@@ -124,7 +153,7 @@ extension RAIDArray {
             state: State(
                 slots: slots, slotStates: slotStates, spares: spares, events: latest.events, dirty: latest.dirty,
                 rebuildSlot: rebuildSlot, rebuildCheckpointBytes: rebuildSlot >= 0 ? latest.rebuildCheckpointBytes : 0,
-                bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false),
+                bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false, recordedSlots: latest.slots),
             logicalBlockBytes: blockBytes)
         var resyncedBytes: UInt64 = 0
         if latest.dirty {
@@ -583,6 +612,7 @@ extension RAIDArray {
             let member = state.slots[slot]
             state.slots[slot] = nil
             state.slotStates[slot] = .missing
+            state.recordedSlots[slot] = RAIDSuperblock.Slot(member: .zero, state: .missing)
             return member
         }
         guard let removed else {
@@ -616,8 +646,9 @@ extension RAIDArray {
             throw SpindleError(.invalidArgument, "its \(device.logicalBlockBytes)-byte blocks are larger than the array's", operation: "add", path: device.name)
         }
         let member = Member(device: device, uuid: .random())
-        state.withLock { state in
+        let displaced = state.withLock { state -> Member? in
             if let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }), state.rebuildSlot < 0 {
+                let displaced = state.slots[slot]
                 state.slots[slot] = member
                 state.slotStates[slot] = .rebuilding
                 state.rebuildSlot = slot
@@ -625,11 +656,14 @@ extension RAIDArray {
                 // A replacement brings nothing back by itself: the array stays failed if it had lost
                 // more members than it survives.
                 state.failed = state.slotStates.filter { $0 != .active }.count > geometry.redundancy
-            } else {
-                state.spares.append(member)
+                return displaced
             }
+            state.spares.append(member)
+            return nil
         }
         try await commitSuperblocks()
+        // A failed member the new one replaces leaves the array (its superblocks show it stale).
+        try? await displaced?.device.close()
     }
 
     /// Fails `old` (if it is not failed already), puts `new` in its slot, and leaves the rebuild to
@@ -728,7 +762,8 @@ extension RAIDArray {
             var state = slot.state
             let holder = byMember[slot.member]
             if (state == .active || state == .rebuilding) && (holder == nil || holder!.1 < newest.events) { state = .missing }
-            return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member == .zero ? nil : slot.member.description, state: state)
+            return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member.nonZeroDescription,
+                            lastKnownName: slot.lastKnownName.nonEmpty, state: state)
         }
         let lost = inspection.slots.filter { $0.state != .active }.count
         if lost > newest.level.redundancy(memberCount: newest.memberCount) { inspection.state = "failed" }

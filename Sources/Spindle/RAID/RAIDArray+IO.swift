@@ -69,7 +69,7 @@ extension RAIDArray {
                             return
                         } catch where geometry.level == .raid5 {
                             // Answer from parity, then rewrite the bad block (or fail the member).
-                            try await reconstruct(extent, into: destination, rewrite: true)
+                            try await reconstruct(extent, into: destination, rewrite: true, memberError: error)
                             return
                         }
                     }
@@ -126,12 +126,17 @@ extension RAIDArray {
     }
 
     /// Rebuilds one extent of a RAID5 stripe from the other members (data and parity).
-    func reconstruct(_ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool) async throws {
+    /// - Parameter memberError: the error of the member's own read, when it answered with one.
+    func reconstruct(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool, memberError: (any Error)? = nil
+    ) async throws {
         await stripeLocks.lock(extent.stripe...extent.stripe)
         defer { stripeLocks.unlock(extent.stripe...extent.stripe) }
         let readable = readableMembers()
         let others = (0..<geometry.memberCount).filter { $0 != extent.member }
         guard others.allSatisfy({ readable[$0] != nil }) else {
+            // Degraded, and this member cannot read the block: no redundancy is left for it.
+            if let memberError { throw unreadable(extent, because: [(extent.member, memberError)]) }
             throw failedError("read", offset: nil, length: extent.length)
         }
         let buffers = others.map { _ in AlignedBuffer(count: Int(extent.length), zeroed: false) }

@@ -48,6 +48,10 @@ public final class RAIDArray: BlockDevice {
         var bitmap: [UInt8]
         var failed: Bool
         var readRotation = 0
+        /// What the superblocks record of each slot's member (UUID and last known file name), kept
+        /// for slots with no device in them, so a failed or missing member is still recognised when
+        /// it comes back, and can be named.
+        var recordedSlots: [RAIDSuperblock.Slot] = []
     }
 
     public let arrayName: String
@@ -147,7 +151,8 @@ public final class RAIDArray: BlockDevice {
             state: State(
                 slots: members, slotStates: Array(repeating: .active, count: devices.count), spares: [], events: 0,
                 dirty: false, rebuildSlot: -1, rebuildCheckpointBytes: 0,
-                bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false),
+                bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false,
+                recordedSlots: members.map { RAIDSuperblock.Slot(member: $0.uuid, state: .active, lastKnownName: $0.name) }),
             logicalBlockBytes: blockBytes)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for member in members {
@@ -180,6 +185,8 @@ public final class RAIDArray: BlockDevice {
         public var slot: Int
         public var device: String?
         public var memberUUID: String?
+        /// The file name the slot's member last had (from the superblocks), also when it is missing.
+        public var lastKnownName: String?
         public var state: RAIDMemberState
     }
 
@@ -216,7 +223,9 @@ public final class RAIDArray: BlockDevice {
                 chunkBytes: geometry.chunkBytes, memberCount: geometry.memberCount, capacityBytes: capacityBytes,
                 memberDataBytes: geometry.memberDataBytes, state: summary, events: state.events,
                 slots: state.slots.enumerated().map { index, member in
-                    SlotInfo(slot: index, device: member?.name, memberUUID: member?.uuid.description,
+                    SlotInfo(slot: index, device: member?.name,
+                             memberUUID: (member?.uuid ?? state.recordedSlots[index].member).nonZeroDescription,
+                             lastKnownName: member.map { RAIDSuperblock.Slot.shortened($0.name) } ?? state.recordedSlots[index].lastKnownName.nonEmpty,
                              state: state.slotStates[index])
                 },
                 spares: state.spares.map(\.name),
@@ -287,16 +296,19 @@ public final class RAIDArray: BlockDevice {
     /// A spare takes the place of a faulty or missing member; the rebuild is then the caller's
     /// (``rebuild(rateBytesPerSecond:progress:)``).
     func activateSpareIfPossible() async {
-        let changed = state.withLock { state -> Bool in
+        let (changed, displaced) = state.withLock { state -> (Bool, Member?) in
             guard geometry.level != .raid0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,
-                  let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }) else { return false }
+                  let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }) else { return (false, nil) }
+            let displaced = state.slots[slot]
             state.slots[slot] = state.spares.removeFirst()
             state.slotStates[slot] = .rebuilding
             state.rebuildSlot = slot
             state.rebuildCheckpointBytes = 0
-            return true
+            return (true, displaced)
         }
         if changed { try? await commitSuperblocks() }
+        // The failed member the spare replaces leaves the array (its superblocks show it stale).
+        try? await displaced?.device.close()
     }
 
     // MARK: Idle clean
@@ -403,8 +415,12 @@ public final class RAIDArray: BlockDevice {
             createdSeconds: createdSeconds, rebuildSlot: state.rebuildSlot,
             rebuildCheckpointBytes: state.rebuildCheckpointBytes, bitmapOffset: Self.bitmapOffset,
             bitmapBytes: UInt32(Self.bitmapBytes), bitmapChunkShift: bitmapChunkShift,
-            slots: zip(state.slots, state.slotStates).map { member, slotState in
-                RAIDSuperblock.Slot(member: member?.uuid ?? .zero, state: slotState)
+            slots: state.slotStates.indices.map { slot in
+                let member = state.slots[slot]
+                let recorded = state.recordedSlots.indices.contains(slot) ? state.recordedSlots[slot] : nil
+                return RAIDSuperblock.Slot(
+                    member: member?.uuid ?? recorded?.member ?? .zero, state: state.slotStates[slot],
+                    lastKnownName: member?.name ?? recorded?.lastKnownName ?? "")
             })
     }
 

@@ -40,7 +40,15 @@ public struct SpindleUUID: Hashable, Sendable, Codable, CustomStringConvertible 
     }
 }
 
+extension SpindleUUID {
+    /// The printed form, or nil for the zero UUID (no member).
+    var nonZeroDescription: String? { self == .zero ? nil : description }
+}
+
 extension String {
+    /// Nil for the empty string.
+    var nonEmpty: String? { isEmpty ? nil : self }
+
     fileprivate func replacingOccurrences(of target: String, with replacement: String) -> String {
         split(separator: Character(target), omittingEmptySubsequences: false).joined(separator: replacement)
     }
@@ -85,6 +93,7 @@ public enum RAIDMemberState: UInt32, Codable, Sendable, CustomStringConvertible 
 /// 168  rebuild slot (-1 = none)                             176  rebuild checkpoint (member data bytes)
 /// 184  bitmap offset         192   bitmap bytes             196  bitmap chunk shift (member bytes per bit = 1 << shift)
 /// 256  slot table: 64 entries of 32 bytes: member UUID (16), state (4), reserved (12)
+/// 2304 last known member file names: 64 entries of 24 bytes (UTF-8, zero-padded; zeros when unknown)
 /// 4092 CRC32C of bytes 0 ..< 4092
 /// ```
 public struct RAIDSuperblock: Sendable, Equatable {
@@ -98,9 +107,25 @@ public struct RAIDSuperblock: Sendable, Equatable {
     public struct Slot: Sendable, Equatable {
         public var member: SpindleUUID
         public var state: RAIDMemberState
-        public init(member: SpindleUUID, state: RAIDMemberState) {
+        /// The file name (last path component) the member last had, at most ``nameBytes`` bytes;
+        /// empty when unknown. Lets a missing member be named after its file is gone.
+        public var lastKnownName: String
+        public init(member: SpindleUUID, state: RAIDMemberState, lastKnownName: String = "") {
             self.member = member
             self.state = state
+            self.lastKnownName = Self.shortened(lastKnownName)
+        }
+
+        /// Bytes kept of a last known name.
+        public static let nameBytes = 24
+        /// Offset of the name table (64 entries of ``nameBytes``).
+        static let nameTableOffset = 2304
+
+        /// The last path component of `name`, cut to ``nameBytes`` bytes on a character boundary.
+        static func shortened(_ name: String) -> String {
+            var short = Substring(name.split(separator: "/").last ?? "")
+            while short.utf8.count > nameBytes { short = short.dropLast() }
+            return String(short)
         }
     }
 
@@ -133,9 +158,12 @@ public struct RAIDSuperblock: Sendable, Equatable {
         case unsupportedVersion(UInt32)
         case checksumMismatch(stored: UInt32, computed: UInt32)
         case invalid(String)
+        /// A read error: the device answered, but a superblock copy could not be read.
+        case unreadable(String)
 
         public var description: String {
             switch self {
+            case let .unreadable(reason): return reason
             case .notAMember: return "no Spindle array superblock (not an array member)"
             case let .unsupportedVersion(version): return "superblock format version \(version) is not supported (this Spindle reads version \(RAIDSuperblock.formatVersion))"
             case let .checksumMismatch(stored, computed):
@@ -182,6 +210,8 @@ public struct RAIDSuperblock: Sendable, Equatable {
         for (index, slot) in slots.enumerated() {
             put(slot.member, at: 256 + index * 32)
             put(slot.state.rawValue, at: 256 + index * 32 + 16)
+            let name = Array(slot.lastKnownName.utf8.prefix(Slot.nameBytes))
+            bytes.replaceSubrange((Slot.nameTableOffset + index * Slot.nameBytes)..<(Slot.nameTableOffset + index * Slot.nameBytes + name.count), with: name)
         }
         let checksum = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
         put(checksum, at: 4092)
@@ -221,7 +251,9 @@ public struct RAIDSuperblock: Sendable, Equatable {
             guard let state = RAIDMemberState(rawValue: get(UInt32.self, 256 + index * 32 + 16)) else {
                 throw .invalid("slot \(index) has an unknown state")
             }
-            slots.append(Slot(member: uuid(256 + index * 32), state: state))
+            let nameStart = Slot.nameTableOffset + index * Slot.nameBytes
+            let name = Array(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<(nameStart + Slot.nameBytes)]).prefix { $0 != 0 })
+            slots.append(Slot(member: uuid(256 + index * 32), state: state, lastKnownName: String(decoding: name, as: UTF8.self)))
         }
         let nameBytes = Array(UnsafeRawBufferPointer(rebasing: bytes[48..<112]).prefix { $0 != 0 })
         return RAIDSuperblock(
