@@ -60,8 +60,10 @@ public protocol BlockDevice: AnyObject, Sendable {
     func discard(offset: UInt64, length: UInt64) async throws
     /// Makes a range read as zeros.
     func writeZeroes(offset: UInt64, length: UInt64) async throws
-    /// Releases any byte range, aligned or not. The default discards the whole blocks inside it and
-    /// leaves the partial blocks at its edges as they are; it never reads or writes data.
+    /// Releases any byte range, aligned or not, as an advisory request that never needs space (an NBD
+    /// trim): afterwards each byte reads as its old contents or zeros. The default discards the whole
+    /// blocks inside it and leaves the partial blocks at its edges as they are, reading and writing
+    /// no data.
     /// - Throws: ``SpindleError`` for an empty range or one past the end, or what the device's
     ///   ``discard(offset:length:)`` throws.
     func discardBytes(offset: UInt64, length: UInt64) async throws

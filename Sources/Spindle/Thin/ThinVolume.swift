@@ -6,9 +6,9 @@
 /// chunk (only that one) to a new one with the write applied, then remaps. A flush makes every
 /// completed write durable and mapped (the pool's commit). Discard and write-zeroes unmap whole
 /// chunks (their space returns after the next flush, when no other volume shares them) and zero the
-/// mapped parts of partial ones, at any byte alignment (``discardBytes(offset:length:)``,
-/// ``zeroBytes(offset:length:)``). A discard never allocates: a partial chunk shared with a snapshot
-/// keeps its data, so only write-zeroes guarantees zeros there.
+/// mapped parts of partial ones (copying a partial chunk shared with a snapshot). At any byte
+/// alignment, ``zeroBytes(offset:length:)`` does the same, and ``discardBytes(offset:length:)`` (what
+/// an NBD trim calls) never takes a chunk, so it works on a full pool.
 public final class ThinVolume: BlockDevice {
     public let pool: ThinPool
     public let id: UInt64
@@ -16,9 +16,7 @@ public final class ThinVolume: BlockDevice {
     public let capacityBytes: UInt64
     public let isReadOnly: Bool
     public let logicalBlockBytes: Int
-    /// False: a discard leaves the partial chunks it shares with a snapshot as they are (zeroing
-    /// them would take space). Everywhere else a discarded range reads zeros.
-    public var discardReadsZeroes: Bool { false }
+    public var discardReadsZeroes: Bool { true }
     public var name: String { "\(pool.name)/\(volumeName)" }
     private let gate = RequestGate()
     private let chunkBytes: UInt64
@@ -215,21 +213,22 @@ public final class ThinVolume: BlockDevice {
 
     public func discard(offset: UInt64, length: UInt64) async throws {
         try validate(offset: offset, length: length, operation: "discard")
-        try await release(offset: offset, length: length, zeroing: false, operation: "discard")
+        try await release(offset: offset, length: length, copyShared: true, operation: "discard")
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64) async throws {
         try validate(offset: offset, length: length, operation: "write-zeroes")
-        try await release(offset: offset, length: length, zeroing: true, operation: "write-zeroes")
+        try await release(offset: offset, length: length, copyShared: true, operation: "write-zeroes")
     }
 
-    /// Discards any byte range: whole chunks are unmapped (their space returns after the next
-    /// flush unless a snapshot shares them), and the bytes of partial chunks the volume owns alone
-    /// are zeroed in place. Nothing is allocated, so a discard works on a full pool: never-written
-    /// chunks read zeros already, and a partial chunk shared with a snapshot keeps its data.
+    /// Discards any byte range, as an advisory request that never takes space: whole chunks are
+    /// unmapped (their space returns after the next flush unless a snapshot shares them) and the
+    /// bytes of partial chunks the volume owns alone are zeroed in place. Never-written chunks read
+    /// zeros already; a partial chunk shared with a snapshot keeps its data (unlike
+    /// ``discard(offset:length:)``, which copies it to zero it). So it works on a full pool.
     public func discardBytes(offset: UInt64, length: UInt64) async throws {
         try validateByteRange(offset: offset, length: length, operation: "discard")
-        try await release(offset: offset, length: length, zeroing: false, operation: "discard")
+        try await release(offset: offset, length: length, copyShared: false, operation: "discard")
     }
 
     /// Zeroes any byte range: whole chunks are unmapped, the bytes of mapped partial chunks are
@@ -237,12 +236,12 @@ public final class ThinVolume: BlockDevice {
     /// chunks are left alone (they read zeros).
     public func zeroBytes(offset: UInt64, length: UInt64) async throws {
         try validateByteRange(offset: offset, length: length, operation: "write-zeroes")
-        try await release(offset: offset, length: length, zeroing: true, operation: "write-zeroes")
+        try await release(offset: offset, length: length, copyShared: true, operation: "write-zeroes")
     }
 
     /// Unmaps the whole chunks of a range and zeroes the mapped parts of partial ones: all of them
-    /// when `zeroing`, only those the volume owns alone otherwise.
-    private func release(offset: UInt64, length: UInt64, zeroing: Bool, operation: String) async throws {
+    /// when `copyShared`, only those the volume owns alone otherwise.
+    private func release(offset: UInt64, length: UInt64, copyShared: Bool, operation: String) async throws {
         try checkWritable(operation: operation, offset: offset, length: length)
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
@@ -257,7 +256,7 @@ public final class ThinVolume: BlockDevice {
         }
         try await forEachPiece(offset: offset, length: length) { chunk, within, _, pieceLength in
             guard within != 0 || UInt64(pieceLength) != chunkBytes else { return }
-            try await zeroPiece(chunk: chunk, within: within, length: UInt64(pieceLength), copyShared: zeroing)
+            try await zeroPiece(chunk: chunk, within: within, length: UInt64(pieceLength), copyShared: copyShared)
         }
     }
 
