@@ -144,7 +144,7 @@ final class SlowFirstBlockDevice: BlockDevice {
 }
 
 /// A server on a Unix socket in a temporary folder, with a log to inspect.
-private final class TestServer {
+final class TestServer {
     let folder = TemporaryFolder("nbd")
     let engine: IOEngine
     let server: NBDServer

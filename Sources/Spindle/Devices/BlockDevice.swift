@@ -34,6 +34,10 @@
 /// ``discard(offset:length:)`` tells the device a range is no longer needed: afterwards it reads
 /// either as its old contents or as zeros (devices that always return zeros say so in
 /// ``discardReadsZeroes``). ``writeZeroes(offset:length:)`` guarantees zeros and may free space.
+/// Both take whole blocks; ``discardBytes(offset:length:)`` and ``zeroBytes(offset:length:)`` take any
+/// byte range (what an NBD client may send): the whole blocks inside go to the aligned calls, and only
+/// write-zeroes rewrites the partial blocks at the edges (a discard is advisory and leaves them).
+/// Layers that know more (a thin volume knows which chunks hold data) implement them themselves.
 public protocol BlockDevice: AnyObject, Sendable {
     /// Size of the smallest unit that can be read or written, in bytes (a power of two, at least 512).
     var logicalBlockBytes: Int { get }
@@ -56,6 +60,20 @@ public protocol BlockDevice: AnyObject, Sendable {
     func discard(offset: UInt64, length: UInt64) async throws
     /// Makes a range read as zeros.
     func writeZeroes(offset: UInt64, length: UInt64) async throws
+    /// Releases any byte range, aligned or not, as an advisory request that never needs space (an NBD
+    /// trim): afterwards each byte reads as its old contents or zeros. The default discards the whole
+    /// blocks inside it and leaves the partial blocks at its edges as they are, reading and writing
+    /// no data.
+    /// - Throws: ``SpindleError`` for an empty range or one past the end, or what the device's
+    ///   ``discard(offset:length:)`` throws.
+    func discardBytes(offset: UInt64, length: UInt64) async throws
+    /// Makes any byte range, aligned or not, read as zeros. The default passes the whole blocks inside
+    /// it to ``writeZeroes(offset:length:)`` and rewrites each partial block at its edges (read, zero
+    /// the bytes in the range, write). Callers order concurrent requests that share an edge block,
+    /// as for any overlapping writes (``NBDServer`` does).
+    /// - Throws: ``SpindleError`` for an empty range or one past the end, or what the device's reads
+    ///   and writes throw.
+    func zeroBytes(offset: UInt64, length: UInt64) async throws
     /// Waits for the device's requests in flight, then releases it. Later requests fail with
     /// ``SpindleError/Code/closed``. Closing twice is harmless.
     func close() async throws
@@ -105,6 +123,22 @@ extension BlockDevice {
             throw SpindleError(
                 .misaligned,
                 "offset and length must be multiples of the logical block size, \(block) bytes",
+                operation: operation, path: name, offset: offset, length: length)
+        }
+        if offset > capacityBytes || length > capacityBytes - offset {
+            throw SpindleError(
+                .outOfRange, "the request ends past the end of the device (capacity \(capacityBytes) bytes)",
+                operation: operation, path: name, offset: offset, length: length)
+        }
+    }
+
+    /// Checks a byte range of any alignment (``discardBytes(offset:length:)``,
+    /// ``zeroBytes(offset:length:)``) against this device's capacity.
+    /// - Throws: ``SpindleError`` naming the device, the operation, the offset and the length.
+    public func validateByteRange(offset: UInt64, length: UInt64, operation: String) throws(SpindleError) {
+        if length == 0 {
+            throw SpindleError(
+                .invalidArgument, "the request is empty; give a length of at least one byte",
                 operation: operation, path: name, offset: offset, length: length)
         }
         if offset > capacityBytes || length > capacityBytes - offset {

@@ -303,7 +303,7 @@ final class NBDConnection: @unchecked Sendable {
         let block = UInt64(device.logicalBlockBytes)
         let aligned = request.offset % block == 0 && UInt64(request.length) % block == 0
         do {
-            if !aligned && command != .flush {
+            if !aligned && (command == .read || command == .write) {
                 try await serveUnaligned(command, request, payload: payload, fua: fua, device: device, block: block)
                 return
             }
@@ -316,11 +316,24 @@ final class NBDConnection: @unchecked Sendable {
                 return
             case .write:
                 try await device.write(from: payload!, range: 0..<Int(request.length), at: request.offset, fua: fua)
-            case .trim:
-                try await device.discard(offset: request.offset, length: UInt64(request.length))
-                if fua { try await device.flush() }
-            case .writeZeroes:
-                try await device.writeZeroes(offset: request.offset, length: UInt64(request.length))
+            case .trim, .writeZeroes:
+                // Any alignment: the device releases whole blocks and decides what partial ones need
+                // (a thin volume zeroes only chunks that hold data, and never allocates for a trim).
+                // Partial blocks may be read and rewritten: under the lock unaligned writes take.
+                let offset = request.offset
+                let length = UInt64(request.length)
+                let release = { () async throws -> Void in
+                    if command == .trim {
+                        try await device.discardBytes(offset: offset, length: length)
+                    } else {
+                        try await device.zeroBytes(offset: offset, length: length)
+                    }
+                }
+                if aligned {
+                    try await release()
+                } else {
+                    try await server.unalignedLock(for: device).withLock { try await release() }
+                }
                 if fua { try await device.flush() }
             case .flush:
                 try await device.flush()
@@ -344,10 +357,10 @@ final class NBDConnection: @unchecked Sendable {
         }
     }
 
-    /// A request that does not fall on the device's blocks (FUSE and some clients send them): a read
-    /// goes through a bounce buffer; a write, trim or write-zeroes becomes a read-modify-write of the
-    /// covering blocks, one at a time per export, so two such requests sharing a block cannot lose
-    /// each other's bytes.
+    /// A read or write that does not fall on the device's blocks (FUSE and some clients send them): a
+    /// read goes through a bounce buffer; a write becomes a read-modify-write of the covering blocks,
+    /// one at a time per export (with unaligned trims and write-zeroes), so two such requests sharing
+    /// a block cannot lose each other's bytes.
     private func serveUnaligned(
         _ command: NBDProtocol.Command, _ request: NBDProtocol.Request, payload: AlignedBuffer?, fua: Bool,
         device: any BlockDevice, block: UInt64

@@ -39,8 +39,9 @@ public final class NBDServer: @unchecked Sendable {
             return flags
         }
 
-        /// Any alignment is served (unaligned requests by read-modify-write); the device's block is
-        /// what clients should prefer.
+        /// Any alignment is served (unaligned writes by read-modify-write of their edge blocks,
+        /// trims and write-zeroes by the device's byte-range calls); the device's block is what
+        /// clients should prefer.
         var minimumBlockBytes: UInt32 { 1 }
         var preferredBlockBytes: UInt32 { UInt32(max(4096, device.logicalBlockBytes)) }
     }

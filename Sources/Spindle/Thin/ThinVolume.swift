@@ -6,7 +6,9 @@
 /// chunk (only that one) to a new one with the write applied, then remaps. A flush makes every
 /// completed write durable and mapped (the pool's commit). Discard and write-zeroes unmap whole
 /// chunks (their space returns after the next flush, when no other volume shares them) and zero the
-/// partial ones.
+/// mapped parts of partial ones (copying a partial chunk shared with a snapshot). At any byte
+/// alignment, ``zeroBytes(offset:length:)`` does the same, and ``discardBytes(offset:length:)`` (what
+/// an NBD trim calls) never takes a chunk, so it works on a full pool.
 public final class ThinVolume: BlockDevice {
     public let pool: ThinPool
     public let id: UInt64
@@ -84,22 +86,29 @@ public final class ThinVolume: BlockDevice {
     /// Writes within one chunk: in place when the volume owns the chunk alone, else into a new chunk
     /// (zeros or a copy of the shared one around the data) that is then mapped. Retries when a
     /// concurrent write changed the mapping first.
+    /// How one chunk of the volume is mapped, and an in-flight epoch (entered under the pool's lock)
+    /// that keeps a mapped chunk from being reused until the caller leaves it.
+    private func chunkState(_ chunk: UInt64) async throws -> (ChunkState, epoch: Int) {
+        try await pool.lock.withLock { () async throws -> (ChunkState, Int) in
+            guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
+            guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: pool.area) else {
+                return (.unmapped, pool.inFlight.enter())
+            }
+            let location = pool.location(of: found.value)
+            // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
+            let alone = try await pool.sharedChunks == 0 ? true : pool.referenceCount(of: found.value) == 1
+            // Entered last, so that a lookup that throws leaves no epoch behind.
+            let epoch = pool.inFlight.enter()
+            if !found.shared && alone && !pool.unsharedSinceCommit.contains(found.value) {
+                return (.exclusive(device: location.device, offset: location.offset), epoch)
+            }
+            return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
+        }
+    }
+
     private func writePiece(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws {
         while true {
-            let (state, epoch) = try await pool.lock.withLock { () async throws -> (ChunkState, Int) in
-                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-                let epoch = pool.inFlight.enter()
-                guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: pool.area) else {
-                    return (.unmapped, epoch)
-                }
-                let location = pool.location(of: found.value)
-                // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
-                let alone = try await pool.sharedChunks == 0 ? true : pool.referenceCount(of: found.value) == 1
-                if !found.shared && alone && !pool.unsharedSinceCommit.contains(found.value) {
-                    return (.exclusive(device: location.device, offset: location.offset), epoch)
-                }
-                return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
-            }
+            let (state, epoch) = try await chunkState(chunk)
             if case .unmapped = state {
                 pool.inFlight.leave(epoch)
                 if try await writeFresh(chunk: chunk, within: within, source: source) { return }
@@ -203,16 +212,36 @@ public final class ThinVolume: BlockDevice {
     }
 
     public func discard(offset: UInt64, length: UInt64) async throws {
-        try await release(offset: offset, length: length, operation: "discard")
+        try validate(offset: offset, length: length, operation: "discard")
+        try await release(offset: offset, length: length, copyShared: true, operation: "discard")
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64) async throws {
-        try await release(offset: offset, length: length, operation: "write-zeroes")
+        try validate(offset: offset, length: length, operation: "write-zeroes")
+        try await release(offset: offset, length: length, copyShared: true, operation: "write-zeroes")
     }
 
-    /// Unmaps the whole chunks of a range and zeroes the mapped parts of partial ones.
-    private func release(offset: UInt64, length: UInt64, operation: String) async throws {
-        try validate(offset: offset, length: length, operation: operation)
+    /// Discards any byte range, as an advisory request that never takes space: whole chunks are
+    /// unmapped (their space returns after the next flush unless a snapshot shares them) and the
+    /// bytes of partial chunks the volume owns alone are zeroed in place. Never-written chunks read
+    /// zeros already; a partial chunk shared with a snapshot keeps its data (unlike
+    /// ``discard(offset:length:)``, which copies it to zero it). So it works on a full pool.
+    public func discardBytes(offset: UInt64, length: UInt64) async throws {
+        try validateByteRange(offset: offset, length: length, operation: "discard")
+        try await release(offset: offset, length: length, copyShared: false, operation: "discard")
+    }
+
+    /// Zeroes any byte range: whole chunks are unmapped, the bytes of mapped partial chunks are
+    /// zeroed (a chunk shared with a snapshot is copied first, which takes a chunk), and never-written
+    /// chunks are left alone (they read zeros).
+    public func zeroBytes(offset: UInt64, length: UInt64) async throws {
+        try validateByteRange(offset: offset, length: length, operation: "write-zeroes")
+        try await release(offset: offset, length: length, copyShared: true, operation: "write-zeroes")
+    }
+
+    /// Unmaps the whole chunks of a range and zeroes the mapped parts of partial ones: all of them
+    /// when `copyShared`, only those the volume owns alone otherwise.
+    private func release(offset: UInt64, length: UInt64, copyShared: Bool, operation: String) async throws {
         try checkWritable(operation: operation, offset: offset, length: length)
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
@@ -225,18 +254,41 @@ public final class ThinVolume: BlockDevice {
                 pool.records[id] = record
             }
         }
-        var zeros: AlignedBuffer?
         try await forEachPiece(offset: offset, length: length) { chunk, within, _, pieceLength in
             guard within != 0 || UInt64(pieceLength) != chunkBytes else { return }
-            let mapped = try await pool.lock.withLock { () async throws -> Bool in
-                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-                return try await MetadataBTree.lookup(chunk, root: record.root, in: pool.area) != nil
-            }
-            guard mapped else { return }  // reads zeros already
-            if zeros == nil { zeros = AlignedBuffer(count: Int(chunkBytes)) }
-            try await writePiece(chunk: chunk, within: within, source: UnsafeRawBufferPointer(rebasing: zeros!.bytes[0..<pieceLength]))
+            try await zeroPiece(chunk: chunk, within: within, length: UInt64(pieceLength), copyShared: copyShared)
         }
-        withExtendedLifetime(zeros) {}
+    }
+
+    /// Zeroes `length` bytes at `within` in one mapped chunk, at any alignment: in place when the
+    /// volume owns the chunk alone; when it is shared (or was until the open transaction) and
+    /// `copyShared`, by copying it with the zeros applied, else not at all. An unmapped chunk reads
+    /// zeros already.
+    private func zeroPiece(chunk: UInt64, within: UInt64, length: UInt64, copyShared: Bool) async throws {
+        let (state, epoch) = try await chunkState(chunk)
+        let covering: AlignedBuffer
+        let coverStart: UInt64
+        do {
+            defer { pool.inFlight.leave(epoch) }
+            switch state {
+            case .unmapped:
+                return
+            case let .exclusive(device, offset):
+                try await device.zeroBytes(offset: offset + within, length: length)
+                return
+            case let .shared(_, device, offset):
+                guard copyShared else { return }
+                // The volume's blocks around the bytes: read, cleared, written through copy-on-write.
+                let block = UInt64(logicalBlockBytes)
+                coverStart = within / block * block
+                let coverEnd = (within + length + block - 1) / block * block
+                covering = AlignedBuffer(count: Int(coverEnd - coverStart), zeroed: false)
+                try await device.read(into: covering, at: offset + coverStart)
+            }
+        }
+        covering.slice(offset: Int(within - coverStart), length: Int(length)).initializeMemory(as: UInt8.self, repeating: 0)
+        try await writePiece(chunk: chunk, within: coverStart, source: UnsafeRawBufferPointer(covering.bytes))
+        withExtendedLifetime(covering) {}
     }
 
     /// The virtual chunks in `range` that hold data (are mapped), in order: what a sparse-aware copy
