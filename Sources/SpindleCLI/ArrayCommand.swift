@@ -163,6 +163,7 @@ struct ArrayCommand: AsyncParsableCommand {
             let engine = try IOEngine()
             defer { engine.shutdown() }
             var devices: [FileDevice] = []
+            let created = CreatedImages()
             do {
                 for path in images {
                     if FileManager.default.fileExists(atPath: path) {
@@ -171,7 +172,7 @@ struct ArrayCommand: AsyncParsableCommand {
                         guard let size else {
                             throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: path)
                         }
-                        devices.append(try FileDevice.create(path: path, sizeBytes: size, engine: engine))
+                        devices.append(try created.create(path: path, sizeBytes: size, engine: engine))
                     }
                 }
                 let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices, overwrite: force)
@@ -184,6 +185,7 @@ struct ArrayCommand: AsyncParsableCommand {
                 }
             } catch {
                 for device in devices { try? await device.close() }
+                created.removeIfRefused(by: error)
                 throw error
             }
         }
@@ -292,9 +294,16 @@ struct ArrayCommand: AsyncParsableCommand {
         var force = false
 
         func run() async throws {
-            let status = try await ArrayCommand.withArray(selection) { array, engine in
-                try await array.add(try openOrCreate(device, for: array, engine: engine), overwrite: force)
-                return array.status
+            let created = CreatedImages()
+            let status: RAIDArray.Status
+            do {
+                status = try await ArrayCommand.withArray(selection) { array, engine in
+                    try await array.add(try openOrCreate(device, for: array, engine: engine, created: created), overwrite: force)
+                    return array.status
+                }
+            } catch {
+                created.removeIfRefused(by: error)
+                throw error
             }
             let role = status.spares.contains(device) ? "a spare" : "the member to rebuild"
             print("added \(device) to array \(status.name) as \(role); array is \(status.state)")
@@ -323,9 +332,15 @@ struct ArrayCommand: AsyncParsableCommand {
         var force = false
 
         func run() async throws {
+            let created = CreatedImages()
             let status = try await ArrayCommand.withArray(selection) { array, engine in
-                let device = try openOrCreate(new, for: array, engine: engine)
-                try await array.replace(memberNamed: resolveMember(old, in: array), with: device, overwrite: force)
+                let device = try openOrCreate(new, for: array, engine: engine, created: created)
+                do {
+                    try await array.replace(memberNamed: resolveMember(old, in: array), with: device, overwrite: force)
+                } catch {
+                    created.removeIfRefused(by: error)
+                    throw error
+                }
                 print("replaced \(old) with \(new) in array \(array.arrayName)")
                 if !noRebuild {
                     let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding \(new)"))
