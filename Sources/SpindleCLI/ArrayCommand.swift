@@ -480,7 +480,13 @@ struct ArrayCommand: AsyncParsableCommand {
             } else {
                 for line in Self.describe(report, arrayName: name, repair: repair) { print(line) }
             }
-            if report.mismatches > 0 || !report.unreadable.isEmpty { throw ExitCode(1) }
+            if Self.foundProblems(report) { throw ExitCode(1) }
+        }
+
+        /// Whether the scrub found something wrong (the exit status is then 1): stripes that
+        /// disagreed, or chunks no member could provide. Read errors repaired from redundancy are not.
+        static func foundProblems(_ report: RAIDArray.ScrubReport) -> Bool {
+            report.mismatches > 0 || !report.unreadable.isEmpty
         }
 
         /// The report for people, one line each; long lists are cut at 20 entries.
