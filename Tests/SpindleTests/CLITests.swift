@@ -191,6 +191,12 @@ extension CLITests {
         let replace = try spindle(["array", "replace", "--old", folder.file("stranger.img"), "--new", folder.file("new.img")] + members)
         #expect(replace.status != 0 && replace.errors.contains("is not a member"), "\(replace.errors)")
         #expect(!FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused replace left new.img behind")
+
+        // bench creates a missing image for its load; a refused load leaves none.
+        let tooLarge = try spindle(["bench", folder.file("b.img"), "--size", "1M", "--bs", "2M"])
+        #expect(tooLarge.status == 2 && tooLarge.errors.contains("smaller than one 2097152-byte block"), "\(tooLarge.errors)")
+        let badFault = try spindle(["bench", folder.file("b.img"), "--size", "1M", "--fault", "bogus"])
+        #expect(badFault.status == 2 && badFault.errors.contains("bad fault spec 'bogus'"), "\(badFault.errors)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["m0.img", "m1.img", "rand.img"])
     }
 
