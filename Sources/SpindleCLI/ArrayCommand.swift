@@ -109,18 +109,13 @@ struct ArrayCommand: AsyncParsableCommand {
         return result
     }
 
-    static func progressPrinter(_ label: String) -> (@Sendable (RAIDArray.Progress) -> Void) {
-        let interactive = Terminal.showsProgress
-        let lastQuarter = LockedValue(-1)
+    /// Draws a progress line when standard error is a terminal; else nil (scripts and logs get none).
+    static func progressPrinter(_ label: String) -> (@Sendable (RAIDArray.Progress) -> Void)? {
+        guard Terminal.showsProgress else { return nil }
         return { progress in
             let percent = progress.totalBytes == 0 ? 100 : Int(progress.doneBytes * 100 / progress.totalBytes)
             let eta = progress.secondsLeft.map { ", \(formatDecimal($0, places: 0)) s left" } ?? ""
-            let line = "\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(progress.bytesPerSecond)))/s\(eta)"
-            if interactive {
-                Terminal.progress(line)
-            } else if lastQuarter.exchange(percent / 25) != percent / 25 {
-                FileHandle.standardError.write(Data("\(line)\n".utf8))
-            }
+            Terminal.progress("\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(progress.bytesPerSecond)))/s\(eta)")
         }
     }
 
@@ -163,6 +158,7 @@ struct ArrayCommand: AsyncParsableCommand {
             let engine = try IOEngine()
             defer { engine.shutdown() }
             var devices: [FileDevice] = []
+            let created = CreatedImages()
             do {
                 for path in images {
                     if FileManager.default.fileExists(atPath: path) {
@@ -171,7 +167,7 @@ struct ArrayCommand: AsyncParsableCommand {
                         guard let size else {
                             throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: path)
                         }
-                        devices.append(try FileDevice.create(path: path, sizeBytes: size, engine: engine))
+                        devices.append(try created.create(path: path, sizeBytes: size, engine: engine))
                     }
                 }
                 let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices, overwrite: force)
@@ -184,6 +180,7 @@ struct ArrayCommand: AsyncParsableCommand {
                 }
             } catch {
                 for device in devices { try? await device.close() }
+                created.removeIfRefused(by: error)
                 throw error
             }
         }
@@ -204,10 +201,19 @@ struct ArrayCommand: AsyncParsableCommand {
             for path in paths {
                 devices.append(try FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)))
             }
-            let inspection = await RAIDArray.inspect(devices)
+            var inspection = await RAIDArray.inspect(devices)
+            // Of several images holding one member, inspect takes the last as its holder: list the
+            // older copies first so that the newest holds it (and the others show as stale copies).
+            let order = devices.indices.sorted { (inspection.devices[$0].events ?? 0, $0) < (inspection.devices[$1].events ?? 0, $1) }
+            if order != Array(devices.indices) {
+                let listed = inspection.devices
+                inspection = await RAIDArray.inspect(order.map { devices[$0] })
+                inspection.devices = listed
+            }
             for device in devices { try? await device.close() }
+            let notes = Self.unusedImageNotes(inspection)
             if json {
-                try Terminal.printJSON(inspection)
+                try Terminal.printJSON(Report(inspection: inspection, notes: notes))
                 return
             }
             for device in inspection.devices where device.problem != nil {
@@ -227,6 +233,43 @@ struct ArrayCommand: AsyncParsableCommand {
             if let slot = inspection.rebuildSlot, let done = inspection.rebuildDoneBytes, let total = inspection.memberDataBytes {
                 print("  rebuild of slot \(slot): \(ByteSize.format(done)) of \(ByteSize.format(total)) (\(done * 100 / max(total, 1))%), as of the last checkpoint")
             }
+            for note in notes { print("  note: \(note)") }
+        }
+
+        /// What `array status --json` prints: the inspection, and `notes` on images it does not use.
+        struct Report: Encodable {
+            var inspection: RAIDArray.Inspection
+            var notes: [String]
+            enum Key: String, CodingKey { case notes }
+            func encode(to encoder: any Encoder) throws {
+                try inspection.encode(to: encoder)
+                var container = encoder.container(keyedBy: Key.self)
+                try container.encode(notes, forKey: .notes)
+            }
+        }
+
+        /// The images of this array that it does not use, and why: stale copies of a member, members
+        /// left behind when they were replaced, members that missed changes.
+        static func unusedImageNotes(_ inspection: RAIDArray.Inspection) -> [String] {
+            guard let uuid = inspection.uuid, let arrayEvents = inspection.events else { return [] }
+            var notes: [String] = []
+            for device in inspection.devices where device.arrayUUID == uuid {
+                guard let role = device.role, role >= 0, let memberUUID = device.memberUUID, let events = device.events else { continue }
+                let age = "events \(events), the array is at \(arrayEvents)"
+                guard let slot = inspection.slots.first(where: { $0.memberUUID == memberUUID }) else {
+                    notes.append("\(device.path) was the member in slot \(role) but has been replaced (\(age)); it is not used")
+                    continue
+                }
+                if let holder = slot.device, holder != device.path {
+                    let holderEvents = inspection.devices.first { $0.path == holder }?.events ?? arrayEvents
+                    notes.append("\(device.path) is \(events < holderEvents ? "a stale copy" : "a copy") of the member in slot \(slot.slot), which \(holder) holds (\(age)); a copy cannot stand in for a member, so it is not used")
+                } else if slot.state == .missing && events + 1 < arrayEvents {
+                    notes.append("\(device.path) is stale (\(age)): it missed changes to slot \(slot.slot), so it is not used; add it back to rebuild it")
+                } else if slot.state == .missing && events < arrayEvents {
+                    notes.append("\(device.path) is one superblock update behind (a crash cut the update short); assembly brings it up to date")
+                }
+            }
+            return notes
         }
     }
 
@@ -292,9 +335,16 @@ struct ArrayCommand: AsyncParsableCommand {
         var force = false
 
         func run() async throws {
-            let status = try await ArrayCommand.withArray(selection) { array, engine in
-                try await array.add(try openOrCreate(device, for: array, engine: engine), overwrite: force)
-                return array.status
+            let created = CreatedImages()
+            let status: RAIDArray.Status
+            do {
+                status = try await ArrayCommand.withArray(selection) { array, engine in
+                    try await array.add(try openOrCreate(device, for: array, engine: engine, created: created), overwrite: force)
+                    return array.status
+                }
+            } catch {
+                created.removeIfRefused(by: error)
+                throw error
             }
             let role = status.spares.contains(device) ? "a spare" : "the member to rebuild"
             print("added \(device) to array \(status.name) as \(role); array is \(status.state)")
@@ -323,9 +373,15 @@ struct ArrayCommand: AsyncParsableCommand {
         var force = false
 
         func run() async throws {
+            let created = CreatedImages()
             let status = try await ArrayCommand.withArray(selection) { array, engine in
-                let device = try openOrCreate(new, for: array, engine: engine)
-                try await array.replace(memberNamed: resolveMember(old, in: array), with: device, overwrite: force)
+                let device = try openOrCreate(new, for: array, engine: engine, created: created)
+                do {
+                    try await array.replace(memberNamed: resolveMember(old, in: array), with: device, overwrite: force)
+                } catch {
+                    created.removeIfRefused(by: error)
+                    throw error
+                }
                 print("replaced \(old) with \(new) in array \(array.arrayName)")
                 if !noRebuild {
                     let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding \(new)"))
@@ -399,7 +455,12 @@ struct ArrayCommand: AsyncParsableCommand {
 
     struct Scrub: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Check that mirrors agree or parity matches the data; with --repair, fix what differs.")
+            abstract: "Check that mirrors agree or parity matches the data; with --repair, fix what differs.",
+            discussion: """
+                A chunk a member cannot read is rebuilt from redundancy and rewritten, and counted. Exits with \
+                status 1 when it finds mismatched stripes or chunks that no member can provide (also with \
+                --repair, after repairing them: scrub again to confirm), and 0 when everything agrees.
+                """)
 
         @OptionGroup var selection: Selection
 
@@ -416,20 +477,37 @@ struct ArrayCommand: AsyncParsableCommand {
             }
             if json {
                 try Terminal.printJSON(report)
-                return
+            } else {
+                for line in Self.describe(report, arrayName: name, repair: repair) { print(line) }
             }
-            print("scrubbed array \(name): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : "")")
-            for offset in report.mismatchOffsets.prefix(20) { print("  mismatch in the stripe at array offset \(offset)") }
-            if report.mismatches > 20 { print("  ... and \(report.mismatches - 20) more") }
+            if Self.foundProblems(report) { throw ExitCode(1) }
+        }
+
+        /// Whether the scrub found something wrong (the exit status is then 1): stripes that
+        /// disagreed, or chunks no member could provide. Read errors repaired from redundancy are not.
+        static func foundProblems(_ report: RAIDArray.ScrubReport) -> Bool {
+            report.mismatches > 0 || !report.unreadable.isEmpty
+        }
+
+        /// The report for people, one line each; long lists are cut at 20 entries.
+        static func describe(_ report: RAIDArray.ScrubReport, arrayName: String, repair: Bool) -> [String] {
+            var lines = ["scrubbed array \(arrayName): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : ""), \(report.readErrorsRepaired) read errors repaired, \(report.unreadable.count) unreadable chunks"]
+            for offset in report.mismatchOffsets.prefix(20) { lines.append("  mismatch in the stripe at array offset \(offset)") }
+            if report.mismatches > 20 { lines.append("  ... and \(report.mismatches - 20) more") }
+            for chunk in report.unreadable.prefix(20) {
+                lines.append("  unreadable: slot \(chunk.slot) (\(chunk.member)) at offset \(chunk.memberOffset) of its data area, with no redundancy left to rebuild it")
+            }
+            if report.unreadable.count > 20 { lines.append("  ... and \(report.unreadable.count - 20) more unreadable chunks") }
+            return lines
         }
     }
 }
 
-/// Opens an image to add to an array, creating it at the size the array's members need.
-func openOrCreate(_ path: String, for array: RAIDArray, engine: IOEngine) throws -> FileDevice {
+/// Opens an image to add to an array, creating it (in `created`) at the size the array's members need.
+func openOrCreate(_ path: String, for array: RAIDArray, engine: IOEngine, created: CreatedImages) throws -> FileDevice {
     if FileManager.default.fileExists(atPath: path) { return try FileDevice.open(path: path, engine: engine) }
     let needed = RAIDArray.dataOffset + array.geometry.memberDataBytes
-    return try FileDevice.create(path: path, sizeBytes: (needed + 4095) / 4096 * 4096, engine: engine)
+    return try created.create(path: path, sizeBytes: (needed + 4095) / 4096 * 4096, engine: engine)
 }
 
 /// The name under which an array knows the member image at `path` (however the path is written).

@@ -121,6 +121,8 @@ struct BenchCommand: AsyncParsableCommand {
         // A load that only reads opens the image read-only, as fio does: no write lock is taken.
         let readOnly = (verifyExisting || (!rw.writesData && !fill && !verify)) && FileManager.default.fileExists(atPath: target)
         let fileOptions = FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled)
+        // Parsed before the image is created, so that a bad spec leaves nothing behind.
+        let faultSpecs = try fault.map { text throws(SpindleError) in try FaultSpec.parse(text) }
         var created = false
         let device: FileDevice
         if !FileManager.default.fileExists(atPath: target) {
@@ -134,9 +136,9 @@ struct BenchCommand: AsyncParsableCommand {
         }
         if direct, let note = device.directIONote { Terminal.warning("\(target): \(note)") }
         var loaded: any BlockDevice = device
-        if !fault.isEmpty {
+        if !faultSpecs.isEmpty {
             let faulty = FaultyDevice(wrapping: device, seed: seed, name: target)
-            for text in fault { try FaultSpec.parse(text).apply(to: faulty) }
+            for spec in faultSpecs { spec.apply(to: faulty) }
             loaded = faulty
         }
 
@@ -160,6 +162,8 @@ struct BenchCommand: AsyncParsableCommand {
         } catch {
             if showProgress { Terminal.endProgress() }
             try? await device.close()
+            // A refused load (its options do not fit the image) leaves no image it created.
+            if created && isRefusal(error) { unlink(target) }
             throw error
         }
         if showProgress { Terminal.endProgress() }

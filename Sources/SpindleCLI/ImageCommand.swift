@@ -12,34 +12,30 @@ struct ImageCommand: AsyncParsableCommand {
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create a sparse image file.",
-            discussion: "The file takes no space until written. It must not exist yet.")
+            discussion: """
+                The file takes no space until written. It must not exist yet. An image file records no block \
+                size: it is read and written in the file system's direct-I/O block (at least 512 bytes), which \
+                'image info' shows.
+                """)
 
         @Argument(help: "Path of the image to create.")
         var path: String
 
-        @Option(help: "Size of the image, such as 10G.", transform: parseSize)
+        @Option(help: "Size of the image, a multiple of 512 bytes, such as 10G.", transform: parseSize)
         var size: UInt64
-
-        @Option(name: .customLong("block-size"), help: "Logical block size in bytes, a power of two from 512 to 65536.",
-                transform: parseSize)
-        var blockSize: UInt64 = 512
 
         @Flag(help: "Print the result as JSON.")
         var json = false
 
         func validate() throws {
-            guard blockSize >= 512, blockSize <= 65536, blockSize & (blockSize - 1) == 0 else {
-                throw ValidationError("--block-size must be a power of two from 512 to 65536, such as 512 or 4K")
-            }
-            guard size > 0, size % blockSize == 0 else {
-                throw ValidationError("--size must be a positive multiple of the block size (\(blockSize) bytes), such as 1G")
+            guard size > 0, size % 512 == 0 else {
+                throw ValidationError("--size must be a positive multiple of 512 bytes, such as 1G")
             }
         }
 
         func run() async throws {
-            let device = try FileDevice.create(
-                path: path, sizeBytes: size, options: FileDevice.Options(logicalBlockBytes: Int(blockSize)))
-            let info = ImageInfo(device: device)
+            let device = try FileDevice.create(path: path, sizeBytes: size)
+            let info = await ImageInfo(device: device)
             try await device.close()
             if json {
                 try Terminal.printJSON(info)
@@ -51,7 +47,12 @@ struct ImageCommand: AsyncParsableCommand {
 
     struct Info: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show an image's size, space used, block size, direct I/O support and lock holder.")
+            abstract: "Show an image's size, space used, block size, direct I/O support, lock holder and what it holds.",
+            discussion: """
+                What it holds: a member or spare of an array (its name and slot), a device of a thin pool, a \
+                damaged Spindle header, a format Spindle knows of (file systems, partition tables, disk images, \
+                LVM, swap, LUKS), other data, or nothing (zeros). Reads only.
+                """)
 
         @Argument(help: "Path of the image.")
         var path: String
@@ -61,7 +62,7 @@ struct ImageCommand: AsyncParsableCommand {
 
         func run() async throws {
             let device = try FileDevice.open(path: path, options: FileDevice.Options(readOnly: true))
-            var info = ImageInfo(device: device)
+            var info = await ImageInfo(device: device)
             info.lockHolder = FileDevice.writeLockHolder(path: path)
             try await device.close()
             if json {
@@ -89,11 +90,24 @@ struct ImageInfo: Codable {
     var directIO: Bool
     var directIONote: String?
     var lockHolder: String?
+    /// What the image holds, in words.
     var contents: String
+    /// arrayMember, arraySpare, poolDevice, damagedArraySuperblock, damagedPoolLabel, format, data, empty
+    /// or unreadable (a read failed).
+    var contentsKind: String
+    var arrayName: String?
+    var arrayUUID: String?
+    /// The slot an array member fills (none for a spare).
+    var arraySlot: Int?
+    var poolName: String?
+    var poolUUID: String?
+    var poolDeviceIndex: Int?
+    /// A format other than Spindle's, such as "an ext2/ext3/ext4 file system".
+    var format: String?
 
     var allocatedPercent: Int { sizeBytes == 0 ? 0 : Int(allocatedBytes * 100 / sizeBytes) }
 
-    init(device: FileDevice) {
+    init(device: FileDevice) async {
         path = device.path
         sizeBytes = device.fileBytes
         capacityBytes = device.capacityBytes
@@ -102,6 +116,46 @@ struct ImageInfo: Codable {
         directIO = device.usesDirectIO
         directIONote = device.directIONote
         lockHolder = nil
-        contents = "raw data (no Spindle metadata)"
+        do {
+            switch try await DeviceSignature.find(device) {
+            case let .arrayMember(superblock)?:
+                arrayName = superblock.name
+                arrayUUID = superblock.arrayUUID.description
+                let array = "array '\(superblock.name)' (raid\(superblock.level.rawValue), \(superblock.memberCount) members, \(superblock.arrayUUID))"
+                if superblock.role >= 0 {
+                    contentsKind = "arrayMember"
+                    arraySlot = superblock.role
+                    contents = "member of \(array) in slot \(superblock.role)"
+                } else {
+                    contentsKind = "arraySpare"
+                    contents = "spare of \(array)"
+                }
+            case let .poolDevice(label)?:
+                contentsKind = "poolDevice"
+                poolName = label.poolName
+                poolUUID = label.poolUUID.description
+                poolDeviceIndex = label.deviceIndex
+                contents = "device \(label.deviceIndex) of thin pool '\(label.poolName)' (\(label.poolUUID))"
+            case let .damagedArraySuperblock(problem)?:
+                contentsKind = "damagedArraySuperblock"
+                contents = "a damaged Spindle array superblock: \(problem)"
+            case let .damagedPoolLabel(problem)?:
+                contentsKind = "damagedPoolLabel"
+                contents = "a damaged Spindle pool label: \(problem)"
+            case let .format(meaning)?:
+                contentsKind = "format"
+                format = meaning
+                contents = "\(meaning) (not a Spindle format)"
+            case let .data(offset)?:
+                contentsKind = "data"
+                contents = "raw data (no Spindle metadata or known format; the first non-zero byte is at offset \(offset))"
+            case nil:
+                contentsKind = "empty"
+                contents = "nothing: zeros (no Spindle metadata, no known format, no data)"
+            }
+        } catch {
+            contentsKind = "unreadable"
+            contents = "unknown: \(error)"
+        }
     }
 }

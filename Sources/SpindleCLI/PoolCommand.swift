@@ -50,9 +50,10 @@ struct PoolCommand: AsyncParsableCommand {
                 throw SpindleError(.alreadyExists, "a pool named '\(name)' exists in the folder already", operation: "create pool", path: folder.path)
             }
             var opened: [(device: any BlockDevice, files: [FileDevice], arrays: [RAIDArray])] = []
+            let created = CreatedImages()
             do {
                 for spec in devices {
-                    opened.append(try await PoolStore.openDevice(spec: spec, folder: folder.path, engine: engine, size: size))
+                    opened.append(try await PoolStore.openDevice(spec: spec, folder: folder.path, engine: engine, size: size, created: created))
                 }
                 let pool = try await ThinPool.create(name: name, devices: opened.map(\.device), chunkBytes: chunk, overwrite: force)
                 let usage = await pool.usage
@@ -68,6 +69,7 @@ struct PoolCommand: AsyncParsableCommand {
                     for array in entry.arrays { try? await array.close() }
                     for file in entry.files { try? await file.close() }
                 }
+                created.removeIfRefused(by: error)
                 throw error
             }
         }
@@ -200,13 +202,20 @@ struct PoolCommand: AsyncParsableCommand {
 
         func run() async throws {
             var added: [any BlockDevice] = []
+            let created = CreatedImages()
             let result = try await PoolStore.withPool(name, folder: folder.path) { pool, engine, handle in
-                for spec in devices {
-                    let opened = try await PoolStore.openDevice(spec: spec, folder: folder.path, engine: engine, size: size)
-                    handle.adopt(files: opened.files, arrays: opened.arrays)
-                    added.append(opened.device)
+                let chunks: UInt64
+                do {
+                    for spec in devices {
+                        let opened = try await PoolStore.openDevice(spec: spec, folder: folder.path, engine: engine, size: size, created: created)
+                        handle.adopt(files: opened.files, arrays: opened.arrays)
+                        added.append(opened.device)
+                    }
+                    chunks = try await pool.extend(adding: added, overwrite: force)
+                } catch {
+                    created.removeIfRefused(by: error)
+                    throw error
                 }
-                let chunks = try await pool.extend(adding: added, overwrite: force)
                 return (chunks: chunks, chunkBytes: pool.chunkBytes, sizeBytes: await pool.usage.sizeBytes)
             }
             if result.chunks == 0 {

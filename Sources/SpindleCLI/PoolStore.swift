@@ -35,7 +35,7 @@ struct FoundPool {
 final class OpenPool {
     let pool: ThinPool
     private var files: [FileDevice]
-    private var arrays: [RAIDArray]
+    private(set) var arrays: [RAIDArray]
 
     init(pool: ThinPool, files: [FileDevice], arrays: [RAIDArray]) {
         self.pool = pool
@@ -155,9 +155,9 @@ enum PoolStore {
     }
 
     /// Opens a device as a create or extend command names it: `array:NAME` (an array whose members
-    /// are in the folder) or an image path (created at `size` when missing and a size is given).
+    /// are in the folder) or an image path (created, in `created`, at `size` when missing and a size is given).
     static func openDevice(
-        spec: String, folder: String, engine: IOEngine, size: UInt64?
+        spec: String, folder: String, engine: IOEngine, size: UInt64?, created: CreatedImages
     ) async throws -> (device: any BlockDevice, files: [FileDevice], arrays: [RAIDArray]) {
         if spec.hasPrefix("array:") {
             let arrayName = String(spec.dropFirst("array:".count))
@@ -168,7 +168,7 @@ enum PoolStore {
             guard let size else {
                 throw SpindleError(.notFound, "no such image file; give --size to create it (or write array:NAME for an array)", operation: "open", path: spec)
             }
-            let file = try FileDevice.create(path: spec, sizeBytes: size, engine: engine)
+            let file = try created.create(path: spec, sizeBytes: size, engine: engine)
             return (file, [file], [])
         }
         return try await openDevice(.image(path: spec), engine: engine, readOnly: false)

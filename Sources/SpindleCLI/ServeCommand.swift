@@ -11,7 +11,9 @@ struct ServeCommand: AsyncParsableCommand {
             EXPORT is volume:POOL/NAME (a thin volume or snapshot, exported as POOL/NAME), array:NAME (an \
             array whose members are in --dir, exported as NAME) or image:PATH (an image file, exported by its \
             file name). Runs in the foreground and prints each export's URI; on SIGINT or SIGTERM it stops \
-            accepting, finishes requests in flight, flushes, and closes pools and arrays cleanly.
+            accepting, finishes requests in flight, flushes, and closes pools and arrays cleanly. A member \
+            that fails under a served array is logged on standard error when it happens, and each array's \
+            state is printed at the stop.
             """)
 
     @Argument(help: "What to export: volume:POOL/NAME, array:NAME or image:PATH.")
@@ -48,14 +50,24 @@ struct ServeCommand: AsyncParsableCommand {
         var pools: [String: OpenPool] = [:]
         var arrays: [RAIDArray] = []
         var files: [FileDevice] = []
-        func closeAll() async {
+        /// Closes everything; returns whether every pool and array closed without an error.
+        @discardableResult
+        func closeAll() async -> Bool {
+            var clean = true
             for pool in pools.values {
-                do { try await pool.close() } catch { Terminal.error("closing pool: \(error)") }
+                do { try await pool.close() } catch {
+                    Terminal.error("closing pool: \(error)")
+                    clean = false
+                }
             }
             for array in arrays {
-                do { try await array.close() } catch { Terminal.error("closing \(array.name): \(error)") }
+                do { try await array.close() } catch {
+                    Terminal.error("closing \(array.name): \(error)")
+                    clean = false
+                }
             }
             for file in files { try? await file.close() }
+            return clean
         }
         var list: [NBDServer.Export] = []
         // Faults for array members (by path) are applied as the arrays assemble; the rest name exports.
@@ -148,14 +160,34 @@ struct ServeCommand: AsyncParsableCommand {
         print("serving; stop with Ctrl-C or SIGTERM")
         fflush(nil)
 
+        // Arrays (served directly or under a pool) are polled, so a member failure is logged when it
+        // happens rather than found at the stop.
+        let watch = ArrayWatch(arrays + pools.values.flatMap(\.arrays))
+        let watcher = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(200))
+                watch.check()
+            }
+        }
         let signalName = await Self.waitForSignal()
         print("\(signalName): stopping (finishing requests in flight, flushing, closing)")
         await server.stop()
-        await closeAll()
+        watcher.cancel()
+        watch.check()
+        let closed = await closeAll()
         if socket != nil || tcp == nil {
             unlink((socket ?? "spindle-nbd.sock"))
         }
-        print("stopped cleanly")
+        let unwell = watch.arrays.map(\.status).filter { $0.state != "clean" }
+        for status in unwell {
+            let lost = status.slots.filter { $0.state != .active }.map { "slot \($0.slot) \($0.state)\($0.device.map { " (\($0))" } ?? "")" }
+            print("array \(status.name) is \(status.state)\(lost.isEmpty ? "" : ": " + lost.joined(separator: ", "))")
+        }
+        if closed && unwell.isEmpty {
+            print("stopped cleanly")
+        } else {
+            print("stopped\(unwell.isEmpty ? "" : "; " + unwell.map { "array \($0.name) is \($0.state)" }.joined(separator: ", "))\(closed ? "" : "; not everything closed cleanly (see the errors above)")")
+        }
     }
 
     /// Waits for SIGINT or SIGTERM and returns its name.
@@ -181,4 +213,31 @@ struct ServeCommand: AsyncParsableCommand {
 
     nonisolated(unsafe) private static var keptSources: [DispatchSourceSignal] = []
     private static func keep(_ sources: [DispatchSourceSignal]) { keptSources += sources }
+}
+
+/// The arrays `serve` exports, watched for members that fail under them.
+final class ArrayWatch: Sendable {
+    let arrays: [RAIDArray]
+    /// The slot states last seen, per array.
+    private let seen: [LockedValue<[RAIDMemberState]>]
+
+    init(_ arrays: [RAIDArray]) {
+        self.arrays = arrays
+        seen = arrays.map { LockedValue($0.status.slots.map(\.state)) }
+    }
+
+    /// Logs each member that stopped serving since the last check, with the array's state.
+    func check() {
+        for (array, seen) in zip(arrays, seen) {
+            let status = array.status
+            let before = seen.exchange(status.slots.map(\.state))
+            for slot in status.slots where slot.slot < before.count {
+                let wasServing = before[slot.slot] == .active || before[slot.slot] == .rebuilding
+                guard wasServing && (slot.state == .faulty || slot.state == .missing) else { continue }
+                let state = status.state == "failed" ? "has failed" : "is \(status.state)"
+                let member = slot.device.map { "member \($0)" } ?? "the member"
+                FileHandle.standardError.write(Data("spindle serve: \(member) in slot \(slot.slot) failed; array \(status.name) \(state)\n".utf8))
+            }
+        }
+    }
 }

@@ -9,7 +9,8 @@ struct SpindleCommand: AsyncParsableCommand {
         abstract: "Software RAID and thin logical volumes over image files, on io_uring.",
         discussion: """
             Sizes take K, M, G and T suffixes, powers of two (4K = 4096 bytes). Commands that a script \
-            reads take --json. Errors go to standard error, with a non-zero exit status.
+            reads take --json. Errors go to standard error, with exit status 2 for a bad argument (an \
+            unknown command or option, a value that cannot be valid) and 1 for anything else.
             """,
         subcommands: [ImageCommand.self, ArrayCommand.self, PoolCommand.self, VolumeCommand.self, ServeCommand.self, BenchCommand.self, SimulateCommand.self]
     )
@@ -27,8 +28,48 @@ struct SpindleCommand: AsyncParsableCommand {
             Terminal.error("\(error)")
             Foundation.exit(error.code == .invalidArgument || error.code == .misaligned ? 2 : 1)
         } catch {
+            // swift-argument-parser exits 64 (EX_USAGE) for usage errors; Spindle's own invalid
+            // arguments exit 2. One rule for scripts: every bad argument exits 2.
+            if exitCode(for: error) == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(2)
+            }
             exit(withError: error)
         }
+    }
+}
+
+/// Image files a command created, so that a refused command can remove them again: a refusal
+/// changes nothing. Files stay once the command took them into use, or when it failed with an I/O
+/// error (what was written to them is then unknown, and they may hold an array's or pool's data).
+final class CreatedImages {
+    private(set) var paths: [String] = []
+
+    /// Creates a sparse image file and opens it for writing, remembering its path.
+    func create(path: String, sizeBytes: UInt64, engine: IOEngine) throws -> FileDevice {
+        let device = try FileDevice.create(path: path, sizeBytes: sizeBytes, engine: engine)
+        paths.append(path)
+        return device
+    }
+
+    /// Removes the files created so far if `error` is a refusal (bad input, something in the way).
+    func removeIfRefused(by error: any Error) {
+        guard isRefusal(error) else { return }
+        for path in paths { unlink(path) }
+        paths = []
+    }
+}
+
+/// Whether an error refuses what was asked (bad input, a device in use, too little space) rather
+/// than reporting a failure of the storage underneath.
+func isRefusal(_ error: any Error) -> Bool {
+    if error is ValidationError { return true }
+    guard let error = error as? SpindleError else { return false }
+    switch error.code {
+    case .invalidArgument, .misaligned, .outOfRange, .alreadyExists, .notFound, .locked, .readOnly, .unsupported, .noSpace:
+        return true
+    case .ioFailed, .closed, .shortTransfer, .injectedFault, .deviceGone, .verificationFailed:
+        return false
     }
 }
 

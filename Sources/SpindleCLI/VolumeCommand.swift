@@ -409,13 +409,13 @@ enum VolumeCopy {
     }
 }
 
-/// A progress line on standard error for copies: redrawn on a terminal, else a line per quarter.
+/// A progress line on standard error for copies, redrawn when standard error is a terminal; scripts
+/// and logs get only the result line.
 final class ProgressLine {
     private let label: String
     private let totalBytes: UInt64
     private let started = ContinuousClock.now
     private var lastDraw = ContinuousClock.now
-    private var lastQuarter = -1
 
     init(label: String, totalBytes: UInt64) {
         self.label = label
@@ -423,20 +423,14 @@ final class ProgressLine {
     }
 
     func update(doneBytes: UInt64) {
-        let percent = totalBytes == 0 ? 100 : Int(doneBytes * 100 / totalBytes)
         let now = ContinuousClock.now
+        guard Terminal.showsProgress, now - lastDraw > .milliseconds(200) || doneBytes == totalBytes else { return }
+        lastDraw = now
+        let percent = totalBytes == 0 ? 100 : Int(doneBytes * 100 / totalBytes)
         let elapsed = now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let rate = seconds > 0 ? Double(doneBytes) / seconds : 0
-        let line = "\(label): \(ByteSize.format(doneBytes)) of \(ByteSize.format(totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(rate)))/s"
-        if Terminal.showsProgress {
-            guard now - lastDraw > .milliseconds(200) || doneBytes == totalBytes else { return }
-            lastDraw = now
-            Terminal.progress(line)
-        } else if percent / 25 != lastQuarter, seconds > 2 {
-            lastQuarter = percent / 25
-            FileHandle.standardError.write(Data("\(line)\n".utf8))
-        }
+        Terminal.progress("\(label): \(ByteSize.format(doneBytes)) of \(ByteSize.format(totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(rate)))/s")
     }
 
     func finish() {

@@ -164,3 +164,206 @@ struct CLITests {
         #expect(human.output.contains("IOPS"))
     }
 }
+
+/// Issue 11: refusals, what images hold, exit statuses and messages a script relies on.
+extension CLITests {
+    /// The file's words with every run of white space made one space (help text wraps anywhere).
+    static func words(_ text: String) -> String { text.split(whereSeparator: \.isWhitespace).joined(separator: " ") }
+
+    @Test("a refused array create or replace leaves no new image behind")
+    func refusedCreateLeavesNothing() throws {
+        let folder = TemporaryFolder("cli-refused")
+        defer { folder.remove() }
+        let full = folder.file("rand.img")
+        try Data(repeating: 0xA5, count: 4 << 20).write(to: URL(fileURLWithPath: full))
+        let refused = try spindle(["array", "create", "new", full, folder.file("x1.img"), "--level", "1", "--size", "8M"])
+        #expect(refused.status == 1 && refused.errors.contains("holds data"), "\(refused.errors)")
+        #expect(!FileManager.default.fileExists(atPath: folder.file("x1.img")), "the refusal left x1.img behind")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: full)) == Data(repeating: 0xA5, count: 4 << 20))
+
+        let badChunk = try spindle(["array", "create", "q", folder.file("q1.img"), folder.file("q2.img"), "--level", "1",
+                                    "--chunk", "3K", "--size", "8M"])
+        #expect(badChunk.status == 2, "\(badChunk.errors)")
+        #expect(!FileManager.default.fileExists(atPath: folder.file("q1.img")) && !FileManager.default.fileExists(atPath: folder.file("q2.img")))
+
+        let members = [folder.file("m0.img"), folder.file("m1.img")]
+        #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
+        let replace = try spindle(["array", "replace", "--old", folder.file("stranger.img"), "--new", folder.file("new.img")] + members)
+        #expect(replace.status != 0 && replace.errors.contains("is not a member"), "\(replace.errors)")
+        #expect(!FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused replace left new.img behind")
+
+        // bench creates a missing image for its load; a refused load leaves none.
+        let tooLarge = try spindle(["bench", folder.file("b.img"), "--size", "1M", "--bs", "2M"])
+        #expect(tooLarge.status == 2 && tooLarge.errors.contains("smaller than one 2097152-byte block"), "\(tooLarge.errors)")
+        let badFault = try spindle(["bench", folder.file("b.img"), "--size", "1M", "--fault", "bogus"])
+        #expect(badFault.status == 2 && badFault.errors.contains("bad fault spec 'bogus'"), "\(badFault.errors)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["m0.img", "m1.img", "rand.img"])
+    }
+
+    @Test("image info says what an image holds: member and slot, spare, pool device, foreign format, data, nothing")
+    func imageInfoSaysWhatItHolds() throws {
+        let folder = TemporaryFolder("cli-contents")
+        defer { folder.remove() }
+        let members = [folder.file("m0.img"), folder.file("m1.img")]
+        #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
+        #expect(try spindle(["array", "add", "--device", folder.file("spare.img")] + members).output.contains("as a spare"))
+        #expect(try spindle(["pool", "create", "tank", folder.file("pool.img"), "--size", "8M", "--dir", folder.path]).status == 0)
+        for name in ["ext4.img", "qcow.img", "data.img", "empty.img"] {
+            #expect(try spindle(["image", "create", folder.file(name), "--size", "2M"]).status == 0)
+        }
+        try patchFile(folder.file("ext4.img"), at: 1080, with: [0x53, 0xEF])
+        try patchFile(folder.file("qcow.img"), at: 0, with: [0x51, 0x46, 0x49, 0xFB])
+        try patchFile(folder.file("data.img"), at: 1 << 20, with: [1, 2, 3])
+
+        func contents(_ name: String) throws -> (line: String, json: [String: Any]) {
+            let human = try spindle(["image", "info", folder.file(name)])
+            #expect(human.status == 0, "\(human.errors)")
+            let line = human.output.split(separator: "\n").first { $0.hasPrefix("contents:") }.map(String.init) ?? ""
+            let json = try spindle(["image", "info", folder.file(name), "--json"])
+            return (line, try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as! [String: Any])
+        }
+        let member = try contents("m1.img")
+        #expect(member.line.hasPrefix("contents:     member of array 'r1' (raid1, 2 members, "), "\(member.line)")
+        #expect(member.line.hasSuffix(") in slot 1"), "\(member.line)")
+        #expect(member.json["contentsKind"] as? String == "arrayMember" && member.json["arrayName"] as? String == "r1")
+        #expect(member.json["arraySlot"] as? Int == 1 && (member.json["arrayUUID"] as? String)?.count == 36)
+        let spare = try contents("spare.img")
+        #expect(spare.line.hasPrefix("contents:     spare of array 'r1' (raid1, 2 members, "), "\(spare.line)")
+        #expect(spare.json["contentsKind"] as? String == "arraySpare" && spare.json["arraySlot"] == nil)
+        let pool = try contents("pool.img")
+        #expect(pool.line.hasPrefix("contents:     device 0 of thin pool 'tank' ("), "\(pool.line)")
+        #expect(pool.json["contentsKind"] as? String == "poolDevice" && pool.json["poolName"] as? String == "tank")
+        #expect(pool.json["poolDeviceIndex"] as? Int == 0)
+        let ext4 = try contents("ext4.img")
+        #expect(ext4.line == "contents:     an ext2/ext3/ext4 file system (not a Spindle format)")
+        #expect(ext4.json["contentsKind"] as? String == "format" && ext4.json["format"] as? String == "an ext2/ext3/ext4 file system")
+        #expect(try contents("qcow.img").line == "contents:     a qcow2 disk image (not a Spindle format)")
+        let data = try contents("data.img")
+        #expect(data.line.hasPrefix("contents:     raw data") && data.line.contains("offset \(1 << 20)"), "\(data.line)")
+        #expect(data.json["contentsKind"] as? String == "data")
+        let empty = try contents("empty.img")
+        #expect(empty.line.hasPrefix("contents:     nothing: zeros"), "\(empty.line)")
+        #expect(empty.json["contentsKind"] as? String == "empty")
+    }
+
+    @Test("image create offers no block size it cannot keep; an image's block size comes from its file system")
+    func imageCreateHasNoBlockSize() throws {
+        let folder = TemporaryFolder("cli-block")
+        defer { folder.remove() }
+        let path = folder.file("a.img")
+        let asked = try spindle(["image", "create", path, "--size", "1M", "--block-size", "4096"])
+        #expect(asked.status == 2 && asked.errors.contains("--block-size"), "\(asked.status) \(asked.errors)")
+        #expect(!FileManager.default.fileExists(atPath: path))
+        let help = try spindle(["image", "create", "--help"])
+        #expect(!help.output.contains("--block-size"))
+        #expect(Self.words(help.output).contains("An image file records no block size"), "\(help.output)")
+        let created = try spindle(["image", "create", path, "--size", "1M", "--json"])
+        let made = try JSONSerialization.jsonObject(with: Data(created.output.utf8)) as! [String: Any]
+        let info = try spindle(["image", "info", path, "--json"])
+        let shown = try JSONSerialization.jsonObject(with: Data(info.output.utf8)) as! [String: Any]
+        #expect(made["logicalBlockBytes"] as? Int == shown["logicalBlockBytes"] as? Int)
+    }
+
+    @Test("every bad argument exits 2: bad values, unknown commands and options, missing arguments")
+    func badArgumentsExitTwo() throws {
+        let folder = TemporaryFolder("cli-usage")
+        defer { folder.remove() }
+        let image = folder.file("a.img")
+        let pair = [folder.file("q1.img"), folder.file("q2.img")]
+        let cases: [[String]] = [
+            ["image", "create", image, "--size", "foo"],
+            ["image", "create", image, "--size", "16E"],
+            ["image", "create", image, "--size", "1000"],
+            ["image", "create", image],
+            ["array", "create", "q", "--level", "7", "--size", "8M"] + pair,
+            ["array", "create", "q", "--level", "1", "--chunk", "3K", "--size", "8M"] + pair,
+            ["array", "create", "q", "--level", "5", "--size", "8M"] + pair,
+            ["array", "status"],
+            ["array", "frobnicate"],
+            ["frobnicate"],
+            ["image", "info", image, "--frobnicate"],
+            ["bench", image, "--iodepth", "0"],
+            ["serve", "nonsense"],
+        ]
+        for arguments in cases {
+            let result = try spindle(arguments)
+            #expect(result.status == 2, "spindle \(arguments.joined(separator: " ")) exited \(result.status): \(result.errors)")
+            #expect(result.output.isEmpty && !result.errors.isEmpty, "spindle \(arguments.joined(separator: " "))")
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).isEmpty, "a bad argument created a file")
+        let help = try spindle(["array", "create", "--help"])
+        #expect(help.status == 0 && help.output.contains("USAGE"))
+        #expect(Self.words(try spindle(["--help"]).output).contains("exit status 2 for a bad argument"))
+    }
+
+    @Test("scrub exits 1 when it finds mismatches, reports read errors and unreadable chunks, and says so in --help")
+    func scrubExitStatus() throws {
+        let folder = TemporaryFolder("cli-scrub")
+        defer { folder.remove() }
+        let members = [folder.file("m0.img"), folder.file("m1.img")]
+        #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
+        let clean = try spindle(["array", "scrub"] + members)
+        #expect(clean.status == 0 && clean.output.contains("0 mismatched stripes, 0 read errors repaired, 0 unreadable chunks"), "\(clean.output)")
+        #expect(clean.errors.isEmpty, "progress lines went to a standard error that is not a terminal: \(clean.errors)")
+        // One mirror's copy changed behind the array's back.
+        try patchFile(members[1], at: (1 << 20) + 65536, with: [UInt8](repeating: 0xA5, count: 4096))
+        let found = try spindle(["array", "scrub"] + members)
+        #expect(found.status == 1 && found.output.contains("1 mismatched stripes"), "\(found.status) \(found.output)")
+        let json = try spindle(["array", "scrub", "--json"] + members)
+        #expect(json.status == 1)
+        let report = try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as! [String: Any]
+        #expect(report["mismatches"] as? Int == 1 && report["readErrorsRepaired"] as? Int == 0)
+        #expect((report["unreadable"] as? [Any])?.isEmpty == true)
+        let repaired = try spindle(["array", "scrub", "--repair"] + members)
+        #expect(repaired.status == 1 && repaired.output.contains("1 mismatched stripes, 1 repaired"), "\(repaired.output)")
+        #expect(try spindle(["array", "scrub"] + members).status == 0)
+        let help = Self.words(try spindle(["array", "scrub", "--help"]).output)
+        #expect(help.contains("Exits with status 1 when it finds mismatched stripes or chunks that no member can provide"), "\(help)")
+    }
+
+    @Test("array status names images of the array it does not use: a stale copy of a member, a replaced member")
+    func statusNamesStaleCopies() throws {
+        let folder = TemporaryFolder("cli-stale")
+        defer { folder.remove() }
+        let members = [folder.file("m0.img"), folder.file("m1.img")]
+        #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
+        // A copy of m0 taken now, named to come last in the folder, goes stale with the next change.
+        try FileManager.default.copyItem(atPath: members[0], toPath: folder.file("z-copy.img"))
+        #expect(try spindle(["array", "fail", "--member", members[1]] + members).status == 0)
+        let replaced = try spindle(["array", "replace", "--old", members[1], "--new", folder.file("m2.img")] + members)
+        #expect(replaced.status == 0, "\(replaced.errors)")
+        let status = try spindle(["array", "status", "--scan", folder.path])
+        #expect(status.status == 0, "\(status.errors)")
+        #expect(status.output.contains("array r1: raid1, clean"), "\(status.output)")
+        #expect(status.output.contains("slot 0: active  \(members[0])"), "\(status.output)")
+        #expect(status.output.contains("note: \(folder.file("z-copy.img")) is a stale copy of the member in slot 0, which \(members[0]) holds"), "\(status.output)")
+        #expect(status.output.contains("note: \(members[1]) was the member in slot 1 but has been replaced"), "\(status.output)")
+        let json = try spindle(["array", "status", "--json", "--scan", folder.path])
+        let decoded = try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as! [String: Any]
+        #expect(decoded["state"] as? String == "clean")
+        #expect((decoded["notes"] as? [String])?.count == 2, "\(json.output)")
+    }
+
+    @Test("serve logs a member failing under it, and at the stop says the array is degraded, not that all is clean")
+    func serveLogsMemberFailure() throws {
+        let folder = TemporaryFolder("cli-serve-fail")
+        defer { folder.remove() }
+        let members = [folder.file("m0.img"), folder.file("m1.img")]
+        #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "8M"] + members).status == 0)
+        let source = folder.file("source.bin")
+        try Data(repeating: 0x5A, count: 4 << 20).write(to: URL(fileURLWithPath: source))
+        // Member bytes 2M-3M hold array bytes 1M-2M: the copy's writes there fail m1.
+        let server = try ServeProcess(["array:r1", "--socket", folder.file("s.sock"), "--fault", "\(members[1]):write-error,range=2M-3M"],
+                                      directory: folder.path)
+        let uri = try #require(server.uri("nbd+unix:///r1"))
+        let copy = try tool(["nbdcopy", source, uri])
+        #expect(copy.status == 0, "the mirror survives one member: \(copy.errors)")
+        Thread.sleep(forTimeInterval: 0.6)
+        let stopped = server.stop()
+        #expect(stopped.errors.contains("spindle serve: member \(members[1]) in slot 1 failed; array r1 is degraded"), "\(stopped.errors)")
+        #expect(stopped.output.contains("array r1 is degraded: slot 1 faulty (\(members[1]))"), "\(stopped.output)")
+        #expect(!stopped.output.contains("stopped cleanly"), "\(stopped.output)")
+        let status = try spindle(["array", "status", "--json"] + members)
+        #expect((try JSONSerialization.jsonObject(with: Data(status.output.utf8)) as! [String: Any])["state"] as? String == "degraded")
+    }
+}

@@ -79,4 +79,22 @@ struct PoolCLITests {
         let noVolume = try spindle(["volume", "snapshot", "tank/ghost", "s"] + dir)
         #expect(noVolume.errors.contains("pool tank has no volume named 'ghost'; it has current"), "\(noVolume.errors)")
     }
+
+    @Test("a refused pool create or extend leaves no new image behind")
+    func refusedCreateLeavesNothing() throws {
+        let folder = TemporaryFolder("cli-pool-refused")
+        defer { folder.remove() }
+        let dir = ["--dir", folder.path]
+        let full = folder.file("rand.img")
+        try Data(repeating: 0xA5, count: 4 << 20).write(to: URL(fileURLWithPath: full))
+        let create = try spindle(["pool", "create", "tank", folder.file("new.img"), full, "--size", "8M"] + dir)
+        #expect(create.status == 1 && create.errors.contains("holds data"), "\(create.errors)")
+        #expect(!FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused create left new.img behind")
+        #expect(try spindle(["pool", "create", "tank", folder.file("pool.img"), "--size", "8M"] + dir).status == 0)
+        let extend = try spindle(["pool", "extend", "tank", folder.file("more.img"), full, "--size", "8M"] + dir)
+        #expect(extend.status == 1 && extend.errors.contains("holds data"), "\(extend.errors)")
+        #expect(!FileManager.default.fileExists(atPath: folder.file("more.img")), "the refused extend left more.img behind")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["pool.img", "rand.img"])
+        #expect(try spindle(["pool", "check", "tank"] + dir).status == 0)
+    }
 }

@@ -1,4 +1,5 @@
 import Glibc
+import Foundation
 import Testing
 @testable import Spindle
 
@@ -163,4 +164,14 @@ func byteDifference(_ got: [UInt8], _ expected: [UInt8]) -> String? {
     }
     let differing = (index..<min(got.count, expected.count)).filter { got[$0] != expected[$0] }.count
     return "first difference at byte \(index) (block \(index / 4096)): \(got[index]) instead of \(expected[index]); \(differing) bytes differ"
+}
+
+/// Writes `bytes` into the file at `path` at `offset`, creating the file when it is missing (as a
+/// person editing an image by hand would, behind Spindle's back).
+func patchFile(_ path: String, at offset: UInt64, with bytes: [UInt8]) throws {
+    if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
+    let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+    defer { try? handle.close() }
+    try handle.seek(toOffset: offset)
+    try handle.write(contentsOf: bytes)
 }

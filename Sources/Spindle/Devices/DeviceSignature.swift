@@ -24,35 +24,70 @@ public enum DeviceSignature {
         (510, [0x55, 0xAA], "a boot sector or MBR partition table"),
     ]
 
+    /// What a device holds, as ``find(_:)`` reports it; `description` reads as a noun phrase.
+    public enum Finding: Sendable, CustomStringConvertible {
+        /// A Spindle array superblock: a member (``RAIDSuperblock/role`` is its slot) or a spare (role -1).
+        case arrayMember(RAIDSuperblock)
+        case damagedArraySuperblock(RAIDSuperblock.Problem)
+        /// A Spindle thin pool label.
+        case poolDevice(ThinPoolLabel)
+        case damagedPoolLabel(String)
+        /// Another known format (a file system, partition table, disk image, LVM, swap, LUKS), in words.
+        case format(String)
+        /// Non-zero bytes in no known format, the first at `offset`.
+        case data(offset: UInt64)
+
+        public var description: String {
+            switch self {
+            case let .arrayMember(superblock):
+                let role = superblock.role >= 0 ? "member \(superblock.role)" : "a spare"
+                return "\(role) of array '\(superblock.name)' (\(superblock.arrayUUID))"
+            case let .damagedArraySuperblock(problem): return "a damaged Spindle array superblock (\(problem))"
+            case let .poolDevice(label): return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
+            case let .damagedPoolLabel(problem): return "a damaged Spindle pool label (\(problem))"
+            case let .format(meaning): return meaning
+            case let .data(offset): return "data (a non-zero byte at offset \(offset))"
+            }
+        }
+    }
+
     /// Describes what `bytes` (read from `offset` of a device) show, or nil when they are all zero.
     /// Spindle's own headers are recognized by ``inspect(_:)`` with their decoders.
     public static func identify(_ bytes: [UInt8], at offset: UInt64) -> String? {
+        finding(in: bytes, at: offset)?.description
+    }
+
+    /// A known format or data in `bytes` (read from `offset`), or nil when they are all zero.
+    static func finding(in bytes: [UInt8], at offset: UInt64) -> Finding? {
         for magic in magics {
             let start = magic.offset - Int(offset)
             guard start >= 0, start + magic.bytes.count <= bytes.count else { continue }
-            if bytes[start..<(start + magic.bytes.count)].elementsEqual(magic.bytes) { return magic.meaning }
+            if bytes[start..<(start + magic.bytes.count)].elementsEqual(magic.bytes) { return .format(magic.meaning) }
         }
         guard let index = bytes.firstIndex(where: { $0 != 0 }) else { return nil }
-        return "data (a non-zero byte at offset \(offset + UInt64(index)))"
+        return .data(offset: offset + UInt64(index))
     }
 
-    /// What the device holds, or nil when every place looked at is zero.
+    /// What the device holds, in words, or nil when every place looked at is zero.
     public static func inspect(_ device: any BlockDevice) async throws -> String? {
+        try await find(device)?.description
+    }
+
+    /// What the device holds, or nil when every place looked at is zero. Spindle's headers come
+    /// first, then the known formats and data in ``placesToLook(_:)``.
+    public static func find(_ device: any BlockDevice) async throws -> Finding? {
         switch try await RAIDArray.readSuperblock(of: device) {
         case let .success(superblock):
-            let role = superblock.role >= 0 ? "member \(superblock.role)" : "a spare"
-            return "\(role) of array '\(superblock.name)' (\(superblock.arrayUUID))"
+            return .arrayMember(superblock)
         case let .failure(problem) where problem != .notAMember:
-            return "a damaged Spindle array superblock (\(problem))"
+            return .damagedArraySuperblock(problem)
         case .failure:
             break
         }
         do {
-            if let label = try await ThinPoolLabel.read(from: device) {
-                return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
-            }
+            if let label = try await ThinPoolLabel.read(from: device) { return .poolDevice(label) }
         } catch {
-            return "a damaged Spindle pool label (\(error))"
+            return .damagedPoolLabel("\(error)")
         }
         for range in placesToLook(device) {
             let block = UInt64(device.logicalBlockBytes)
@@ -61,7 +96,7 @@ public enum DeviceSignature {
             guard end > start else { continue }
             let buffer = AlignedBuffer(count: Int(end - start), zeroed: false)
             try await device.read(into: buffer, at: start)
-            if let found = identify(buffer.array, at: start) { return found }
+            if let found = finding(in: buffer.array, at: start) { return found }
         }
         return nil
     }
