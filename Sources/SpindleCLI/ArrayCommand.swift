@@ -225,7 +225,9 @@ struct ArrayCommand: AsyncParsableCommand {
             print("array \(name): raid\(inspection.level!), \(inspection.state!)")
             print("  size: \(ByteSize.format(inspection.capacityBytes!)), \(inspection.memberCount!) members, \(ByteSize.format(inspection.chunkBytes!)) chunks, events \(inspection.events!)")
             for slot in inspection.slots {
-                print("  slot \(slot.slot): \(slot.state)\(slot.device.map { "  \($0)" } ?? "")")
+                let holder = slot.device.map { "  \($0)" }
+                    ?? slot.lastKnownName.map { "  (last seen as \($0)\(slot.memberUUID.map { ", member \($0)" } ?? ""))" } ?? ""
+                print("  slot \(slot.slot): \(slot.state)\(holder)")
             }
             for device in inspection.devices where device.role == -1 && device.arrayUUID == inspection.uuid {
                 print("  spare: \(device.path)")

@@ -3,14 +3,34 @@ import Testing
 
 @Suite("Whole-stack simulation")
 struct StackSimulationTests {
-    @Test("thin volumes on a pool on RAID5 and RAID1, under read errors, member failures with rebuilds and power cuts, agree with the model",
-          arguments: Array(UInt64(1)...6))
+    @Test("configurations drawn from the seed, on RAID0, RAID1 and RAID5 (member counts, chunks 4 KiB-1 MiB, with and without a pool), under read errors (also while degraded), failures down to the redundancy, rebuilds and power cuts, agree with the model",
+          arguments: Array(UInt64(1)...8))
     func seeds(seed: UInt64) async throws {
-        for level in [RAIDLevel.raid5, .raid1] {
+        for level in [RAIDLevel.raid5, .raid1, .raid0] {
             let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: level))
-            #expect(report.passed, "\(level) seed \(seed): \(report.failure ?? "")\n\(report.trace.joined(separator: "\n"))")
+            #expect(report.passed, "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
             #expect(report.reads > 0 && report.writes > 0)
         }
+    }
+
+    @Test("the configurations drawn cover every member count of each level, chunks from 4 KiB to 1 MiB, and both stacks")
+    func configurationsCoverTheSpace() {
+        var members: [RAIDLevel: Set<Int>] = [:]
+        var chunks = Set<UInt64>()
+        var stacks = Set<Bool>()
+        for seed in UInt64(1)...400 {
+            for level in RAIDLevel.allCases {
+                let config = StackSimulation.Configuration.drawn(seed: seed, level: level, tight: seed % 4 == 3)
+                members[level, default: []].insert(config.members)
+                chunks.insert(config.chunkBytes)
+                stacks.insert(config.withPool)
+                #expect(config.memberBytes >= RAIDArray.dataOffset + config.chunkBytes)
+            }
+        }
+        #expect(members[.raid0] == Set(2...8) && members[.raid1] == Set(2...4) && members[.raid5] == Set(3...8))
+        #expect(chunks == Set((0...8).map { UInt64(4096) << $0 }))
+        #expect(stacks == [true, false])
+        #expect(Set((UInt64(1)...30).map { StackSimulation.Options(seed: $0).level }) == Set(RAIDLevel.allCases))
     }
 
     @Test("regressions found by the soak: RAID1 members replaced one after the other, then power cuts (a new member lacked the bitmap; resync repairs were not flushed)",
@@ -26,7 +46,9 @@ struct StackSimulationTests {
     @Test("regression: a RAID1 rebuild paused, writes, power cuts, then the rebuild resumed (the new member kept regions the crash left different)",
           arguments: [UInt64(1065)])
     func pausedRebuildRegression(seed: UInt64) async throws {
-        let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: .raid1))
+        var options = StackSimulation.Options(seed: seed, level: .raid1)
+        options.widened = false  // found before configurations were drawn from the seed
+        let report = await StackSimulation.run(options)
         #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
         #expect(report.pausedRebuilds > 0 && report.powerCuts > 0)
     }
@@ -34,9 +56,9 @@ struct StackSimulationTests {
     @Test("a pool too small for its volumes refuses writes with no space, each block left old or new", arguments: [UInt64(3), 7])
     func fullPool(seed: UInt64) async throws {
         var refused = 0
-        for level in [RAIDLevel.raid5, .raid1] {
+        for level in [RAIDLevel.raid5, .raid1, .raid0] {
             let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: level))
-            #expect(report.passed, "\(level) seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
+            #expect(report.passed, "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
             refused += report.poolFullErrors
         }
         #expect(refused > 0, "the tight pools filled up")

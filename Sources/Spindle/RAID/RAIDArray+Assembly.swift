@@ -735,7 +735,8 @@ extension RAIDArray {
                     entry.memberUUID = block.memberUUID.description
                     entry.role = block.role
                     entry.events = block.events
-                    byMember[block.memberUUID] = (device.name, block.events)
+                    // Several copies of one member: the one with the newest changes holds it.
+                    if (byMember[block.memberUUID]?.1 ?? 0) <= block.events { byMember[block.memberUUID] = (device.name, block.events) }
                     if newest == nil || block.events > newest!.events { newest = block }
                 case let .failure(problem):
                     entry.problem = problem.description

@@ -30,10 +30,21 @@ public enum StackSimulation {
         /// in four, a pool too small for its volumes. Off, the run is the one earlier versions made
         /// from the same seed (the regression seeds found before these faults existed).
         public var extendedFaults = true
+        /// Draw the configuration from the seed (``Configuration/drawn(seed:level:)``): member count,
+        /// chunk size, a stack with or without a pool, request shapes, failures down to the level's
+        /// redundancy and read errors while degraded. Off (or without the extended faults), the run
+        /// uses ``members`` members, 16 KiB chunks and a pool, as earlier versions did for the seed.
+        public var widened = true
 
-        public init(seed: UInt64) { self.seed = seed }
+        /// A run on a level drawn from the seed (RAID0, RAID1 or RAID5).
+        public init(seed: UInt64) {
+            self.seed = seed
+            var random = SeededRandom(seed: seed ^ 0x5EED_1E7E)
+            level = [RAIDLevel.raid0, .raid1, .raid5][Int(random.below(3))]
+            members = level == .raid5 ? 4 : 2
+        }
 
-        /// A run on `level` with the usual member count for it (4 for RAID5, 2 for RAID1).
+        /// A run on `level` (without ``widened``, with the usual member count: 4 for RAID5, 2 for RAID1).
         public init(seed: UInt64, level: RAIDLevel) {
             self.seed = seed
             self.level = level
@@ -41,8 +52,49 @@ public enum StackSimulation {
         }
     }
 
+    /// The stack a run builds.
+    public struct Configuration: Sendable, Codable, Equatable, CustomStringConvertible {
+        public var level: RAIDLevel
+        public var members: Int
+        public var chunkBytes: UInt64
+        /// Thin volumes in a pool on the array; else the workload goes to the array itself, in
+        /// requests from 512 bytes to several stripes at any 512-byte offset.
+        public var withPool: Bool
+        public var memberBytes: UInt64
+        /// The members' logical block size (the smallest request).
+        public var blockBytes: Int
+
+        /// Member counts RAID1 2-4, RAID5 3-8, RAID0 2-8; chunks 4 KiB to 1 MiB; a pool in two runs
+        /// of three. Members are sized so the array holds about 20 MiB with a pool (9 MiB, or 4 for
+        /// RAID1, when the pool is to be too small) and 8 MiB without.
+        public static func drawn(seed: UInt64, level: RAIDLevel, tight: Bool) -> Configuration {
+            var random = SeededRandom(seed: seed ^ 0xC0F1_6000)
+            let members: Int
+            switch level {
+            case .raid0: members = 2 + Int(random.below(7))
+            case .raid1: members = 2 + Int(random.below(3))
+            case .raid5: members = 3 + Int(random.below(6))
+            }
+            let chunk = UInt64(4096) << random.below(9)
+            let withPool = tight || random.below(3) != 0
+            let target: UInt64 = tight ? (level == .raid1 ? 4 << 20 : 9 << 20) : (withPool ? 20 << 20 : 8 << 20)
+            let dataMembers = UInt64(level == .raid1 ? 1 : level == .raid5 ? members - 1 : members)
+            let perMember = ((target / dataMembers) + chunk - 1) / chunk * chunk
+            return Configuration(level: level, members: members, chunkBytes: chunk, withPool: withPool,
+                                 memberBytes: RAIDArray.dataOffset + perMember, blockBytes: withPool ? 4096 : 512)
+        }
+
+        public var description: String {
+            "raid\(level.rawValue), \(members) members, \(ByteSize.format(chunkBytes)) chunks, \(withPool ? "thin volumes in a pool" : "the array itself, \(blockBytes)-byte blocks")"
+        }
+    }
+
     public struct Report: Sendable, Codable {
         public var seed: UInt64
+        public var configuration: Configuration?
+        /// Reads that failed with an I/O error because a read error hit where no redundancy was left
+        /// (allowed, and checked: no wrong data, no member failed for it).
+        public var unrecoverableReads = 0
         public var operations = 0
         public var reads = 0
         public var writes = 0
@@ -75,22 +127,25 @@ public enum StackSimulation {
         var durable: [UInt8]
         var versions: [[[UInt8]]]
         var readOnly = false
+        /// The unit a power cut keeps or loses whole.
+        var blockBytes: Int
 
-        init(_ bytes: [UInt8]) {
+        init(_ bytes: [UInt8], blockBytes: Int = 4096) {
             current = bytes
             durable = bytes
-            versions = [[[UInt8]]](repeating: [], count: bytes.count / 4096)
+            self.blockBytes = blockBytes
+            versions = [[[UInt8]]](repeating: [], count: bytes.count / blockBytes)
         }
 
         mutating func committed() {
             durable = current
-            versions = [[[UInt8]]](repeating: [], count: current.count / 4096)
+            versions = [[[UInt8]]](repeating: [], count: current.count / blockBytes)
         }
 
         mutating func apply(_ data: [UInt8], at offset: Int) {
             current.replaceSubrange(offset..<(offset + data.count), with: data)
-            for block in (offset / 4096)..<((offset + data.count) / 4096) {
-                versions[block].append(Array(current[(block * 4096)..<((block + 1) * 4096)]))
+            for block in (offset / blockBytes)..<((offset + data.count + blockBytes - 1) / blockBytes) {
+                versions[block].append(Array(current[(block * blockBytes)..<((block + 1) * blockBytes)]))
             }
         }
 
@@ -168,22 +223,68 @@ public enum StackSimulation {
         let extended = options.extendedFaults
         // One seed in four (with the extended faults) gets a pool too small for its volumes.
         let tight = extended && options.seed % 4 == 3
-        let memberBytes = tight ? (options.level == .raid5 ? 4 << 20 : 5 << 20) : options.memberBytes
+        let widened = extended && options.widened
+        let config = widened
+            ? Configuration.drawn(seed: options.seed, level: options.level, tight: tight)
+            : Configuration(level: options.level, members: options.members, chunkBytes: 16384, withPool: true,
+                            memberBytes: tight ? (options.level == .raid5 ? 4 << 20 : 5 << 20) : options.memberBytes, blockBytes: 4096)
+        report.configuration = config
+        let memberBytes = config.memberBytes
+        let unit = config.blockBytes
         var memberCounter = 0
         func newMember() throws -> FaultyDevice {
             memberCounter += 1
-            let memory = try MemoryDevice(capacityBytes: memberBytes, logicalBlockBytes: 4096, name: "member\(memberCounter)")
+            let memory = try MemoryDevice(capacityBytes: memberBytes, logicalBlockBytes: unit, name: "member\(memberCounter)")
             return FaultyDevice(wrapping: memory, seed: options.seed &+ UInt64(memberCounter), volatileCache: true, name: "member\(memberCounter)")
         }
-        var members = try (0..<options.members).map { _ in try newMember() }
-        var array = try await RAIDArray.create(name: "sim", level: options.level, chunkBytes: 16384, members: members)
+        var members = try (0..<config.members).map { _ in try newMember() }
+        var array = try await RAIDArray.create(name: "sim", level: config.level, chunkBytes: config.chunkBytes, members: members)
         // Wall-clock behaviour (marking an idle array clean) would make runs differ by timing; the
         // simulation makes its own idle moments.
         array.setIdleCleanDelay(nanoseconds: .max)
-        var pool = try await ThinPool.create(name: "sim", devices: [array])
-        _ = try await pool.createVolume(name: "v0", sizeBytes: options.volumeBytes)
-        try await pool.commit()
-        var models: [String: VolumeModel] = ["v0": VolumeModel([UInt8](repeating: 0, count: Int(options.volumeBytes)))]
+        var pool: ThinPool?
+        var models: [String: VolumeModel]
+        if config.withPool {
+            let created = try await ThinPool.create(name: "sim", devices: [array])
+            _ = try await created.createVolume(name: "v0", sizeBytes: options.volumeBytes)
+            try await created.commit()
+            pool = created
+            models = ["v0": VolumeModel([UInt8](repeating: 0, count: Int(options.volumeBytes)))]
+        } else {
+            // The workload goes to the array itself (which zeroed its data areas when it was created).
+            models = ["array": VolumeModel([UInt8](repeating: 0, count: Int(array.capacityBytes)), blockBytes: unit)]
+        }
+        /// The device a model stands for: a thin volume, or the array.
+        func device(_ name: String) async throws -> any BlockDevice {
+            guard let pool else { return array }
+            return try await pool.openVolume(name: name)
+        }
+        /// A request of `size`-unit volume: as before with a pool (1 to `most` blocks); on the array
+        /// itself, shapes that select each write path (a few sectors in one chunk, a chunk or more
+        /// across boundaries, whole stripes, several stripes) at any 512-byte offset.
+        func extent(size: Int, most: Int) -> (first: Int, blocks: Int) {
+            if config.withPool {
+                let blocks = min(1 + Int(random.below(UInt64(most))), size)
+                return (Int(random.below(UInt64(size - blocks + 1))), blocks)
+            }
+            let chunkUnits = Int(config.chunkBytes) / unit
+            let stripeUnits = Int(array.geometry.stripeDataBytes) / unit
+            var blocks: Int
+            var first: Int
+            switch random.below(5) {
+            case 0: blocks = 1 + Int(random.below(16))
+            case 1: blocks = 1 + Int(random.below(UInt64(chunkUnits * 2)))
+            case 2: blocks = stripeUnits
+            case 3: blocks = stripeUnits * (1 + Int(random.below(3))) + Int(random.below(UInt64(chunkUnits)))
+            default: blocks = 1 + Int(random.below(UInt64(min(size, 4 * stripeUnits))))
+            }
+            blocks = min(blocks, size)
+            first = random.chance(0.25)
+                ? Int(random.below(UInt64(size / stripeUnits))) * stripeUnits
+                : Int(random.below(UInt64(size - blocks + 1)))
+            first = min(first, size - blocks)
+            return (first, blocks)
+        }
         var counter = 0
         var readErrorsActive = 0
 
@@ -203,19 +304,21 @@ public enum StackSimulation {
         /// Whether a fault that needs every member may start now (without the extended faults, as
         /// the earlier generator decided it).
         func mayInject() -> Bool { extended ? isWhole() : !array.status.state.contains("degraded") }
+        /// Whether member faults may start now: never on RAID0, which has no redundancy for them.
+        func mayFault() -> Bool { config.level != .raid0 && mayInject() }
         /// After a write the pool refused for want of space: each block must hold its old or its new
         /// contents; what it holds becomes the model's.
         func settleRefusedWrite(_ name: String, first: Int, data: [UInt8]) async throws {
             let old = models[name]!.current
             let buffer = AlignedBuffer(count: data.count, zeroed: false)
-            try await pool.openVolume(name: name).read(into: buffer, at: UInt64(first * 4096))
+            try await device(name).read(into: buffer, at: UInt64(first * unit))
             let got = buffer.array
-            for block in 0..<(data.count / 4096) {
-                let range = (block * 4096)..<((block + 1) * 4096)
+            for block in 0..<(data.count / unit) {
+                let range = (block * unit)..<((block + 1) * unit)
                 let bytes = Array(got[range])
                 if bytes == Array(data[range]) {
-                    models[name]!.apply(bytes, at: (first + block) * 4096)
-                } else if bytes != Array(old[((first + block) * 4096)..<((first + block + 1) * 4096)]) {
+                    models[name]!.apply(bytes, at: (first + block) * unit)
+                } else if bytes != Array(old[((first + block) * unit)..<((first + block + 1) * unit)]) {
                     throw Mismatch(message: "seed \(options.seed): after a write refused for want of space, \(name) block \(first + block) holds neither its old nor its new contents",
                                    volume: name, block: first + block)
                 }
@@ -225,22 +328,47 @@ public enum StackSimulation {
             guard let name = pickVolume(writable: true) else { return }
             let size = models[name]!.current.count
             // A tight pool gets larger writes, to fill it.
-            let blocks = min(1 + Int(random.below(tight ? 64 : 16)), size / 4096)
-            let first = Int(random.below(UInt64(size / 4096 - blocks + 1)))
-            let data = AlignedBuffer(count: blocks * 4096, zeroed: false)
+            let (first, blocks) = extent(size: size / unit, most: tight ? 64 : 16)
+            let data = AlignedBuffer(count: blocks * unit, zeroed: false)
             fillRandom(data.bytes, seed: options.seed << 24 ^ UInt64(counter))
             log("write \(name) blocks \(first)+\(blocks)\(fua ? " fua" : "")", volume: name, blocks: first..<(first + blocks))
             do {
-                try await pool.openVolume(name: name).write(from: data, at: UInt64(first * 4096), fua: fua)
+                try await device(name).write(from: data, at: UInt64(first * unit), fua: fua)
             } catch let error as SpindleError where error.code == .noSpace && tight {
                 log("  refused: the pool is full", volume: name, blocks: first..<(first + blocks))
                 report.poolFullErrors += 1
                 try await settleRefusedWrite(name, first: first, data: data.array)
                 return
             }
-            models[name]!.apply(data.array, at: first * 4096)
-            if fua { commitAll() }
+            models[name]!.apply(data.array, at: first * unit)
+            if fua {
+                if config.withPool {
+                    commitAll()  // a thin volume's FUA write commits the pool, and with it every write before
+                } else {
+                    // On the array a FUA write makes itself durable, not the unflushed writes before it.
+                    models[name]!.durable.replaceSubrange((first * unit)..<((first + blocks) * unit), with: data.bytes)
+                }
+            }
             report.writes += 1
+        }
+        /// Reads `count` units at `first` of `name` and compares them with the model; with
+        /// `mayFail`, an I/O error is allowed (a read error where no redundancy is left).
+        func check(_ name: String, first: Int, count: Int, mayFail: Bool = false) async throws {
+            let buffer = AlignedBuffer(count: count * unit, zeroed: false)
+            do {
+                try await device(name).read(into: buffer, at: UInt64(first * unit))
+            } catch let error as SpindleError where mayFail && error.code == .ioFailed {
+                log("  failed: \(error.message)", volume: name, blocks: first..<(first + count))
+                report.unrecoverableReads += 1
+                return
+            }
+            let expected = Array(models[name]!.current[(first * unit)..<((first + count) * unit)])
+            if buffer.array != expected {
+                let got = buffer.array
+                let index = (0..<got.count).first { got[$0] != expected[$0] }!
+                throw Mismatch(message: "seed \(options.seed): \(name) byte \(first * unit + index) (block \(first + index / unit)) reads \(got[index]), the model says \(expected[index])",
+                               volume: name, block: first + index / unit)
+            }
         }
         /// Replaces the member that is not active (failed by write errors, or left out) and
         /// rebuilds onto the new one; with the extended faults the rebuild may pause part way.
@@ -254,7 +382,9 @@ public enum StackSimulation {
             members[members.firstIndex { $0 === victim }!] = replacement
             report.memberFailures += 1
             if extended && random.chance(0.4) {
-                let stop = (1 + random.below((memberBytes >> 20) - 2)) << 20
+                let stop = widened
+                    ? max(1, random.below(array.geometry.memberDataBytes >> 20)) << 20
+                    : (1 + random.below((memberBytes >> 20) - 2)) << 20
                 _ = try await array.rebuild(checkpointBytes: 1 << 20, stopAtBytes: stop)
                 log("  rebuild paused at \(stop >> 20) MiB")
                 report.pausedRebuilds += 1
@@ -295,51 +425,50 @@ public enum StackSimulation {
             case 300..<550:
                 guard let name = pickVolume(writable: false) else { continue }
                 let size = models[name]!.current.count
-                let blocks = 1 + Int(random.below(32))
-                let first = Int(random.below(UInt64(size / 4096 - min(blocks, size / 4096) + 1)))
-                let count = min(blocks, size / 4096 - first)
-                let buffer = AlignedBuffer(count: count * 4096, zeroed: false)
-                log("read \(name) blocks \(first)+\(count)", volume: name, blocks: first..<(first + count))
-                try await pool.openVolume(name: name).read(into: buffer, at: UInt64(first * 4096))
-                let expected = Array(models[name]!.current[(first * 4096)..<((first + count) * 4096)])
-                if buffer.array != expected {
-                    let got = buffer.array
-                    let index = (0..<got.count).first { got[$0] != expected[$0] }!
-                    throw Mismatch(message: "seed \(options.seed): \(name) byte \(first * 4096 + index) (block \(first + index / 4096)) reads \(got[index]), the model says \(expected[index])",
-                                   volume: name, block: first + index / 4096)
+                let first: Int
+                let count: Int
+                if config.withPool {
+                    let blocks = 1 + Int(random.below(32))
+                    first = Int(random.below(UInt64(size / 4096 - min(blocks, size / 4096) + 1)))
+                    count = min(blocks, size / 4096 - first)
+                } else {
+                    (first, count) = extent(size: size / unit, most: 0)
                 }
+                log("read \(name) blocks \(first)+\(count)", volume: name, blocks: first..<(first + count))
+                try await check(name, first: first, count: count)
                 report.reads += 1
             case 550..<630:
                 guard let name = pickVolume(writable: false) else { continue }
                 log("flush \(name)")
-                try await pool.openVolume(name: name).flush()
+                try await device(name).flush()
                 commitAll()
                 report.flushes += 1
             case 630..<690:
                 guard let name = pickVolume(writable: true) else { continue }
                 let size = models[name]!.current.count
-                let blocks = min(1 + Int(random.below(40)), size / 4096)
-                let first = Int(random.below(UInt64(size / 4096 - blocks + 1)))
-                let zeroes = random.chance(0.5)
+                let (first, blocks) = extent(size: size / unit, most: 40)
+                // A RAID1 or RAID5 array keeps discarded data (discard is advisory): only write-zeroes
+                // says what the range holds afterwards.
+                let zeroes = random.chance(0.5) || !config.withPool
                 log("\(zeroes ? "write-zeroes" : "discard") \(name) blocks \(first)+\(blocks)", volume: name, blocks: first..<(first + blocks))
-                let volume = try await pool.openVolume(name: name)
+                let volume = try await device(name)
                 do {
                     if zeroes {
-                        try await volume.writeZeroes(offset: UInt64(first * 4096), length: UInt64(blocks * 4096))
+                        try await volume.writeZeroes(offset: UInt64(first * unit), length: UInt64(blocks * unit))
                     } else {
-                        try await volume.discard(offset: UInt64(first * 4096), length: UInt64(blocks * 4096))
+                        try await volume.discard(offset: UInt64(first * unit), length: UInt64(blocks * unit))
                     }
                 } catch let error as SpindleError where error.code == .noSpace && tight {
                     // Zeroing part of a shared chunk copies it, which needs space.
                     log("  refused: the pool is full", volume: name, blocks: first..<(first + blocks))
                     report.poolFullErrors += 1
-                    try await settleRefusedWrite(name, first: first, data: [UInt8](repeating: 0, count: blocks * 4096))
+                    try await settleRefusedWrite(name, first: first, data: [UInt8](repeating: 0, count: blocks * unit))
                     continue
                 }
-                models[name]!.apply([UInt8](repeating: 0, count: blocks * 4096), at: first * 4096)
+                models[name]!.apply([UInt8](repeating: 0, count: blocks * unit), at: first * unit)
                 report.discards += 1
             case 690..<740:
-                guard models.count < options.maximumVolumes, let name = pickVolume(writable: false) else { continue }
+                guard let pool, models.count < options.maximumVolumes, let name = pickVolume(writable: false) else { continue }
                 let snapshot = "s\(counter)"
                 let readOnly = random.chance(0.3)
                 log("snapshot \(name) as \(snapshot)\(readOnly ? " read-only" : "")", volume: snapshot, origin: name)
@@ -350,6 +479,7 @@ public enum StackSimulation {
                 commitAll()
                 report.snapshots += 1
             case 740..<780:
+                guard let pool else { continue }
                 if models.count > 1, random.chance(0.5), let name = pickVolume(writable: false) {
                     log("delete \(name)", volume: name)
                     try await pool.deleteVolume(name: name)
@@ -365,7 +495,7 @@ public enum StackSimulation {
                 commitAll()
                 report.volumeChanges += 1
             case 780..<820:
-                guard let name = pickVolume(writable: true) else { continue }
+                guard let pool, let name = pickVolume(writable: true) else { continue }
                 let size = Int(1 + random.below(options.volumeBytes / 65536 * 3 / 2)) * 65536 - (random.chance(0.5) ? 8192 : 0)
                 log("resize \(name) to \(size)", volume: name)
                 do {
@@ -391,20 +521,55 @@ public enum StackSimulation {
                     log("read errors stop")
                     for device in members { device.clearFaults() }
                     readErrorsActive = 0
-                } else if mayInject() {
+                } else if mayFault() {
                     log("read errors on \(member.name)")
                     member.failReads(probability: 0.05)
                     readErrorsActive = 1
                     report.injectedReadErrors += 1
+                } else if widened && config.level != .raid0 && !isWhole() && array.status.rebuildSlot == nil {
+                    // Read errors while degraded: where no redundancy is left a read fails with an
+                    // I/O error; it never returns wrong data, and no member is failed for it.
+                    let active = array.status.slots.filter { $0.state == .active }.compactMap(\.device)
+                    guard let victim = members.first(where: { $0.name == active[Int(random.below(UInt64(active.count)))] }) else { continue }
+                    log("read errors on \(victim.name) while degraded")
+                    victim.failReads(probability: 0.3)
+                    report.injectedReadErrors += 1
+                    let before = array.status.slots.map(\.state)
+                    for _ in 0..<6 {
+                        guard let name = pickVolume(writable: false) else { break }
+                        let size = models[name]!.current.count / unit
+                        let (first, count) = extent(size: size, most: 32)
+                        log("read \(name) blocks \(first)+\(count)", volume: name, blocks: first..<(first + count))
+                        try await check(name, first: first, count: count, mayFail: true)
+                        report.reads += 1
+                    }
+                    victim.clearFaults()
+                    log("read errors stop")
+                    guard array.status.slots.map(\.state) == before else {
+                        throw Mismatch(message: "seed \(options.seed): read errors while degraded changed the members' states from \(before) to \(array.status.slots.map(\.state))")
+                    }
                 }
             case 870..<900:
+                guard config.level != .raid0, readErrorsActive == 0 else { continue }
+                let lost = array.status.slots.filter { $0.state != .active }.count
+                if widened && random.chance(0.5) {
+                    // A member fails and stays failed: the array runs degraded, down to its redundancy
+                    // (a mirror of four to one member), until a later step replaces them.
+                    guard lost < array.geometry.redundancy, array.status.rebuildSlot == nil else { continue }
+                    let active = array.status.slots.filter { $0.state == .active }.compactMap(\.device)
+                    let victim = active[Int(random.below(UInt64(active.count)))]
+                    log("fail \(victim); the array runs degraded")
+                    try await array.fail(memberNamed: victim)
+                    report.memberFailures += 1
+                    continue
+                }
                 // A member fails under the load, is replaced and rebuilt.
-                guard mayInject(), readErrorsActive == 0 else { continue }
+                guard mayInject() else { continue }
                 let victim = members[Int(random.below(UInt64(members.count)))]
                 try await replaceAndRebuild(victim, reason: "fail \(victim.name)")
             case 900..<915 where extended:
                 // Write errors on one member: the array fails it at the first one and goes on degraded.
-                guard isWhole(), readErrorsActive == 0 else { continue }
+                guard config.level != .raid0, isWhole(), readErrorsActive == 0 else { continue }
                 let member = members[Int(random.below(UInt64(members.count)))]
                 log("write errors on \(member.name)")
                 member.failWrites(probability: 1)
@@ -422,7 +587,7 @@ public enum StackSimulation {
                     // Dirty and degraded is RAID5's write hole, which assembly refuses (as md does):
                     // let the cut come after the array has been idle long enough to be clean.
                     guard extended else { continue }
-                    if options.level == .raid5 {
+                    if config.level == .raid5 {
                         log("idle: the array marks itself clean")
                         await array.markCleanIfIdle(idleNanos: 0)
                         report.idleCleans += 1
@@ -438,31 +603,36 @@ public enum StackSimulation {
                 let assembly = try await RAIDArray.assemble(members: members)
                 array = assembly.array
                 array.setIdleCleanDelay(nanoseconds: .max)
-                pool = try await ThinPool.open(devices: [array])
-                let present = Set(try await pool.volumes().map(\.name))
-                guard present == Set(models.keys) else {
-                    throw Mismatch(message: "seed \(options.seed): after a power cut the pool has volumes \(present.sorted()), the model \(models.keys.sorted())")
+                if config.withPool {
+                    let reopened = try await ThinPool.open(devices: [array])
+                    pool = reopened
+                    let present = Set(try await reopened.volumes().map(\.name))
+                    guard present == Set(models.keys) else {
+                        throw Mismatch(message: "seed \(options.seed): after a power cut the pool has volumes \(present.sorted()), the model \(models.keys.sorted())")
+                    }
                 }
                 for (name, model) in models.sorted(by: { $0.key < $1.key }) {
-                    let volume = try await pool.openVolume(name: name)
+                    let volume = try await device(name)
                     let buffer = AlignedBuffer(count: model.current.count, zeroed: false)
                     try await volume.read(into: buffer, at: 0)
                     let bytes = buffer.array
-                    for block in 0..<(bytes.count / 4096) {
-                        let range = (block * 4096)..<((block + 1) * 4096)
+                    for block in 0..<(bytes.count / unit) {
+                        let range = (block * unit)..<((block + 1) * unit)
                         let got = Array(bytes[range])
                         if got != Array(model.durable[range]) && !model.versions[block].contains(got) {
                             throw Mismatch(message: "seed \(options.seed): after a power cut \(name) block \(block) holds data the flush contract does not allow (neither its committed contents nor a version written since)",
                                            volume: name, block: block)
                         }
                     }
-                    var settled = VolumeModel(bytes)
+                    var settled = VolumeModel(bytes, blockBytes: unit)
                     settled.readOnly = model.readOnly
                     models[name] = settled
                 }
-                let check = try await pool.check()
-                guard check.isClean else {
-                    throw Mismatch(message: "seed \(options.seed): pool check after a power cut: \(check.problems.prefix(3).joined(separator: "; "))")
+                if let pool {
+                    let check = try await pool.check()
+                    guard check.isClean else {
+                        throw Mismatch(message: "seed \(options.seed): pool check after a power cut: \(check.problems.prefix(3).joined(separator: "; "))")
+                    }
                 }
                 report.powerCuts += 1
             }
@@ -475,17 +645,27 @@ public enum StackSimulation {
                 _ = try await array.rebuild()
                 report.rebuilds += 1
             }
-            if let victim = brokenMember() { try await replaceAndRebuild(victim, reason: "degraded at the end") }
-            if array.status.rebuildSlot != nil { _ = try await array.rebuild() }
+            while let victim = brokenMember() {
+                try await replaceAndRebuild(victim, reason: "degraded at the end")
+                if array.status.rebuildSlot != nil { _ = try await array.rebuild() }
+            }
         }
-        try await pool.commit()
-        let check = try await pool.check()
-        guard check.isClean else {
-            throw Mismatch(message: "seed \(options.seed): pool check at the end: \(check.problems.prefix(3).joined(separator: "; "))")
+        if let pool {
+            try await pool.commit()
+            let check = try await pool.check()
+            guard check.isClean else {
+                throw Mismatch(message: "seed \(options.seed): pool check at the end: \(check.problems.prefix(3).joined(separator: "; "))")
+            }
         }
-        let scrub = try await array.scrub()
-        guard scrub.mismatches == 0 else {
-            throw Mismatch(message: "seed \(options.seed): scrub found \(scrub.mismatches) stripes whose parity disagrees with the data")
+        // Every byte reads back as the model says, then mirrors and parity agree.
+        for (name, model) in models.sorted(by: { $0.key < $1.key }) {
+            try await check(name, first: 0, count: model.current.count / unit)
+        }
+        if config.level != .raid0 {
+            let scrub = try await array.scrub()
+            guard scrub.mismatches == 0 else {
+                throw Mismatch(message: "seed \(options.seed): scrub found \(scrub.mismatches) stripes whose parity disagrees with the data")
+            }
         }
         try await array.close()
     }
