@@ -7,7 +7,9 @@ struct SimulateCommand: AsyncParsableCommand {
         commandName: "simulate",
         abstract: "Run the seeded whole-stack simulation: thin volumes on a pool on RAID on fault-injecting in-memory disks, checked against a model.",
         discussion: """
-            Each seed builds the stack, runs a random load with read and write errors, member failures and \
+            Each seed draws its stack: the member count (RAID0 2-8, RAID1 2-4, RAID5 3-8), the chunk size \
+            (4 KiB-1 MiB), and thin volumes in a pool or the array itself (requests from 512 bytes to several \
+            stripes at any 512-byte offset). It runs a random load with read and write errors, member failures and \
             rebuilds (some paused part way), power cuts with reassembly and, for one seed in four, a pool too \
             small for its volumes; it checks every read and every post-crash state against the flush contract. \
             A failing seed prints its last operations and those that bear on the block that went wrong; the \
@@ -26,8 +28,8 @@ struct SimulateCommand: AsyncParsableCommand {
     @Option(help: "Operations per run.")
     var operations: Int = 400
 
-    @Option(help: "RAID levels to alternate, comma-separated: 1, 5.")
-    var levels: String = "5,1"
+    @Option(help: "RAID levels to alternate, comma-separated: 0, 1, 5.")
+    var levels: String = "5,1,0"
 
     @Flag(help: "Print the totals as JSON.")
     var json = false
@@ -50,14 +52,38 @@ struct SimulateCommand: AsyncParsableCommand {
         var poolFullErrors = 0
         var powerCuts = 0
         var mismatches = 0
+        var unrecoverableReads = 0
         var failedSeeds: [String] = []
         var seconds = 0.0
+        /// Configurations run: member counts by level, chunk sizes, runs with and without a pool.
+        var memberCounts: [String: [Int]] = [:]
+        var chunkSizes: [UInt64] = []
+        var runsWithPool = 0
+        var runsOnArray = 0
+
+        mutating func count(_ configuration: StackSimulation.Configuration) {
+            let level = "raid\(configuration.level.rawValue)"
+            if !(memberCounts[level] ?? []).contains(configuration.members) {
+                memberCounts[level, default: []].append(configuration.members)
+                memberCounts[level]!.sort()
+            }
+            if !chunkSizes.contains(configuration.chunkBytes) {
+                chunkSizes.append(configuration.chunkBytes)
+                chunkSizes.sort()
+            }
+            if configuration.withPool { runsWithPool += 1 } else { runsOnArray += 1 }
+        }
+
+        var coverage: String {
+            let members = memberCounts.keys.sorted().map { "\($0) \(memberCounts[$0]!.map(String.init).joined(separator: ","))" }
+            return "members: \(members.joined(separator: "; ")); chunks: \(chunkSizes.map { ByteSize.format($0) }.joined(separator: ", ")); runs with a pool \(runsWithPool), on the array itself \(runsOnArray)"
+        }
     }
 
     func run() async throws {
         let levelList = try levels.split(separator: ",").map { text -> RAIDLevel in
-            guard let level = RAIDLevel(rawValue: Int(text) ?? -1), level != .raid0 else {
-                throw ValidationError("--levels takes 1 and 5, such as 5,1")
+            guard let level = RAIDLevel(rawValue: Int(text) ?? -1) else {
+                throw ValidationError("--levels takes 0, 1 and 5, such as 5,1,0")
             }
             return level
         }
@@ -86,9 +112,11 @@ struct SimulateCommand: AsyncParsableCommand {
                 totals.poolFullErrors += report.poolFullErrors
                 totals.powerCuts += report.powerCuts
                 totals.mismatches += report.mismatches
+                totals.unrecoverableReads += report.unrecoverableReads
+                if let configuration = report.configuration { totals.count(configuration) }
                 if let failure = report.failure {
                     totals.failedSeeds.append("raid\(level.rawValue) seed \(next)")
-                    Terminal.error("raid\(level.rawValue) seed \(next) failed: \(failure)")
+                    Terminal.error("raid\(level.rawValue) seed \(next) (\(report.configuration.map { "\($0)" } ?? "")) failed: \(failure)")
                     FileHandle.standardError.write(Data(("last operations:\n" + report.trace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
                     if !report.relevantTrace.isEmpty {
                         FileHandle.standardError.write(Data(("operations that bear on it (#operation):\n" + report.relevantTrace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
@@ -107,7 +135,8 @@ struct SimulateCommand: AsyncParsableCommand {
             print("""
                 runs \(totals.runs) (seeds \(seed)–\(next - 1), raid \(levels)), operations \(totals.operations) in \(formatDecimal(totals.seconds, places: 1)) s
                   reads \(totals.reads), writes \(totals.writes), flushes \(totals.flushes), discards/zeroes \(totals.discards), snapshots \(totals.snapshots), volume creates/deletes/resizes \(totals.volumeChanges)
-                  faults: read-error episodes \(totals.injectedReadErrors), write errors \(totals.injectedWriteErrors), member failures \(totals.memberFailures) (rebuilds \(totals.rebuilds), paused part way \(totals.pausedRebuilds)), power cuts \(totals.powerCuts), idle cleans \(totals.idleCleans), writes refused by a full pool \(totals.poolFullErrors)
+                  configurations: \(totals.coverage)
+                  faults: read-error episodes \(totals.injectedReadErrors) (reads failed where no redundancy was left: \(totals.unrecoverableReads)), write errors \(totals.injectedWriteErrors), member failures \(totals.memberFailures) (rebuilds \(totals.rebuilds), paused part way \(totals.pausedRebuilds)), power cuts \(totals.powerCuts), idle cleans \(totals.idleCleans), writes refused by a full pool \(totals.poolFullErrors)
                   mismatches \(totals.mismatches), failed runs \(totals.failedSeeds.count)\(totals.failedSeeds.isEmpty ? "" : ": " + totals.failedSeeds.joined(separator: ", "))
                 """)
         }

@@ -345,6 +345,18 @@ extension CLITests {
         #expect((decoded["notes"] as? [String])?.count == 1, "\(json.output)")
     }
 
+    @Test("simulate runs seeds on every level and reports the configurations it drew")
+    func simulateReportsConfigurations() throws {
+        let run = try spindle(["simulate", "--seeds", "2", "--operations", "40", "--json"])
+        #expect(run.status == 0, "\(run.errors)")
+        let decoded = try JSONSerialization.jsonObject(with: Data(run.output.utf8)) as! [String: Any]
+        #expect(decoded["runs"] as? Int == 6 && decoded["mismatches"] as? Int == 0, "\(run.output)")
+        let members = decoded["memberCounts"] as? [String: [Int]]
+        #expect(Set(members?.keys.map { $0 } ?? []) == ["raid0", "raid1", "raid5"], "\(run.output)")
+        let bad = try spindle(["simulate", "--levels", "6"])
+        #expect(bad.status == 2 && bad.errors.contains("--levels takes 0, 1 and 5"), "\(bad.errors)")
+    }
+
     @Test("a missing member is named by its last known file name")
     func missingMemberNamedByLastKnownName() throws {
         let folder = TemporaryFolder("cli-missing-name")
