@@ -65,6 +65,15 @@ public final class AlignedBuffer: @unchecked Sendable {
         }
     }
 
+    /// Copies `source` into this buffer at `offset` (this buffer kept alive for the copy).
+    public func copy(from source: UnsafeRawBufferPointer, at offset: Int) {
+        precondition(offset >= 0 && offset + source.count <= count, "copy out of the buffer")
+        guard let start = source.baseAddress else { return }
+        withExtendedLifetime(self) {
+            (bytes.baseAddress! + offset).copyMemory(from: start, byteCount: source.count)
+        }
+    }
+
     /// Whether `length` bytes at `offset` are the same in both buffers.
     public func equals(_ other: AlignedBuffer, offset: Int = 0, length: Int? = nil) -> Bool {
         let length = length ?? count

@@ -254,6 +254,7 @@ final class NBDConnection: @unchecked Sendable {
                     }
                     let buffer = server.buffers.take(Int(request.length))
                     try await receive(buffer.bytes.baseAddress!, Int(request.length))
+                    withExtendedLifetime(buffer) {}  // received into while alive; kept on as the payload
                     payload = buffer
                 }
                 func fail(_ error: NBDProtocol.ErrorCode, _ message: String) async throws {

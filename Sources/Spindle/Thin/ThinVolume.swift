@@ -131,7 +131,7 @@ public final class ThinVolume: BlockDevice {
                     replacing = physical
                 }
             }
-            (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
+            whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
             let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
                 let fresh = try await pool.allocateChunkLocked().chunk
                 return (fresh, pool.location(of: fresh))
@@ -169,7 +169,7 @@ public final class ThinVolume: BlockDevice {
             if !clean && !device.discardReadsZeroes {
                 // Zeros must be written: the whole chunk in one request.
                 let whole = AlignedBuffer(count: Int(chunkBytes))
-                (whole.bytes.baseAddress! + Int(within)).copyMemory(from: source.baseAddress!, byteCount: source.count)
+                whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
                 try await device.write(from: whole, at: base)
                 let mapped = try await pool.lock.withLock {
                     try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
