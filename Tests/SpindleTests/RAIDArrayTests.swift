@@ -57,7 +57,7 @@ final class SuperblockGate: Reopenable, @unchecked Sendable {
     }
 }
 
-private func randomFill(_ array: RAIDArray, seed: UInt64) async throws -> [UInt8] {
+func randomFill(_ array: RAIDArray, seed: UInt64) async throws -> [UInt8] {
     let data = AlignedBuffer(count: Int(array.capacityBytes))
     fillRandom(data.bytes, seed: seed)
     try await array.write(from: data, at: 0)

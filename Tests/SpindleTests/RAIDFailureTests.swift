@@ -5,13 +5,6 @@ private func members(_ count: Int, bytes: UInt64 = (1 << 20) + (2 << 20)) throws
     try (0..<count).map { try MemoryDevice(capacityBytes: bytes, name: "d\($0).img") }
 }
 
-private func fill(_ array: RAIDArray, seed: UInt64) async throws -> [UInt8] {
-    let buffer = AlignedBuffer(count: Int(array.capacityBytes))
-    fillRandom(buffer.bytes, seed: seed)
-    try await array.write(from: buffer, at: 0)
-    return buffer.array
-}
-
 /// Failures at the edges of what each level survives: mirrors down to one member, read errors
 /// with no redundancy left, unreadable superblocks, removing a failed member after reassembly.
 @Suite("RAID failures", .serialized)
@@ -21,7 +14,7 @@ struct RAIDFailureTests {
         let memory = try members(count)
         let faulty = memory.map { FaultyDevice(wrapping: Reopenable($0), name: $0.name) }
         let array = try await RAIDArray.create(name: "m", level: .raid1, chunkBytes: 65536, members: faulty)
-        var expected = try await fill(array, seed: 1)
+        var expected = try await randomFill(array, seed: 1)
         #expect(array.geometry.redundancy == count - 1)
         for slot in 1..<(count - 1) { try await array.fail(memberNamed: "d\(slot).img") }
         // The last but one vanishes under I/O: the mirror carries on with one member.
@@ -50,7 +43,7 @@ struct RAIDFailureTests {
         let memory = try members(3)
         let faulty = memory.map { FaultyDevice(wrapping: Reopenable($0), name: $0.name) }
         let array = try await RAIDArray.create(name: "r", level: .raid5, chunkBytes: 4096, members: faulty)
-        let expected = try await fill(array, seed: 3)
+        let expected = try await randomFill(array, seed: 3)
         try await array.fail(memberNamed: "d0.img")
         // Member offsets 1 MiB ..< 1 MiB + 100 KiB of d1 (its data area's first 100 KiB) read badly.
         faulty[1].failReads(in: RAIDArray.dataOffset..<(RAIDArray.dataOffset + 100 * 1024))
@@ -89,7 +82,7 @@ struct RAIDFailureTests {
         let memory = try members(3)
         let faulty = memory.map { FaultyDevice(wrapping: Reopenable($0), name: $0.name) }
         let array = try await RAIDArray.create(name: "s", level: level, chunkBytes: 4096, members: faulty)
-        let expected = try await fill(array, seed: 4)
+        let expected = try await randomFill(array, seed: 4)
         faulty[1].failReads(in: (RAIDArray.dataOffset + 8192)..<(RAIDArray.dataOffset + 16384))
         let report = try await array.scrub()
         #expect(report.readErrorsRepaired == 2 && report.unreadable.isEmpty && report.mismatches == 0)
@@ -116,7 +109,7 @@ struct RAIDFailureTests {
         let memory = try members(3, bytes: (1 << 20) + (4 << 20))
         let faulty = memory.map { FaultyDevice(wrapping: Reopenable($0), name: $0.name) }
         let array = try await RAIDArray.create(name: "b", level: level, chunkBytes: 65536, members: faulty)
-        let expected = try await fill(array, seed: 5)
+        let expected = try await randomFill(array, seed: 5)
         try await array.fail(memberNamed: "d2.img")
         try await array.remove(memberNamed: "d2.img")
         let replacement = try MemoryDevice(capacityBytes: (1 << 20) + (4 << 20), name: "new.img")
@@ -144,7 +137,7 @@ struct RAIDFailureTests {
     func unreadableSuperblockLeftOut() async throws {
         let memory = try members(3)
         let array = try await RAIDArray.create(name: "u", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
-        let expected = try await fill(array, seed: 6)
+        let expected = try await randomFill(array, seed: 6)
         try await array.close()
         // One copy unreadable: the other is used, nothing is left out.
         let oneCopy = FaultyDevice(wrapping: Reopenable(memory[1]), name: "d1.img")
@@ -168,7 +161,7 @@ struct RAIDFailureTests {
     func removeFailedMemberAfterReassembly() async throws {
         let memory = try members(4)
         let array = try await RAIDArray.create(name: "f", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
-        let expected = try await fill(array, seed: 7)
+        let expected = try await randomFill(array, seed: 7)
         try await array.fail(memberNamed: "d1.img")
         try await array.close()
         let report = try await RAIDArray.assemble(members: memory.map { Reopenable($0) })
