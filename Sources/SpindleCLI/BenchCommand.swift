@@ -66,7 +66,7 @@ struct BenchCommand: AsyncParsableCommand {
     @Flag(help: "Write the whole region before measuring.")
     var fill = false
 
-    @Flag(help: "Write nothing: read every block once and check it holds what '--fill --verify' with the same --seed and --bs wrote earlier.")
+    @Flag(help: "Write nothing: read every block once and check it holds, whole, a block that an earlier '--fill --verify' run with the same --seed and --bs wrote (its layout pass or any later write of it; a lost write that left an older one of that run is not told apart).")
     var verifyExisting = false
 
     @Option(help: ArgumentHelp(

@@ -79,6 +79,38 @@ struct BenchTests {
         expectError(error, .verificationFailed, ["verify of 4096 bytes at offset 40960 on lossy", "holds zeros"])
     }
 
+    @Test("verify-existing after random writes accepts any whole block of the run, and catches a corrupt or foreign one")
+    func verifyExistingAfterRandomWrites() async throws {
+        let memory = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096, name: "mem")
+        var options = Bench.Options(pattern: .randwrite)
+        options.operations = 300
+        options.ioDepth = 8
+        options.fill = true
+        options.verify = true
+        options.seed = 3
+        _ = try await Bench.run(on: memory, options: options)
+        var check = Bench.Options(pattern: .read)
+        check.verifyExisting = true
+        check.seed = 3
+        let report = try await Bench.run(on: memory, options: check)
+        #expect(report.verifiedBlocks == 256)
+        // A block's payload corrupted: named, with its offset.
+        let block = AlignedBuffer(count: 4096)
+        try await memory.read(into: block, at: 8192)
+        block.bytes[100] ^= 0xFF
+        try await memory.write(from: block, at: 8192)
+        expectError(await spindleError { _ = try await Bench.run(on: memory, options: check) },
+                    .verificationFailed, ["offset 8192", "contents differ"])
+        block.bytes[100] ^= 0xFF
+        try await memory.write(from: block, at: 8192)
+        // Another offset's block where this one belongs (a misdirected write).
+        try await memory.read(into: block, at: 12288)
+        try await memory.write(from: block, at: 8192)
+        expectError(await spindleError { _ = try await Bench.run(on: memory, options: check) },
+                    .verificationFailed, ["offset 8192", "misdirected"])
+        try await memory.close()
+    }
+
     @Test("bad options are refused before any I/O")
     func badOptions() async throws {
         let device = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096)

@@ -51,6 +51,18 @@ public enum BlockPattern {
         return "expected \(expected); the header matches but the contents differ (corrupted data)"
     }
 
+    /// Checks that `block` holds, whole and uncorrupted, some write of `seed` for `offset` (the layout
+    /// pass or any later write, whichever its header names); nil when it does.
+    public static func mismatchAnyWrite(
+        _ block: UnsafeRawBufferPointer, seed: UInt64, offset: UInt64, scratch: UnsafeMutableRawBufferPointer
+    ) -> String? {
+        let words = block.bindMemory(to: UInt64.self)
+        let serial = UInt64(littleEndian: words[0]) == magic ? UInt64(littleEndian: words[2]) : 0
+        guard let problem = mismatch(block, seed: seed, offset: offset, serial: serial, scratch: scratch) else { return nil }
+        let layout = "expected the layout pass"
+        return problem.hasPrefix(layout) ? "expected a block the bench wrote" + problem.dropFirst(layout.count) : problem
+    }
+
     @inline(__always)
     static func mix(_ value: UInt64) -> UInt64 {
         var mixed = value &+ 0x9E37_79B9_7F4A_7C15
