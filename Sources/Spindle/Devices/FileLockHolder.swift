@@ -16,14 +16,23 @@ enum FileLockHolder {
 
     /// Takes an exclusive `flock` without blocking. When a process holds it that has already
     /// exited — a killed process whose io_uring requests the kernel is still tearing down keeps its
-    /// files, and so its lock, for a moment — waits up to `patienceSeconds` for the lock to go.
+    /// files, and so its lock, for a moment — waits up to `patienceSeconds` for the lock to go; when
+    /// no holder is listed (a lock being released just after a close), waits up to a second.
     /// Returns false with `errno` set when the lock is not taken.
     static func lock(_ descriptor: Int32, device: UInt64, inode: UInt64, patienceSeconds: Double = 10) -> Bool {
         if flock(descriptor, LOCK_EX | LOCK_NB) == 0 { return true }
         var failure = errno
         var waited = 0.0
-        while failure == EWOULDBLOCK, waited < patienceSeconds,
-              let pid = holderPID(device: device, inode: inode), pid != getpid(), !isAlive(pid) {
+        var unknownHolderWait = 0.0
+        while failure == EWOULDBLOCK, waited < patienceSeconds {
+            if let pid = holderPID(device: device, inode: inode) {
+                if pid == getpid() || isAlive(pid) { break }
+            } else {
+                // No holder listed: the lock is being released (the kernel drops a closed file's
+                // lock when its last in-flight reference goes, a moment after close). Wait briefly.
+                guard unknownHolderWait < 1 else { break }
+                unknownHolderWait += 0.01
+            }
             usleep(10_000)
             waited += 0.01
             if flock(descriptor, LOCK_EX | LOCK_NB) == 0 { return true }
