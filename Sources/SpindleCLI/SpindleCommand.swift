@@ -68,7 +68,7 @@ func isRefusal(_ error: any Error) -> Bool {
     switch error.code {
     case .invalidArgument, .misaligned, .outOfRange, .alreadyExists, .notFound, .locked, .readOnly, .unsupported, .noSpace:
         return true
-    case .ioFailed, .closed, .shortTransfer, .injectedFault, .deviceGone, .verificationFailed:
+    default:  // the storage failed (I/O, corruption, a device gone) or the run was stopped
         return false
     }
 }

@@ -24,6 +24,52 @@ struct EngineTests {
         #expect(fromGlobal == [Int32](repeating: 0, count: 200))
     }
 
+    @Test("operations past the waiting limit fail at once as overloaded; the rest complete")
+    func waitingLimit() async throws {
+        var configuration = IOEngine.Configuration()
+        configuration.maximumInFlight = 2
+        configuration.submissionQueueEntries = 4
+        configuration.maximumWaiting = 3
+        let engine = try IOEngine(configuration: configuration)
+        defer { engine.shutdown() }
+        // On the reactor the requests are started in order: 2 in flight, 3 waiting, the rest refused.
+        let results = await engine.run {
+            await withTaskGroup(of: Int32.self) { group in
+                for _ in 0..<8 { group.addTask(executorPreference: engine) { await engine.execute(.sleep(nanoseconds: 20_000_000)) } }
+                var results: [Int32] = []
+                for await result in group { results.append(result) }
+                return results
+            }
+        }
+        #expect(results.filter { $0 == -ETIME }.count == 5, "\(results)")
+        #expect(results.filter { $0 == -ENOBUFS }.count == 3, "\(results)")
+        let error = await #expect(throws: SpindleError.self) {
+            try await engine.run {
+                try await withThrowingTaskGroup(of: Int.self) { group in
+                    for _ in 0..<8 {
+                        group.addTask(executorPreference: engine) {
+                            try await engine.perform(.sleep(nanoseconds: 20_000_000), operation: "sleep")
+                        }
+                    }
+                    for try await _ in group {}
+                }
+            }
+        }
+        #expect(error?.code == .overloaded || error?.errno == ETIME, "\(String(describing: error))")
+    }
+
+    @Test("engine results become errors in one place: counts pass through, -errno is named")
+    func resultsBecomeErrors() throws {
+        #expect(try SpindleError.check(4096, operation: "read") == 4096)
+        let error = #expect(throws: SpindleError.self) {
+            try SpindleError.check(-EIO, operation: "read", path: "/tmp/a.img", offset: 8192, length: 4096)
+        }
+        #expect(error?.code == .ioFailed && error?.errno == EIO)
+        #expect(error?.description == "read of 4096 bytes at offset 8192 on /tmp/a.img failed: Input/output error (errno 5)")
+        #expect(throws: SpindleError.self) { try SpindleError.check(-ENOBUFS, operation: "write") }
+        #expect((try? SpindleError.check(-ENOBUFS, operation: "write")) == nil)
+    }
+
     @Test("more operations than slots wait their turn and all complete")
     func overflowQueue() async throws {
         var configuration = IOEngine.Configuration()

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import Spindle
 
@@ -15,6 +16,25 @@ struct SupportTests {
     func rejectSizes(text: String) async {
         let error = await spindleError { _ = try ByteSize.parse(text) }
         #expect(error?.code == .invalidArgument)
+    }
+
+    @Test("errors keep their cause; codes encode as their names and compare by name")
+    func errorsKeepTheirCause() throws {
+        let problem = RAIDSuperblock.Problem.checksumMismatch(stored: 1, computed: 2)
+        let error = SpindleError(.corrupted, "\(problem)", operation: "assemble", path: "a.img", cause: problem)
+        #expect(error.cause as? RAIDSuperblock.Problem == problem)
+        #expect(error.rootCause as? RAIDSuperblock.Problem == problem)
+        let outer = SpindleError(.ioFailed, "the array could not start", cause: error)
+        #expect((outer.rootCause as? RAIDSuperblock.Problem) == problem)
+        #expect(outer != SpindleError(.ioFailed, "the array could not start"))
+        let encoded = try JSONEncoder().encode([SpindleError.Code.corrupted, .noSpace])
+        #expect(String(decoding: encoded, as: UTF8.self) == #"["corrupted","noSpace"]"#)
+        #expect(try JSONDecoder().decode([SpindleError.Code].self, from: encoded) == [.corrupted, .noSpace])
+        // A switch over codes keeps compiling as codes are added: it has a default branch.
+        switch error.code {
+        case .corrupted: break
+        default: Issue.record("expected corrupted, got \(error.code)")
+        }
     }
 
     @Test("sizes format with binary units")

@@ -270,8 +270,7 @@ public final class FileDevice: BlockDevice {
     public func flush() async throws {
         try gate.enter(operation: "flush", name: path)
         defer { gate.leave() }
-        let result = await engine.execute(.sync(fd: descriptor, dataOnly: true))
-        if result < 0 { throw SpindleError.system(-result, operation: "flush", path: path) }
+        _ = try await engine.perform(.sync(fd: descriptor, dataOnly: true), operation: "flush", path: path)
     }
 
     public func discard(offset: UInt64, length: UInt64) async throws {
@@ -326,19 +325,15 @@ public final class FileDevice: BlockDevice {
             let operation: IOOperation = read
                 ? .read(fd: descriptor, buffer: base + done, length: piece, offset: offset + UInt64(done))
                 : .write(fd: descriptor, buffer: base + done, length: piece, offset: offset + UInt64(done), fua: fua)
-            let result = await engine.execute(operation)
-            if result < 0 {
-                if result == -EINTR || result == -EAGAIN { continue }
-                throw SpindleError.system(
-                    -result, operation: read ? "read" : "write", path: path, offset: offset, length: UInt64(count))
-            }
+            let result = try await engine.perform(
+                operation, operation: read ? "read" : "write", path: path, offset: offset, length: UInt64(count))
             if result == 0 {
                 throw SpindleError(
                     .shortTransfer,
                     "the image ended after \(UInt64(done) + offset) bytes; it was truncated while open (expected \(capacityBytes) bytes)",
                     operation: read ? "read" : "write", path: path, offset: offset, length: UInt64(count))
             }
-            done += Int(result)
+            done += result
         }
     }
 
@@ -362,12 +357,9 @@ public final class FileDevice: BlockDevice {
         let operation: IOOperation = read
             ? .readVector(fd: descriptor, vectors: vectors.baseAddress!, count: UInt32(vectors.count), offset: offset)
             : .writeVector(fd: descriptor, vectors: vectors.baseAddress!, count: UInt32(vectors.count), offset: offset, fua: fua)
-        let result = await engine.execute(operation)
-        if result < 0 && result != -EINTR && result != -EAGAIN {
-            throw SpindleError.system(-result, operation: operationName, path: path, offset: offset, length: UInt64(total))
-        }
-        // Finish a short or interrupted transfer buffer by buffer.
-        var skip = Int(max(result, 0))
+        var skip = try await engine.perform(
+            operation, operation: operationName, path: path, offset: offset, length: UInt64(total))
+        // Finish a short transfer buffer by buffer.
         guard skip < total else { return }
         var position = offset
         for vector in vectors {
@@ -390,10 +382,9 @@ public final class FileDevice: BlockDevice {
             : [spindle_FALLOC_FL_ZERO_RANGE | keep, spindle_FALLOC_FL_PUNCH_HOLE | keep]
         for mode in modes {
             let result = await engine.execute(.allocate(fd: descriptor, mode: mode, offset: offset, length: length))
-            if result == 0 { return }
-            if result != -EOPNOTSUPP && result != -EINVAL {
-                throw SpindleError.system(-result, operation: operation, path: path, offset: offset, length: length)
-            }
+            if result == -EOPNOTSUPP || result == -EINVAL { continue }  // not supported here: try the next mode
+            _ = try SpindleError.check(result, operation: operation, path: path, offset: offset, length: length)
+            return
         }
         // Neither mode is supported: write zeros.
         let pieceBytes = 1 << 20

@@ -26,28 +26,6 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     // @unchecked Sendable: state shared between threads lives in `inbox` (a lock) and in atomics;
     // every other stored variable is touched only by the reactor thread (see `assertOnReactor`).
 
-    /// How an engine sets up its ring.
-    public struct Configuration: Sendable {
-        /// Submission queue size; the completion queue is sized to hold every operation in flight.
-        public var submissionQueueEntries: UInt32 = 256
-        /// Operations in flight at once; more wait in the engine until a slot frees.
-        public var maximumInFlight: Int = 4096
-        /// `IORING_SETUP_SINGLE_ISSUER`: only the reactor submits, so the kernel can skip locking.
-        public var singleIssuer = true
-        /// `IORING_SETUP_DEFER_TASKRUN`: completions are processed when the reactor asks for them,
-        /// not by interrupting it. Requires ``singleIssuer``.
-        public var deferTaskRun = true
-        /// Largest batch of prepared entries the reactor holds before submitting them mid-round.
-        /// In each round the first entry is submitted at once, then batches double up to this size:
-        /// the device gets work without waiting for the whole round (the kernel plugs a batch until
-        /// all of it is issued), and a busy round still costs only a few system calls.
-        public var submitBatch = 16
-        /// Name of the reactor thread, as `top -H` shows it (15 characters at most).
-        public var threadName = "spindle-io"
-
-        public init() {}
-    }
-
     /// The engine the CLI and library use when none is given. Created on first use; never shut down.
     public static var shared: IOEngine {
         get throws(SpindleError) { try sharedEngine.get() }
@@ -112,6 +90,7 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     /// - Throws: ``SpindleError`` when io_uring is unavailable (disabled by sysctl, seccomp, an old kernel).
     public init(configuration: Configuration = Configuration()) throws(SpindleError) {
         precondition(configuration.maximumInFlight > 0 && configuration.maximumInFlight < Int(Int32.max))
+        precondition(configuration.maximumWaiting >= 0)
         self.configuration = configuration
         submitBatch = UInt32(max(1, configuration.submitBatch))
         let slots = configuration.maximumInFlight
@@ -193,15 +172,6 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
     public func execute(_ operation: IOOperation) async -> Int32 {
         await withUnsafeContinuation { continuation in
             self.submit(operation, continuation)
-        }
-    }
-
-    /// Waits without holding a thread, on the ring's timer.
-    /// - Throws: ``SpindleError/Code/closed`` when the engine shuts down first.
-    public func sleep(nanoseconds: UInt64) async throws(SpindleError) {
-        let result = await execute(.sleep(nanoseconds: nanoseconds))
-        if result < 0 && result != -ETIME {
-            throw SpindleError(.closed, "the I/O engine shut down", operation: "sleep")
         }
     }
 
@@ -295,41 +265,21 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
             return
         }
         guard freeSlotCount > 0 else {
+            guard overflow.count - overflowHead < configuration.maximumWaiting else {
+                continuation.resume(returning: -ENOBUFS)
+                return
+            }
             overflow.append(Request(operation: operation, continuation: continuation))
             return
         }
         freeSlotCount -= 1
         let slot = Int(freeSlots[freeSlotCount])
         continuations[slot] = continuation
-        check(prepare(operation, tag: UInt64(slot), timespec: timespecs + slot), "prepare a request")
+        check(Self.prepare(operation, ring: ring, tag: UInt64(slot), timespec: timespecs + slot), "prepare a request")
         inFlight += 1
         if spindle_ring_unsubmitted(ring) >= submitThreshold {
             _ = spindle_ring_submit(ring)
             submitThreshold = min(submitThreshold * 2, submitBatch)
-        }
-    }
-
-    /// Fills a submission entry for an operation.
-    private func prepare(_ operation: IOOperation, tag: UInt64, timespec: UnsafeMutablePointer<spindle_timespec>) -> Int32 {
-        switch operation {
-        case .nop:
-            return spindle_ring_nop(ring, tag)
-        case let .read(fd, buffer, length, offset):
-            return spindle_ring_read(ring, fd, buffer, length, offset, tag)
-        case let .write(fd, buffer, length, offset, fua):
-            return spindle_ring_write(ring, fd, buffer, length, offset, fua ? 1 : 0, tag)
-        case let .readVector(fd, vectors, count, offset):
-            return spindle_ring_readv(ring, fd, vectors, count, offset, tag)
-        case let .writeVector(fd, vectors, count, offset, fua):
-            return spindle_ring_writev(ring, fd, vectors, count, offset, fua ? 1 : 0, tag)
-        case let .writeStream(fd, vectors, count, offload):
-            return spindle_ring_writev_stream(ring, fd, vectors, count, offload ? 1 : 0, tag)
-        case let .sync(fd, dataOnly):
-            return spindle_ring_fsync(ring, fd, dataOnly ? 1 : 0, tag)
-        case let .allocate(fd, mode, offset, length):
-            return spindle_ring_fallocate(ring, fd, mode, offset, length, tag)
-        case let .sleep(nanoseconds):
-            return spindle_ring_timeout(ring, timespec, nanoseconds, tag)
         }
     }
 

@@ -67,19 +67,15 @@ final class NBDConnection: @unchecked Sendable {
             let direct = count - done >= Self.inboxBytes / 4
             let target = direct ? buffer + done : inbox
             let room = direct ? count - done : Self.inboxBytes
-            let result = await server.engine.execute(
-                .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max))
+            let result = try await socketOperation(
+                .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max),
+                operation: "receive")
             if result == 0 { throw EndOfStream() }
-            if result < 0 {
-                if result == -EINTR || result == -EAGAIN { continue }
-                if result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
-                throw SpindleError.system(-result, operation: "receive")
-            }
             if direct {
-                done += Int(result)
+                done += result
             } else {
                 inboxStart = 0
-                inboxEnd = Int(result)
+                inboxEnd = result
             }
         }
     }
@@ -94,15 +90,25 @@ final class NBDConnection: @unchecked Sendable {
     private func send(_ buffer: UnsafeRawPointer, _ count: Int) async throws {
         var done = 0
         while done < count {
-            let result = await server.engine.execute(
-                .write(fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max, fua: false))
-            if result < 0 {
-                if result == -EINTR || result == -EAGAIN { continue }
-                if result == -EPIPE || result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
-                throw SpindleError.system(-result, operation: "send")
-            }
-            done += Int(result)
+            done += try await socketOperation(
+                .write(fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max, fua: false),
+                operation: "send")
         }
+    }
+
+    /// A socket operation on the engine: its byte count, or ``EndOfStream`` when the client went away
+    /// (reset, closed pipe, or the engine shutting down).
+    private func socketOperation(_ request: IOOperation, operation: String) async throws -> Int {
+        let result: Result<Int, SpindleError>
+        do {
+            result = .success(try await server.engine.perform(request, operation: operation))
+        } catch {
+            result = .failure(error)
+        }
+        if case .failure(let error) = result, [ECONNRESET, EPIPE, ECANCELED].contains(error.errno ?? 0) {
+            throw EndOfStream()
+        }
+        return try result.get()
     }
 
     private func send(_ bytes: [UInt8]) async throws {
@@ -406,15 +412,8 @@ final class NBDConnection: @unchecked Sendable {
             let count = dataLength ?? data.count
             vectors[1] = iovec(iov_base: data.bytes.baseAddress!, iov_len: count)
             let offload = count >= 128 * 1024
-            var result = await server.engine.execute(.writeStream(fd: socket, vectors: vectors, count: 2, offload: offload))
-            while result == -EINTR || result == -EAGAIN {
-                result = await server.engine.execute(.writeStream(fd: socket, vectors: vectors, count: 2, offload: offload))
-            }
-            if result < 0 {
-                if result == -EPIPE || result == -ECONNRESET || result == -ECANCELED { throw EndOfStream() }
-                throw SpindleError.system(-result, operation: "send")
-            }
-            let sent = Int(result)
+            let sent = try await socketOperation(
+                .writeStream(fd: socket, vectors: vectors, count: 2, offload: offload), operation: "send")
             if sent < 16 {
                 try await send(header + sent, 16 - sent)
                 try await send(data.bytes.baseAddress!, count)

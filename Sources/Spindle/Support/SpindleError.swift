@@ -7,37 +7,52 @@ import Glibc
 /// `read of 4096 bytes at offset 8192 on /var/lib/a.img failed: Input/output error (errno 5)`.
 public struct SpindleError: Error, Sendable, CustomStringConvertible, Equatable {
     /// What went wrong, for code that reacts to it.
-    public enum Code: String, Sendable, Codable, Equatable {
+    ///
+    /// A set of named values rather than an enum, so that new codes can be added without breaking
+    /// callers: a `switch` over codes needs a `default:` branch, and one written today keeps compiling
+    /// when a later version adds a code. Codes compare by name and encode as their name.
+    public struct Code: RawRepresentable, Hashable, Sendable, Codable, CustomStringConvertible {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
+
         /// The kernel or a lower device reported an I/O error.
-        case ioFailed
+        public static let ioFailed = Code(rawValue: "ioFailed")
         /// A request is not a multiple of the logical block size, or a buffer is badly aligned.
-        case misaligned
+        public static let misaligned = Code(rawValue: "misaligned")
         /// A request reaches past the end of the device.
-        case outOfRange
+        public static let outOfRange = Code(rawValue: "outOfRange")
         /// A request, option or value that can never be valid.
-        case invalidArgument
+        public static let invalidArgument = Code(rawValue: "invalidArgument")
         /// A write, discard or write-zeroes on a device opened read-only.
-        case readOnly
+        public static let readOnly = Code(rawValue: "readOnly")
         /// The device or engine was closed.
-        case closed
+        public static let closed = Code(rawValue: "closed")
         /// Another opener holds the image's write lock.
-        case locked
+        public static let locked = Code(rawValue: "locked")
         /// The named file does not exist.
-        case notFound
+        public static let notFound = Code(rawValue: "notFound")
         /// The file to create exists already.
-        case alreadyExists
+        public static let alreadyExists = Code(rawValue: "alreadyExists")
         /// Fewer bytes were transferred than asked for (the image shrank underneath).
-        case shortTransfer
+        public static let shortTransfer = Code(rawValue: "shortTransfer")
         /// A fault injected on purpose by a ``FaultyDevice``.
-        case injectedFault
+        public static let injectedFault = Code(rawValue: "injectedFault")
         /// A ``FaultyDevice`` lost power or vanished; it takes no I/O until restored.
-        case deviceGone
+        public static let deviceGone = Code(rawValue: "deviceGone")
         /// The operation is not supported by this device or file system.
-        case unsupported
+        public static let unsupported = Code(rawValue: "unsupported")
         /// Data read back does not match what was written.
-        case verificationFailed
+        public static let verificationFailed = Code(rawValue: "verificationFailed")
         /// A thin pool has no free chunk for a write that needs one.
-        case noSpace
+        public static let noSpace = Code(rawValue: "noSpace")
+        /// On-disk state failed a check: a checksum, a magic number, a version or a field out of its
+        /// range. The data underneath was read; what it holds is not valid. ``SpindleError/cause``
+        /// holds the typed problem (for example ``RAIDSuperblock/Problem``).
+        public static let corrupted = Code(rawValue: "corrupted")
+        /// The I/O engine has more operations waiting than its configuration allows
+        /// (``IOEngine/Configuration/maximumWaiting``); nothing was submitted.
+        public static let overloaded = Code(rawValue: "overloaded")
     }
 
     public var code: Code
@@ -53,11 +68,15 @@ public struct SpindleError: Error, Sendable, CustomStringConvertible, Equatable 
     public var offset: UInt64?
     /// Byte length of the request.
     public var length: UInt64?
+    /// The error underneath, when this one wraps another: the typed problem of a ``Code/corrupted``
+    /// header (``RAIDSuperblock/Problem``, ``ThinPoolLabel/Problem``, …) or the lower device's error.
+    public var cause: (any Error & Sendable)?
 
     public init(
         _ code: Code, _ message: String, errno: Int32? = nil, operation: String? = nil,
-        path: String? = nil, offset: UInt64? = nil, length: UInt64? = nil
+        path: String? = nil, offset: UInt64? = nil, length: UInt64? = nil, cause: (any Error & Sendable)? = nil
     ) {
+        self.cause = cause
         self.code = code
         self.message = message
         self.errno = errno
@@ -78,12 +97,37 @@ public struct SpindleError: Error, Sendable, CustomStringConvertible, Equatable 
         case EROFS, EPERM, EACCES: code = .readOnly
         case EOPNOTSUPP: code = .unsupported
         case ECANCELED: code = .closed
+        case ENOBUFS: code = .overloaded
         case EINVAL: code = .invalidArgument
         default: code = .ioFailed
         }
         return SpindleError(
             code, "\(String(cString: strerror(errno))) (errno \(errno))", errno: errno,
             operation: operation, path: path, offset: offset, length: length)
+    }
+
+    /// The result of an engine operation (``IOEngine/execute(_:)``): its byte count or 0 when it
+    /// succeeded, the error when the kernel returned `-errno`. The one place engine results become errors.
+    public static func check(
+        _ result: Int32, operation: String, path: String? = nil, offset: UInt64? = nil, length: UInt64? = nil
+    ) throws(SpindleError) -> Int {
+        if result < 0 { throw system(-result, operation: operation, path: path, offset: offset, length: length) }
+        return Int(result)
+    }
+
+    /// The innermost cause: follows ``cause`` through wrapped Spindle errors.
+    public var rootCause: any Error {
+        var current: any Error = self
+        while let wrapped = (current as? SpindleError)?.cause { current = wrapped }
+        return current
+    }
+
+    /// Errors are equal when every field is; causes compare by their description.
+    public static func == (lhs: SpindleError, rhs: SpindleError) -> Bool {
+        lhs.code == rhs.code && lhs.message == rhs.message && lhs.errno == rhs.errno
+            && lhs.operation == rhs.operation && lhs.path == rhs.path && lhs.offset == rhs.offset
+            && lhs.length == rhs.length
+            && lhs.cause.map { String(describing: $0) } == rhs.cause.map { String(describing: $0) }
     }
 
     public var description: String {
