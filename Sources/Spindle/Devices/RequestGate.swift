@@ -36,13 +36,19 @@ public final class RequestGate: Sendable {
     }
 
     /// Refuses new requests and waits until those in flight have left.
+    ///
+    /// The wait is as long as the longest request in flight (each ends: the engine completes or
+    /// cancels every operation it took); the poll starts at `pollNanoseconds` and backs off to 10 ms,
+    /// so a long wait costs few wake-ups.
     /// - Returns: false if it was closed already.
     @discardableResult
     public func close(pollNanoseconds: UInt64 = 200_000) async -> Bool {
         let (exchanged, _) = closedFlag.compareExchange(
             expected: false, desired: true, ordering: .sequentiallyConsistent)
+        var poll = pollNanoseconds
         while inFlight.load(ordering: .sequentiallyConsistent) > 0 {
-            try? await Task.sleep(nanoseconds: pollNanoseconds)
+            try? await Task.sleep(nanoseconds: poll)
+            poll = min(poll * 2, 10_000_000)
         }
         return exchanged
     }

@@ -167,12 +167,18 @@ public final class NBDServer: @unchecked Sendable {
         state.withLock { $0.listeners.append(listener) }
         // accept(2) blocks: one thread per listener, which hands each connection to the engine.
         DispatchQueue(label: "spindle.nbd.accept").async { [self] in
+            // Interrupted or aborted accepts are retried, a bounded number in a row; any other
+            // failure (the listener closed by stop()) ends the loop.
+            var failuresInARow = 0
             while true {
                 let client = accept(listener, nil, nil)
                 if client < 0 {
-                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    failuresInARow += 1
+                    if (errno == EINTR || errno == ECONNABORTED) && failuresInARow < 1000 { continue }
+                    if failuresInARow >= 1000 { self.log("stopped accepting on \(label): 1000 failed accepts in a row") }
                     break
                 }
+                failuresInARow = 0
                 _ = fcntl(client, F_SETFD, FD_CLOEXEC)
                 var one: Int32 = 1
                 setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
