@@ -1,0 +1,187 @@
+import Glibc
+
+/// ``BlockDevice`` conformance: each request is counted, meets its faults, waits its latency, then
+/// reaches the wrapped device or the volatile cache.
+extension FaultyDevice {
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
+        try validate(offset: offset, length: buffer.count, operation: "read")
+        try await perform(.reads, "read", offset: offset, length: UInt64(buffer.count)) {
+            try await self.inner.read(into: buffer, at: offset)
+            guard self.volatileCache else { return }
+            self.overlayCache(on: buffer, at: offset)
+        }
+    }
+
+    public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        try checkWritable(operation: "write", offset: offset, length: UInt64(buffer.count))
+        try validate(offset: offset, length: buffer.count, operation: "write")
+        try await perform(.writes, "write", offset: offset, length: UInt64(buffer.count)) {
+            if self.volatileCache && !fua {
+                self.cacheWrite(CachedWrite(offset: offset, length: UInt64(buffer.count), kind: .data(Self.copy(buffer))))
+                return
+            }
+            try await self.inner.write(from: buffer, at: offset, fua: fua)
+            if self.volatileCache { self.punchCache(offset: offset, length: UInt64(buffer.count)) }
+        }
+    }
+
+    public func flush() async throws {
+        try await perform(.flushes, "flush", offset: nil, length: nil) {
+            guard self.volatileCache else {
+                try await self.inner.flush()
+                return
+            }
+            let pending = self.state.withLock { $0.cache }
+            for write in pending {
+                try self.checkPower(operation: "flush")
+                switch write.kind {
+                case let .data(bytes):
+                    try await self.inner.write(from: bytes, at: write.offset)
+                case .zeroes:
+                    try await self.inner.writeZeroes(offset: write.offset, length: write.length)
+                case .discard:
+                    try await self.inner.discard(offset: write.offset, length: write.length)
+                }
+            }
+            try self.checkPower(operation: "flush")
+            try await self.inner.flush()
+            // Operations are serialized in this mode, so the cache still starts with `pending`.
+            self.state.withLock { $0.cache.removeFirst(min(pending.count, $0.cache.count)) }
+        }
+    }
+
+    public func discard(offset: UInt64, length: UInt64) async throws {
+        try checkWritable(operation: "discard", offset: offset, length: length)
+        try validate(offset: offset, length: length, operation: "discard")
+        try await perform(.writes, "discard", offset: offset, length: length) {
+            if self.volatileCache {
+                self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .discard))
+            } else {
+                try await self.inner.discard(offset: offset, length: length)
+            }
+        }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try checkWritable(operation: "write-zeroes", offset: offset, length: length)
+        try validate(offset: offset, length: length, operation: "write-zeroes")
+        try await perform(.writes, "write-zeroes", offset: offset, length: length) {
+            if self.volatileCache {
+                self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .zeroes))
+            } else {
+                try await self.inner.writeZeroes(offset: offset, length: length)
+            }
+        }
+    }
+
+    /// Closes this wrapper only; the wrapped device stays open (its owner closes it). Unflushed
+    /// cached writes are kept, as a disk keeps its cache while the host closes a file.
+    public func close() async throws {
+        await gate.close()
+    }
+
+    // MARK: Internals
+
+    private enum Verdict {
+        case proceed(delayNanos: UInt64)
+        case fail(SpindleError)
+    }
+
+    /// Counts the operation, decides its fate from the faults and the seed, waits any latency, runs it.
+    private func perform(
+        _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?, _ body: () async throws -> Void
+    ) async throws {
+        try gate.enter(operation: operation, name: name)
+        defer { gate.leave() }
+        let verdict = decide(kind, operation, offset: offset, length: length)
+        switch verdict {
+        case let .fail(error):
+            throw error
+        case let .proceed(delayNanos):
+            // A disk does not answer faster because its caller gave up: the delay ignores cancellation.
+            if delayNanos > 0 { await Self.sleepIgnoringCancellation(nanoseconds: delayNanos) }
+        }
+        if volatileCache {
+            await serial.lock()
+            defer { serial.unlock() }
+            try checkPower(operation: operation, offset: offset, length: length)
+            try await body()
+        } else {
+            try await body()
+        }
+    }
+
+    private static func sleepIgnoringCancellation(nanoseconds: UInt64) async {
+        let deadline = monotonicNanos() + nanoseconds
+        while true {
+            let now = monotonicNanos()
+            if now >= deadline { return }
+            do {
+                try await Task.sleep(nanoseconds: deadline - now)
+            } catch {
+                // Cancelled: wait out the rest without the task's cancellation cutting it short.
+                await Task.detached { try? await Task.sleep(nanoseconds: deadline - min(monotonicNanos(), deadline)) }.value
+            }
+        }
+    }
+
+    private func decide(_ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?) -> Verdict {
+        state.withLock { state -> Verdict in
+            state.statistics.operations += 1
+            if kind == .writes { state.statistics.writes += 1 }
+            if state.poweredOff {
+                return .fail(SpindleError(.deviceGone, "the device has lost power", errno: EIO,
+                                          operation: operation, path: name, offset: offset, length: length))
+            }
+            if state.vanished {
+                return .fail(SpindleError(.deviceGone, "the device has vanished (simulated removal)", errno: ENODEV,
+                                          operation: operation, path: name, offset: offset, length: length))
+            }
+            if let remaining = state.vanishAfter {
+                if remaining == 0 {
+                    state.vanished = true
+                    state.vanishAfter = nil
+                    return .fail(SpindleError(.deviceGone, "the device has vanished (simulated removal)", errno: ENODEV,
+                                              operation: operation, path: name, offset: offset, length: length))
+                }
+                state.vanishAfter = remaining - 1
+            }
+            if let failAfter = state.failAfter {
+                if failAfter.remaining > 0 {
+                    state.failAfter = (failAfter.remaining - 1, failAfter.kinds)
+                } else if failAfter.kinds.contains(kind) {
+                    return injected(kind, EIO, &state, operation, offset, length)
+                }
+            }
+            for fault in state.faults where fault.kinds.contains(kind) {
+                if let range = fault.range {
+                    guard let offset, let length, offset < range.upperBound, range.lowerBound < offset + length else { continue }
+                }
+                if state.random.chance(fault.probability) {
+                    return injected(kind, fault.errno, &state, operation, offset, length)
+                }
+            }
+            var delay = state.latencyNanos
+            if state.jitterNanos > 0 { delay += state.random.below(state.jitterNanos + 1) }
+            return .proceed(delayNanos: delay)
+        }
+    }
+
+    private func injected(
+        _ kind: Kinds, _ errno: Int32, _ state: inout State, _ operation: String, _ offset: UInt64?, _ length: UInt64?
+    ) -> Verdict {
+        if kind == .reads { state.statistics.injectedReadErrors += 1 }
+        if kind == .writes { state.statistics.injectedWriteErrors += 1 }
+        if kind == .flushes { state.statistics.injectedFlushErrors += 1 }
+        return .fail(SpindleError(
+            .injectedFault, "injected \(operation) error: \(String(cString: strerror(errno))) (errno \(errno))",
+            errno: errno, operation: operation, path: name, offset: offset, length: length))
+    }
+
+    func checkPower(operation: String, offset: UInt64? = nil, length: UInt64? = nil) throws(SpindleError) {
+        if state.withLock({ $0.poweredOff }) {
+            throw SpindleError(.deviceGone, "the device has lost power", errno: EIO,
+                               operation: operation, path: name, offset: offset, length: length)
+        }
+    }
+}
