@@ -11,7 +11,7 @@ public final class RequestGate: Sendable {
 
     public init() {}
 
-    /// Whether ``close(name:)`` has been called.
+    /// Whether ``close(pollNanoseconds:)`` has been called.
     public var isClosed: Bool { closedFlag.load(ordering: .sequentiallyConsistent) }
 
     /// Admits a request, or fails when the device is closed.

@@ -628,7 +628,8 @@ extension RAIDArray {
     }
 
     /// Adds a device: it replaces a faulty or missing member (and must then be rebuilt with
-    /// ``rebuild(rateBytesPerSecond:progress:)``), or becomes a spare when no slot needs it.
+    /// ``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``), or becomes a spare
+    /// when no slot needs it.
     /// - Parameter overwrite: take a device that holds something else (a member of another array,
     ///   a pool, a file system, data), destroying it. A former member of this array is always taken.
     public func add(_ device: any BlockDevice, overwrite: Bool = false) async throws {
@@ -667,7 +668,7 @@ extension RAIDArray {
     }
 
     /// Fails `old` (if it is not failed already), puts `new` in its slot, and leaves the rebuild to
-    /// ``rebuild(rateBytesPerSecond:progress:)``.
+    /// ``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``.
     public func replace(memberNamed oldName: String, with device: any BlockDevice, overwrite: Bool = false) async throws {
         if !overwrite { try await refuseIfInUse(device, operation: "replace") }
         let oldState = state.withLock { state in state.slots.firstIndex { $0?.name == oldName }.map { state.slotStates[$0] } }

@@ -12,9 +12,10 @@ import Synchronization
 ///
 /// RAID1 and RAID5 keep serving every byte with one member failed or missing. A read error is
 /// answered from redundancy and the block rewritten; a write error fails the member. A replacement
-/// is rebuilt (``rebuild(rateBytesPerSecond:progress:)``) while the array serves I/O, with its
-/// position checkpointed in the superblocks so that a restarted rebuild resumes. Writes mark their
-/// region in a write-intent bitmap first, so that after a crash only those regions are resynced.
+/// is rebuilt (``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``) while the
+/// array serves I/O, with its position checkpointed in the superblocks so that a restarted rebuild
+/// resumes. Writes mark their region in a write-intent bitmap first, so that after a crash only
+/// those regions are resynced.
 public final class RAIDArray: BlockDevice {
     /// A device in the array.
     public final class Member: Sendable {
@@ -294,7 +295,7 @@ public final class RAIDArray: BlockDevice {
     }
 
     /// A spare takes the place of a faulty or missing member; the rebuild is then the caller's
-    /// (``rebuild(rateBytesPerSecond:progress:)``).
+    /// (``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``).
     func activateSpareIfPossible() async {
         let (changed, displaced) = state.withLock { state -> (Bool, Member?) in
             guard geometry.level != .raid0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,

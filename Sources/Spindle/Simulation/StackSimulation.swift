@@ -30,8 +30,8 @@ public enum StackSimulation {
         /// in four, a pool too small for its volumes. Off, the run is the one earlier versions made
         /// from the same seed (the regression seeds found before these faults existed).
         public var extendedFaults = true
-        /// Draw the configuration from the seed (``Configuration/drawn(seed:level:)``): member count,
-        /// chunk size, a stack with or without a pool, request shapes, failures down to the level's
+        /// Draw the configuration from the seed (``Configuration/drawn(seed:level:tight:)``): member
+        /// count, chunk size, a stack with or without a pool, request shapes, failures down to the level's
         /// redundancy and read errors while degraded. Off (or without the extended faults), the run
         /// uses ``members`` members, 16 KiB chunks and a pool, as earlier versions did for the seed.
         public var widened = true
