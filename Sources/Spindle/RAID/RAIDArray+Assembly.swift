@@ -138,7 +138,7 @@ extension RAIDArray {
                 operation: "assemble")
         }
         let degraded = usable < latest.memberCount
-        if latest.dirty && degraded && geometry.level == .raid5 && !force {
+        if latest.dirty && degraded && geometry.level.personality.hasWriteHole && !force {
             throw SpindleError(
                 .ioFailed,
                 "'\(latest.name)' was not shut down cleanly and is degraded: stripes being written at the crash may have parity that disagrees with their data, and with a member missing that cannot be checked, so the missing member's data there could be rebuilt wrong. Start it anyway with --force (or force: true) to recover what can be recovered",

@@ -52,114 +52,14 @@ extension RAIDArray {
         try gate.enter(operation: "read", name: name)
         defer { gate.leave() }
         let target = RequestBuffer(base: buffer.baseAddress!)
-        let length = UInt64(buffer.count)
-        switch geometry.level {
-        case .raid1:
-            try await readMirrored(into: target, offset: offset, length: UInt64(buffer.count))
-        case .raid0, .raid5:
-            let extents = geometry.extents(offset: offset, length: UInt64(buffer.count))
-            let readable = readableMembers()
-            let failures = await concurrently(extents.map { extent in
-                (extent.member, { [self] in
-                    let destination = UnsafeMutableRawBufferPointer(
-                        start: target.base + Int(extent.requestOffset), count: Int(extent.length))
-                    if let member = readable[extent.member] {
-                        do {
-                            try await member.device.read(into: destination, at: Self.dataOffset + extent.memberOffset)
-                            return
-                        } catch where geometry.level == .raid5 {
-                            // Answer from parity, then rewrite the bad block (or fail the member).
-                            try await reconstruct(extent, into: destination, rewrite: true, memberError: error)
-                            return
-                        }
-                    }
-                    guard geometry.level == .raid5 else {
-                        throw SpindleError(.ioFailed, "slot \(extent.member) of the RAID0 array is not available",
-                                           operation: "read", path: name, offset: offset, length: length)
-                    }
-                    try await reconstruct(extent, into: destination, rewrite: false)
-                })
+        let readable = readableMembers()
+        let failures = await concurrently(geometry.extents(offset: offset, length: UInt64(buffer.count)).map { extent in
+            (extent.member, { [self] in
+                let destination = UnsafeMutableRawBufferPointer(start: target.base + Int(extent.requestOffset), count: Int(extent.length))
+                try await personality.read(extent, into: destination, readable: readable, array: self)
             })
-            if let failure = failures.first { throw failure.error }
-        }
-    }
-
-    /// Reads one mirror, trying the others on error and rewriting the bad one from a good copy.
-    private func readMirrored(into target: RequestBuffer, offset: UInt64, length: UInt64) async throws {
-        let readable = readableMembers()
-        let order: [Int] = state.withLock { state in
-            state.readRotation &+= 1
-            let start = state.readRotation % geometry.memberCount
-            return (0..<geometry.memberCount).map { ($0 + start) % geometry.memberCount }
-        }
-        let destination = UnsafeMutableRawBufferPointer(start: target.base, count: Int(length))
-        var bad: [Int] = []
-        var lastError: Error?
-        for slot in order {
-            guard let member = readable[slot] else { continue }
-            do {
-                try await member.device.read(into: destination, at: Self.dataOffset + offset)
-            } catch {
-                lastError = error
-                if Self.isDeviceGone(error) {
-                    await failMember(slot: slot, because: error)
-                } else {
-                    bad.append(slot)
-                }
-                continue
-            }
-            for badSlot in bad {
-                guard let badMember = readable[badSlot] else { continue }
-                do {
-                    try await badMember.device.write(from: UnsafeRawBufferPointer(destination), at: Self.dataOffset + offset, fua: false)
-                } catch {
-                    await failMember(slot: badSlot, because: error)
-                }
-            }
-            return
-        }
-        guard let lastError else { throw failedError("read", offset: offset, length: length) }
-        unrecoverableReads.add(1, ordering: .relaxed)
-        throw SpindleError(
-            .ioFailed, "no in-sync mirror could read these bytes (last error: \(lastError)); the members stay in the array",
-            operation: "read", path: name, offset: offset, length: length)
-    }
-
-    /// Rebuilds one extent of a RAID5 stripe from the other members (data and parity).
-    /// - Parameter memberError: the error of the member's own read, when it answered with one.
-    func reconstruct(
-        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool, memberError: (any Error)? = nil
-    ) async throws {
-        await stripeLocks.lock(extent.stripe...extent.stripe)
-        defer { stripeLocks.unlock(extent.stripe...extent.stripe) }
-        let readable = readableMembers()
-        let others = (0..<geometry.memberCount).filter { $0 != extent.member }
-        guard others.allSatisfy({ readable[$0] != nil }) else {
-            // Degraded, and this member cannot read the block: no redundancy is left for it.
-            if let memberError { throw unreadable(extent, because: [(extent.member, memberError)]) }
-            throw failedError("read", offset: nil, length: extent.length)
-        }
-        let buffers = others.map { _ in AlignedBuffer(count: Int(extent.length), zeroed: false) }
-        let failures = await concurrently(zip(others, buffers).map { slot, buffer in
-            (slot, { try await readable[slot]!.device.read(into: buffer, at: Self.dataOffset + extent.memberOffset) })
         })
-        if !failures.isEmpty {
-            // A member that has gone away is failed; a read error on one that still answers only
-            // costs this request (no redundancy is left to answer it from), as md fails the read
-            // and keeps the member.
-            for failure in failures where Self.isDeviceGone(failure.error) {
-                await failMember(slot: failure.slot, because: failure.error)
-            }
-            throw unreadable(extent, because: failures)
-        }
-        XORParity.generate(sources: buffers, into: destination)
-        if rewrite, let member = readable[extent.member] {
-            do {
-                try await member.device.write(from: UnsafeRawBufferPointer(destination), at: Self.dataOffset + extent.memberOffset, fua: false)
-            } catch {
-                await failMember(slot: extent.member, because: error)
-            }
-        }
+        if let failure = failures.first { throw failure.error }
     }
 
     /// Whether an error says the device itself is gone (as opposed to a bad block on a device that

@@ -47,7 +47,6 @@ public final class RAIDArray: BlockDevice {
         var rebuildCheckpointBytes: UInt64
         var bitmap: [UInt8]
         var failed: Bool
-        var readRotation = 0
         /// What the superblocks record of each slot's member (UUID and last known file name), kept
         /// for slots with no device in them, so a failed or missing member is still recognised when
         /// it comes back, and can be named.
@@ -57,6 +56,8 @@ public final class RAIDArray: BlockDevice {
     public let arrayName: String
     public let arrayUUID: SpindleUUID
     public let geometry: RAIDGeometry
+    /// What the level does (``RAIDPersonality``), made once from `geometry.level`.
+    let personality: any RAIDPersonality
     public let logicalBlockBytes: Int
     public var capacityBytes: UInt64 { geometry.capacityBytes }
     public var isReadOnly: Bool { false }
@@ -95,6 +96,7 @@ public final class RAIDArray: BlockDevice {
         arrayName = name
         arrayUUID = uuid
         self.geometry = geometry
+        personality = geometry.level.personality.init(geometry: geometry)
         self.createdSeconds = createdSeconds
         self.bitmapChunkShift = bitmapChunkShift
         self.state = Locked(state)

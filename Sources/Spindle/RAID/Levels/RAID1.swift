@@ -1,0 +1,80 @@
+import Synchronization
+
+/// RAID1: every member holds every byte. Reads take turns over the in-sync mirrors, and a read
+/// error is answered from another mirror, which is then copied over the bad block; writes go to
+/// every writable mirror. The array serves every byte while one mirror is left.
+final class RAID1: RAIDPersonality {
+    static let minimumMembers = 2
+    static func redundancy(memberCount: Int) -> Int { memberCount - 1 }
+    /// Each mirror holds a whole version of every block, old or new: any one of them is a valid answer.
+    static let hasWriteHole = false
+
+    let geometry: RAIDGeometry
+    /// Turns reads over the mirrors.
+    private let rotation = Atomic<Int>(0)
+
+    init(geometry: RAIDGeometry) {
+        self.geometry = geometry
+    }
+
+    // MARK: Reads
+
+    /// Reads one mirror, taking turns, and the others in order when it fails.
+    func read(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws {
+        var turn = extent
+        turn.member = Int(UInt(bitPattern: rotation.wrappingAdd(1, ordering: .relaxed).newValue) % UInt(geometry.memberCount))
+        try await readMemberOrReconstruct(turn, into: destination, readable: readable, array: array)
+    }
+
+    /// Reads the mirrors after `extent.member` in turn until one answers, then copies its answer over
+    /// the mirrors that answered with an error (the member too, with `rewrite`). A mirror that is
+    /// gone is failed.
+    func reconstruct(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool,
+        memberError: (any Error)?, array: RAIDArray
+    ) async throws {
+        let readable = array.readableMembers()
+        let offset = RAIDArray.dataOffset + extent.memberOffset
+        var bad: [Int] = []
+        var lastError = memberError
+        if let memberError {
+            if RAIDArray.isDeviceGone(memberError) {
+                await array.failMember(slot: extent.member, because: memberError)
+            } else if rewrite {
+                bad.append(extent.member)
+            }
+        }
+        for step in 1..<geometry.memberCount {
+            let slot = (extent.member + step) % geometry.memberCount
+            guard let member = readable[slot] else { continue }
+            do {
+                try await member.device.read(into: destination, at: offset)
+            } catch {
+                lastError = error
+                if RAIDArray.isDeviceGone(error) {
+                    await array.failMember(slot: slot, because: error)
+                } else {
+                    bad.append(slot)
+                }
+                continue
+            }
+            for badSlot in bad {
+                guard let badMember = readable[badSlot] else { continue }
+                do {
+                    try await badMember.device.write(from: UnsafeRawBufferPointer(destination), at: offset, fua: false)
+                } catch {
+                    await array.failMember(slot: badSlot, because: error)
+                }
+            }
+            return
+        }
+        guard let lastError else { throw array.failedError("read", offset: extent.memberOffset, length: extent.length) }
+        array.unrecoverableReads.add(1, ordering: .relaxed)
+        throw SpindleError(
+            .ioFailed, "no in-sync mirror could read these bytes (last error: \(lastError)); the members stay in the array",
+            operation: "read", path: array.name, offset: extent.memberOffset, length: extent.length)
+    }
+}

@@ -1,0 +1,89 @@
+/// What makes a RAID level, behind one interface (as md's personalities and SPDK's RAID modules):
+/// how a request's bytes and their redundancy reach the members, how a block that cannot be read is
+/// answered from the others, how a stripe is checked and repaired, how a replacement member is
+/// rebuilt, and how many members the level needs and may lose.
+///
+/// One type per level, in `RAID/Levels/`, registered in ``RAIDLevel/personality``; an array makes
+/// its level's personality once, when it is created or assembled, and calls only this protocol.
+/// Where the bytes lie (extents, stripes, which member holds data or parity) is ``RAIDGeometry``'s
+/// arithmetic. Everything else is the array's, the same for every level: members and their states,
+/// superblocks and the write-intent bitmap, failing members and activating spares, the request
+/// gate, stripe locks, and the order, progress and checkpoints of scrubs, resyncs and rebuilds.
+/// A level works through the array it is given: `readableMembers()` and `writableMembers()`,
+/// `stripeLocks`, `markWriteIntent`, `failMember`, `concurrently` and `writeMembers`.
+/// `docs/ARCHITECTURE.md` (RAID levels) says what each requirement must do and how to add a level.
+protocol RAIDPersonality: Sendable {
+    /// Fewest members the level takes.
+    static var minimumMembers: Int { get }
+    /// Members that may be missing from an array of `memberCount` while it still serves every byte.
+    static func redundancy(memberCount: Int) -> Int
+    /// Whether a crash during a write can leave redundancy that disagrees with the data where a
+    /// degraded array cannot see it (the parity "write hole"): such an array, dirty and degraded,
+    /// is assembled only with `force`.
+    static var hasWriteHole: Bool { get }
+
+    init(geometry: RAIDGeometry)
+
+    // MARK: Reads
+
+    /// Reads one extent of a request into `destination`: from its member when `readable` (the
+    /// members readable when the request started) has it; else, or when the member's read fails,
+    /// from redundancy (``reconstruct(_:into:rewrite:memberError:array:)``). The default does
+    /// exactly that; a level that spreads reads over copies implements its own.
+    func read(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws
+
+    /// A degraded read: answers one extent from the other members, without its own member's data
+    /// (the member is missing, or its read failed with `memberError`). With `rewrite`, writes the
+    /// answer back to the member (failing it if it cannot take the write). Throws when redundancy
+    /// cannot answer, counting the read in `unrecoverableReads` when members answered with errors.
+    func reconstruct(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool,
+        memberError: (any Error)?, array: RAIDArray
+    ) async throws
+}
+
+extension RAIDPersonality {
+    func read(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws {
+        try await readMemberOrReconstruct(extent, into: destination, readable: readable, array: array)
+    }
+
+    /// Reads `extent` from `extent.member`; when `readable` has no such member, or its read fails,
+    /// from redundancy, rewriting the member's block in the second case.
+    func readMemberOrReconstruct(
+        _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws {
+        if let member = readable[extent.member] {
+            do {
+                try await member.device.read(into: destination, at: RAIDArray.dataOffset + extent.memberOffset)
+                return
+            } catch {
+                // Answer from redundancy, then rewrite the bad block (or fail the member).
+                try await reconstruct(extent, into: destination, rewrite: true, memberError: error, array: array)
+                return
+            }
+        }
+        try await reconstruct(extent, into: destination, rewrite: false, memberError: nil, array: array)
+    }
+}
+
+// MARK: Registration
+
+extension RAIDLevel {
+    /// The registration table: the one place a level's number meets its implementation. A new level
+    /// adds its case to ``RAIDLevel`` (and its layout to ``RAIDGeometry``), its file in `Levels/`,
+    /// and one line here.
+    var personality: any RAIDPersonality.Type {
+        switch self {
+        case .raid0: RAID0.self
+        case .raid1: RAID1.self
+        case .raid5: RAID5.self
+        }
+    }
+}
