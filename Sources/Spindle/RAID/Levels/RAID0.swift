@@ -23,4 +23,30 @@ struct RAID0: RAIDPersonality {
             .ioFailed, "slot \(extent.member) of the RAID0 array is not available", operation: "read", path: array.name,
             offset: geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset), length: extent.length)
     }
+
+    // MARK: Writes
+
+    func write(from source: RequestBuffer, offset: UInt64, length: UInt64, fua: Bool, array: RAIDArray) async throws {
+        let writable = array.writableMembers()
+        let failures = await array.concurrently(geometry.extents(offset: offset, length: length).map { extent in
+            (extent.member, {
+                guard let member = writable[extent.member] else {
+                    throw SpindleError(.ioFailed, "slot \(extent.member) of the RAID0 array is not available", operation: "write")
+                }
+                try await member.device.write(
+                    from: UnsafeRawBufferPointer(start: source.base + Int(extent.requestOffset), count: Int(extent.length)),
+                    at: RAIDArray.dataOffset + extent.memberOffset, fua: fua)
+            })
+        })
+        if let failure = failures.first { throw failure.error }
+    }
+
+    func discard(offset: UInt64, length: UInt64, array: RAIDArray) async throws {
+        try array.gate.enter(operation: "discard", name: array.name)
+        defer { array.gate.leave() }
+        let writable = array.writableMembers()
+        for extent in geometry.extents(offset: offset, length: length) {
+            try await writable[extent.member]?.device.discard(offset: RAIDArray.dataOffset + extent.memberOffset, length: extent.length)
+        }
+    }
 }

@@ -77,4 +77,22 @@ final class RAID1: RAIDPersonality {
             .ioFailed, "no in-sync mirror could read these bytes (last error: \(lastError)); the members stay in the array",
             operation: "read", path: array.name, offset: extent.memberOffset, length: extent.length)
     }
+
+    // MARK: Writes
+
+    /// Writes every writable mirror.
+    func write(from source: RequestBuffer, offset: UInt64, length: UInt64, fua: Bool, array: RAIDArray) async throws {
+        let stripes = (offset / geometry.chunkBytes)...((offset + length - 1) / geometry.chunkBytes)
+        try await array.markWriteIntent(memberOffset: offset, length: length)
+        await array.stripeLocks.lock(stripes)
+        defer { array.stripeLocks.unlock(stripes) }
+        try await array.writeMembers(
+            array.writableMembers().enumerated().compactMap { slot, member in
+                member.map { (slot, $0, .request(source, length: Int(length)), RAIDArray.dataOffset + offset) }
+            },
+            fua: fua, operation: "write", offset: offset, length: length)
+    }
+
+    /// Mirrors keep the data: dropping it on some would make them disagree.
+    func discard(offset: UInt64, length: UInt64, array: RAIDArray) async throws {}
 }

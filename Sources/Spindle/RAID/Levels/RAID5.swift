@@ -54,4 +54,135 @@ struct RAID5: RAIDPersonality {
             }
         }
     }
+
+    // MARK: Writes
+
+    /// Writes stripe by stripe (``writeStripe(_:pieces:source:fua:avoiding:array:)``).
+    func write(from source: RequestBuffer, offset: UInt64, length: UInt64, fua: Bool, array: RAIDArray) async throws {
+        try await array.writeByStripe(offset: offset, length: length) { stripe, pieces, unreadable in
+            try await writeStripe(stripe, pieces: pieces, source: source, fua: fua, avoiding: unreadable, array: array)
+        }
+    }
+
+    /// Parity covers the data: discarding it on some members would make them disagree.
+    func discard(offset: UInt64, length: UInt64, array: RAIDArray) async throws {}
+
+    /// Writes the pieces of one stripe and its parity: a full stripe with no reads; otherwise
+    /// read-modify-write or reconstruct-write, whichever reads less (or the one
+    /// `partialStripeWriteOverride` forces, for tests); reconstructing a missing member's old data
+    /// from parity when the array is degraded. Members in `unreadableSlots` are treated as missing.
+    func writeStripe(
+        _ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool,
+        avoiding unreadableSlots: [Int: any Error], array: RAIDArray
+    ) async throws {
+        let chunk = geometry.chunkBytes
+        let low = pieces.map { $0.memberOffset - stripe * chunk }.min()!
+        let high = pieces.map { $0.memberOffset - stripe * chunk + $0.length }.max()!
+        let length = Int(high - low)
+        let memberOffset = RAIDArray.dataOffset + stripe * chunk + low
+        let dataCount = geometry.dataMembersPerStripe
+        let parityMember = geometry.parityMember(stripe: stripe)
+        let memberOf = (0..<dataCount).map { geometry.dataMember(stripe: stripe, index: $0) }
+        var readableNow = array.readableMembers()
+        for slot in unreadableSlots.keys { readableNow[slot] = nil }
+        let readable = readableNow
+        let writable = array.writableMembers()
+        var touched = [RAIDGeometry.Extent?](repeating: nil, count: dataCount)
+        for piece in pieces { touched[piece.dataIndex] = piece }
+        func covers(_ index: Int) -> Bool {
+            guard let piece = touched[index] else { return false }
+            return piece.memberOffset - stripe * chunk == low && piece.length == UInt64(length)
+        }
+        let unreadable = (0..<dataCount).filter { readable[memberOf[$0]] == nil }
+        let parityReadable = readable[parityMember] != nil
+        // A missing data member can be rebuilt only from parity: two unreadable members lose the stripe.
+        if !unreadable.isEmpty && (unreadable.count > 1 || !parityReadable) {
+            guard !unreadableSlots.isEmpty else { throw array.failedError("write", offset: nil, length: UInt64(length)) }
+            // Members that answer but failed a read here stay in the array; only this write fails.
+            array.unrecoverableReads.add(1, ordering: .relaxed)
+            let detail = unreadableSlots.sorted { $0.key < $1.key }.map { "slot \($0.key): \($0.value)" }.joined(separator: "; ")
+            throw SpindleError(
+                .ioFailed,
+                "stripe \(stripe) cannot be written: its parity needs blocks that cannot be read and no redundancy is left to rebuild them (\(detail)); the members stay in the array",
+                operation: "write", path: array.name,
+                offset: geometry.logicalOffset(member: memberOf[0], memberOffset: stripe * chunk + low), length: UInt64(length))
+        }
+        // The new contents of each data chunk's [low, high) and of the parity's.
+        let data = (0..<dataCount).map { _ in AlignedBuffer(count: length, zeroed: false) }
+        let parity = AlignedBuffer(count: length, zeroed: false)
+
+        func readMembers(_ slots: [(slot: Int, buffer: AlignedBuffer)]) async throws {
+            let failures = await array.concurrently(slots.map { slot, buffer in
+                (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
+            })
+            if let failure = failures.first {
+                // The stripe cannot be computed without it. A member that is gone is failed at once
+                // (the caller retries degraded); another read error may pass: the caller retries,
+                // and fails the member only if it keeps failing.
+                if RAIDArray.isDeviceGone(failure.error) {
+                    await array.failMember(slot: failure.slot, because: failure.error)
+                }
+                throw RAIDArray.StripeReadFailure(slot: failure.slot, error: failure.error)
+            }
+        }
+        /// Copies the caller's piece for data chunk `index` into its place in `buffer`.
+        func merge(_ index: Int, into buffer: AlignedBuffer) {
+            guard let piece = touched[index] else { return }
+            buffer.copy(from: UnsafeRawBufferPointer(start: source.base + Int(piece.requestOffset), count: Int(piece.length)),
+                        at: Int(piece.memberOffset - stripe * chunk - low))
+        }
+
+        let touchedIndices = (0..<dataCount).filter { touched[$0] != nil }
+        let fullStripe = low == 0 && high == chunk && (0..<dataCount).allSatisfy(covers)
+        if fullStripe {
+            for index in 0..<dataCount { merge(index, into: data[index]) }
+            XORParity.generate(sources: data, into: parity, length: length)
+        } else if unreadable.isEmpty && parityReadable {
+            let readModifyWriteReads = touchedIndices.count + 1
+            let reconstructWriteReads = (dataCount - touchedIndices.count) + touchedIndices.filter { !covers($0) }.count
+            let method = array.partialStripeWriteOverride.withLock { $0 }
+                ?? (readModifyWriteReads < reconstructWriteReads ? .readModifyWrite : .reconstructWrite)
+            switch method {
+            case .readModifyWrite:
+                let old = touchedIndices.map { _ in AlignedBuffer(count: length, zeroed: false) }
+                let oldParity = AlignedBuffer(count: length, zeroed: false)
+                try await readMembers(zip(touchedIndices, old).map { (memberOf[$0], $1) } + [(parityMember, oldParity)])
+                for (position, index) in touchedIndices.enumerated() {
+                    data[index].copy(from: old[position])
+                    merge(index, into: data[index])
+                }
+                // new parity = old parity ^ old data ^ new data, over the touched members
+                XORParity.generate(sources: [oldParity] + old + touchedIndices.map { data[$0] }, into: parity, length: length)
+            case .reconstructWrite:
+                let toRead = (0..<dataCount).filter { touched[$0] == nil || !covers($0) }
+                try await readMembers(toRead.map { (memberOf[$0], data[$0]) })
+                for index in touchedIndices { merge(index, into: data[index]) }
+                XORParity.generate(sources: data, into: parity, length: length)
+            }
+        } else {
+            // Degraded: read everything readable, rebuild the missing member's old data, recompute.
+            let present = (0..<dataCount).filter { readable[memberOf[$0]] != nil }
+            var reads = present.map { (memberOf[$0], data[$0]) }
+            let oldParity = AlignedBuffer(count: length, zeroed: false)
+            if !unreadable.isEmpty { reads.append((parityMember, oldParity)) }
+            try await readMembers(reads)
+            if let missing = unreadable.first {
+                XORParity.generate(sources: present.map { data[$0] } + [oldParity], into: data[missing], length: length)
+            }
+            for index in touchedIndices { merge(index, into: data[index]) }
+            XORParity.generate(sources: data, into: parity, length: length)
+        }
+
+        var writes: [(slot: Int, member: RAIDArray.Member, source: RAIDArray.MemberWriteSource, memberOffset: UInt64)] = []
+        let indicesToWrite = fullStripe ? Array(0..<dataCount) : touchedIndices
+        for index in indicesToWrite {
+            if let member = writable[memberOf[index]] {
+                writes.append((memberOf[index], member, .owned(data[index]), memberOffset))
+            }
+        }
+        if let member = writable[parityMember] {
+            writes.append((parityMember, member, .owned(parity), memberOffset))
+        }
+        try await array.writeMembers(writes, fua: fua, operation: "write", offset: nil, length: UInt64(length))
+    }
 }

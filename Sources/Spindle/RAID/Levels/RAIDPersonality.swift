@@ -43,6 +43,22 @@ protocol RAIDPersonality: Sendable {
         _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool,
         memberError: (any Error)?, array: RAIDArray
     ) async throws
+
+    // MARK: Writes
+
+    /// Writes `length` bytes at logical `offset` from `source` (borrowed for the call) to the members,
+    /// with the data's redundancy (mirror copies, or parity by full-stripe, read-modify-write or
+    /// reconstruct-write). A level with redundancy marks the write intent
+    /// (``RAIDArray/markWriteIntent(memberOffset:length:)``) and takes the stripe locks of what it
+    /// writes first. A member whose write fails is failed; the write fails only when the array can
+    /// no longer serve the data. Called inside the request gate, on an array that is not failed.
+    func write(from source: RequestBuffer, offset: UInt64, length: UInt64, fua: Bool, array: RAIDArray) async throws
+
+    /// Passes a discard of logical `offset ..< offset + length` to the members, or drops it: a level
+    /// with redundancy keeps the data (discard is advisory, and dropping it on one member would make
+    /// copies or parity disagree). Called outside the request gate: a level that sends it to members
+    /// enters ``RAIDArray/gate`` itself.
+    func discard(offset: UInt64, length: UInt64, array: RAIDArray) async throws
 }
 
 extension RAIDPersonality {
