@@ -37,7 +37,7 @@ extension RAIDArray {
     /// (``rebuild(rateBytesPerSecond:progress:)``).
     func activateSpareIfPossible() async {
         let (changed, displaced) = state.withLock { state -> (Bool, Member?) in
-            guard geometry.level != .raid0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,
+            guard geometry.redundancy > 0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,
                   let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }) else { return (false, nil) }
             let displaced = state.slots[slot]
             state.slots[slot] = state.spares.removeFirst()
@@ -58,8 +58,9 @@ extension RAIDArray {
         guard let slot = state.withLock({ $0.slots.firstIndex { $0?.name == deviceName } }) else {
             throw SpindleError(.invalidArgument, "\(deviceName) is not an active member of \(name)", operation: "fail")
         }
-        if geometry.level == .raid0 {
-            throw SpindleError(.unsupported, "failing a member of a RAID0 array would lose its data", operation: "fail", path: deviceName)
+        if geometry.redundancy == 0 {
+            throw SpindleError(.unsupported, "failing a member of a RAID\(geometry.level.rawValue) array would lose its data",
+                               operation: "fail", path: deviceName)
         }
         let lost = state.withLock { $0.slotStates.filter { $0 != .active }.count }
         if state.withLock({ $0.slotStates[slot] }) == .active && lost + 1 > geometry.redundancy {
@@ -102,8 +103,9 @@ extension RAIDArray {
     ///   a pool, a file system, data), destroying it. A former member of this array is always taken.
     public func add(_ device: any BlockDevice, overwrite: Bool = false) async throws {
         if !overwrite { try await refuseIfInUse(device, operation: "add") }
-        guard geometry.level != .raid0 else {
-            throw SpindleError(.unsupported, "RAID0 arrays have no redundancy to rebuild onto a new member", operation: "add", path: device.name)
+        guard geometry.redundancy > 0 else {
+            throw SpindleError(.unsupported, "RAID\(geometry.level.rawValue) arrays have no redundancy to rebuild onto a new member",
+                               operation: "add", path: device.name)
         }
         guard device.capacityBytes >= Self.dataOffset + geometry.memberDataBytes else {
             throw SpindleError(

@@ -3,7 +3,7 @@ extension RAIDArray {
     /// bitmap marks (all of the array when no member's bitmap can be read). Keeps the dirty state, so
     /// a crash during resync leads to another.
     func resyncDirtyRegions() async throws -> UInt64 {
-        guard geometry.level != .raid0 else { return 0 }
+        guard geometry.redundancy > 0 else { return 0 }
         let readable = readableMembers()
         // The union of every member's bitmap: a member added or rebuilt since the bits were set
         // may not carry them, and missing one dirty region would leave its mirrors (or parity)
@@ -79,8 +79,9 @@ extension RAIDArray {
     /// Reads every stripe and checks that mirrors agree (RAID1) or that parity matches the data
     /// (RAID5); with `repair`, rewrites mirror copies from the first member or parity from the data.
     public func scrub(repair: Bool = false, progress: (@Sendable (Progress) -> Void)? = nil) async throws -> ScrubReport {
-        guard geometry.level != .raid0 else {
-            throw SpindleError(.unsupported, "RAID0 keeps no redundancy, so there is nothing to check", operation: "scrub", path: name)
+        guard geometry.redundancy > 0 else {
+            throw SpindleError(.unsupported, "RAID\(geometry.level.rawValue) keeps no redundancy, so there is nothing to check",
+                               operation: "scrub", path: name)
         }
         guard readableMembers().allSatisfy({ $0 != nil }) else {
             throw SpindleError(.unsupported, "the array is degraded: with a member missing there is no second copy to compare", operation: "scrub", path: name)
@@ -135,57 +136,21 @@ extension RAIDArray {
                         }
                     }
                 }
-                let complete = slots.count == geometry.memberCount
                 for stripe in stripes {
-                    let within = Int((stripe * chunk) - position)
-                    let size = Int(chunk)
-                    if let bad = badChunks[stripe] {
-                        let good = slots.indices.filter { !bad.contains(slots[$0]) }
-                        let rebuildable = geometry.level == .raid1 ? !good.isEmpty : (complete && bad.count == 1)
-                        guard rebuildable else {
-                            for slot in bad.sorted() {
-                                report.unreadable.append(.init(slot: slot, member: readable[slot]!.name, memberOffset: stripe * chunk))
-                            }
-                            continue
-                        }
-                        for slot in bad {
-                            let index = slots.firstIndex(of: slot)!
-                            if geometry.level == .raid1 {
-                                buffers[index].copy(from: buffers[good[0]], offset: within, length: size)
-                            } else {
-                                XORParity.generate(sources: good.map { buffers[$0] }, offset: within, into: buffers[index],
-                                                   parityOffset: within, length: size)
-                            }
-                            do {
-                                try await readable[slot]!.device.write(from: buffers[index], range: within..<(within + size),
-                                                                        at: Self.dataOffset + stripe * chunk)
-                                report.readErrorsRepaired += 1
-                            } catch {
-                                await failMember(slot: slot, because: error)
-                                throw error
-                            }
-                        }
+                    let result = try await personality.check(
+                        ScrubStripe(stripe: stripe, slots: slots, buffers: buffers, readable: readable,
+                                    within: Int((stripe * chunk) - position), size: Int(chunk), unreadable: badChunks[stripe] ?? []),
+                        repair: repair, array: self)
+                    report.readErrorsRepaired += result.readErrorsRepaired
+                    for slot in result.unreadable {
+                        report.unreadable.append(.init(slot: slot, member: readable[slot]!.name, memberOffset: stripe * chunk))
                     }
-                    // RAID5 needs every member to check parity; mirrors compare whichever copies are in
-                    // sync (a member being rebuilt is not read: it is rebuilt again where it may differ).
-                    guard complete || (geometry.level == .raid1 && slots.count >= 2) else { continue }
-                    let consistent: Bool
-                    switch geometry.level {
-                    case .raid1:
-                        consistent = buffers.dropFirst().allSatisfy { $0.equals(buffers[0], offset: within, length: size) }
-                    case .raid5:
-                        consistent = XORParity.check(buffers, offset: within, length: size)
-                    case .raid0:
-                        consistent = true
-                    }
-                    if consistent { continue }
+                    guard result.mismatch else { continue }
                     report.mismatches += 1
                     if report.mismatchOffsets.count < 1000 {
                         report.mismatchOffsets.append(stripe * geometry.stripeDataBytes)
                     }
-                    guard repair else { continue }
-                    try await repairStripe(stripe, buffers: buffers, slots: slots, within: within, readable: readable)
-                    report.repaired += 1
+                    if result.repaired { report.repaired += 1 }
                 }
             }
             position += length
@@ -199,25 +164,6 @@ extension RAIDArray {
             }
         }
         return report
-    }
-
-    private func repairStripe(_ stripe: UInt64, buffers: [AlignedBuffer], slots: [Int], within: Int, readable: [Member?]) async throws {
-        let chunk = Int(geometry.chunkBytes)
-        let memberOffset = Self.dataOffset + stripe * geometry.chunkBytes
-        switch geometry.level {
-        case .raid1:
-            for slot in slots.dropFirst() {
-                try await readable[slot]!.device.write(from: buffers[0], range: within..<(within + chunk), at: memberOffset)
-            }
-        case .raid5:
-            let parityMember = geometry.parityMember(stripe: stripe)
-            let parity = AlignedBuffer(count: chunk)
-            let data = slots.indices.filter { slots[$0] != parityMember }.map { buffers[$0] }
-            XORParity.generate(sources: data, offset: within, into: parity, length: chunk)
-            try await readable[parityMember]!.device.write(from: parity, at: memberOffset)
-        case .raid0:
-            break
-        }
     }
 
     // MARK: Rebuild
@@ -347,53 +293,17 @@ extension RAIDArray {
         guard let target = writableMembers()[slot] else {
             throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
         }
-        let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
         let result = AlignedBuffer(count: Int(length), zeroed: false)
-        let offset = Self.dataOffset + memberOffset
-        if geometry.level == .raid1 {
-            // Any in-sync mirror will do: on a read error, try the next.
-            var errors: [String] = []
-            var done = false
-            for source in sources {
-                do {
-                    try await readable[source]!.device.read(into: result, at: offset)
-                    done = true
-                    break
-                } catch {
-                    if Self.isDeviceGone(error) { await failMember(slot: source, because: error) }
-                    errors.append("\(readable[source]!.name): \(error)")
-                }
-            }
-            guard done else {
-                if sources.isEmpty { throw failedError("rebuild") }
-                throw rebuildSourceError(slot: slot, memberOffset: memberOffset, length: length, errors: errors)
-            }
-        } else {
-            guard sources.count == geometry.memberCount - 1 else { throw failedError("rebuild") }
-            let buffers = sources.map { _ in AlignedBuffer(count: Int(length), zeroed: false) }
-            let failures = await concurrently(zip(sources, buffers).map { source, buffer in
-                (source, { try await readable[source]!.device.read(into: buffer, at: offset) })
-            })
-            if !failures.isEmpty {
-                // A source that is gone is failed (and the array with it); a read error on one that
-                // answers stops the rebuild here, members untouched, to be resumed from the checkpoint.
-                for failure in failures where Self.isDeviceGone(failure.error) {
-                    await failMember(slot: failure.slot, because: failure.error)
-                }
-                throw rebuildSourceError(slot: slot, memberOffset: memberOffset, length: length,
-                                         errors: failures.map { "\(readable[$0.slot]!.name): \($0.error)" })
-            }
-            XORParity.generate(sources: buffers, into: result, length: Int(length))
-        }
+        try await personality.rebuild(slot: slot, memberOffset: memberOffset, into: result, readable: readable, array: self)
         do {
-            try await target.device.write(from: result, at: offset)
+            try await target.device.write(from: result, at: Self.dataOffset + memberOffset)
         } catch {
             await failMember(slot: slot, because: error)
             throw error
         }
     }
 
-    private func rebuildSourceError(slot: Int, memberOffset: UInt64, length: UInt64, errors: [String]) -> SpindleError {
+    func rebuildSourceError(slot: Int, memberOffset: UInt64, length: UInt64, errors: [String]) -> SpindleError {
         SpindleError(
             .ioFailed,
             "the rebuild of slot \(slot) stopped at member offset \(memberOffset): no source could read \(length) bytes there (\(errors.joined(separator: "; "))); the members stay in the array and a later rebuild resumes from the last checkpoint",

@@ -49,4 +49,16 @@ struct RAID0: RAIDPersonality {
             try await writable[extent.member]?.device.discard(offset: RAIDArray.dataOffset + extent.memberOffset, length: extent.length)
         }
     }
+
+    // MARK: Check, repair, rebuild
+
+    /// Nothing to compare; a chunk that cannot be read cannot be rebuilt.
+    func check(_ stripe: ScrubStripe, repair: Bool, array: RAIDArray) async throws -> StripeCheck {
+        StripeCheck(unreadable: stripe.unreadable.sorted())
+    }
+
+    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+                 array: RAIDArray) async throws {
+        throw SpindleError(.unsupported, "RAID0 keeps no redundancy to rebuild a member from", operation: "rebuild", path: array.name)
+    }
 }

@@ -95,4 +95,56 @@ final class RAID1: RAIDPersonality {
 
     /// Mirrors keep the data: dropping it on some would make them disagree.
     func discard(offset: UInt64, length: UInt64, array: RAIDArray) async throws {}
+
+    // MARK: Check, repair, rebuild
+
+    /// Copies a good mirror's chunk over unreadable ones, then compares the in-sync mirrors (a
+    /// member being rebuilt is not read: it is rebuilt again where it may differ); with `repair`,
+    /// rewrites the others from the first.
+    func check(_ stripe: ScrubStripe, repair: Bool, array: RAIDArray) async throws -> StripeCheck {
+        var result = StripeCheck()
+        if !stripe.unreadable.isEmpty {
+            let good = stripe.slots.filter { !stripe.unreadable.contains($0) }
+            guard let source = good.first else {
+                result.unreadable = stripe.unreadable.sorted()
+                return result
+            }
+            for slot in stripe.unreadable {
+                let buffer = stripe.buffer(of: slot)
+                buffer.copy(from: stripe.buffer(of: source), offset: stripe.within, length: stripe.size)
+                try await array.rewriteChunk(of: stripe, slot: slot, from: buffer)
+                result.readErrorsRepaired += 1
+            }
+        }
+        guard stripe.slots.count >= 2 else { return result }
+        let first = stripe.buffers[0]
+        if stripe.buffers.dropFirst().allSatisfy({ $0.equals(first, offset: stripe.within, length: stripe.size) }) {
+            return result
+        }
+        result.mismatch = true
+        guard repair else { return result }
+        for slot in stripe.slots.dropFirst() {
+            try await stripe.readable[slot]!.device.write(from: first, range: stripe.range, at: stripe.memberOffset)
+        }
+        result.repaired = true
+        return result
+    }
+
+    /// Copies any in-sync mirror; on a read error, tries the next.
+    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+                 array: RAIDArray) async throws {
+        let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
+        var errors: [String] = []
+        for source in sources {
+            do {
+                try await readable[source]!.device.read(into: result, at: RAIDArray.dataOffset + memberOffset)
+                return
+            } catch {
+                if RAIDArray.isDeviceGone(error) { await array.failMember(slot: source, because: error) }
+                errors.append("\(readable[source]!.name): \(error)")
+            }
+        }
+        if sources.isEmpty { throw array.failedError("rebuild") }
+        throw array.rebuildSourceError(slot: slot, memberOffset: memberOffset, length: UInt64(result.count), errors: errors)
+    }
 }

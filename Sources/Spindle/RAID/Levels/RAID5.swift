@@ -185,4 +185,59 @@ struct RAID5: RAIDPersonality {
         }
         try await array.writeMembers(writes, fua: fua, operation: "write", offset: nil, length: UInt64(length))
     }
+
+    // MARK: Check, repair, rebuild
+
+    /// Rebuilds one unreadable chunk from the others (with every member read), then checks that
+    /// parity matches the data; with `repair`, rewrites the parity from the data.
+    func check(_ stripe: ScrubStripe, repair: Bool, array: RAIDArray) async throws -> StripeCheck {
+        var result = StripeCheck()
+        let complete = stripe.slots.count == geometry.memberCount
+        if !stripe.unreadable.isEmpty {
+            guard complete && stripe.unreadable.count == 1 else {
+                result.unreadable = stripe.unreadable.sorted()
+                return result
+            }
+            let good = stripe.slots.filter { !stripe.unreadable.contains($0) }.map { stripe.buffer(of: $0) }
+            for slot in stripe.unreadable {
+                let buffer = stripe.buffer(of: slot)
+                XORParity.generate(sources: good, offset: stripe.within, into: buffer, parityOffset: stripe.within, length: stripe.size)
+                try await array.rewriteChunk(of: stripe, slot: slot, from: buffer)
+                result.readErrorsRepaired += 1
+            }
+        }
+        // Parity is checked only with every member read.
+        guard complete else { return result }
+        if XORParity.check(stripe.buffers, offset: stripe.within, length: stripe.size) { return result }
+        result.mismatch = true
+        guard repair else { return result }
+        let parityMember = geometry.parityMember(stripe: stripe.stripe)
+        let parity = AlignedBuffer(count: stripe.size)
+        let data = stripe.slots.indices.filter { stripe.slots[$0] != parityMember }.map { stripe.buffers[$0] }
+        XORParity.generate(sources: data, offset: stripe.within, into: parity, length: stripe.size)
+        try await stripe.readable[parityMember]!.device.write(from: parity, at: stripe.memberOffset)
+        result.repaired = true
+        return result
+    }
+
+    /// The XOR of every other member.
+    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+                 array: RAIDArray) async throws {
+        let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
+        guard sources.count == geometry.memberCount - 1 else { throw array.failedError("rebuild") }
+        let buffers = sources.map { _ in AlignedBuffer(count: result.count, zeroed: false) }
+        let failures = await array.concurrently(zip(sources, buffers).map { source, buffer in
+            (source, { try await readable[source]!.device.read(into: buffer, at: RAIDArray.dataOffset + memberOffset) })
+        })
+        if !failures.isEmpty {
+            // A source that is gone is failed (and the array with it); a read error on one that
+            // answers stops the rebuild here, members untouched, to be resumed from the checkpoint.
+            for failure in failures where RAIDArray.isDeviceGone(failure.error) {
+                await array.failMember(slot: failure.slot, because: failure.error)
+            }
+            throw array.rebuildSourceError(slot: slot, memberOffset: memberOffset, length: UInt64(result.count),
+                                           errors: failures.map { "\(readable[$0.slot]!.name): \($0.error)" })
+        }
+        XORParity.generate(sources: buffers, into: result, length: result.count)
+    }
 }

@@ -59,6 +59,22 @@ protocol RAIDPersonality: Sendable {
     /// copies or parity disagree). Called outside the request gate: a level that sends it to members
     /// enters ``RAIDArray/gate`` itself.
     func discard(offset: UInt64, length: UInt64, array: RAIDArray) async throws
+
+    // MARK: Check, repair, rebuild
+
+    /// Checks one stripe of a scrub or resync step (its members' chunks, as read), and repairs it:
+    /// rebuilds the chunks in `stripe.unreadable` from redundancy and writes them back when it can
+    /// (reporting the rest as unreadable), then compares copies or parity; on a mismatch with
+    /// `repair`, rewrites copies from the first or parity from the data. Called with the stripe locked.
+    func check(_ stripe: ScrubStripe, repair: Bool, array: RAIDArray) async throws -> StripeCheck
+
+    /// One rebuild step: computes what member `slot` holds at member data offset
+    /// `memberOffset ..< memberOffset + result.count` from the other members in `readable`, into
+    /// `result`. The array takes the stripe locks before and writes `result` to the member after.
+    /// A source that is gone is failed; a read error on one that answers stops the rebuild there
+    /// (members untouched), to resume from the checkpoint.
+    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+                 array: RAIDArray) async throws
 }
 
 extension RAIDPersonality {
@@ -100,6 +116,56 @@ extension RAIDLevel {
         case .raid0: RAID0.self
         case .raid1: RAID1.self
         case .raid5: RAID5.self
+        }
+    }
+}
+
+// MARK: Scrub stripes
+
+/// One stripe of a scrub or resync step, as read from the members.
+struct ScrubStripe {
+    var stripe: UInt64
+    /// The members that were read (the readable ones), by slot, and what they returned, in the same
+    /// order. Each buffer holds the whole step; this stripe's chunk lies at `within ..< within + size`.
+    var slots: [Int]
+    var buffers: [AlignedBuffer]
+    /// The array's readable members, by slot.
+    var readable: [RAIDArray.Member?]
+    var within: Int
+    /// The chunk size.
+    var size: Int
+    /// Slots whose chunk of this stripe could not be read.
+    var unreadable: Set<Int>
+
+    /// Where the stripe's chunks lie on the members.
+    var memberOffset: UInt64 { RAIDArray.dataOffset + stripe * UInt64(size) }
+    var range: Range<Int> { within..<(within + size) }
+
+    /// What member `slot` returned.
+    func buffer(of slot: Int) -> AlignedBuffer { buffers[slots.firstIndex(of: slot)!] }
+}
+
+/// What checking a stripe found and did.
+struct StripeCheck {
+    /// Chunks that could not be read, rebuilt from redundancy and written back.
+    var readErrorsRepaired = 0
+    /// Slots whose chunk could be neither read nor rebuilt.
+    var unreadable: [Int] = []
+    /// Copies or parity disagreed.
+    var mismatch = false
+    /// ... and were rewritten to agree.
+    var repaired = false
+}
+
+extension RAIDArray {
+    /// Writes a chunk rebuilt from redundancy back to the member of `stripe` that could not read it;
+    /// a member that cannot take the write is failed.
+    func rewriteChunk(of stripe: ScrubStripe, slot: Int, from buffer: AlignedBuffer) async throws {
+        do {
+            try await stripe.readable[slot]!.device.write(from: buffer, range: stripe.range, at: stripe.memberOffset)
+        } catch {
+            await failMember(slot: slot, because: error)
+            throw error
         }
     }
 }
