@@ -12,10 +12,9 @@ import Synchronization
 ///
 /// RAID1 and RAID5 keep serving every byte with one member failed or missing. A read error is
 /// answered from redundancy and the block rewritten; a write error fails the member. A replacement
-/// is rebuilt (``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``) while the
-/// array serves I/O, with its position checkpointed in the superblocks so that a restarted rebuild
-/// resumes. Writes mark their region in a write-intent bitmap first, so that after a crash only
-/// those regions are resynced.
+/// is rebuilt (``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``) while the array serves I/O, with its
+/// position checkpointed in the superblocks so that a restarted rebuild resumes. Writes mark their
+/// region in a write-intent bitmap first, so that after a crash only those regions are resynced.
 public final class RAIDArray: BlockDevice {
     /// A device in the array.
     public final class Member: Sendable {
@@ -48,7 +47,6 @@ public final class RAIDArray: BlockDevice {
         var rebuildCheckpointBytes: UInt64
         var bitmap: [UInt8]
         var failed: Bool
-        var readRotation = 0
         /// What the superblocks record of each slot's member (UUID and last known file name), kept
         /// for slots with no device in them, so a failed or missing member is still recognised when
         /// it comes back, and can be named.
@@ -58,6 +56,8 @@ public final class RAIDArray: BlockDevice {
     public let arrayName: String
     public let arrayUUID: SpindleUUID
     public let geometry: RAIDGeometry
+    /// What the level does (``RAIDPersonality``), made once from `geometry.level`.
+    let personality: any RAIDPersonality
     public let logicalBlockBytes: Int
     public var capacityBytes: UInt64 { geometry.capacityBytes }
     public var isReadOnly: Bool { false }
@@ -96,6 +96,7 @@ public final class RAIDArray: BlockDevice {
         arrayName = name
         arrayUUID = uuid
         self.geometry = geometry
+        personality = geometry.level.personality.init(geometry: geometry)
         self.createdSeconds = createdSeconds
         self.bitmapChunkShift = bitmapChunkShift
         self.state = Locked(state)
@@ -260,209 +261,5 @@ public final class RAIDArray: BlockDevice {
             .ioFailed,
             "the \(geometry.level) array has lost more members than it can survive (\(lost.joined(separator: ", "))); it takes no writes",
             operation: operation, path: name, offset: offset, length: length)
-    }
-
-    /// Marks a member faulty after an I/O error, and records it on the other members.
-    func failMember(slot: Int, because error: Error) async {
-        // A cancelled request says nothing about the disk.
-        if error is CancellationError { return }
-        let changed = state.withLock { state -> Bool in
-            guard state.slotStates[slot] != .faulty && state.slotStates[slot] != .missing else { return false }
-            state.slotStates[slot] = .faulty
-            if state.rebuildSlot == slot {
-                state.rebuildSlot = -1
-                state.rebuildCheckpointBytes = 0
-            }
-            let lost = state.slotStates.filter { $0 != .active }.count
-            if lost > geometry.redundancy { state.failed = true }
-            // Counted under the state lock, with the mark: a request that sees the member
-            // faulty sees the count.
-            unrecordedFailures.add(1, ordering: .sequentiallyConsistent)
-            return true
-        }
-        guard changed else { return }
-        try? await commitSuperblocks()
-        unrecordedFailures.subtract(1, ordering: .sequentiallyConsistent)
-        await activateSpareIfPossible()
-    }
-
-    /// Returns once every member failure marked in memory is recorded in the superblocks (at once,
-    /// unless a failure is being recorded right now).
-    func awaitFailuresRecorded() async {
-        while unrecordedFailures.load(ordering: .sequentiallyConsistent) > 0 {
-            try? await Task.sleep(nanoseconds: 1_000_000)
-        }
-    }
-
-    /// A spare takes the place of a faulty or missing member; the rebuild is then the caller's
-    /// (``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``).
-    func activateSpareIfPossible() async {
-        let (changed, displaced) = state.withLock { state -> (Bool, Member?) in
-            guard geometry.level != .raid0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,
-                  let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }) else { return (false, nil) }
-            let displaced = state.slots[slot]
-            state.slots[slot] = state.spares.removeFirst()
-            state.slotStates[slot] = .rebuilding
-            state.rebuildSlot = slot
-            state.rebuildCheckpointBytes = 0
-            return (true, displaced)
-        }
-        if changed { try? await commitSuperblocks() }
-        // The failed member the spare replaces leaves the array (its superblocks show it stale).
-        try? await displaced?.device.close()
-    }
-
-    // MARK: Idle clean
-
-    /// Sets how long the array waits without writes before marking itself clean (0 turns it off).
-    public func setIdleCleanDelay(nanoseconds: UInt64) {
-        idleCleanNanos.store(nanoseconds, ordering: .relaxed)
-    }
-
-    func startIdleCleaner() {
-        let task = Task { [weak self] in
-            while !Task.isCancelled {
-                let delay = self?.idleCleanNanos.load(ordering: .relaxed) ?? 0
-                try? await Task.sleep(nanoseconds: max(delay / 4, 10_000_000))
-                guard let self, !Task.isCancelled else { return }
-                if delay > 0 { await self.markCleanIfIdle(idleNanos: delay) }
-            }
-        }
-        cleaner.withLock { $0 = task }
-    }
-
-    /// Marks the array clean on disk when it is dirty and no write has run for `idleNanos`: flushes
-    /// the members, clears the bitmap and the dirty flag. A write that starts meanwhile keeps it dirty.
-    func markCleanIfIdle(idleNanos: UInt64) async {
-        let candidate = state.withLock { $0.dirty && !$0.failed }
-        guard candidate, writesInFlight.load(ordering: .sequentiallyConsistent) == 0,
-              monotonicNanos() - lastWriteNanos.load(ordering: .relaxed) >= idleNanos else { return }
-        await bitmapLock.lock()
-        defer { bitmapLock.unlock() }
-        // New writes now take the slow path and wait for this lock; any write already past the fast
-        // path is counted in `writesInFlight` (it counts itself before looking).
-        state.withLock { $0.dirtyOnDisk = false }
-        if writesInFlight.load(ordering: .sequentiallyConsistent) > 0 {
-            state.withLock { $0.dirtyOnDisk = true }
-            return
-        }
-        for member in writableMembers().compactMap({ $0 }) {
-            do {
-                try await member.device.flush()
-            } catch {
-                state.withLock { $0.dirtyOnDisk = true }
-                return
-            }
-        }
-        let zeros = [UInt8](repeating: 0, count: Self.bitmapBytes)
-        do {
-            try await writeBitmap(zeros)
-            state.withLock { state in
-                state.bitmap = zeros
-                state.dirty = false
-            }
-            try await commitSuperblocks()
-        } catch {
-            state.withLock { $0.dirty = true; $0.dirtyOnDisk = false }
-        }
-    }
-
-    // MARK: Superblocks and bitmap
-
-    /// Bumps the event count and writes the superblock (the copy `events % 2`) to every member that can
-    /// take it, with FUA. A member whose write fails is marked faulty and the others are told.
-    func commitSuperblocks() async throws {
-        await metadataLock.lock()
-        defer { metadataLock.unlock() }
-        for _ in 0..<RAIDSuperblock.maximumMembers {
-            let (targets, blocks, copy) = state.withLock { state -> ([(Int?, Member)], [[UInt8]], Int) in
-                state.events += 1
-                var targets: [(Int?, Member)] = []
-                for (slot, member) in state.slots.enumerated() {
-                    if let member, state.slotStates[slot] == .active || state.slotStates[slot] == .rebuilding {
-                        targets.append((slot, member))
-                    }
-                }
-                for spare in state.spares { targets.append((nil, spare)) }
-                let blocks = targets.map { slot, member in superblock(for: member, role: slot ?? -1, state: state).encoded() }
-                return (targets, blocks, Int(state.events % 2))
-            }
-            var failedSlot: Int?
-            let buffer = AlignedBuffer(count: RAIDSuperblock.blockBytes)
-            for ((slot, member), block) in zip(targets, blocks) {
-                block.withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
-                do {
-                    try await member.device.write(from: buffer, at: RAIDSuperblock.copyOffsets[copy], fua: true)
-                } catch is CancellationError {
-                    throw CancellationError()
-                } catch {
-                    if let slot { failedSlot = slot; break }
-                    state.withLock { $0.spares.removeAll { $0 === member } }
-                }
-            }
-            guard let slot = failedSlot else { return }
-            state.withLock { state in
-                state.slotStates[slot] = .faulty
-                if state.slotStates.filter({ $0 != .active }).count > geometry.redundancy { state.failed = true }
-            }
-        }
-    }
-
-    func superblock(for member: Member, role: Int, state: State) -> RAIDSuperblock {
-        RAIDSuperblock(
-            arrayUUID: arrayUUID, memberUUID: member.uuid, name: arrayName, level: geometry.level,
-            chunkBytes: UInt32(geometry.chunkBytes), memberCount: geometry.memberCount, role: role, dirty: state.dirty,
-            events: state.events, dataOffset: Self.dataOffset, memberDataBytes: geometry.memberDataBytes,
-            createdSeconds: createdSeconds, rebuildSlot: state.rebuildSlot,
-            rebuildCheckpointBytes: state.rebuildCheckpointBytes, bitmapOffset: Self.bitmapOffset,
-            bitmapBytes: UInt32(Self.bitmapBytes), bitmapChunkShift: bitmapChunkShift,
-            slots: state.slotStates.indices.map { slot in
-                let member = state.slots[slot]
-                let recorded = state.recordedSlots.indices.contains(slot) ? state.recordedSlots[slot] : nil
-                return RAIDSuperblock.Slot(
-                    member: member?.uuid ?? recorded?.member ?? .zero, state: state.slotStates[slot],
-                    lastKnownName: member?.name ?? recorded?.lastKnownName ?? "")
-            })
-    }
-
-    /// Writes a bitmap to every writable member, with FUA.
-    func writeBitmap(_ bits: [UInt8]? = nil) async throws {
-        let (current, members) = state.withLock { state in (state.bitmap, state.slots.enumerated().compactMap { index, member in
-            state.slotStates[index] == .active || state.slotStates[index] == .rebuilding ? member : nil
-        }) }
-        let buffer = AlignedBuffer(count: Self.bitmapBytes)
-        (bits ?? current).withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
-        for member in members {
-            // A member that cannot take the bitmap fails on its next data write; the bitmap on the
-            // others is what resync reads.
-            try? await member.device.write(from: buffer, at: Self.bitmapOffset, fua: true)
-        }
-    }
-
-    /// Before writing member range `memberOffset ..< memberOffset + length`: makes sure the array is
-    /// marked dirty on disk and the range's bitmap bits are set on disk, so that a crash during the
-    /// write leads to a resync of that range.
-    func markWriteIntent(memberOffset: UInt64, length: UInt64) async throws {
-        let first = Int(memberOffset >> UInt64(bitmapChunkShift))
-        let last = Int((memberOffset + length - 1) >> UInt64(bitmapChunkShift))
-        func recorded(_ state: State) -> Bool {
-            state.dirtyOnDisk && !(first...last).contains { state.bitmap[$0 / 8] & (1 << UInt8($0 % 8)) == 0 }
-        }
-        if state.withLock({ recorded($0) }) { return }
-        await bitmapLock.lock()
-        defer { bitmapLock.unlock() }
-        if state.withLock({ recorded($0) }) { return }
-        var bits = state.withLock { $0.bitmap }
-        for bit in first...last { bits[bit / 8] |= 1 << UInt8(bit % 8) }
-        try await writeBitmap(bits)
-        let mustMarkDirty = state.withLock { state -> Bool in
-            state.bitmap = bits
-            return !state.dirty
-        }
-        if mustMarkDirty {
-            state.withLock { $0.dirty = true }
-            try await commitSuperblocks()
-        }
-        state.withLock { $0.dirtyOnDisk = true }
     }
 }

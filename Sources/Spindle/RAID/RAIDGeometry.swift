@@ -5,16 +5,10 @@ public enum RAIDLevel: Int, Codable, Sendable, CaseIterable, CustomStringConvert
     case raid5 = 5
 
     /// Fewest members the level takes.
-    public var minimumMembers: Int { self == .raid5 ? 3 : 2 }
+    public var minimumMembers: Int { personality.minimumMembers }
     /// Members that may be missing from an array of `memberCount` while it still serves every byte:
     /// none for RAID0, one for RAID5, all but one for a mirror.
-    public func redundancy(memberCount: Int) -> Int {
-        switch self {
-        case .raid0: return 0
-        case .raid1: return memberCount - 1
-        case .raid5: return 1
-        }
-    }
+    public func redundancy(memberCount: Int) -> Int { personality.redundancy(memberCount: memberCount) }
     public var description: String { "raid\(rawValue)" }
 }
 
