@@ -21,7 +21,7 @@ public final class ThinVolume: BlockDevice {
     private let gate = RequestGate()
     private let chunkBytes: UInt64
 
-    init(pool: ThinPool, record: ThinPool.VolumeRecord, ignoreReadOnly: Bool = false) {
+    init(pool: ThinPool, record: VolumeRecord, ignoreReadOnly: Bool = false) {
         self.pool = pool
         id = record.id
         volumeName = record.name
@@ -51,10 +51,9 @@ public final class ThinVolume: BlockDevice {
         defer { gate.leave() }
         try await forEachPiece(offset: offset, length: UInt64(buffer.count)) { chunk, within, requestOffset, length in
             let destination = UnsafeMutableRawBufferPointer(rebasing: buffer[requestOffset..<(requestOffset + length)])
-            let (location, epoch) = try await pool.lock.withLock { () async throws -> ((device: any BlockDevice, offset: UInt64)?, Int) in
-                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-                let physical = try await MetadataBTree.lookup(chunk, root: record.root, in: pool.area)
-                return (physical.map { pool.location(of: $0) }, pool.inFlight.enter())
+            let (location, epoch) = try await pool.withState { state async throws -> ((device: any BlockDevice, offset: UInt64)?, Int) in
+                guard let found = try await state.lookup(volume: id, name: volumeName, chunk: chunk) else { return (nil, state.inFlight.enter()) }
+                return (state.layout.location(of: found.physical), state.inFlight.enter())
             }
             defer { pool.inFlight.leave(epoch) }
             if let location {
@@ -89,20 +88,17 @@ public final class ThinVolume: BlockDevice {
     /// How one chunk of the volume is mapped, and an in-flight epoch (entered under the pool's lock)
     /// that keeps a mapped chunk from being reused until the caller leaves it.
     private func chunkState(_ chunk: UInt64) async throws -> (ChunkState, epoch: Int) {
-        try await pool.lock.withLock { () async throws -> (ChunkState, Int) in
-            guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-            guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: pool.area) else {
-                return (.unmapped, pool.inFlight.enter())
+        try await pool.withState { state async throws -> (ChunkState, Int) in
+            guard let found = try await state.lookup(volume: id, name: volumeName, chunk: chunk) else {
+                return (.unmapped, state.inFlight.enter())
             }
-            let location = pool.location(of: found.value)
-            // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
-            let alone = try await pool.sharedChunks == 0 ? true : pool.referenceCount(of: found.value) == 1
+            let location = state.layout.location(of: found.physical)
             // Entered last, so that a lookup that throws leaves no epoch behind.
-            let epoch = pool.inFlight.enter()
-            if !found.shared && alone && !pool.unsharedSinceCommit.contains(found.value) {
+            let epoch = state.inFlight.enter()
+            if !found.shared {
                 return (.exclusive(device: location.device, offset: location.offset), epoch)
             }
-            return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
+            return (.shared(physical: found.physical, device: location.device, offset: location.offset), epoch)
         }
     }
 
@@ -132,21 +128,21 @@ public final class ThinVolume: BlockDevice {
                 }
             }
             whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
-            let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
-                let fresh = try await pool.allocateChunkLocked().chunk
-                return (fresh, pool.location(of: fresh))
+            let (fresh, location) = try await pool.withState { state async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
+                let fresh = try await state.allocateChunk().chunk
+                return (fresh, state.layout.location(of: fresh))
             }
             do {
                 try await location.device.write(from: whole, at: location.offset)
-                let mapped = try await pool.lock.withLock {
-                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: replacing)
+                let mapped = try await pool.withState { state in
+                    try await state.map(volume: id, name: volumeName, chunk: chunk, to: fresh, replacing: replacing)
                 }
                 if mapped { return }
             } catch {
-                await pool.lock.withLock { pool.returnChunk(fresh) }
+                await pool.withState { $0.returnChunk(fresh) }
                 throw error
             }
-            await pool.lock.withLock { pool.returnChunk(fresh) }
+            await pool.withState { $0.returnChunk(fresh) }
         }
     }
 
@@ -157,10 +153,9 @@ public final class ThinVolume: BlockDevice {
     /// written in one request. Returns false when a concurrent write mapped the chunk
     /// first (the caller retries).
     private func writeFresh(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws -> Bool {
-        let (fresh, clean, location) = try await pool.lock.withLock {
-            () async throws -> (UInt64, Bool, (device: any BlockDevice, offset: UInt64)) in
-            let (fresh, clean) = try await pool.allocateChunkLocked()
-            return (fresh, clean, pool.location(of: fresh))
+        let (fresh, clean, location) = try await pool.withState { state async throws -> (UInt64, Bool, (device: any BlockDevice, offset: UInt64)) in
+            let (fresh, clean) = try await state.allocateChunk()
+            return (fresh, clean, state.layout.location(of: fresh))
         }
         do {
             let end = within + UInt64(source.count)
@@ -171,19 +166,19 @@ public final class ThinVolume: BlockDevice {
                 let whole = AlignedBuffer(count: Int(chunkBytes))
                 whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
                 try await device.write(from: whole, at: base)
-                let mapped = try await pool.lock.withLock {
-                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
+                let mapped = try await pool.withState { state in
+                    try await state.map(volume: id, name: volumeName, chunk: chunk, to: fresh, replacing: nil)
                 }
-                if !mapped { await pool.lock.withLock { pool.returnChunk(fresh) } }
+                if !mapped { await pool.withState { $0.returnChunk(fresh) } }
                 return mapped
             }
             if clean {
                 // The chunk reads zeros already: only the data is written.
                 try await device.write(from: source, at: base + within, fua: false)
-                let mapped = try await pool.lock.withLock {
-                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
+                let mapped = try await pool.withState { state in
+                    try await state.map(volume: id, name: volumeName, chunk: chunk, to: fresh, replacing: nil)
                 }
-                if !mapped { await pool.lock.withLock { pool.returnChunk(fresh) } }
+                if !mapped { await pool.withState { $0.returnChunk(fresh) } }
                 return mapped
             }
             async let head: Void = within > 0 ? device.writeZeroes(offset: base, length: within) : ()
@@ -193,15 +188,15 @@ public final class ThinVolume: BlockDevice {
             try await head
             try await tail
             if let dataError { throw dataError }
-            let mapped = try await pool.lock.withLock {
-                try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
+            let mapped = try await pool.withState { state in
+                try await state.map(volume: id, name: volumeName, chunk: chunk, to: fresh, replacing: nil)
             }
             if mapped { return true }
         } catch {
-            await pool.lock.withLock { pool.returnChunk(fresh) }
+            await pool.withState { $0.returnChunk(fresh) }
             throw error
         }
-        await pool.lock.withLock { pool.returnChunk(fresh) }
+        await pool.withState { $0.returnChunk(fresh) }
         return false
     }
 
@@ -248,10 +243,8 @@ public final class ThinVolume: BlockDevice {
         let firstWhole = (offset + chunkBytes - 1) / chunkBytes
         let endWhole = (offset + length) / chunkBytes
         if firstWhole < endWhole {
-            try await pool.lock.withLock {
-                guard var record = pool.records[id] else { throw pool.deletedError(volumeName) }
-                try await pool.unmapLocked(&record, chunks: firstWhole...(endWhole - 1))
-                pool.records[id] = record
+            try await pool.withState { state in
+                try await state.unmap(volume: id, name: volumeName, chunks: firstWhole...(endWhole - 1))
             }
         }
         try await forEachPiece(offset: offset, length: length) { chunk, within, _, pieceLength in
@@ -295,14 +288,8 @@ public final class ThinVolume: BlockDevice {
     /// reads. Chunks past the end are never mapped.
     public func mappedChunks(in range: Range<UInt64>) async throws -> [UInt64] {
         guard !range.isEmpty else { return [] }
-        return try await pool.lock.withLock {
-            guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-            var result: [UInt64] = []
-            try await MetadataBTree.forEach(in: range.lowerBound...(range.upperBound - 1), root: record.root, store: pool.area) { key, _ in
-                result.append(key)
-                return true
-            }
-            return result
+        return try await pool.withState { state in
+            try await state.mappedChunks(volume: id, name: volumeName, in: range.lowerBound...(range.upperBound - 1))
         }
     }
 
