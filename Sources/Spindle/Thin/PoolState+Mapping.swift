@@ -20,6 +20,24 @@ extension PoolState {
         return (found.value, found.shared || !alone || unsharedSinceCommit.contains(found.value))
     }
 
+    /// Looks up a volume's chunk for its I/O: where it is and, for a write, whether it must be
+    /// copied (a read does not ask, and gets `shared`). Enters the in-flight epoch that keeps the
+    /// chunk from reuse until the caller leaves it.
+    func findChunk(volume: ThinVolume, chunk: UInt64, writing: Bool) async throws -> (mapped: ThinPool.MappedChunk, epoch: Int)? {
+        let found: (physical: UInt64, shared: Bool)?
+        if writing {
+            found = try await lookup(volume: volume.id, name: volume.volumeName, chunk: chunk)
+        } else {
+            let root = try requireRecord(volume.id, name: volume.volumeName).root
+            found = try await MetadataBTree.lookup(chunk, root: root, in: area).map { ($0, true) }
+        }
+        guard let found else { return nil }
+        let location = layout.location(of: found.physical)
+        // Entered last, so that a lookup that throws leaves no epoch behind.
+        let epoch = inFlight.enter()
+        return (ThinPool.MappedChunk(chunk: found.physical, device: location.device, offset: location.offset, shared: found.shared), epoch)
+    }
+
     /// Maps `chunk` of a volume to the reserved `physical`, replacing `replacing` (the chunk a
     /// copy-on-write copied from). Returns false, leaving everything as it was, when the mapping is no
     /// longer `replacing` (a concurrent write changed it first): the caller retries.

@@ -38,7 +38,7 @@ extension ThinPool {
             try await state.commit()
             return record
         }
-        return ThinVolume(pool: self, record: record)
+        return ThinVolume(pool: self, id: record.id, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
     }
 
     /// Takes a snapshot of a volume (or of a snapshot): a new volume that shares every chunk of the
@@ -66,7 +66,7 @@ extension ThinPool {
     /// Opens an existing volume.
     public func openVolume(name volumeName: String) async throws -> ThinVolume {
         let record = try await withState { try $0.requireVolume(volumeName) }
-        return ThinVolume(pool: self, record: record)
+        return ThinVolume(pool: self, id: record.id, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
     }
 
     /// Every volume, by id.
@@ -117,7 +117,7 @@ extension ThinPool {
         let record = try await withState { try $0.requireVolume(volumeName) }
         if sizeBytes < record.sizeBytes, sizeBytes % chunkBytes != 0 {
             // Through the write path, so a chunk shared with a snapshot is copied, not changed.
-            let volume = ThinVolume(pool: self, record: record, ignoreReadOnly: true)
+            let volume = ThinVolume(pool: self, id: record.id, name: record.name, sizeBytes: record.sizeBytes, readOnly: false)
             let end = min(record.sizeBytes, (sizeBytes / chunkBytes + 1) * chunkBytes)
             try await volume.writeZeroes(offset: sizeBytes, length: end - sizeBytes)
         }
