@@ -71,14 +71,15 @@ struct FormatMutationTests {
         try await device.read(into: buffer, at: 0)
         let label = Array(buffer.array[0..<4096])
         let superblocks = Array(buffer.array[4096..<(3 * 4096)])
-        let root = pool.records[volume.id]!.root
+        let (root, areaOffset, blockCount) = await pool.withState { state in
+            (state.records[volume.id]!.root, state.area.offset, state.area.blockCount)
+        }
         let nodeBuffer = AlignedBuffer(count: 4096)
-        try await device.read(into: nodeBuffer, at: pool.area.offset + root * 4096)
+        try await device.read(into: nodeBuffer, at: areaOffset + root * 4096)
         let node = nodeBuffer.array
 
         let labelDecoded = try ThinPoolLabel.decode(label)
         let nodeDecoded = try MetadataNode.decode(node, expectedBlock: root)
-        let blockCount = pool.area.blockCount
         var accepted = 0
         for bytes in mutations(of: label, seed: seed, count: 1000) {
             if let decoded = try? ThinPoolLabel.decode(bytes) {

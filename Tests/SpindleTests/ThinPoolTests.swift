@@ -192,26 +192,27 @@ struct ThinPoolTests {
         #expect(clean.mappedChunks == 15 && clean.allocatedChunks == 15)
 
         // A chunk allocated behind the pool's back: leaked.
-        try await pool.lock.withLock {
-            pool.area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(
-                400, value: 1, root: pool.area.roots[ThinPool.Root.referenceCounts.rawValue], in: pool.area)
+        try await pool.withState { state in
+            state.area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(
+                400, value: 1, root: state.area.roots[ThinPool.Root.referenceCounts.rawValue], in: state.area)
         }
         let leaked = try await pool.check()
         #expect(leaked.problems.contains("chunk 400 is allocated (reference count 1) but nothing maps it (leaked)"), "\(leaked.problems)")
         // A mapping whose chunk was never allocated.
-        try await pool.lock.withLock {
-            var record = pool.records[volume.id]!
-            record.root = try await MetadataBTree.insert(99, value: 300, root: record.root, in: pool.area)
+        try await pool.withState { state in
+            var record = state.records[volume.id]!
+            record.root = try await MetadataBTree.insert(99, value: 300, root: record.root, in: state.area)
             record.mappedChunks += 1
-            pool.records[volume.id] = record
+            state.records[volume.id] = record
         }
         let unallocated = try await pool.check()
         #expect(unallocated.problems.contains("chunk 300 is mapped but not allocated (it could be handed out again)"), "\(unallocated.problems)")
 
         // A corrupt node on disk is reported with its block, never used: by check, and by a read.
         let reopened = try await ThinPool.open(devices: [device])
-        let victim = reopened.records[volume.id]!.root
-        let position = reopened.area.offset + victim * 4096
+        let (victim, position) = await reopened.withState { state in
+            (state.records[volume.id]!.root, state.area.offset + state.records[volume.id]!.root * 4096)
+        }
         let block = AlignedBuffer(count: 4096)
         try await device.read(into: block, at: position)
         block.bytes[64] ^= 0x01

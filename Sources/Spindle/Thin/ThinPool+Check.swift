@@ -20,16 +20,17 @@ extension ThinPool {
     /// reference count equal to the number of leaves naming it; no allocated chunk unmapped; every
     /// chunk inside the pool; every mapping inside its volume. Reads only; changes nothing.
     public func check() async throws -> CheckReport {
-        try await lock.withLock {
+        try await withState { state in
+            let (area, records, chunkCount) = (state.area, state.records, state.chunkCount)
             var report = CheckReport(problems: [], metadataBlocks: 0, mappedChunks: 0, allocatedChunks: 0, volumes: records.count)
             report.warnings = area.openNotes
             var nodeReferences: [UInt64: UInt32] = [:]
             var leaves: [(volume: String, node: MetadataNode)] = []
             for root in [Root.volumes, .referenceCounts, .segments] {
-                await walk(area.roots[root.rawValue], tree: "the \(root) tree", shareable: false, references: &nodeReferences, report: &report) { _ in }
+                await Self.walk(area.roots[root.rawValue], tree: "the \(root) tree", shareable: false, references: &nodeReferences, report: &report, in: area) { _ in }
             }
             for record in records.values.sorted(by: { $0.id < $1.id }) {
-                await walk(record.root, tree: "volume \(record.name)'s mappings", shareable: true, references: &nodeReferences, report: &report) { leaf in
+                await Self.walk(record.root, tree: "volume \(record.name)'s mappings", shareable: true, references: &nodeReferences, report: &report, in: area) { leaf in
                     leaves.append((record.name, leaf))
                 }
             }
@@ -80,11 +81,11 @@ extension ThinPool {
                 report.problems.append("chunk \(chunk) is mapped but not allocated (it could be handed out again)")
             }
             let shared = UInt64(expected.values.filter { $0 >= 2 }.count)
-            if shared != sharedChunks {
-                report.problems.append("the pool counts \(sharedChunks) shared chunks but \(shared) have more than one referrer")
+            if shared != state.sharedChunks {
+                report.problems.append("the pool counts \(state.sharedChunks) shared chunks but \(shared) have more than one referrer")
             }
-            if report.allocatedChunks != usedChunks {
-                report.problems.append("the pool counts \(usedChunks) used chunks but \(report.allocatedChunks) are allocated")
+            if report.allocatedChunks != state.usedChunks {
+                report.problems.append("the pool counts \(state.usedChunks) used chunks but \(report.allocatedChunks) are allocated")
             }
             return report
         }
@@ -92,9 +93,9 @@ extension ThinPool {
 
     /// Reads every node of a tree once, counting how often each is named; a node of a tree that may
     /// not share (`shareable` false) named twice is a problem.
-    private func walk(
+    private static func walk(
         _ root: UInt64, tree: String, shareable: Bool, references: inout [UInt64: UInt32], report: inout CheckReport,
-        leaf: (MetadataNode) -> Void
+        in area: MetadataArea, leaf: (MetadataNode) -> Void
     ) async {
         var pending = [root]
         while let block = pending.popLast() {

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// A thin pool: data chunks on one or more block devices (image files or arrays) and copy-on-write
 /// metadata on the first, holding thin volumes and snapshots that use chunks only where they were
 /// written. The format and the reasoning are in docs/THIN-DESIGN.md and docs/FORMATS.md.
@@ -12,10 +14,7 @@
 /// Crash contract, as dm-thin's: when a flush on a volume completes, every write completed before it
 /// survives a crash; a crash never exposes another volume's or a freed chunk's old data and never
 /// leaves the pool unopenable.
-public final class ThinPool: @unchecked Sendable {
-    // @unchecked Sendable: every access to the metadata, the records and the allocation state
-    // happens under `lock`.
-
+public final class ThinPool: Sendable {
     /// Trees whose roots the metadata superblock records.
     enum Root: Int {
         case volumes = 0, referenceCounts = 1, segments = 2
@@ -31,81 +30,43 @@ public final class ThinPool: @unchecked Sendable {
     public static let defaultChunkBytes: UInt64 = 64 * 1024
     /// Largest virtual size of a volume, in chunks.
     static let maximumVolumeChunks: UInt64 = 1 << 40
-    /// Metadata nodes changed in one transaction above which a write commits on its own (bounding
-    /// the memory of a workload that never flushes; committing early is always allowed).
-    static let automaticCommitNodes = 2048
 
     public let name: String
     public let uuid: SpindleUUID
     /// What opening the pool found damaged but worked around (such as one damaged metadata
     /// superblock copy); empty for a healthy pool. The CLI prints these as warnings.
-    public var openNotes: [String] { area.openNotes }
+    public let openNotes: [String]
     public let chunkBytes: UInt64
-    private(set) var devices: [any BlockDevice]
-    private(set) var segments: [Segment] = []
-    public private(set) var chunkCount: UInt64
     /// Whether the pool was opened on read-only devices: volumes can be read, nothing changes.
     public let isReadOnly: Bool
-    let area: MetadataArea
-    let lock = AsyncMutex()
-    let inFlight = InFlightEpochs()
-    var records: [UInt64: VolumeRecord] = [:]
-    /// Volumes whose mapping tree could not be read on open, with the error.
-    var damagedVolumes: [UInt64: String] = [:]
-    var dirtyRecords: Set<UInt64> = []
-    /// Chunks freed in the open transaction: committed mappings may still use them.
-    var pendingFree: Set<UInt64> = []
-    /// Chunks handed to a first write or a copy that is not mapped yet.
-    var reserved: Set<UInt64> = []
-    var cursor: UInt64 = 0
-    var usedChunks: UInt64
-    /// Chunks whose sharing ended in the open transaction: written by copy until it commits.
-    var unsharedSinceCommit: Set<UInt64> = []
-    /// Chunks with more than one referrer (kept in the volumes tree under id 0).
-    var sharedChunks: UInt64 = 0
-    var storedSharedChunks: UInt64 = .max
-    /// Chunks from here on have held no data since they were zeroed (discarded at creation or
-    /// extension): a first write into one writes only its data. Recorded in the metadata and raised
-    /// in batches, always ahead of ``cleanNext``, so that after a crash every chunk that may have
-    /// been written counts as dirty.
-    var dirtyBelow: UInt64
-    /// The next never-used chunk to hand out (in memory; reopening starts at ``dirtyBelow``).
-    var cleanNext: UInt64
-    lazy var dataReferences = DataReferences(pool: self)
+    /// Requests that looked a chunk mapping up and have not finished (see ``InFlightEpochs``).
+    let inFlight: InFlightEpochs
+    /// Everything that changes, behind the pool's lock.
+    private let state: PoolStateLock
+    /// The layout as of the last change, for reading without the lock.
+    private let layout: Locked<ChunkLayout>
+    private let warningPercent = Atomic<UInt64>(80)
 
-    /// A run of pool chunks stored contiguously on one device.
-    struct Segment: Equatable {
-        var firstChunk: UInt64
-        var chunks: UInt64
-        var device: Int
-        /// Where the run starts on its device, in chunks.
-        var deviceChunk: UInt64
-    }
+    /// Chunks in the pool.
+    public var chunkCount: UInt64 { layout.withLock { $0.chunkCount } }
+    /// The pool's devices, device 0 (which holds the metadata) first.
+    var devices: [any BlockDevice] { layout.withLock { $0.devices } }
 
-    /// A volume's record, kept in memory and written to the volumes tree at each commit.
-    struct VolumeRecord {
-        var id: UInt64
-        var name: String
-        var sizeBytes: UInt64
-        var root: UInt64
-        var mappedChunks: UInt64
-        var origin: UInt64
-        var readOnly: Bool
-        var createdSeconds: UInt64
-    }
-    static let recordFields: UInt64 = 14
-
-    private init(name: String, uuid: SpindleUUID, devices: [any BlockDevice], area: MetadataArea) {
+    private init(name: String, uuid: SpindleUUID, layout: ChunkLayout, area: MetadataArea) {
         self.name = name
         self.uuid = uuid
-        self.devices = devices
-        self.area = area
-        isReadOnly = devices.contains { $0.isReadOnly }
-        chunkBytes = area.parameters[Parameter.chunkBytesAndDevices.rawValue] & 0xFFFF_FFFF
-        chunkCount = area.parameters[Parameter.chunkCount.rawValue]
-        usedChunks = area.parameters[Parameter.usedChunks.rawValue]
-        dirtyBelow = area.parameters[Parameter.dirtyBelow.rawValue]
-        cleanNext = dirtyBelow
+        openNotes = area.openNotes
+        chunkBytes = layout.chunkBytes
+        isReadOnly = layout.devices.contains { $0.isReadOnly }
+        inFlight = InFlightEpochs()
+        let published = Locked(layout)
+        self.layout = published
+        state = PoolStateLock(PoolState(name: name, layout: layout, published: published, area: area, inFlight: inFlight))
+    }
+
+    /// Runs `body` with the pool's state, holding the pool's lock.
+    func withState<Result: Sendable>(_ body: (PoolState) async throws -> Result) async rethrows -> Result {
+        try await state.withState(body)
     }
 
     /// Metadata blocks for `chunks` data chunks: a mapping and a reference count per chunk in
@@ -151,12 +112,12 @@ public final class ThinPool: @unchecked Sendable {
             throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one \(ByteSize.format(chunkBytes)) chunk",
                                operation: "create pool", path: device.name)
         }
-        var segments: [Segment] = []
+        var segments: [ChunkLayout.Segment] = []
         var total: UInt64 = 0
         for (index, device) in devices.enumerated() {
             let start = index == 0 ? firstDataOffset / chunkBytes : 1
             let chunks = device.capacityBytes / chunkBytes - start
-            segments.append(Segment(firstChunk: total, chunks: chunks, device: index, deviceChunk: start))
+            segments.append(ChunkLayout.Segment(firstChunk: total, chunks: chunks, device: index, deviceChunk: start))
             total += chunks
         }
         // Zero the data (a discard on an image file punches holes, at no cost) so that first writes
@@ -180,9 +141,11 @@ public final class ThinPool: @unchecked Sendable {
         area.roots[Root.volumes.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.segments.rawValue] = try await MetadataBTree.create(in: area)
-        let pool = ThinPool(name: name, uuid: uuid, devices: devices, area: area)
-        for segment in segments { try await pool.recordSegment(segment) }
-        try await pool.lock.withLock { try await pool.commitLocked() }
+        let pool = ThinPool(name: name, uuid: uuid, layout: ChunkLayout(chunkBytes: chunkBytes, devices: devices, segments: []), area: area)
+        try await pool.withState { state in
+            for segment in segments { try await state.recordSegment(segment) }
+            try await state.commit()
+        }
         return pool
     }
 
@@ -231,17 +194,21 @@ public final class ThinPool: @unchecked Sendable {
             let missing = (0..<deviceCount).filter { !present.contains($0) }.map(String.init).joined(separator: ", ")
             throw SpindleError(.notFound, "pool \(poolName) has \(deviceCount) devices; device \(missing) is missing", operation: "open pool")
         }
-        let pool = ThinPool(name: poolName, uuid: uuid, devices: labelled.map(\.device), area: area)
-        try await pool.loadSegments()
-        try await pool.loadRecords()
-        pool.storedSharedChunks = pool.sharedChunks
-        for record in pool.records.values {
-            do {
-                try await area.countReferences(tree: record.root)
-            } catch {
-                // The pool still opens, so `check` can report it and other volumes stay usable;
-                // I/O that reaches the damaged node fails with the same error.
-                pool.damagedVolumes[record.id] = "\(error)"
+        let chunkBytes = area.parameters[Parameter.chunkBytesAndDevices.rawValue] & 0xFFFF_FFFF
+        let layout = try await ChunkLayout.load(from: area, devices: labelled.map(\.device), chunkBytes: chunkBytes,
+                                                chunkCount: area.parameters[Parameter.chunkCount.rawValue], poolName: poolName)
+        let pool = ThinPool(name: poolName, uuid: uuid, layout: layout, area: area)
+        try await pool.withState { state in
+            try await state.loadRecords()
+            state.storedSharedChunks = state.sharedChunks
+            for record in state.records.values {
+                do {
+                    try await area.countReferences(tree: record.root)
+                } catch {
+                    // The pool still opens, so `check` can report it and other volumes stay usable;
+                    // I/O that reaches the damaged node fails with the same error.
+                    state.damagedVolumes[record.id] = "\(error)"
+                }
             }
         }
         return pool
@@ -249,7 +216,7 @@ public final class ThinPool: @unchecked Sendable {
 
     /// Makes every completed write durable and mapped: flushes the data, then commits the metadata.
     public func commit() async throws {
-        try await lock.withLock { try await commitLocked() }
+        try await withState { try await $0.commit() }
     }
 
     /// Commits; the devices stay open (they belong to the caller).
@@ -274,174 +241,35 @@ public final class ThinPool: @unchecked Sendable {
 
     public var usage: Usage {
         get async {
-            await lock.withLock {
-                Usage(chunkBytes: chunkBytes, chunks: chunkCount, usedChunks: usedChunks,
-                      metadataBlocks: area.blockCount, usedMetadataBlocks: UInt64(area.usedBlocks), devices: devices.count)
+            await withState { state in
+                Usage(chunkBytes: chunkBytes, chunks: state.chunkCount, usedChunks: state.usedChunks, metadataBlocks: state.area.blockCount,
+                      usedMetadataBlocks: UInt64(state.area.usedBlocks), devices: state.layout.devices.count)
             }
         }
     }
 
     /// Share of the pool's chunks in use above which ``warnings()`` speaks up (LVM's default: 80%).
-    public var usageWarningPercent: UInt64 = 80
+    public var usageWarningPercent: UInt64 {
+        get { warningPercent.load(ordering: .relaxed) }
+        set { warningPercent.store(newValue, ordering: .relaxed) }
+    }
 
     /// Conditions a person should hear about: the volumes promise more space than the pool has
     /// (over-provisioning, allowed), or use crossed ``usageWarningPercent``.
     public func warnings() async throws -> [String] {
-        await lock.withLock {
+        let percent = usageWarningPercent
+        return await withState { state in
             var result: [String] = []
-            let promised = records.values.reduce(UInt64(0)) { $0 + $1.sizeBytes }
+            let promised = state.records.values.reduce(UInt64(0)) { $0 + $1.sizeBytes }
+            let (chunkCount, usedChunks) = (state.chunkCount, state.usedChunks)
             let capacity = chunkCount * chunkBytes
             if promised > capacity {
                 result.append("pool \(name) is over-provisioned: its volumes total \(ByteSize.format(promised)) on \(ByteSize.format(capacity)) of space; writes fail once the pool is full")
             }
-            if chunkCount > 0 && usedChunks * 100 >= usageWarningPercent * chunkCount {
+            if chunkCount > 0 && usedChunks * 100 >= percent * chunkCount {
                 result.append("pool \(name) is \(usedChunks * 100 / chunkCount)% full (\(usedChunks) of \(chunkCount) chunks); discard or delete data, or extend the pool")
             }
             return result
-        }
-    }
-
-    // MARK: Growing
-
-    /// Grows the pool: by the space its devices gained since it was created or last extended (an
-    /// image made larger, an array that grew), and by `adding` new devices. Returns the chunks added.
-    /// - Throws: ``SpindleError`` when a new device belongs to a pool, is too small, or the metadata
-    ///   area (sized at creation for twice the data) cannot describe the larger pool.
-    @discardableResult
-    public func extend(adding newDevices: [any BlockDevice] = [], overwrite: Bool = false) async throws -> UInt64 {
-        try await lock.withLock {
-            let before = chunkCount
-            var added: [Segment] = []
-            var total = chunkCount
-            for (index, device) in devices.enumerated() {
-                let end = segments.filter { $0.device == index }.map { $0.deviceChunk + $0.chunks }.max() ?? 1
-                let available = device.capacityBytes / chunkBytes
-                if available > end {
-                    added.append(Segment(firstChunk: total, chunks: available - end, device: index, deviceChunk: end))
-                    total += available - end
-                }
-            }
-            for (offset, device) in newDevices.enumerated() {
-                if device.isReadOnly { throw SpindleError(.readOnly, "a read-only device cannot join pool \(name)", path: device.name) }
-                if devices.contains(where: { $0 === device }) {
-                    throw SpindleError(.invalidArgument, "the device is in pool \(name) already", operation: "extend pool", path: device.name)
-                }
-                if !overwrite {
-                    // A device this pool labelled in an extend that did not commit is this pool's to reuse.
-                    let ours = (try? await ThinPoolLabel.read(from: device))??.poolUUID == uuid
-                    if !ours { try await DeviceSignature.refuseIfInUse(device, operation: "extend pool") }
-                }
-                guard device.capacityBytes >= 2 * chunkBytes else {
-                    throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one chunk",
-                                       operation: "extend pool", path: device.name)
-                }
-                let chunks = device.capacityBytes / chunkBytes - 1
-                added.append(Segment(firstChunk: total, chunks: chunks, device: devices.count + offset, deviceChunk: 1))
-                total += chunks
-            }
-            guard total > chunkCount else { return 0 }
-            let capacity = Self.chunkCapacity(metadataBlocks: area.blockCount)
-            guard total <= capacity else {
-                throw SpindleError(.noSpace, "pool \(name)'s metadata area (\(ByteSize.format(area.blockCount * UInt64(MetadataNode.blockBytes)))) describes at most \(ByteSize.format(capacity * chunkBytes)) of data; the pool would grow to \(ByteSize.format(total * chunkBytes))",
-                                   operation: "extend pool")
-            }
-            for (offset, device) in newDevices.enumerated() {
-                let label = ThinPoolLabel(poolUUID: uuid, poolName: name, deviceIndex: devices.count + offset, chunkBytes: chunkBytes,
-                                          metadataOffset: 0, metadataBlocks: 0)
-                try await label.write(to: device)
-            }
-            devices += newDevices
-            // New space is zeroed like a new pool's, or counts as dirty.
-            if added.allSatisfy({ devices[$0.device].discardReadsZeroes }) && dirtyBelow <= chunkCount {
-                for segment in added {
-                    try await devices[segment.device].discard(offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
-                }
-            } else {
-                dirtyBelow = total
-                cleanNext = total
-            }
-            for segment in added { try await recordSegment(segment) }
-            area.parameters[Parameter.chunkBytesAndDevices.rawValue] = chunkBytes | UInt64(devices.count) << 32
-            try await commitLocked()
-            return chunkCount - before
-        }
-    }
-
-    // MARK: Internals (callers hold `lock`, except during create and open)
-
-    func commitLocked() async throws {
-        for id in dirtyRecords {
-            if let record = records[id] { try await storeRecord(record) }
-        }
-        dirtyRecords.removeAll()
-        if sharedChunks != storedSharedChunks && !isReadOnly {
-            try await storePoolFields()
-            storedSharedChunks = sharedChunks
-        }
-        area.parameters[Parameter.usedChunks.rawValue] = usedChunks
-        area.parameters[Parameter.chunkCount.rawValue] = chunkCount
-        area.parameters[Parameter.dirtyBelow.rawValue] = dirtyBelow
-        if isReadOnly {
-            guard !area.hasChanges else {
-                throw SpindleError(.readOnly, "pool \(name) is open read-only", operation: "commit", path: name)
-            }
-            return
-        }
-        // Data on every device first; the metadata commit flushes device 0 before its superblock.
-        if area.hasChanges {
-            for device in devices.dropFirst() { try await device.flush() }
-            try await area.commit()
-        } else {
-            for device in devices { try await device.flush() }
-        }
-        // Requests that looked up a mapping before the chunks in `pendingFree` were unmapped must
-        // finish before those chunks can be handed out again.
-        await inFlight.drain()
-        pendingFree.removeAll()
-        unsharedSinceCommit.removeAll()
-    }
-
-    /// The device and byte offset of a pool chunk.
-    func location(of chunk: UInt64) -> (device: any BlockDevice, offset: UInt64) {
-        var low = 0
-        var high = segments.count - 1
-        while low < high {
-            let middle = (low + high + 1) / 2
-            if segments[middle].firstChunk <= chunk { low = middle } else { high = middle - 1 }
-        }
-        let segment = segments[low]
-        return (devices[segment.device], (segment.deviceChunk + chunk - segment.firstChunk) * chunkBytes)
-    }
-
-    private func recordSegment(_ segment: Segment) async throws {
-        area.roots[Root.segments.rawValue] = try await MetadataBTree.insert(
-            segment.firstChunk, value: UInt64(segment.device) << 48 | segment.deviceChunk,
-            root: area.roots[Root.segments.rawValue], in: area)
-        segments.append(segment)
-        chunkCount = segment.firstChunk + segment.chunks
-    }
-
-    private func loadSegments() async throws {
-        var found: [(UInt64, UInt64)] = []
-        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.segments.rawValue], store: area) { key, value in
-            found.append((key, value))
-            return true
-        }
-        for (index, (first, value)) in found.enumerated() {
-            let end = index + 1 < found.count ? found[index + 1].0 : chunkCount
-            let device = Int(value >> 48)
-            guard device < devices.count, end > first, first == (index == 0 ? 0 : found[index - 1].0 + segments[index - 1].chunks) else {
-                throw SpindleError(.ioFailed, "pool \(name)'s segment table is corrupt at chunk \(first)", operation: "open pool", path: devices[0].name)
-            }
-            let segment = Segment(firstChunk: first, chunks: end - first, device: device, deviceChunk: value & ((1 << 48) - 1))
-            guard (segment.deviceChunk + segment.chunks) * chunkBytes <= devices[device].capacityBytes else {
-                throw SpindleError(.ioFailed, "pool \(name) keeps chunks up to \(ByteSize.format((segment.deviceChunk + segment.chunks) * chunkBytes)) on this device, but it has only \(ByteSize.format(devices[device].capacityBytes)) (did it shrink?)",
-                                   operation: "open pool", path: devices[device].name)
-            }
-            segments.append(segment)
-        }
-        guard !segments.isEmpty else {
-            throw SpindleError(.ioFailed, "pool \(name) has no data segments (corrupt metadata)", operation: "open pool", path: devices[0].name)
         }
     }
 
@@ -449,22 +277,5 @@ public final class ThinPool: @unchecked Sendable {
         guard !poolName.isEmpty, poolName.utf8.count <= 64, !poolName.contains("/"), !poolName.contains(where: \.isWhitespace) else {
             throw SpindleError(.invalidArgument, "the pool name '\(poolName)' must be 1 to 64 bytes without '/' or spaces")
         }
-    }
-}
-
-/// Data chunks' reference counts, as the mapping trees' leaves see them: a copied shared leaf adds a
-/// referrer to each chunk it names, a released leaf drops one, and a chunk nobody refers to becomes
-/// free once the transaction commits.
-final class DataReferences: MetadataValueReferences {
-    unowned let pool: ThinPool
-
-    init(pool: ThinPool) { self.pool = pool }
-
-    func retain(_ values: [UInt64]) async throws {
-        for chunk in values { try await pool.adjustReferences(chunk, by: 1) }
-    }
-
-    func release(_ values: [UInt64]) async throws {
-        for chunk in values { try await pool.adjustReferences(chunk, by: -1) }
     }
 }

@@ -9,6 +9,9 @@
 /// mapped parts of partial ones (copying a partial chunk shared with a snapshot). At any byte
 /// alignment, ``zeroBytes(offset:length:)`` does the same, and ``discardBytes(offset:length:)`` (what
 /// an NBD trim calls) never takes a chunk, so it works on a full pool.
+///
+/// The volume asks its pool for chunks through a narrow interface (find, reserve, map, release,
+/// unmap, commit; see `ThinPool+Chunks.swift`) and knows nothing of the metadata behind it.
 public final class ThinVolume: BlockDevice {
     public let pool: ThinPool
     public let id: UInt64
@@ -21,12 +24,12 @@ public final class ThinVolume: BlockDevice {
     private let gate = RequestGate()
     private let chunkBytes: UInt64
 
-    init(pool: ThinPool, record: ThinPool.VolumeRecord, ignoreReadOnly: Bool = false) {
+    init(pool: ThinPool, id: UInt64, name: String, sizeBytes: UInt64, readOnly: Bool) {
         self.pool = pool
-        id = record.id
-        volumeName = record.name
-        capacityBytes = record.sizeBytes
-        isReadOnly = (record.readOnly && !ignoreReadOnly) || pool.isReadOnly
+        self.id = id
+        volumeName = name
+        capacityBytes = sizeBytes
+        isReadOnly = readOnly || pool.isReadOnly
         chunkBytes = pool.chunkBytes
         logicalBlockBytes = max(4096, pool.devices.map(\.logicalBlockBytes).max() ?? 4096)
     }
@@ -51,16 +54,12 @@ public final class ThinVolume: BlockDevice {
         defer { gate.leave() }
         try await forEachPiece(offset: offset, length: UInt64(buffer.count)) { chunk, within, requestOffset, length in
             let destination = UnsafeMutableRawBufferPointer(rebasing: buffer[requestOffset..<(requestOffset + length)])
-            let (location, epoch) = try await pool.lock.withLock { () async throws -> ((device: any BlockDevice, offset: UInt64)?, Int) in
-                guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-                let physical = try await MetadataBTree.lookup(chunk, root: record.root, in: pool.area)
-                return (physical.map { pool.location(of: $0) }, pool.inFlight.enter())
-            }
-            defer { pool.inFlight.leave(epoch) }
-            if let location {
-                try await location.device.read(into: destination, at: location.offset + within)
-            } else {
-                destination.initializeMemory(as: UInt8.self, repeating: 0)
+            try await pool.findChunk(volume: self, chunk: chunk, writing: false) { mapped in
+                if let mapped {
+                    try await mapped.device.read(into: destination, at: mapped.offset + within)
+                } else {
+                    destination.initializeMemory(as: UInt8.self, repeating: 0)
+                }
             }
         }
     }
@@ -77,115 +76,80 @@ public final class ThinVolume: BlockDevice {
         if fua { try await pool.commit() }
     }
 
-    private enum ChunkState {
+    /// What a write found in its chunk.
+    private enum Found {
+        /// Nothing mapped: a first write.
         case unmapped
-        case exclusive(device: any BlockDevice, offset: UInt64)
-        case shared(physical: UInt64, device: any BlockDevice, offset: UInt64)
+        /// The volume's own chunk, written in place.
+        case written
+        /// A shared chunk, read whole (`data`): the write goes to a copy.
+        case shared(chunk: UInt64, data: AlignedBuffer)
     }
 
     /// Writes within one chunk: in place when the volume owns the chunk alone, else into a new chunk
     /// (zeros or a copy of the shared one around the data) that is then mapped. Retries when a
     /// concurrent write changed the mapping first.
-    /// How one chunk of the volume is mapped, and an in-flight epoch (entered under the pool's lock)
-    /// that keeps a mapped chunk from being reused until the caller leaves it.
-    private func chunkState(_ chunk: UInt64) async throws -> (ChunkState, epoch: Int) {
-        try await pool.lock.withLock { () async throws -> (ChunkState, Int) in
-            guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-            guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: pool.area) else {
-                return (.unmapped, pool.inFlight.enter())
-            }
-            let location = pool.location(of: found.value)
-            // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
-            let alone = try await pool.sharedChunks == 0 ? true : pool.referenceCount(of: found.value) == 1
-            // Entered last, so that a lookup that throws leaves no epoch behind.
-            let epoch = pool.inFlight.enter()
-            if !found.shared && alone && !pool.unsharedSinceCommit.contains(found.value) {
-                return (.exclusive(device: location.device, offset: location.offset), epoch)
-            }
-            return (.shared(physical: found.value, device: location.device, offset: location.offset), epoch)
-        }
-    }
-
     private func writePiece(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws {
         while true {
-            let (state, epoch) = try await chunkState(chunk)
-            if case .unmapped = state {
-                pool.inFlight.leave(epoch)
-                if try await writeFresh(chunk: chunk, within: within, source: source) { return }
-                continue
+            let found = try await pool.findChunk(volume: self, chunk: chunk, writing: true) { mapped -> Found in
+                guard let mapped else { return .unmapped }
+                if !mapped.shared {
+                    try await mapped.device.write(from: source, at: mapped.offset + within, fua: false)
+                    return .written
+                }
+                let whole = AlignedBuffer(count: Int(chunkBytes), zeroed: false)
+                try await mapped.device.read(into: whole, at: mapped.offset)
+                return .shared(chunk: mapped.chunk, data: whole)
             }
-            // The whole chunk for a new mapping: zeros, or the shared chunk's data, under the write.
-            let whole: AlignedBuffer
-            let replacing: UInt64?
-            do {
-                defer { pool.inFlight.leave(epoch) }
-                switch state {
-                case let .exclusive(device, offset):
-                    try await device.write(from: source, at: offset + within, fua: false)
+            switch found {
+            case .written:
+                return
+            case .unmapped:
+                if try await mapNewChunk(chunk, replacing: nil, fill: { try await writeFirst(into: $0, within: within, source: source) }) {
                     return
-                case .unmapped:
-                    preconditionFailure("first writes go through writeFresh")
-                case let .shared(physical, device, offset):
-                    whole = AlignedBuffer(count: Int(chunkBytes), zeroed: false)
-                    try await device.read(into: whole, at: offset)
-                    replacing = physical
+                }
+            case let .shared(physical, whole):
+                whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
+                if try await mapNewChunk(chunk, replacing: physical, fill: { try await $0.device.write(from: whole, at: $0.offset) }) {
+                    return
                 }
             }
-            whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
-            let (fresh, location) = try await pool.lock.withLock { () async throws -> (UInt64, (device: any BlockDevice, offset: UInt64)) in
-                let fresh = try await pool.allocateChunkLocked().chunk
-                return (fresh, pool.location(of: fresh))
-            }
-            do {
-                try await location.device.write(from: whole, at: location.offset)
-                let mapped = try await pool.lock.withLock {
-                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: replacing)
-                }
-                if mapped { return }
-            } catch {
-                await pool.lock.withLock { pool.returnChunk(fresh) }
-                throw error
-            }
-            await pool.lock.withLock { pool.returnChunk(fresh) }
         }
     }
 
-    /// A first write: the data goes to a fresh chunk, and the rest of the chunk is zeroed, so nothing
-    /// of the chunk's previous life shows through. On devices that zero ranges without writing them
-    /// (image files: a discard reads zeros) the zeroing runs alongside the data write, so a 4 KiB
-    /// first write costs a 4 KiB write, not a whole chunk; elsewhere (arrays) the whole chunk is
-    /// written in one request. Returns false when a concurrent write mapped the chunk
-    /// first (the caller retries).
-    private func writeFresh(chunk: UInt64, within: UInt64, source: UnsafeRawBufferPointer) async throws -> Bool {
-        let (fresh, clean, location) = try await pool.lock.withLock {
-            () async throws -> (UInt64, Bool, (device: any BlockDevice, offset: UInt64)) in
-            let (fresh, clean) = try await pool.allocateChunkLocked()
-            return (fresh, clean, pool.location(of: fresh))
-        }
+    /// Reserves a chunk, lets `fill` write it, and maps it in place of `replacing`. Returns false
+    /// when a concurrent write changed the mapping first (the chunk goes back; the caller retries).
+    private func mapNewChunk(
+        _ chunk: UInt64, replacing: UInt64?, fill: (ThinPool.ReservedChunk) async throws -> Void
+    ) async throws -> Bool {
+        let fresh = try await pool.reserveChunk()
         do {
-            let end = within + UInt64(source.count)
-            let device = location.device
-            let base = location.offset
-            if !clean && !device.discardReadsZeroes {
-                // Zeros must be written: the whole chunk in one request.
-                let whole = AlignedBuffer(count: Int(chunkBytes))
-                whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
-                try await device.write(from: whole, at: base)
-                let mapped = try await pool.lock.withLock {
-                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
-                }
-                if !mapped { await pool.lock.withLock { pool.returnChunk(fresh) } }
-                return mapped
-            }
-            if clean {
-                // The chunk reads zeros already: only the data is written.
-                try await device.write(from: source, at: base + within, fua: false)
-                let mapped = try await pool.lock.withLock {
-                    try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
-                }
-                if !mapped { await pool.lock.withLock { pool.returnChunk(fresh) } }
-                return mapped
-            }
+            try await fill(fresh)
+            if try await pool.map(volume: self, chunk: chunk, to: fresh, replacing: replacing) { return true }
+        } catch {
+            await pool.release(reserved: fresh)
+            throw error
+        }
+        await pool.release(reserved: fresh)
+        return false
+    }
+
+    /// A first write into a fresh chunk: the data, and zeros in the rest of the chunk, so nothing of
+    /// the chunk's previous life shows through. A clean chunk reads zeros already, so only the data
+    /// is written. On devices that zero ranges without writing them (image files: a discard reads
+    /// zeros) the zeroing runs alongside the data write, so a 4 KiB first write costs a 4 KiB
+    /// write, not a whole chunk; elsewhere (arrays) the whole chunk is written in one request.
+    private func writeFirst(into fresh: ThinPool.ReservedChunk, within: UInt64, source: UnsafeRawBufferPointer) async throws {
+        let device = fresh.device
+        let base = fresh.offset
+        let end = within + UInt64(source.count)
+        if fresh.clean {
+            try await device.write(from: source, at: base + within, fua: false)
+        } else if !device.discardReadsZeroes {
+            let whole = AlignedBuffer(count: Int(chunkBytes))
+            whole.copy(from: source, at: Int(within))
+            try await device.write(from: whole, at: base)
+        } else {
             async let head: Void = within > 0 ? device.writeZeroes(offset: base, length: within) : ()
             async let tail: Void = end < chunkBytes ? device.writeZeroes(offset: base + end, length: chunkBytes - end) : ()
             var dataError: (any Error)?
@@ -193,16 +157,7 @@ public final class ThinVolume: BlockDevice {
             try await head
             try await tail
             if let dataError { throw dataError }
-            let mapped = try await pool.lock.withLock {
-                try await pool.mapLocked(volume: id, chunk: chunk, to: fresh, replacing: nil)
-            }
-            if mapped { return true }
-        } catch {
-            await pool.lock.withLock { pool.returnChunk(fresh) }
-            throw error
         }
-        await pool.lock.withLock { pool.returnChunk(fresh) }
-        return false
     }
 
     public func flush() async throws {
@@ -248,11 +203,7 @@ public final class ThinVolume: BlockDevice {
         let firstWhole = (offset + chunkBytes - 1) / chunkBytes
         let endWhole = (offset + length) / chunkBytes
         if firstWhole < endWhole {
-            try await pool.lock.withLock {
-                guard var record = pool.records[id] else { throw pool.deletedError(volumeName) }
-                try await pool.unmapLocked(&record, chunks: firstWhole...(endWhole - 1))
-                pool.records[id] = record
-            }
+            try await pool.unmap(volume: self, chunks: firstWhole...(endWhole - 1))
         }
         try await forEachPiece(offset: offset, length: length) { chunk, within, _, pieceLength in
             guard within != 0 || UInt64(pieceLength) != chunkBytes else { return }
@@ -265,27 +216,22 @@ public final class ThinVolume: BlockDevice {
     /// `copyShared`, by copying it with the zeros applied, else not at all. An unmapped chunk reads
     /// zeros already.
     private func zeroPiece(chunk: UInt64, within: UInt64, length: UInt64, copyShared: Bool) async throws {
-        let (state, epoch) = try await chunkState(chunk)
-        let covering: AlignedBuffer
-        let coverStart: UInt64
-        do {
-            defer { pool.inFlight.leave(epoch) }
-            switch state {
-            case .unmapped:
-                return
-            case let .exclusive(device, offset):
-                try await device.zeroBytes(offset: offset + within, length: length)
-                return
-            case let .shared(_, device, offset):
-                guard copyShared else { return }
-                // The volume's blocks around the bytes: read, cleared, written through copy-on-write.
-                let block = UInt64(logicalBlockBytes)
-                coverStart = within / block * block
-                let coverEnd = (within + length + block - 1) / block * block
-                covering = AlignedBuffer(count: Int(coverEnd - coverStart), zeroed: false)
-                try await device.read(into: covering, at: offset + coverStart)
+        let sizeOfBlock = UInt64(logicalBlockBytes)
+        let coverStart = within / sizeOfBlock * sizeOfBlock
+        let covering = try await pool.findChunk(volume: self, chunk: chunk, writing: true) { mapped -> AlignedBuffer? in
+            guard let mapped else { return nil }
+            if !mapped.shared {
+                try await mapped.device.zeroBytes(offset: mapped.offset + within, length: length)
+                return nil
             }
+            guard copyShared else { return nil }
+            // The volume's blocks around the bytes: read, cleared, written through copy-on-write.
+            let coverEnd = (within + length + sizeOfBlock - 1) / sizeOfBlock * sizeOfBlock
+            let covering = AlignedBuffer(count: Int(coverEnd - coverStart), zeroed: false)
+            try await mapped.device.read(into: covering, at: mapped.offset + coverStart)
+            return covering
         }
+        guard let covering else { return }
         covering.slice(offset: Int(within - coverStart), length: Int(length)).initializeMemory(as: UInt8.self, repeating: 0)
         try await writePiece(chunk: chunk, within: coverStart, source: UnsafeRawBufferPointer(covering.bytes))
         withExtendedLifetime(covering) {}
@@ -295,15 +241,7 @@ public final class ThinVolume: BlockDevice {
     /// reads. Chunks past the end are never mapped.
     public func mappedChunks(in range: Range<UInt64>) async throws -> [UInt64] {
         guard !range.isEmpty else { return [] }
-        return try await pool.lock.withLock {
-            guard let record = pool.records[id] else { throw pool.deletedError(volumeName) }
-            var result: [UInt64] = []
-            try await MetadataBTree.forEach(in: range.lowerBound...(range.upperBound - 1), root: record.root, store: pool.area) { key, _ in
-                result.append(key)
-                return true
-            }
-            return result
-        }
+        return try await pool.mappedChunks(volume: self, in: range.lowerBound...(range.upperBound - 1))
     }
 
     public func close() async throws {

@@ -1,0 +1,74 @@
+/// The metadata operations a thin volume's I/O needs, and nothing else (the shape of dm-thin's
+/// `dm-thin-metadata.h`: find a block, allocate one, insert a mapping, remove mappings, commit).
+/// ``ThinVolume`` reads and writes through these alone.
+extension ThinPool {
+    /// A mapped chunk: where it is, and whether a write must copy it first.
+    struct MappedChunk: Sendable {
+        /// The pool chunk.
+        let chunk: UInt64
+        let device: any BlockDevice
+        /// The chunk's byte offset on `device`.
+        let offset: UInt64
+        /// Whether another volume may use the chunk (or did when the open transaction began), or
+        /// that was not looked up (for a read): a write goes to a copy, never in place.
+        let shared: Bool
+    }
+
+    /// A free chunk held for one volume's write until it is mapped or released.
+    struct ReservedChunk: Sendable {
+        let chunk: UInt64
+        /// Whether the chunk has held no data since it was zeroed: only a write's data need be
+        /// written, the rest reads zeros already.
+        let clean: Bool
+        let device: any BlockDevice
+        let offset: UInt64
+    }
+
+    /// Looks up where `chunk` of a volume is and runs `body` with it (nil when the chunk is not
+    /// mapped). The chunk cannot be handed to another volume until `body` returns, whatever
+    /// happens to the mapping meanwhile, so `body` may read it or write it in place (when not
+    /// shared). For `writing`, a mapping known only as shared is looked up again in the metadata
+    /// (it may have become the volume's alone).
+    func findChunk<Result>(
+        volume: ThinVolume, chunk: UInt64, writing: Bool, _ body: (MappedChunk?) async throws -> Result
+    ) async throws -> Result {
+        let found = try await withState { state in try await state.findChunk(volume: volume, chunk: chunk, writing: writing) }
+        guard let found else { return try await body(nil) }
+        defer { inFlight.leave(found.epoch) }
+        return try await body(found.mapped)
+    }
+
+    /// Reserves a free chunk for a write into an unmapped or shared chunk.
+    func reserveChunk() async throws -> ReservedChunk {
+        try await withState { state in
+            let (chunk, clean) = try await state.allocateChunk()
+            let location = state.layout.location(of: chunk)
+            return ReservedChunk(chunk: chunk, clean: clean, device: location.device, offset: location.offset)
+        }
+    }
+
+    /// Maps `chunk` of a volume to a reserved chunk whose data is written, replacing the pool chunk
+    /// `replacing` (the shared chunk a copy was made from) or nothing. Returns false, changing
+    /// nothing, when the mapping is not `replacing` any more (a concurrent write got there first):
+    /// the reservation stays, to be released, and the caller looks again.
+    func map(volume: ThinVolume, chunk: UInt64, to reserved: ReservedChunk, replacing: UInt64?) async throws -> Bool {
+        try await withState { state in
+            try await state.map(volume: volume.id, name: volume.volumeName, chunk: chunk, to: reserved.chunk, replacing: replacing)
+        }
+    }
+
+    /// Gives back a reserved chunk that was not mapped.
+    func release(reserved: ReservedChunk) async {
+        await withState { $0.returnChunk(reserved.chunk) }
+    }
+
+    /// Unmaps a volume's chunks in `chunks`; those no other volume uses are free after the next commit.
+    func unmap(volume: ThinVolume, chunks: ClosedRange<UInt64>) async throws {
+        try await withState { state in try await state.unmap(volume: volume.id, name: volume.volumeName, chunks: chunks) }
+    }
+
+    /// The mapped chunks of a volume in `chunks`, in order.
+    func mappedChunks(volume: ThinVolume, in chunks: ClosedRange<UInt64>) async throws -> [UInt64] {
+        try await withState { state in try await state.mappedChunks(volume: volume.id, name: volume.volumeName, in: chunks) }
+    }
+}
