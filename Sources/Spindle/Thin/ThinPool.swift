@@ -49,6 +49,8 @@ public final class ThinPool: @unchecked Sendable {
     let area: MetadataArea
     let lock = AsyncMutex()
     let inFlight = InFlightEpochs()
+    /// Whether ``close()`` ran.
+    private let closed = Locked(false)
     var records: [UInt64: VolumeRecord] = [:]
     /// Volumes whose mapping tree could not be read on open, with the error.
     var damagedVolumes: [UInt64: String] = [:]
@@ -252,9 +254,17 @@ public final class ThinPool: @unchecked Sendable {
         try await lock.withLock { try await commitLocked() }
     }
 
-    /// Commits; the devices stay open (they belong to the caller).
+    /// Commits, then closes the pool's devices: the pool owns them from `create`, `open` or
+    /// `extend` on (the ownership rule in ``BlockDevice``). The devices are closed even when the
+    /// commit fails; its error is thrown after. Closing twice is harmless.
     public func close() async throws {
-        try await commit()
+        guard !closed.withLock({ closed in defer { closed = true }; return closed }) else { return }
+        var failure: (any Error)?
+        do { try await commit() } catch { failure = error }
+        for device in await lock.withLock({ devices }) {
+            do { try await device.close() } catch { failure = failure ?? error }
+        }
+        if let failure { throw failure }
     }
 
     // MARK: Status
