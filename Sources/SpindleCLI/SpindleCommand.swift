@@ -24,7 +24,9 @@ struct SpindleCommand: AsyncParsableCommand {
             } else {
                 try command.run()
             }
-        } catch let error as SpindleError {
+        } catch var error as SpindleError {
+            // The library names its parameter; the command line names its flag.
+            error.message = error.message.replacingOccurrences(of: DeviceSignature.overwriteHint, with: "use --force")
             Terminal.error("\(error)")
             Foundation.exit(error.code == .invalidArgument || error.code == .misaligned ? 2 : 1)
         } catch {

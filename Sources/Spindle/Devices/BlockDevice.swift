@@ -38,6 +38,22 @@
 /// byte range (what an NBD client may send): the whole blocks inside go to the aligned calls, and only
 /// write-zeroes rewrites the partial blocks at the edges (a discard is advisory and leaves them).
 /// Layers that know more (a thin volume knows which chunks hold data) implement them themselves.
+///
+/// ## Ownership: who closes a device
+/// A device built from other devices owns them once the call that builds it returns: a
+/// ``RAIDArray`` owns its members from `create` or `assemble`, a ``ThinPool`` its data devices from
+/// `create` or `open`, and a device added later (`add`, `replace`, `extend`) belongs to it once that
+/// call returns. The owner closes what it owns in its own `close()` (an array also closes a member
+/// it lets go of, removed or replaced). When the building call throws, nothing changed hands: the
+/// caller still owns every device it passed and closes them itself. Devices a build leaves out (an
+/// assembly's stale or surplus members) stay the caller's too. So a caller closes only the outermost
+/// thing it holds, once, and never a device underneath it.
+///
+/// Two kinds of object stand beside a device without owning it: a ``ThinVolume`` is a view of its
+/// pool (closing the volume leaves the pool open; closing the pool ends its volumes), and a
+/// ``FaultyDevice`` stands for a disk under test (closing it leaves the wrapped device open, as a
+/// crash leaves the disk). ``Discovery`` opens whole stacks by these rules: what it returns is the
+/// one thing to close.
 public protocol BlockDevice: AnyObject, Sendable {
     /// Size of the smallest unit that can be read or written, in bytes (a power of two, at least 512).
     var logicalBlockBytes: Int { get }
@@ -74,8 +90,9 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// - Throws: ``SpindleError`` for an empty range or one past the end, or what the device's reads
     ///   and writes throw.
     func zeroBytes(offset: UInt64, length: UInt64) async throws
-    /// Waits for the device's requests in flight, then releases it. Later requests fail with
-    /// ``SpindleError/Code/closed``. Closing twice is harmless.
+    /// Waits for the device's requests in flight, then releases it and the devices it owns (see
+    /// "Ownership" above). Later requests fail with ``SpindleError/Code/closed``. Closing twice is
+    /// harmless.
     func close() async throws
 }
 

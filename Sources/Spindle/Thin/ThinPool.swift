@@ -46,6 +46,8 @@ public final class ThinPool: Sendable {
     /// The layout as of the last change, for reading without the lock.
     private let layout: Locked<ChunkLayout>
     private let warningPercent = Atomic<UInt64>(80)
+    /// Whether ``close()`` ran.
+    private let closed = Locked(false)
 
     /// Chunks in the pool.
     public var chunkCount: UInt64 { layout.withLock { $0.chunkCount } }
@@ -219,9 +221,17 @@ public final class ThinPool: Sendable {
         try await withState { try await $0.commit() }
     }
 
-    /// Commits; the devices stay open (they belong to the caller).
+    /// Commits, then closes the pool's devices: the pool owns them from `create`, `open` or
+    /// `extend` on (the ownership rule in ``BlockDevice``). The devices are closed even when the
+    /// commit fails; its error is thrown after. Closing twice is harmless.
     public func close() async throws {
-        try await commit()
+        guard !closed.withLock({ closed in defer { closed = true }; return closed }) else { return }
+        var failure: (any Error)?
+        do { try await commit() } catch { failure = error }
+        for device in devices {
+            do { try await device.close() } catch { failure = failure ?? error }
+        }
+        if let failure { throw failure }
     }
 
     // MARK: Status

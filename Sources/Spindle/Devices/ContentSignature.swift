@@ -1,13 +1,13 @@
 import Glibc
 
-/// What a device already holds, so that creating an array or a pool never silently destroys it:
-/// a Spindle array superblock or pool label, another known format (file systems, partition tables,
-/// disk images, LVM, swap, LUKS), or any non-zero data.
+/// What a device holds in formats other than Spindle's: file systems, partition tables, disk images,
+/// LVM, swap, LUKS (by their magic numbers), or any non-zero data. Spindle's own headers are
+/// recognized a layer up, by ``DeviceSignature``.
 ///
-/// ``identify(_:at:)`` is pure (bytes in, description out); ``inspect(_:)`` reads the places worth
+/// ``identify(_:at:)`` is pure (bytes in, description out); ``scan(_:)`` reads the places worth
 /// looking at: the first MiB, the data extents of an image file (found with SEEK_DATA, so a sparse
 /// new image costs nothing), and evenly spread samples of any other device.
-public enum DeviceSignature {
+public enum ContentSignature {
     /// Magic numbers at fixed offsets: (offset, bytes, what they mean).
     static let magics: [(offset: Int, bytes: [UInt8], meaning: String)] = [
         (1080, [0x53, 0xEF], "an ext2/ext3/ext4 file system"),
@@ -24,41 +24,23 @@ public enum DeviceSignature {
         (510, [0x55, 0xAA], "a boot sector or MBR partition table"),
     ]
 
-    /// What a device holds, as ``find(_:)`` reports it; `description` reads as a noun phrase.
-    public enum Finding: Sendable, CustomStringConvertible {
-        /// A Spindle array superblock: a member (``RAIDSuperblock/role`` is its slot) or a spare (role -1).
-        case arrayMember(RAIDSuperblock)
-        case damagedArraySuperblock(RAIDSuperblock.Problem)
-        /// A Spindle thin pool label.
-        case poolDevice(ThinPoolLabel)
-        case damagedPoolLabel(String)
-        /// Another known format (a file system, partition table, disk image, LVM, swap, LUKS), in words.
+    /// A known format, or data in none.
+    public enum Finding: Sendable, Equatable, CustomStringConvertible {
+        /// A format other than Spindle's, in words ("an ext2/ext3/ext4 file system").
         case format(String)
         /// Non-zero bytes in no known format, the first at `offset`.
         case data(offset: UInt64)
 
         public var description: String {
             switch self {
-            case let .arrayMember(superblock):
-                let role = superblock.role >= 0 ? "member \(superblock.role)" : "a spare"
-                return "\(role) of array '\(superblock.name)' (\(superblock.arrayUUID))"
-            case let .damagedArraySuperblock(problem): return "a damaged Spindle array superblock (\(problem))"
-            case let .poolDevice(label): return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
-            case let .damagedPoolLabel(problem): return "a damaged Spindle pool label (\(problem))"
             case let .format(meaning): return meaning
             case let .data(offset): return "data (a non-zero byte at offset \(offset))"
             }
         }
     }
 
-    /// Describes what `bytes` (read from `offset` of a device) show, or nil when they are all zero.
-    /// Spindle's own headers are recognized by ``inspect(_:)`` with their decoders.
-    public static func identify(_ bytes: [UInt8], at offset: UInt64) -> String? {
-        finding(in: bytes, at: offset)?.description
-    }
-
-    /// A known format or data in `bytes` (read from `offset`), or nil when they are all zero.
-    static func finding(in bytes: [UInt8], at offset: UInt64) -> Finding? {
+    /// A known format or data in `bytes` (read from `offset` of a device), or nil when they are all zero.
+    public static func identify(_ bytes: [UInt8], at offset: UInt64) -> Finding? {
         for magic in magics {
             let start = magic.offset - Int(offset)
             guard start >= 0, start + magic.bytes.count <= bytes.count else { continue }
@@ -68,27 +50,8 @@ public enum DeviceSignature {
         return .data(offset: offset + UInt64(index))
     }
 
-    /// What the device holds, in words, or nil when every place looked at is zero.
-    public static func inspect(_ device: any BlockDevice) async throws -> String? {
-        try await find(device)?.description
-    }
-
-    /// What the device holds, or nil when every place looked at is zero. Spindle's headers come
-    /// first, then the known formats and data in ``placesToLook(_:)``.
-    public static func find(_ device: any BlockDevice) async throws -> Finding? {
-        switch try await RAIDArray.readSuperblock(of: device) {
-        case let .success(superblock):
-            return .arrayMember(superblock)
-        case let .failure(problem) where problem != .notAMember:
-            return .damagedArraySuperblock(problem)
-        case .failure:
-            break
-        }
-        do {
-            if let label = try await ThinPoolLabel.read(from: device) { return .poolDevice(label) }
-        } catch {
-            return .damagedPoolLabel("\(error)")
-        }
+    /// A known format or data on the device, or nil when every place in ``placesToLook(_:)`` is zero.
+    public static func scan(_ device: any BlockDevice) async throws -> Finding? {
         for range in placesToLook(device) {
             let block = UInt64(device.logicalBlockBytes)
             let start = range.lowerBound / block * block
@@ -96,17 +59,9 @@ public enum DeviceSignature {
             guard end > start else { continue }
             let buffer = AlignedBuffer(count: Int(end - start), zeroed: false)
             try await device.read(into: buffer, at: start)
-            if let found = finding(in: buffer.array, at: start) { return found }
+            if let found = identify(buffer.array, at: start) { return found }
         }
         return nil
-    }
-
-    /// Throws ``SpindleError/Code/alreadyExists`` naming what the device holds, unless it holds nothing.
-    public static func refuseIfInUse(_ device: any BlockDevice, operation: String) async throws {
-        if let found = try await inspect(device) {
-            throw SpindleError(.alreadyExists, "the device holds \(found); refusing to overwrite it (to destroy it, ask for overwrite explicitly: spindle's --force)",
-                               operation: operation, path: device.name)
-        }
     }
 
     /// The first MiB (enough for every magic above); then an image file's data extents (up to 16
@@ -131,8 +86,8 @@ public enum DeviceSignature {
 
 extension FileDevice {
     /// The byte ranges of the file that hold data (not holes), from SEEK_DATA/SEEK_HOLE, up to
-    /// `limitBytes` in all; nil when the file system cannot tell.
-    public func dataExtents(limitBytes: UInt64) -> [Range<UInt64>]? {
+    /// `limitBytes` in all, starting at `start`; nil when the file system cannot tell.
+    public func dataExtents(from start: UInt64 = 0, limitBytes: UInt64) -> [Range<UInt64>]? {
         let descriptor = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard descriptor >= 0 else { return nil }
         defer { Glibc.close(descriptor) }
@@ -140,7 +95,7 @@ extension FileDevice {
         let seekHole: Int32 = 4
         var extents: [Range<UInt64>] = []
         var total: UInt64 = 0
-        var offset: off_t = 0
+        var offset = off_t(start)
         while UInt64(offset) < fileBytes && total < limitBytes {
             let data = lseek(descriptor, offset, seekData)
             if data < 0 { return errno == ENXIO ? extents : nil }
