@@ -32,59 +32,45 @@ struct ArrayCommand: AsyncParsableCommand {
             }
         }
 
-        /// The member image paths.
+        /// The array a scan selects from what `discovery` found in the folder, in the command
+        /// line's words when there is none or several.
+        static func choose(_ name: String?, in discovery: Discovery, folder: String) throws -> DiscoveredArray {
+            let matches = discovery.arrays.filter { name == nil || $0.name == name }
+            guard let first = matches.first else {
+                throw SpindleError(.notFound, "no array members\(name.map { " of '\($0)'" } ?? "") found", operation: "scan", path: folder)
+            }
+            guard matches.count == 1 else {
+                let listing = matches.map { "'\($0.name)'" }.sorted().joined(separator: ", ")
+                throw SpindleError(.invalidArgument, "the folder holds several arrays (\(listing)); choose one with --array-name", operation: "scan", path: folder)
+            }
+            return first
+        }
+
+        /// Scans the folder of --scan, warning about damaged superblocks, and chooses the array.
+        func scanned() async throws -> (discovery: Discovery, array: DiscoveredArray) {
+            guard let scan else { preconditionFailure("scanned() needs --scan") }
+            let discovery = try await Discovery.scan(folder: scan)
+            for damaged in discovery.damaged {
+                if case .arraySuperblock = damaged.reason { Terminal.warning(PoolStore.describe(damaged)) }
+            }
+            return (discovery, try Self.choose(arrayName, in: discovery, folder: scan))
+        }
+
+        /// The member image paths: those listed, or the members found by the scan.
         func memberPaths() async throws -> [String] {
-            guard let scan else { return images }
-            let found = try await ImageScan(scan, labels: false)
-            for problem in found.damaged { Terminal.warning(problem) }
-            var groups: [String: (name: String, paths: [String])] = [:]
-            for (path, block) in found.members where arrayName == nil || block.name == arrayName {
-                groups[block.arrayUUID.description, default: (block.name, [])].paths.append(path)
-            }
-            guard !groups.isEmpty else {
-                throw SpindleError(.notFound, "no array members\(arrayName.map { " of '\($0)'" } ?? "") found", operation: "scan", path: scan)
-            }
-            guard groups.count == 1 else {
-                let listing = groups.values.map { "'\($0.name)'" }.sorted().joined(separator: ", ")
-                throw SpindleError(.invalidArgument, "the folder holds several arrays (\(listing)); choose one with --array-name", operation: "scan", path: scan)
-            }
-            return groups.values.first!.paths
+            guard scan != nil else { return images }
+            return try await scanned().array.members.map(\.device)
         }
     }
 
-    /// Opens member images for writing and assembles the array.
+    /// Opens the selected array's member images for writing and assembles it (printing what
+    /// assembly worked around, unless `quiet`).
     static func assemble(_ selection: Selection, engine: IOEngine, force: Bool = false, quiet: Bool = false) async throws -> RAIDArray {
-        try await assemble(paths: try await selection.memberPaths(), engine: engine, force: force, quiet: quiet)
-    }
-
-    /// Opens the given member images for writing and assembles the array; `faults` wraps the named
-    /// members in fault injectors.
-    static func assemble(
-        paths: [String], engine: IOEngine, force: Bool = false, quiet: Bool = false, faults: [String: FaultSpec] = [:], seed: UInt64 = 1
-    ) async throws -> RAIDArray {
-        var seen: [String: String] = [:]
-        for path in paths {
-            if let first = seen[canonicalPath(path)] {
-                throw SpindleError(.invalidArgument, "the image is given twice (as \(first) and \(path))", operation: "assemble", path: path)
-            }
-            seen[canonicalPath(path)] = path
-        }
-        var devices: [FileDevice] = []
-        do {
-            for path in paths { devices.append(try FileDevice.open(path: path, engine: engine)) }
-            let members: [any BlockDevice] = devices.map { device in
-                guard let spec = faults[device.path] else { return device }
-                let faulty = FaultyDevice(wrapping: device, seed: seed, name: device.path)
-                spec.apply(to: faulty)
-                return faulty
-            }
-            let report = try await RAIDArray.assemble(members: members, force: force)
-            if !quiet { for note in report.notes { Terminal.warning("\(report.array.arrayName): \(note)") } }
-            return report.array
-        } catch {
-            for device in devices { try? await device.close() }
-            throw error
-        }
+        var options = PoolStore.openOptions(quiet: quiet)
+        options.force = force
+        guard selection.scan != nil else { return try await Discovery.assembleArray(paths: selection.images, engine: engine, options: options) }
+        let (discovery, array) = try await selection.scanned()
+        return try await discovery.open(array, engine: engine, options: options)
     }
 
     /// Assembles the selected array, runs `body`, and closes the array cleanly whether `body`
@@ -161,14 +147,7 @@ struct ArrayCommand: AsyncParsableCommand {
             let created = CreatedImages()
             do {
                 for path in images {
-                    if FileManager.default.fileExists(atPath: path) {
-                        devices.append(try FileDevice.open(path: path, engine: engine))
-                    } else {
-                        guard let size else {
-                            throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: path)
-                        }
-                        devices.append(try created.create(path: path, sizeBytes: size, engine: engine))
-                    }
+                    devices.append(try openImage(path, engine: engine, size: size, hint: "give --size to create it", created: created))
                 }
                 let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices, overwrite: force)
                 let status = array.status
@@ -183,95 +162,6 @@ struct ArrayCommand: AsyncParsableCommand {
                 created.removeIfRefused(by: error)
                 throw error
             }
-        }
-    }
-
-    struct Status: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Show an array's state, its members and any rebuild, from the superblocks (changes nothing).")
-
-        @OptionGroup var selection: Selection
-
-        @Flag(help: "Print the result as JSON.")
-        var json = false
-
-        func run() async throws {
-            let paths = try await selection.memberPaths()
-            var devices: [FileDevice] = []
-            for path in paths {
-                devices.append(try FileDevice.open(path: path, options: FileDevice.Options(readOnly: true, directIO: .disabled)))
-            }
-            var inspection = await RAIDArray.inspect(devices)
-            // Of several images holding one member, inspect takes the last as its holder: list the
-            // older copies first so that the newest holds it (and the others show as stale copies).
-            let order = devices.indices.sorted { (inspection.devices[$0].events ?? 0, $0) < (inspection.devices[$1].events ?? 0, $1) }
-            if order != Array(devices.indices) {
-                let listed = inspection.devices
-                inspection = await RAIDArray.inspect(order.map { devices[$0] })
-                inspection.devices = listed
-            }
-            for device in devices { try? await device.close() }
-            let notes = Self.unusedImageNotes(inspection)
-            if json {
-                try Terminal.printJSON(Report(inspection: inspection, notes: notes))
-                return
-            }
-            for device in inspection.devices where device.problem != nil {
-                Terminal.warning("\(device.path): \(device.problem!)")
-            }
-            guard let name = inspection.name else {
-                throw SpindleError(.invalidArgument, "none of the images is an array member")
-            }
-            print("array \(name): raid\(inspection.level!), \(inspection.state!)")
-            print("  size: \(ByteSize.format(inspection.capacityBytes!)), \(inspection.memberCount!) members, \(ByteSize.format(inspection.chunkBytes!)) chunks, events \(inspection.events!)")
-            for slot in inspection.slots {
-                let holder = slot.device.map { "  \($0)" }
-                    ?? slot.lastKnownName.map { "  (last seen as \($0)\(slot.memberUUID.map { ", member \($0)" } ?? ""))" } ?? ""
-                print("  slot \(slot.slot): \(slot.state)\(holder)")
-            }
-            for device in inspection.devices where device.role == -1 && device.arrayUUID == inspection.uuid {
-                print("  spare: \(device.path)")
-            }
-            if let slot = inspection.rebuildSlot, let done = inspection.rebuildDoneBytes, let total = inspection.memberDataBytes {
-                print("  rebuild of slot \(slot): \(ByteSize.format(done)) of \(ByteSize.format(total)) (\(done * 100 / max(total, 1))%), as of the last checkpoint")
-            }
-            for note in notes { print("  note: \(note)") }
-        }
-
-        /// What `array status --json` prints: the inspection, and `notes` on images it does not use.
-        struct Report: Encodable {
-            var inspection: RAIDArray.Inspection
-            var notes: [String]
-            enum Key: String, CodingKey { case notes }
-            func encode(to encoder: any Encoder) throws {
-                try inspection.encode(to: encoder)
-                var container = encoder.container(keyedBy: Key.self)
-                try container.encode(notes, forKey: .notes)
-            }
-        }
-
-        /// The images of this array that it does not use, and why: stale copies of a member, members
-        /// left behind when they were replaced, members that missed changes.
-        static func unusedImageNotes(_ inspection: RAIDArray.Inspection) -> [String] {
-            guard let uuid = inspection.uuid, let arrayEvents = inspection.events else { return [] }
-            var notes: [String] = []
-            for device in inspection.devices where device.arrayUUID == uuid {
-                guard let role = device.role, role >= 0, let memberUUID = device.memberUUID, let events = device.events else { continue }
-                let age = "events \(events), the array is at \(arrayEvents)"
-                guard let slot = inspection.slots.first(where: { $0.memberUUID == memberUUID }) else {
-                    notes.append("\(device.path) was the member in slot \(role) but has been replaced (\(age)); it is not used")
-                    continue
-                }
-                if let holder = slot.device, holder != device.path {
-                    let holderEvents = inspection.devices.first { $0.path == holder }?.events ?? arrayEvents
-                    notes.append("\(device.path) is \(events < holderEvents ? "a stale copy" : "a copy") of the member in slot \(slot.slot), which \(holder) holds (\(age)); a copy cannot stand in for a member, so it is not used")
-                } else if slot.state == .missing && events + 1 < arrayEvents {
-                    notes.append("\(device.path) is stale (\(age)): it missed changes to slot \(slot.slot), so it is not used; add it back to rebuild it")
-                } else if slot.state == .missing && events < arrayEvents {
-                    notes.append("\(device.path) is one superblock update behind (a crash cut the update short); assembly brings it up to date")
-                }
-            }
-            return notes
         }
     }
 
@@ -341,7 +231,14 @@ struct ArrayCommand: AsyncParsableCommand {
             let status: RAIDArray.Status
             do {
                 status = try await ArrayCommand.withArray(selection) { array, engine in
-                    try await array.add(try openOrCreate(device, for: array, engine: engine, created: created), overwrite: force)
+                    let image = try openOrCreate(device, for: array, engine: engine, created: created)
+                    do {
+                        try await array.add(image, overwrite: force)
+                    } catch {
+                        // Not added: the image is still this command's to close.
+                        try? await image.close()
+                        throw error
+                    }
                     return array.status
                 }
             } catch {
@@ -381,6 +278,7 @@ struct ArrayCommand: AsyncParsableCommand {
                 do {
                     try await array.replace(memberNamed: resolveMember(old, in: array), with: device, overwrite: force)
                 } catch {
+                    try? await device.close()
                     created.removeIfRefused(by: error)
                     throw error
                 }
@@ -432,19 +330,14 @@ struct ArrayCommand: AsyncParsableCommand {
             print("array \(status.name) is \(status.state)")
         }
 
-        /// Starts `spindle array rebuild --wait` with the same selection as a detached process.
+        /// Starts this command again with --wait, as a detached process.
         private func spawnInBackground() async throws {
             let members = try await selection.memberPaths()
-            var arguments = ["array", "rebuild", "--wait"] + selection.images
-            if let scan = selection.scan { arguments += ["--scan", scan] }
-            if let name = selection.arrayName { arguments += ["--array-name", name] }
-            if let rate { arguments += ["--rate", String(rate)] }
-            if force { arguments.append("--force") }
             let folder = (members[0] as NSString).deletingLastPathComponent
             let logPath = ((folder.isEmpty ? "." : folder) as NSString).appendingPathComponent("spindle-rebuild.log")
             let process = Process()
             process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL
-            process.arguments = arguments
+            process.arguments = Array(CommandLine.arguments.dropFirst()) + ["--wait"]
             _ = FileManager.default.createFile(atPath: logPath, contents: nil)
             let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
             process.standardOutput = log
@@ -507,21 +400,15 @@ struct ArrayCommand: AsyncParsableCommand {
 
 /// Opens an image to add to an array, creating it (in `created`) at the size the array's members need.
 func openOrCreate(_ path: String, for array: RAIDArray, engine: IOEngine, created: CreatedImages) throws -> FileDevice {
-    if FileManager.default.fileExists(atPath: path) { return try FileDevice.open(path: path, engine: engine) }
     let needed = RAIDArray.dataOffset + array.geometry.memberDataBytes
-    return try created.create(path: path, sizeBytes: (needed + 4095) / 4096 * 4096, engine: engine)
+    return try openImage(path, engine: engine, size: (needed + 4095) / 4096 * 4096, hint: "", created: created)
 }
 
 /// The name under which an array knows the member image at `path` (however the path is written).
 func resolveMember(_ path: String, in array: RAIDArray) -> String {
     let status = array.status
     let names = status.slots.compactMap(\.device) + status.spares
-    return names.first { canonicalPath($0) == canonicalPath(path) } ?? path
-}
-
-/// One spelling for a file however its path is written (relative, with '..', through symlinks).
-func canonicalPath(_ path: String) -> String {
-    URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
+    return names.first { Discovery.canonicalPath($0) == Discovery.canonicalPath(path) } ?? path
 }
 
 /// A value shared between tasks, behind a lock.

@@ -119,21 +119,11 @@ struct BenchCommand: AsyncParsableCommand {
         }
         let target = self.target!
         // A load that only reads opens the image read-only, as fio does: no write lock is taken.
-        let readOnly = (verifyExisting || (!rw.writesData && !fill && !verify)) && FileManager.default.fileExists(atPath: target)
-        let fileOptions = FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled)
+        let readOnly = verifyExisting || (!rw.writesData && !fill && !verify)
+        let directIO: FileDevice.DirectIO = direct ? .preferred : .disabled
         // Parsed before the image is created, so that a bad spec leaves nothing behind.
         let faultSpecs = try fault.map { text throws(SpindleError) in try FaultSpec.parse(text) }
-        var created = false
-        let device: FileDevice
-        if !FileManager.default.fileExists(atPath: target) {
-            guard let size else {
-                throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: target)
-            }
-            device = try FileDevice.create(path: target, sizeBytes: offset + size, engine: engine, options: fileOptions)
-            created = true
-        } else {
-            device = try FileDevice.open(path: target, engine: engine, options: fileOptions)
-        }
+        let (device, created) = try openTarget(target, engine: engine, readOnly: readOnly, directIO: directIO)
         if direct, let note = device.directIONote { Terminal.warning("\(target): \(note)") }
         var loaded: any BlockDevice = device
         if !faultSpecs.isEmpty {
@@ -163,7 +153,7 @@ struct BenchCommand: AsyncParsableCommand {
             if showProgress { Terminal.endProgress() }
             try? await device.close()
             // A refused load (its options do not fit the image) leaves no image it created.
-            if created && isRefusal(error) { unlink(target) }
+            if created && isRefusal(error) { try? FileDevice.remove(path: target) }
             throw error
         }
         if showProgress { Terminal.endProgress() }
@@ -176,12 +166,26 @@ struct BenchCommand: AsyncParsableCommand {
         }
     }
 
+    /// Opens the target image, or creates it at --size (returning whether it did).
+    private func openTarget(_ target: String, engine: IOEngine, readOnly: Bool, directIO: FileDevice.DirectIO) throws -> (FileDevice, Bool) {
+        do {
+            return (try FileDevice.open(path: target, engine: engine, options: FileDevice.Options(readOnly: readOnly, directIO: directIO)), false)
+        } catch {
+            guard error.code == .notFound else { throw error }
+            guard let size else {
+                throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: target)
+            }
+            return (try FileDevice.create(path: target, sizeBytes: offset + size, engine: engine, options: FileDevice.Options(directIO: directIO)), true)
+        }
+    }
+
     /// Opens the pool and runs the load on one of its volumes.
     private func runOnVolume(_ path: String, engine: IOEngine) async throws {
         guard fault.isEmpty else { throw ValidationError("--fault applies to an image or --array members, not to --volume") }
         let (poolName, volumeName) = try PoolStore.split(path)
         let folder = directory ?? ProcessInfo.processInfo.environment["SPINDLE_DIR"] ?? "."
-        let opened = try await PoolStore.open(poolName, folder: folder, engine: engine)
+        let found = try await Discovery.scan(folder: folder)
+        let opened = try await found.open(try PoolStore.find(poolName, in: found, folder: folder), engine: engine, options: PoolStore.openOptions())
         var progress: (@Sendable (Bench.Progress) -> Void)?
         if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
         let workerEngine: IOEngine? = executor == "reactor" ? engine : nil
@@ -216,7 +220,10 @@ struct BenchCommand: AsyncParsableCommand {
             }
             faults[member] = try FaultSpec.parse(String(text[text.index(after: colon)...]))
         }
-        let raid = try await ArrayCommand.assemble(paths: array, engine: engine, faults: faults, seed: seed)
+        var assembly = PoolStore.openOptions()
+        assembly.faults = faults
+        assembly.faultSeed = seed
+        let raid = try await Discovery.assembleArray(paths: array, engine: engine, options: assembly)
         var progress: (@Sendable (Bench.Progress) -> Void)?
         if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
         let workerEngine: IOEngine? = executor == "reactor" ? engine : nil

@@ -46,29 +46,27 @@ struct PoolCommand: AsyncParsableCommand {
         func run() async throws {
             let engine = try IOEngine()
             defer { engine.shutdown() }
-            if try await PoolStore.scan(folder.path).contains(where: { $0.name == name }) {
+            let discovery = try await PoolStore.scan(folder.path)
+            if discovery.pools.contains(where: { $0.name == name }) {
                 throw SpindleError(.alreadyExists, "a pool named '\(name)' exists in the folder already", operation: "create pool", path: folder.path)
             }
-            var opened: [(device: any BlockDevice, files: [FileDevice], arrays: [RAIDArray])] = []
+            var opened: [any BlockDevice] = []
             let created = CreatedImages()
             do {
                 for spec in devices {
-                    opened.append(try await PoolStore.openDevice(spec: spec, folder: folder.path, engine: engine, size: size, created: created))
+                    opened.append(try await PoolStore.openDevice(spec: spec, discovery: discovery, folder: folder.path, engine: engine, size: size, created: created))
                 }
-                let pool = try await ThinPool.create(name: name, devices: opened.map(\.device), chunkBytes: chunk, overwrite: force)
+                let pool = try await ThinPool.create(name: name, devices: opened, chunkBytes: chunk, overwrite: force)
                 let usage = await pool.usage
-                let handle = OpenPool(pool: pool, files: opened.flatMap(\.files), arrays: opened.flatMap(\.arrays))
-                try await handle.close()
+                try await pool.close()
                 if json {
                     try Terminal.printJSON(usage)
                 } else {
                     print("created pool \(name): \(ByteSize.format(usage.sizeBytes)) of data in \(ByteSize.format(chunk)) chunks on \(devices.count) device\(devices.count == 1 ? "" : "s"), \(ByteSize.format(usage.metadataBlocks * 4096)) of metadata")
                 }
             } catch {
-                for entry in opened {
-                    for array in entry.arrays { try? await array.close() }
-                    for file in entry.files { try? await file.close() }
-                }
+                // Refused or failed: the devices are still this command's to close.
+                for device in opened { try? await device.close() }
                 created.removeIfRefused(by: error)
                 throw error
             }
@@ -111,8 +109,7 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let found = try await PoolStore.find(name, in: folder.path)
-            let report: StatusReport = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, _, _ in
+            let report: StatusReport = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, session in
                 let usage = await pool.usage
                 let infos = try await pool.volumes()
                 let split = try await pool.volumeUsage()
@@ -121,7 +118,8 @@ struct PoolCommand: AsyncParsableCommand {
                                  exclusiveBytes: space.exclusiveChunks * usage.chunkBytes, sharedBytes: space.sharedChunks * usage.chunkBytes,
                                  origin: info.origin, readOnly: info.readOnly)
                 }
-                return StatusReport(name: pool.name, uuid: pool.uuid.description, devices: found.devices.map(\.device.description),
+                return StatusReport(name: pool.name, uuid: pool.uuid.description,
+                                    devices: session.found.devices.map { PoolStore.describe($0, in: session.discovery) },
                                     usage: usage, sizeBytes: usage.sizeBytes, usedBytes: usage.usedBytes, freeBytes: usage.freeBytes,
                                     volumes: volumes, warnings: try await pool.warnings())
             }
@@ -170,8 +168,10 @@ struct PoolCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            let pools = try await PoolStore.scan(folder.path)
-            let entries = pools.map { Entry(name: $0.name, uuid: $0.uuid.description, devices: $0.devices.map(\.device.description)) }
+            let discovery = try await PoolStore.scan(folder.path)
+            let entries = discovery.pools.map { pool in
+                Entry(name: pool.name, uuid: pool.uuid.description, devices: pool.devices.map { PoolStore.describe($0, in: discovery) })
+            }
             if json {
                 try Terminal.printJSON(entries)
             } else if entries.isEmpty {
@@ -201,18 +201,19 @@ struct PoolCommand: AsyncParsableCommand {
         @OptionGroup var folder: PoolFolder
 
         func run() async throws {
-            var added: [any BlockDevice] = []
             let created = CreatedImages()
-            let result = try await PoolStore.withPool(name, folder: folder.path) { pool, engine, handle in
+            let result = try await PoolStore.withPool(name, folder: folder.path) { pool, session in
+                var added: [any BlockDevice] = []
                 let chunks: UInt64
                 do {
                     for spec in devices {
-                        let opened = try await PoolStore.openDevice(spec: spec, folder: folder.path, engine: engine, size: size, created: created)
-                        handle.adopt(files: opened.files, arrays: opened.arrays)
-                        added.append(opened.device)
+                        added.append(try await PoolStore.openDevice(spec: spec, discovery: session.discovery, folder: folder.path,
+                                                                    engine: session.engine, size: size, created: created))
                     }
+                    // Once extended, the pool owns the new devices (and closes them with itself).
                     chunks = try await pool.extend(adding: added, overwrite: force)
                 } catch {
+                    for device in added { try? await device.close() }
                     created.removeIfRefused(by: error)
                     throw error
                 }
@@ -240,7 +241,7 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let report = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, _, _ in try await pool.check() }
+            let report = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, _ in try await pool.check() }
             if json {
                 try Terminal.printJSON(report)
             } else if report.isClean {

@@ -47,7 +47,7 @@ struct ServeCommand: AsyncParsableCommand {
     func run() async throws {
         let engine = try IOEngine()
         defer { engine.shutdown() }
-        var pools: [String: OpenPool] = [:]
+        var pools: [String: OpenedPool] = [:]
         var arrays: [RAIDArray] = []
         var files: [FileDevice] = []
         /// Closes everything; returns whether every pool and array closed without an error.
@@ -69,9 +69,17 @@ struct ServeCommand: AsyncParsableCommand {
             for file in files { try? await file.close() }
             return clean
         }
-        var list: [NBDServer.Export] = []
-        // Faults for array members (by path) are applied as the arrays assemble; the rest name exports.
-        var memberFaults: [String: FaultSpec] = [:]
+        // What the folder holds, scanned once when an export or a fault needs it.
+        var scanned: Discovery?
+        func discovery() async throws -> Discovery {
+            if let scanned { return scanned }
+            let found = try await Discovery.scan(folder: folder.path)
+            scanned = found
+            return found
+        }
+        // A fault names an export, or an array member image (applied as its array assembles).
+        let exportNames = exports.map { Self.exportName($0) }
+        var options = PoolStore.openOptions(readOnly: readOnly)
         var exportFaults: [(name: String, spec: FaultSpec)] = []
         for text in fault {
             guard let colon = text.lastIndex(of: ":"), colon != text.startIndex else {
@@ -79,45 +87,44 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let target = String(text[..<colon])
             let spec = try FaultSpec.parse(String(text[text.index(after: colon)...]))
-            if FileManager.default.fileExists(atPath: target) {
-                memberFaults[URL(fileURLWithPath: target).standardizedFileURL.path] = spec
-            } else {
+            if exportNames.contains(target) {
                 exportFaults.append((target, spec))
+            } else if try await discovery().devices.contains(where: { Discovery.canonicalPath($0.name) == Discovery.canonicalPath(target) }) {
+                options.faults[target] = spec
+            } else {
+                throw ValidationError("--fault names '\(target)', which is neither an export (\(exportNames.joined(separator: ", "))) nor an image file")
             }
         }
+        var list: [NBDServer.Export] = []
         do {
             for text in exports {
                 let value = String(text[text.index(after: text.firstIndex(of: ":")!)...])
                 if text.hasPrefix("volume:") {
                     let (poolName, volumeName) = try PoolStore.split(value)
                     if pools[poolName] == nil {
-                        pools[poolName] = try await PoolStore.open(poolName, folder: folder.path, engine: engine, readOnly: readOnly,
-                                                                   memberFaults: memberFaults)
+                        let found = try await discovery()
+                        pools[poolName] = try await found.open(try PoolStore.find(poolName, in: found, folder: folder.path), engine: engine, options: options)
                     }
                     let volume = try await pools[poolName]!.pool.openVolume(name: volumeName)
                     list.append(NBDServer.Export(name: value, device: volume, readOnly: readOnly,
                                                  description: "Spindle thin volume \(value)"))
                 } else if text.hasPrefix("array:") {
-                    let selection = try ArrayCommand.Selection.parse(["--scan", folder.path, "--array-name", value])
-                    var faults: [String: FaultSpec] = [:]
-                    for path in try await selection.memberPaths() {
-                        if let spec = memberFaults[URL(fileURLWithPath: path).standardizedFileURL.path] { faults[path] = spec }
+                    let found = try await discovery()
+                    for damaged in found.damaged {
+                        if case .arraySuperblock = damaged.reason { Terminal.warning(PoolStore.describe(damaged)) }
                     }
-                    let array = try await ArrayCommand.assemble(paths: try await selection.memberPaths(), engine: engine, faults: faults)
+                    let array = try await found.open(try ArrayCommand.Selection.choose(value, in: found, folder: folder.path), engine: engine, options: options)
                     arrays.append(array)
                     list.append(NBDServer.Export(name: value, device: array, readOnly: readOnly, description: "Spindle array \(value)"))
                 } else {
                     let file = try FileDevice.open(path: value, engine: engine,
                                                    options: FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled))
                     files.append(file)
-                    list.append(NBDServer.Export(name: (value as NSString).lastPathComponent, device: file, readOnly: readOnly,
-                                                 description: "image \(value)"))
+                    list.append(NBDServer.Export(name: Self.exportName(text), device: file, readOnly: readOnly, description: "image \(value)"))
                 }
             }
             for (name, spec) in exportFaults {
-                guard let index = list.firstIndex(where: { $0.name == name }) else {
-                    throw ValidationError("--fault names '\(name)', which is neither an export (\(list.map(\.name).joined(separator: ", "))) nor an image file")
-                }
+                let index = list.firstIndex { $0.name == name }!
                 let faulty = FaultyDevice(wrapping: list[index].device, seed: 1, name: list[index].device.name)
                 spec.apply(to: faulty)
                 list[index].device = faulty
@@ -145,7 +152,7 @@ struct ServeCommand: AsyncParsableCommand {
             }
             if socket != nil || tcp == nil {
                 let path = (socket ?? "spindle-nbd.sock")
-                let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+                let absolute = URL(fileURLWithPath: path).path
                 try server.listen(unixSocket: absolute)
                 uris += list.map { "nbd+unix:///\($0.name)?socket=\(absolute)" }
             }
@@ -176,7 +183,7 @@ struct ServeCommand: AsyncParsableCommand {
         watch.check()
         let closed = await closeAll()
         if socket != nil || tcp == nil {
-            unlink((socket ?? "spindle-nbd.sock"))
+            try? FileManager.default.removeItem(atPath: socket ?? "spindle-nbd.sock")
         }
         let unwell = watch.arrays.map(\.status).filter { $0.state != "clean" }
         for status in unwell {
@@ -188,6 +195,12 @@ struct ServeCommand: AsyncParsableCommand {
         } else {
             print("stopped\(unwell.isEmpty ? "" : "; " + unwell.map { "array \($0.name) is \($0.state)" }.joined(separator: ", "))\(closed ? "" : "; not everything closed cleanly (see the errors above)")")
         }
+    }
+
+    /// The name an export is served under: POOL/NAME, the array's name, or the image's file name.
+    static func exportName(_ export: String) -> String {
+        let value = String(export[export.index(after: export.firstIndex(of: ":")!)...])
+        return export.hasPrefix("image:") ? (value as NSString).lastPathComponent : value
     }
 
     /// Waits for SIGINT or SIGTERM and returns its name.

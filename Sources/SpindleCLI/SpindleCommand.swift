@@ -57,7 +57,7 @@ final class CreatedImages {
     /// Removes the files created so far if `error` is a refusal (bad input, something in the way).
     func removeIfRefused(by error: any Error) {
         guard isRefusal(error) else { return }
-        for path in paths { unlink(path) }
+        for path in paths { try? FileDevice.remove(path: path) }
         paths = []
     }
 }
@@ -101,6 +101,20 @@ enum Terminal {
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let data = try encoder.encode(value)
         print(String(decoding: data, as: UTF8.self))
+    }
+}
+
+/// Opens an image for writing; when it is missing, creates it (in `created`) at `size`, or fails
+/// saying what would (`hint`, such as "give --size to create it").
+func openImage(
+    _ path: String, engine: IOEngine, options: FileDevice.Options = FileDevice.Options(), size: UInt64?, hint: String, created: CreatedImages
+) throws -> FileDevice {
+    do {
+        return try FileDevice.open(path: path, engine: engine, options: options)
+    } catch {
+        guard error.code == .notFound else { throw error }
+        guard let size else { throw SpindleError(.notFound, "no such image file; \(hint)", operation: "open", path: path) }
+        return try created.create(path: path, sizeBytes: size, engine: engine)
     }
 }
 

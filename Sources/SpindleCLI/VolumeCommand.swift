@@ -27,7 +27,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let warnings = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
+            let warnings = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 _ = try await pool.createVolume(name: volumeName, sizeBytes: size)
                 return try await pool.warnings()
             }
@@ -57,7 +57,7 @@ struct VolumeCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            let entries = try await PoolStore.withPool(pool, folder: folder.path, readOnly: true) { pool, _, _ in
+            let entries = try await PoolStore.withPool(pool, folder: folder.path, readOnly: true) { pool, _ in
                 try await pool.volumes().map {
                     Entry(name: $0.name, sizeBytes: $0.sizeBytes, mappedBytes: $0.mappedChunks * pool.chunkBytes, origin: $0.origin,
                           readOnly: $0.readOnly, createdSeconds: $0.createdSeconds)
@@ -100,7 +100,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let old = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
+            let old = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 let current = try await pool.openVolume(name: volumeName).capacityBytes
                 if size < current {
                     try confirm("Shrinking \(volume) from \(ByteSize.format(current)) to \(ByteSize.format(size)) loses the data past \(ByteSize.format(size)).",
@@ -126,7 +126,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
+            try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 try await pool.renameVolume(name: volumeName, to: newName)
             }
             print("renamed volume \(volume) to \(poolName)/\(newName)")
@@ -147,7 +147,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let freed = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
+            let freed = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 let info = try await pool.openVolume(name: volumeName)
                 try confirm("Deleting \(volume) (\(ByteSize.format(info.capacityBytes))) destroys its data.", yes: yes, flag: "--yes")
                 let before = await pool.usage.usedChunks
@@ -175,7 +175,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let (info, elapsed) = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
+            let (info, elapsed) = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 let started = ContinuousClock.now
                 let info = try await pool.snapshot(volume: volumeName, name: snapshotName, readOnly: readOnly)
                 return (info, ContinuousClock.now - started)
@@ -203,32 +203,12 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let source = Glibc.open(file, O_RDONLY | O_CLOEXEC)
-            guard source >= 0 else {
-                throw SpindleError(.notFound, "cannot open the file to import: \(String(cString: strerror(errno)))", errno: errno, operation: "import", path: file)
+            let progress = ProgressLine(label: "importing \(file) into \(volume)")
+            let result = try await PoolStore.withPool(poolName, folder: folder.path) { pool, session in
+                try await pool.importImage(at: file, into: volumeName, sizeBytes: size, engine: session.engine, progress: { progress.update($0) })
             }
-            defer { Glibc.close(source) }
-            var status = stat()
-            fstat(source, &status)
-            let fileBytes = UInt64(status.st_size)
-            let result = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _, _ in
-                let target: ThinVolume
-                if try await pool.volumes().contains(where: { $0.name == volumeName }) {
-                    target = try await pool.openVolume(name: volumeName)
-                    guard target.capacityBytes >= fileBytes else {
-                        throw SpindleError(.invalidArgument, "the file is \(ByteSize.format(fileBytes)) but volume \(volume) holds \(ByteSize.format(target.capacityBytes)); resize it first",
-                                           operation: "import", path: file)
-                    }
-                } else {
-                    let wanted = max(size ?? 0, (fileBytes + 4095) / 4096 * 4096)
-                    target = try await pool.createVolume(name: volumeName, sizeBytes: max(wanted, 4096))
-                }
-                let copied = try await VolumeCopy.importFile(source, bytes: fileBytes, into: target, label: "importing \(file) into \(volume)")
-                try await target.flush()
-                try await target.close()
-                return copied
-            }
-            print("imported \(file) into \(volume): \(ByteSize.format(fileBytes)), \(ByteSize.format(result.writtenBytes)) written, \(ByteSize.format(result.skippedBytes)) of zeros left unallocated")
+            progress.finish()
+            print("imported \(file) into \(volume): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) written, \(ByteSize.format(result.skippedBytes)) of zeros left unallocated")
         }
     }
 
@@ -246,15 +226,11 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let result = try await PoolStore.withPool(poolName, folder: folder.path, readOnly: true) { pool, _, _ in
-                let source = try await pool.openVolume(name: volumeName)
-                let target = Glibc.open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-                guard target >= 0 else {
-                    throw SpindleError(.ioFailed, "cannot create the file to export to: \(String(cString: strerror(errno)))", errno: errno, operation: "export", path: file)
-                }
-                defer { Glibc.close(target) }
-                return try await VolumeCopy.exportVolume(source, to: target, path: file, label: "exporting \(volume) to \(file)")
+            let progress = ProgressLine(label: "exporting \(volume) to \(file)")
+            let result = try await PoolStore.withPool(poolName, folder: folder.path, readOnly: true) { pool, session in
+                try await pool.exportVolume(volumeName, toImageAt: file, engine: session.engine, progress: { progress.update($0) })
             }
+            progress.finish()
             print("exported \(volume) to \(file): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) of data, \(ByteSize.format(result.skippedBytes)) left as holes")
         }
     }
@@ -272,165 +248,31 @@ func confirm(_ consequence: String, yes: Bool, flag: String) throws {
     }
 }
 
-/// Copies between files and volumes, skipping zeros.
-enum VolumeCopy {
-    struct Result {
-        var totalBytes: UInt64
-        var writtenBytes: UInt64
-        var skippedBytes: UInt64
-    }
-
-    static let pieceBytes = 1 << 20
-
-    /// Reads the file in pieces; chunk-sized runs of zeros are discarded on the volume (they read as
-    /// zeros and use no space), the rest is written.
-    static func importFile(_ source: Int32, bytes: UInt64, into volume: ThinVolume, label: String) async throws -> Result {
-        let chunkBytes = Int(volume.pool.chunkBytes)
-        let piece = max(pieceBytes, chunkBytes)
-        let buffer = AlignedBuffer(count: piece)
-        var result = Result(totalBytes: bytes, writtenBytes: 0, skippedBytes: 0)
-        let progress = ProgressLine(label: label, totalBytes: bytes)
-        var offset: UInt64 = 0
-        while offset < bytes {
-            let length = Int(min(UInt64(piece), bytes - offset))
-            var got = 0
-            while got < length {
-                let count = pread(source, buffer.bytes.baseAddress! + got, length - got, off_t(offset) + off_t(got))
-                guard count > 0 else {
-                    throw SpindleError(.ioFailed, count == 0 ? "the file ended early" : String(cString: strerror(errno)), operation: "import read", path: nil, offset: offset + UInt64(got))
-                }
-                got += count
-            }
-            let padded = (length + 4095) / 4096 * 4096
-            if padded > length { buffer.bytes.baseAddress!.advanced(by: length).initializeMemory(as: UInt8.self, repeating: 0, count: padded - length) }
-            // Each chunk of the piece at once: whole zero chunks are discarded (no space), runs of
-            // zero blocks inside a chunk are written as zeros only where the chunk holds data.
-            let base = offset
-            let counts = try await withThrowingTaskGroup(of: (written: UInt64, skipped: UInt64).self) { group in
-                for start in stride(from: 0, to: padded, by: chunkBytes) {
-                    let end = min(padded, start + chunkBytes)
-                    group.addTask {
-                        try await importChunk(buffer, range: start..<end, dataEnd: length, at: base, into: volume)
-                    }
-                }
-                var total: (written: UInt64, skipped: UInt64) = (0, 0)
-                for try await counts in group {
-                    total.written += counts.written
-                    total.skipped += counts.skipped
-                }
-                return total
-            }
-            result.writtenBytes += counts.written
-            result.skippedBytes += counts.skipped
-            offset += UInt64(length)
-            progress.update(doneBytes: offset)
-        }
-        progress.finish()
-        return result
-    }
-
-    /// Copies one chunk's part of the buffer: nothing but a discard when it is all zeros; else its
-    /// runs of non-zero 4 KiB blocks are written and its runs of zero blocks zeroed (which costs
-    /// nothing where the chunk was never written).
-    private static func importChunk(
-        _ buffer: AlignedBuffer, range: Range<Int>, dataEnd: Int, at base: UInt64, into volume: ThinVolume
-    ) async throws -> (written: UInt64, skipped: UInt64) {
-        let bytes = UnsafeRawBufferPointer(buffer.bytes)
-        func isZero(_ block: Int) -> Bool {
-            UnsafeRawBufferPointer(rebasing: bytes[block..<(block + 4096)]).allSatisfy { $0 == 0 }
-        }
-        var written: UInt64 = 0
-        var skipped: UInt64 = 0
-        var start = range.lowerBound
-        while start < range.upperBound {
-            let zero = isZero(start)
-            var end = start + 4096
-            while end < range.upperBound && isZero(end) == zero { end += 4096 }
-            let counted = UInt64(max(0, min(end, dataEnd) - start))
-            if zero {
-                try await volume.discard(offset: base + UInt64(start), length: UInt64(end - start))
-                skipped += counted
-            } else {
-                try await volume.write(from: buffer, range: start..<end, at: base + UInt64(start))
-                written += counted
-            }
-            start = end
-        }
-        return (written, skipped)
-    }
-
-    /// Writes the volume's data to the file; unmapped and zero ranges are left as holes.
-    static func exportVolume(_ volume: ThinVolume, to target: Int32, path: String, label: String) async throws -> Result {
-        let total = volume.capacityBytes
-        guard ftruncate(target, off_t(total)) == 0 else {
-            throw SpindleError(.ioFailed, "cannot size the file: \(String(cString: strerror(errno)))", errno: errno, operation: "export", path: path)
-        }
-        let chunkBytes = volume.pool.chunkBytes
-        let piece = UInt64(max(pieceBytes, Int(chunkBytes)))
-        let buffer = AlignedBuffer(count: Int(piece))
-        var result = Result(totalBytes: total, writtenBytes: 0, skippedBytes: 0)
-        let progress = ProgressLine(label: label, totalBytes: total)
-        var offset: UInt64 = 0
-        while offset < total {
-            let length = min(piece, total - offset)
-            let mapped = try await volume.mappedChunks(in: (offset / chunkBytes)..<((offset + length + chunkBytes - 1) / chunkBytes))
-            if mapped.isEmpty {
-                result.skippedBytes += length
-            } else {
-                try await volume.read(into: buffer, range: 0..<Int(length), at: offset)
-                var start = 0
-                while start < Int(length) {
-                    let end = min(Int(length), (start / Int(chunkBytes) + 1) * Int(chunkBytes))
-                    let slice = UnsafeRawBufferPointer(rebasing: buffer.bytes[start..<end])
-                    if slice.allSatisfy({ $0 == 0 }) {
-                        result.skippedBytes += UInt64(end - start)
-                    } else {
-                        var done = 0
-                        while done < end - start {
-                            let count = pwrite(target, slice.baseAddress! + done, end - start - done, off_t(offset) + off_t(start + done))
-                            guard count > 0 else {
-                                throw SpindleError(.ioFailed, String(cString: strerror(errno)), errno: errno, operation: "export write", path: path, offset: offset + UInt64(start + done))
-                            }
-                            done += count
-                        }
-                        result.writtenBytes += UInt64(end - start)
-                    }
-                    start = end
-                }
-            }
-            offset += length
-            progress.update(doneBytes: offset)
-        }
-        guard fsync(target) == 0 else {
-            throw SpindleError(.ioFailed, "cannot flush the file: \(String(cString: strerror(errno)))", errno: errno, operation: "export", path: path)
-        }
-        progress.finish()
-        return result
-    }
-}
-
 /// A progress line on standard error for copies, redrawn when standard error is a terminal; scripts
 /// and logs get only the result line.
-final class ProgressLine {
+final class ProgressLine: Sendable {
     private let label: String
-    private let totalBytes: UInt64
     private let started = ContinuousClock.now
-    private var lastDraw = ContinuousClock.now
+    private let lastDraw = LockedValue(ContinuousClock.now)
 
-    init(label: String, totalBytes: UInt64) {
+    init(label: String) {
         self.label = label
-        self.totalBytes = totalBytes
     }
 
-    func update(doneBytes: UInt64) {
+    /// Redraws the line (at most five times a second, and at the end).
+    func update(_ progress: BlockCopy.Progress) {
+        guard Terminal.showsProgress else { return }
         let now = ContinuousClock.now
-        guard Terminal.showsProgress, now - lastDraw > .milliseconds(200) || doneBytes == totalBytes else { return }
-        lastDraw = now
-        let percent = totalBytes == 0 ? 100 : Int(doneBytes * 100 / totalBytes)
+        let last = lastDraw.exchange(now)
+        guard now - last > .milliseconds(200) || progress.doneBytes == progress.totalBytes else {
+            _ = lastDraw.exchange(last)
+            return
+        }
+        let percent = progress.totalBytes == 0 ? 100 : Int(progress.doneBytes * 100 / progress.totalBytes)
         let elapsed = now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        let rate = seconds > 0 ? Double(doneBytes) / seconds : 0
-        Terminal.progress("\(label): \(ByteSize.format(doneBytes)) of \(ByteSize.format(totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(rate)))/s")
+        let rate = seconds > 0 ? Double(progress.doneBytes) / seconds : 0
+        Terminal.progress("\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(rate)))/s")
     }
 
     func finish() {

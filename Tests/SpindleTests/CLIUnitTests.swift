@@ -26,4 +26,15 @@ struct CLIUnitTests {
             "  mismatch in the stripe at array offset 196608",
         ])
     }
+
+    @Test("damaged headers and array states in the command line's words")
+    func damagedHeaderWords() {
+        let member = DamagedHeader(location: .device("/d/m1.img"), reason: .arraySuperblock(.invalid("member count 0")))
+        #expect(PoolStore.describe(member) == "/d/m1.img: corrupt superblock: member count 0; not used")
+        let label = DamagedHeader(location: .arrayStart(array: "r5", uuid: .zero, member: "/d/m0.img"), reason: .poolLabel(.checksumMismatch))
+        #expect(PoolStore.describe(label) == "array:r5 (its first block, on /d/m0.img): damaged pool label: the thin pool label at offset 0 is corrupt (checksum mismatch); not used")
+        #expect(label.description == "array r5 (its first block, on /d/m0.img): damaged pool label: the thin pool label at offset 0 is corrupt (checksum mismatch)")
+        #expect(ArrayCommand.Status.Report.words(.dirty) == "dirty (not shut down cleanly, or in use)")
+        #expect(ArrayCommand.Status.Report.words(.degraded) == "degraded")
+    }
 }
