@@ -27,6 +27,7 @@ let examples: [(product: String, target: String)] = [
     ("raid-rebuild", "RAIDRebuild"),
     ("thin-snapshots", "ThinSnapshots"),
     ("scratch-disk", "ScratchDisk"),
+    ("open-by-name", "OpenByName"),
 ]
 
 let package = Package(

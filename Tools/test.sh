@@ -10,11 +10,11 @@ Tools/setup.sh fio qemu-utils nbdkit libnbd-bin fuse3 fuse2fs e2fsprogs python3
 swift build --build-tests
 
 # The examples, a package of their own that depends on this one by path. Built in this package's
-# build folder, they reuse the library just built (about 10 s instead of compiling it again); each
+# own build folder (Examples/.build: sharing the root's build folder leaves stale build descriptions); each
 # works in a temporary folder, checks what it reads back and exits non-zero on a failure.
-swift build --package-path Examples --scratch-path .build
-examples_bin=$(swift build --package-path Examples --scratch-path .build --show-bin-path)
-examples=$(swift package --package-path Examples --scratch-path .build describe --type json | python3 -c '
+swift build --package-path Examples
+examples_bin=$(swift build --package-path Examples --show-bin-path)
+examples=$(swift package --package-path Examples describe --type json | python3 -c '
 import json, sys
 print(" ".join(p["name"] for p in json.load(sys.stdin)["products"] if "executable" in p["type"]))')
 for example in $examples; do

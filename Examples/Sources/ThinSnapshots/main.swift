@@ -42,8 +42,7 @@ await runExample("thin-snapshots") { folder in
     try await pool.deleteVolume(name: "before-upgrade")  // any order; shared chunks stay with vm1
     print(try await pool.check().problems)  // [] when the metadata is consistent
     try expect(try await pool.check().isClean, "pool check found problems")
-    try await pool.close()  // commits; the array stays open (it is the caller's)
-    try await array.close()
+    try await pool.close()  // commits, then closes the array: the pool owns its devices
 
     // Later: the array from its images, then the pool from its devices (their labels say which is which).
     let assembled = try await RAIDArray.assemble(
@@ -57,7 +56,6 @@ await runExample("thin-snapshots") { folder in
     try await vm1.read(into: readBack, at: 0)
     try expect(readBack.array.allSatisfy { $0 == 0 }, "an unwritten range of vm1 does not read as zeros")
     try await vm1.close()
-    try await reopened.close()
-    try await assembled.array.close()
+    try await reopened.close()  // and the assembled array under it
     engine.shutdown()
 }
