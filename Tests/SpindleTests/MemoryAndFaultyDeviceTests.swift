@@ -207,6 +207,73 @@ struct FaultyDeviceTests {
         #expect(try await cut(seed: 100) != first)
     }
 
+    /// Whether each read of block `index` failed, per block in the order of its reads, for reads
+    /// issued in `order` (each block as often as it appears), one at a time or all at once.
+    private func readOutcomes(
+        _ device: FaultyDevice, order: [Int], concurrently: Bool = false
+    ) async throws -> [Int: [Bool]] {
+        let failed = Locked<[Int: [Bool]]>([:])
+        @Sendable func read(_ index: Int) async {
+            let buffer = AlignedBuffer(count: 512)
+            var failure = false
+            do { try await device.read(into: buffer, at: UInt64(index * 512)) } catch { failure = true }
+            failed.withLock { $0[index, default: []].append(failure) }
+        }
+        if concurrently {
+            await withTaskGroup(of: Void.self) { group in
+                for index in order { group.addTask { await read(index) } }
+            }
+        } else {
+            for index in order { await read(index) }
+        }
+        return failed.withLock { $0 }
+    }
+
+    @Test("which requests fail follows each request (its offset, length and repetition), not the order requests arrive in")
+    func orderIndependentFaults() async throws {
+        func device(name: String = "disk") throws -> FaultyDevice {
+            let device = FaultyDevice(wrapping: try MemoryDevice(capacityBytes: 1 << 20), seed: 7, name: name)
+            device.failReads(probability: 0.3)
+            return device
+        }
+        let blocks = Array(0..<256)
+        var random = SeededRandom(seed: 11)
+        let shuffled = (blocks + blocks).shuffled(using: &random)
+        let inOrder = try await readOutcomes(try device(), order: blocks + blocks)
+        #expect(try await readOutcomes(try device(), order: shuffled) == inOrder)
+        let failures = inOrder.values.map { $0.filter { $0 }.count }.reduce(0, +)
+        #expect(failures > 80 && failures < 230, "about 30% of 512 reads fail, got \(failures)")
+        #expect(inOrder.values.contains { $0[0] != $0[1] }, "a repeated request draws afresh")
+        // All at once (each block once: two identical requests in flight may swap their outcomes).
+        let concurrent = try await readOutcomes(try device(), order: blocks.reversed(), concurrently: true)
+        #expect(concurrent == inOrder.mapValues { [$0[0]] })
+        // Another device with the same seed fails other requests.
+        #expect(try await readOutcomes(try device(name: "other disk"), order: blocks + blocks) != inOrder)
+        // Each epoch draws afresh, and its counts start afresh.
+        let epochs = try device()
+        epochs.beginEpoch(1)
+        let first = try await readOutcomes(epochs, order: blocks)
+        #expect(first != inOrder.mapValues { [$0[0]] })
+        epochs.beginEpoch(1)
+        #expect(try await readOutcomes(epochs, order: blocks) == first)
+    }
+
+    @Test("a torn power cut lets the same blocks through whatever order the writes were cached in")
+    func orderIndependentTearing() async throws {
+        func cut(order: [Int]) async throws -> [UInt8] {
+            let inner = try MemoryDevice(capacityBytes: 1 << 20)
+            let device = FaultyDevice(wrapping: inner, seed: 5, volatileCache: true, name: "disk")
+            for index in order {
+                try await device.write(from: pattern(4 * 512, seed: UInt64(100 + index)), at: UInt64(index * 4 * 512))
+            }
+            let report = try await device.powerCut(tearing: true)
+            #expect(report.blocksWritten > 0 && report.blocksDropped > 0)
+            return inner.snapshot(offset: 0, length: 64 * 4 * 512)
+        }
+        let forward = try await cut(order: Array(0..<64))
+        #expect(try await cut(order: Array((0..<64).reversed())) == forward)
+    }
+
     @Test("power cuts need the volatile cache")
     func powerCutNeedsCache() async throws {
         let device = FaultyDevice(wrapping: try MemoryDevice(capacityBytes: 1 << 20))

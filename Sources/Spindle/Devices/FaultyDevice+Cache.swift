@@ -4,10 +4,13 @@ import Glibc
 extension FaultyDevice {
     enum CachedKind { case data(AlignedBuffer), zeroes, discard }
 
+    /// A write held in the cache, with the key of the request that made it (its blocks' fate in a
+    /// torn power cut derives from it).
     struct CachedWrite {
         var offset: UInt64
         var length: UInt64
         var kind: CachedKind
+        var key: UInt64
     }
 
     /// Simulates losing power: writes not covered by a completed flush are dropped or, with
@@ -29,9 +32,15 @@ extension FaultyDevice {
             let cache = state.cache
             state.cache.removeAll()
             state.statistics.powerCuts += 1
+            let cut = state.statistics.powerCuts
             let block = UInt64(inner.logicalBlockBytes)
+            // Each block's fate follows from the write that cached it and where the block lies, not
+            // from the order of the cache.
             let plan = cache.map { write in
-                (0..<Int(write.length / block)).map { _ in tearing && state.random.chance(0.5) }
+                (0..<(write.length / block)).map { index in
+                    tearing && FaultDecisions.chance(
+                        0.5, key: FaultDecisions.mix(write.key, cut), salt: write.offset + index * block)
+                }
             }
             return (cache, plan)
         }
@@ -119,9 +128,10 @@ extension FaultyDevice {
         switch write.kind {
         case let .data(bytes):
             let slice = bytes.slice(offset: Int(start - write.offset), length: Int(end - start))
-            return CachedWrite(offset: start, length: end - start, kind: .data(copy(UnsafeRawBufferPointer(slice))))
+            return CachedWrite(
+                offset: start, length: end - start, kind: .data(copy(UnsafeRawBufferPointer(slice))), key: write.key)
         case .zeroes, .discard:
-            return CachedWrite(offset: start, length: end - start, kind: write.kind)
+            return CachedWrite(offset: start, length: end - start, kind: write.kind, key: write.key)
         }
     }
 }

@@ -5,7 +5,7 @@ import Glibc
 extension FaultyDevice {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
         try validate(offset: offset, length: buffer.count, operation: "read")
-        try await perform(.reads, "read", offset: offset, length: UInt64(buffer.count)) {
+        try await perform(.reads, "read", offset: offset, length: UInt64(buffer.count)) { _ in
             try await self.inner.read(into: buffer, at: offset)
             guard self.volatileCache else { return }
             self.overlayCache(on: buffer, at: offset)
@@ -15,9 +15,10 @@ extension FaultyDevice {
     public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
         try checkWritable(operation: "write", offset: offset, length: UInt64(buffer.count))
         try validate(offset: offset, length: buffer.count, operation: "write")
-        try await perform(.writes, "write", offset: offset, length: UInt64(buffer.count)) {
+        try await perform(.writes, "write", offset: offset, length: UInt64(buffer.count)) { key in
             if self.volatileCache && !fua {
-                self.cacheWrite(CachedWrite(offset: offset, length: UInt64(buffer.count), kind: .data(Self.copy(buffer))))
+                self.cacheWrite(CachedWrite(
+                    offset: offset, length: UInt64(buffer.count), kind: .data(Self.copy(buffer)), key: key))
                 return
             }
             try await self.inner.write(from: buffer, at: offset, fua: fua)
@@ -26,7 +27,7 @@ extension FaultyDevice {
     }
 
     public func flush() async throws {
-        try await perform(.flushes, "flush", offset: nil, length: nil) {
+        try await perform(.flushes, "flush", offset: nil, length: nil) { _ in
             guard self.volatileCache else {
                 try await self.inner.flush()
                 return
@@ -53,9 +54,9 @@ extension FaultyDevice {
     public func discard(offset: UInt64, length: UInt64) async throws {
         try checkWritable(operation: "discard", offset: offset, length: length)
         try validate(offset: offset, length: length, operation: "discard")
-        try await perform(.writes, "discard", offset: offset, length: length) {
+        try await perform(.writes, "discard", offset: offset, length: length) { key in
             if self.volatileCache {
-                self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .discard))
+                self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .discard, key: key))
             } else {
                 try await self.inner.discard(offset: offset, length: length)
             }
@@ -65,9 +66,9 @@ extension FaultyDevice {
     public func writeZeroes(offset: UInt64, length: UInt64) async throws {
         try checkWritable(operation: "write-zeroes", offset: offset, length: length)
         try validate(offset: offset, length: length, operation: "write-zeroes")
-        try await perform(.writes, "write-zeroes", offset: offset, length: length) {
+        try await perform(.writes, "write-zeroes", offset: offset, length: length) { key in
             if self.volatileCache {
-                self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .zeroes))
+                self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .zeroes, key: key))
             } else {
                 try await self.inner.writeZeroes(offset: offset, length: length)
             }
@@ -80,24 +81,29 @@ extension FaultyDevice {
         await gate.close()
     }
 
-    // MARK: Internals
+    // MARK: Deciding
 
+    /// Names the jitter draw (fault draws are named by the fault's index).
+    private static let jitterSalt: UInt64 = 0x4A17_7E50
     private enum Verdict {
-        case proceed(delayNanos: UInt64)
+        case proceed(delayNanos: UInt64, key: UInt64)
         case fail(SpindleError)
     }
 
-    /// Counts the operation, decides its fate from the faults and the seed, waits any latency, runs it.
+    /// Counts the operation, decides its fate from the faults and the request's key, waits any
+    /// latency, runs it (with the key, which a cached write keeps).
     private func perform(
-        _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?, _ body: () async throws -> Void
+        _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?, _ body: (_ key: UInt64) async throws -> Void
     ) async throws {
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
         let verdict = decide(kind, operation, offset: offset, length: length)
+        let key: UInt64
         switch verdict {
         case let .fail(error):
             throw error
-        case let .proceed(delayNanos):
+        case let .proceed(delayNanos, decided):
+            key = decided
             // A disk does not answer faster because its caller gave up: the delay ignores cancellation.
             if delayNanos > 0 { await Self.sleepIgnoringCancellation(nanoseconds: delayNanos) }
         }
@@ -105,9 +111,9 @@ extension FaultyDevice {
             await serial.lock()
             defer { serial.unlock() }
             try checkPower(operation: operation, offset: offset, length: length)
-            try await body()
+            try await body(key)
         } else {
-            try await body()
+            try await body(key)
         }
     }
 
@@ -125,8 +131,11 @@ extension FaultyDevice {
         }
     }
 
+    /// The fate of a request that has just arrived. Probabilistic choices derive from its key (see
+    /// the type's notes on determinism); the operation counters follow arrival order.
     private func decide(_ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?) -> Verdict {
         state.withLock { state -> Verdict in
+            let key = state.decisions.key(kind: kind.rawValue, offset: offset ?? .max, length: length ?? 0)
             state.statistics.operations += 1
             if kind == .writes { state.statistics.writes += 1 }
             if state.poweredOff {
@@ -153,17 +162,19 @@ extension FaultyDevice {
                     return injected(kind, EIO, &state, operation, offset, length)
                 }
             }
-            for fault in state.faults where fault.kinds.contains(kind) {
+            for (index, fault) in state.faults.enumerated() where fault.kinds.contains(kind) {
                 if let range = fault.range {
                     guard let offset, let length, offset < range.upperBound, range.lowerBound < offset + length else { continue }
                 }
-                if state.random.chance(fault.probability) {
+                if FaultDecisions.chance(fault.probability, key: key, salt: UInt64(index)) {
                     return injected(kind, fault.errno, &state, operation, offset, length)
                 }
             }
             var delay = state.latencyNanos
-            if state.jitterNanos > 0 { delay += state.random.below(state.jitterNanos + 1) }
-            return .proceed(delayNanos: delay)
+            if state.jitterNanos > 0 {
+                delay += FaultDecisions.below(state.jitterNanos + 1, key: key, salt: Self.jitterSalt)
+            }
+            return .proceed(delayNanos: delay, key: key)
         }
     }
 

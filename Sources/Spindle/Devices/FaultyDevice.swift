@@ -20,6 +20,22 @@ import Synchronization
 /// or with `tearing: true` lets a seeded random subset of their blocks through, block by block
 /// (a torn write). Afterwards the device takes no I/O until ``restorePower()``, as after an
 /// unplanned shutdown. In this mode operations are serialized.
+///
+/// ## Determinism
+/// Every random decision (whether a request meets a probabilistic error fault, its jitter, which
+/// blocks of a torn write land) derives from the seed, the device's name and the identity of the
+/// request: its kind, offset and length, the epoch (``beginEpoch(_:)``), and how many requests of
+/// the same kind, offset and length arrived before it in that epoch. No decision depends on the
+/// order in which different requests arrive, so the same requests meet the same faults however
+/// they interleave: a simulation that replays a seed sees the same faults although an array's
+/// concurrent member requests reach each member in a different order every time. Devices that
+/// share a seed but not a name fail independently.
+///
+/// What arrival order still decides: the operations counted by ``failAfter(operations:kinds:)`` and
+/// ``vanish(afterOperations:)`` (under concurrency, which request is the first to fail); which of two
+/// identical requests in flight at once gets which outcome; and, past 65,536 distinct requests in
+/// one epoch, where the occurrence counts start afresh (a workload that needs the guarantee begins
+/// epochs more often than that).
 public final class FaultyDevice: BlockDevice {
     /// Operations a fault applies to.
     public struct Kinds: OptionSet, Sendable, Hashable {
@@ -79,7 +95,7 @@ public final class FaultyDevice: BlockDevice {
     public let volatileCache: Bool
 
     struct State {
-        var random: SeededRandom
+        var decisions: FaultDecisions
         var faults: [Fault] = []
         var failAfter: (remaining: UInt64, kinds: Kinds)?
         var vanishAfter: UInt64?
@@ -97,14 +113,15 @@ public final class FaultyDevice: BlockDevice {
 
     /// - Parameters:
     ///   - inner: the device to wrap.
-    ///   - seed: seeds every random decision (fault probabilities, jitter, tearing).
+    ///   - seed: seeds every random decision (fault probabilities, jitter, tearing), with `name`.
     ///   - volatileCache: hold writes until flushed, so that ``powerCut(tearing:)`` can drop them.
     ///   - name: for messages; by default `faulty(<inner name>)`.
     public init(wrapping inner: any BlockDevice, seed: UInt64 = 0, volatileCache: Bool = false, name: String? = nil) {
+        let name = name ?? "faulty(\(inner.name))"
         self.inner = inner
         self.volatileCache = volatileCache
-        self.name = name ?? "faulty(\(inner.name))"
-        state = Locked(State(random: SeededRandom(seed: seed)))
+        self.name = name
+        state = Locked(State(decisions: FaultDecisions(seed: seed, name: name)))
     }
 
     // MARK: Controls
@@ -163,6 +180,14 @@ public final class FaultyDevice: BlockDevice {
             state.latencyNanos = 0
             state.jitterNanos = 0
         }
+    }
+
+    /// Starts epoch `epoch`: later decisions mix it in, and the occurrence counts that tell repeated
+    /// requests apart start afresh. Call it between phases of a workload, with no request in
+    /// flight (a simulation calls it before each of its steps), so that each phase's faults depend
+    /// only on that phase's requests.
+    public func beginEpoch(_ epoch: UInt64) {
+        state.withLock { $0.decisions.begin(epoch: epoch) }
     }
 
     /// Counts so far.

@@ -8,7 +8,7 @@ struct RequestBuffer: @unchecked Sendable {
 
 extension RAIDArray {
     /// Runs member requests at once (one task each; inline when there is only one) and reports each
-    /// one's error by slot.
+    /// one's error by slot, in the order of the jobs.
     func concurrently(_ jobs: [(slot: Int, work: @Sendable () async throws -> Void)]) async -> [(slot: Int, error: Error)] {
         @Sendable func attempt(_ job: (slot: Int, work: @Sendable () async throws -> Void)) async -> (slot: Int, error: Error)? {
             do { try await job.work() } catch { return (job.slot, error) }
@@ -29,19 +29,21 @@ extension RAIDArray {
             break
         }
         return await withTaskGroup(of: (Int, Error?).self) { group in
-            for job in jobs {
+            for (index, job) in jobs.enumerated() {
                 group.addTask {
                     do {
                         try await job.work()
-                        return (job.slot, nil)
+                        return (index, nil)
                     } catch {
-                        return (job.slot, error)
+                        return (index, error)
                     }
                 }
             }
-            var failures: [(slot: Int, error: Error)] = []
-            for await (slot, error) in group { if let error { failures.append((slot, error)) } }
-            return failures
+            var failures: [(index: Int, error: Error)] = []
+            for await (index, error) in group { if let error { failures.append((index, error)) } }
+            // In the order of the jobs, not of their completion: the error a request reports does not
+            // depend on which member answered first.
+            return failures.sorted { $0.index < $1.index }.map { (jobs[$0.index].slot, $0.error) }
         }
     }
 

@@ -205,6 +205,9 @@ extension RAIDArray {
         let step = stepBytes
         let total = geometry.memberDataBytes
         let stepCount = Int((total - checkpoint + step - 1) / step)
+        // No step past the stop starts, so where a rebuild pauses (or whether it finishes) does not
+        // depend on the order in which the steps in flight finish.
+        let launchable = stopAtBytes.map { min(stepCount, max(1, Int(($0 - min($0, checkpoint) + step - 1) / step))) } ?? stepCount
         let started = monotonicNanos()
         var lastReport = started
         var lastSaved = checkpoint
@@ -219,7 +222,7 @@ extension RAIDArray {
                     let length = min(step, total - start)
                     group.addTask { try await self.rebuildStep(slot: slot, memberOffset: start, length: length); return index }
                 }
-                while next < min(Self.rebuildStepsInFlight, stepCount) { launch(next); next += 1 }
+                while next < min(Self.rebuildStepsInFlight, launchable) { launch(next); next += 1 }
                 while let done = try await group.next() {
                     finished[done] = true
                     while finishedPrefix < stepCount && finished[finishedPrefix] { finishedPrefix += 1 }
@@ -244,7 +247,7 @@ extension RAIDArray {
                     }
                     if Task.isCancelled { throw CancellationError() }
                     if let stopAtBytes, position >= stopAtBytes, position < total { throw RebuildPaused() }
-                    if next < stepCount {
+                    if next < launchable {
                         launch(next)
                         next += 1
                     }

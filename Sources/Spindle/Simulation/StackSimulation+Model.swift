@@ -77,12 +77,28 @@ extension StackSimulation {
         return kept.reversed()
     }
 
-    /// What a run records as it goes: the report's counts and every step, for the trace.
+    /// What a run records as it goes: the report's counts, every step (for the trace) and every
+    /// member it made (for the faults they injected).
     final class Record {
         var report: Report
         var steps: [Step] = []
+        var devices: [FaultyDevice] = []
 
         init(seed: UInt64) { report = Report(seed: seed) }
+
+        /// The report, with the members' fault counts and the trace (every step, or the last 30).
+        func finalReport(fullTrace: Bool) -> Report {
+            var report = report
+            for device in devices {
+                let statistics = device.statistics
+                report.memberReadsFailed += Int(statistics.injectedReadErrors)
+                report.memberWritesFailed += Int(statistics.injectedWriteErrors)
+                report.powerCutBlocksDropped += Int(statistics.droppedBlocks)
+                report.powerCutBlocksWritten += Int(statistics.tornBlocksWritten)
+            }
+            report.trace = (fullTrace ? steps[...] : steps.suffix(30)).map(\.text)
+            return report
+        }
     }
 
     /// Fills `buffer` with bytes derived from `seed`.

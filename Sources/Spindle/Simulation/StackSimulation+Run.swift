@@ -52,6 +52,7 @@ extension StackSimulation {
             let members = try (1...config.members).map { try Self.member($0, options: options, config: config) }
             memberCounter = config.members
             self.members = members
+            record.devices = members
             array = try await RAIDArray.create(name: "sim", level: config.level, chunkBytes: config.chunkBytes, members: members)
             // Wall-clock behaviour (marking an idle array clean) would make runs differ by timing; the
             // simulation makes its own idle moments.
@@ -76,7 +77,15 @@ extension StackSimulation {
 
         func newMember() throws -> FaultyDevice {
             memberCounter += 1
-            return try Self.member(memberCounter, options: options, config: config)
+            let member = try Self.member(memberCounter, options: options, config: config)
+            record.devices.append(member)
+            return member
+        }
+
+        /// Starts epoch `epoch` on every member: from here on, which requests meet faults depends only
+        /// on the requests of this epoch, not on the order they reach a member.
+        func beginEpoch(_ epoch: Int) {
+            for member in members { member.beginEpoch(UInt64(epoch)) }
         }
 
             /// The device a model stands for: a thin volume, or the array.

@@ -10,6 +10,7 @@ extension StackSimulation.Run {
             }
             try await step()
         }
+        beginEpoch(counter + 1)
         try await finish()
     }
 
@@ -17,6 +18,7 @@ extension StackSimulation.Run {
     /// is not whole, else an operation drawn by weight.
     private func step() async throws {
         counter += 1
+        beginEpoch(counter)
         record.report.operations += 1
         if extended && !isWhole() && readErrorsActive == 0 && random.chance(0.1) {
             if array.status.rebuildSlot != nil {

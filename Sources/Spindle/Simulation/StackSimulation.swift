@@ -2,15 +2,18 @@
 /// fault-injecting in-memory disks — driven by a random workload and checked against a reference
 /// model after every read, in the manner of FoundationDB's and TigerBeetle's simulators.
 ///
-/// The same seed replays the same run. Faults come from the seed too: read errors on a member (the
-/// array must answer from redundancy), write errors on a member (the array fails it and goes on
-/// degraded until it is replaced), a member failed, replaced and rebuilt under the load, rebuilds
-/// paused part way (then resumed, possibly after a crash), idle moments in which the array marks
-/// itself clean, a pool too small for its volumes (writes fail with "no space" and must leave each
-/// block old or new), and power cuts that drop or tear every write no flush covered, followed by
-/// reassembly (resyncing dirty regions) and reopening the pool. After a power cut the model
-/// accepts, block by block, what the flush contract allows — the contents at the last commit or
-/// any version written since — and nothing else; then that state becomes the model's.
+/// The same seed replays the same run, to the last fault: each member decides its faults from the
+/// request at hand, not from the order in which an array's concurrent requests reach it (see
+/// ``FaultyDevice``), and the simulation starts a new fault epoch before each operation. Faults
+/// come from the seed too: read errors on a member (the array must answer from redundancy), write
+/// errors on a member (the array fails it and goes on degraded until it is replaced), a member
+/// failed, replaced and rebuilt under the load, rebuilds paused part way (then resumed, possibly
+/// after a crash), idle moments in which the array marks itself clean, a pool too small for its
+/// volumes (writes fail with "no space" and must leave each block old or new), and power cuts that
+/// drop or tear every write no flush covered, followed by reassembly (resyncing dirty regions) and
+/// reopening the pool. After a power cut the model accepts, block by block, what the flush contract
+/// allows — the contents at the last commit or any version written since — and nothing else; then
+/// that state becomes the model's.
 ///
 /// A failing run reports its seed, its last operations, and the operations that bear on the block
 /// that went wrong: the writes that covered it, everything else done to its volume and to the
@@ -27,8 +30,9 @@ public enum StackSimulation {
         /// Keep every operation in the report's trace (else the last 30).
         public var fullTrace = false
         /// Write errors, paused rebuilds, idle moments, power cuts while degraded and, for one seed
-        /// in four, a pool too small for its volumes. Off, the run is the one earlier versions made
-        /// from the same seed (the regression seeds found before these faults existed).
+        /// in four, a pool too small for its volumes. Off, the run makes the operations and faults
+        /// earlier versions made from the same seed (the regression seeds found before these faults
+        /// existed); which member requests the faults hit is drawn per request since.
         public var extendedFaults = true
         /// Draw the configuration from the seed (``Configuration/drawn(seed:level:tight:)``): member
         /// count, chunk size, a stack with or without a pool, request shapes, failures down to the level's
@@ -89,7 +93,9 @@ public enum StackSimulation {
         }
     }
 
-    public struct Report: Sendable, Codable {
+    /// What a run did and found. Two runs of the same options give equal reports (see
+    /// ``FaultyDevice`` on why the members' faults do not depend on the order of their requests).
+    public struct Report: Sendable, Codable, Equatable {
         public var seed: UInt64
         public var configuration: Configuration?
         /// Reads that failed with an I/O error because a read error hit where no redundancy was left
@@ -111,6 +117,14 @@ public enum StackSimulation {
         public var poolFullErrors = 0
         public var powerCuts = 0
         public var mismatches = 0
+        /// Member reads that met an injected read error, over every member the run made.
+        public var memberReadsFailed = 0
+        /// Member writes that met an injected write error.
+        public var memberWritesFailed = 0
+        /// Blocks of unflushed member writes that power cuts dropped.
+        public var powerCutBlocksDropped = 0
+        /// Blocks of unflushed member writes that power cuts let through (torn writes).
+        public var powerCutBlocksWritten = 0
         /// What went wrong, when something did.
         public var failure: String?
         /// The last operations before the failure (or the end).
@@ -136,8 +150,6 @@ public enum StackSimulation {
             record.report.failure = "unexpected error: \(error)"
             record.report.relevantTrace = record.steps.suffix(30).map { "#\($0.index) \($0.text)" }
         }
-        var report = record.report
-        report.trace = (options.fullTrace ? record.steps[...] : record.steps.suffix(30)).map(\.text)
-        return report
+        return record.finalReport(fullTrace: options.fullTrace)
     }
 }
