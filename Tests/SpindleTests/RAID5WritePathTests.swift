@@ -12,6 +12,43 @@ private final class CountingMember: Reopenable, @unchecked Sendable {
     }
 }
 
+/// A member that holds each data-area request over a few scheduler turns, so that concurrent
+/// stripes interleave, and checks that the bytes a write was handed stay the same until the write
+/// returns (a stripe buffer given back to the pool while the write still held it, and taken by
+/// another stripe, would change them). With `failsFirstReads`, its first data-area read at each
+/// offset fails with a read error (the member stays in the array).
+private final class HoldingMember: Reopenable, @unchecked Sendable {
+    // @unchecked: as Reopenable; what it saw is kept under its lock.
+    let failsFirstReads: Bool
+    let seen = Locked((changedWrites: 0, failedReadOffsets: Set<UInt64>()))
+
+    init(_ inner: any BlockDevice, failsFirstReads: Bool) {
+        self.failsFirstReads = failsFirstReads
+        super.init(inner)
+    }
+
+    private func hold(_ offset: UInt64) async {
+        for _ in 0...(Int(offset >> 9) % 7) { await Task.yield() }
+    }
+
+    override func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
+        guard offset >= RAIDArray.dataOffset else { return try await super.read(into: buffer, at: offset) }
+        await hold(offset)
+        if failsFirstReads, seen.withLock({ $0.failedReadOffsets.insert(offset).inserted }) {
+            throw SpindleError(.ioFailed, "injected read error", operation: "read", path: name, offset: offset)
+        }
+        try await super.read(into: buffer, at: offset)
+    }
+
+    override func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        guard offset >= RAIDArray.dataOffset else { return try await super.write(from: buffer, at: offset, fua: fua) }
+        let handed = Array(buffer)
+        await hold(offset)
+        if !handed.elementsEqual(buffer) { seen.withLock { $0.changedWrites += 1 } }
+        try await super.write(from: buffer, at: offset, fua: fua)
+    }
+}
+
 /// The RAID5 write paths (full stripe, read-modify-write, reconstruct-write, and the choice
 /// between them), over every member count from 3 to 8 and chunks of 4 KiB, 64 KiB and 512 KiB.
 /// Each configuration gets the same seeded writes through three arrays: one that chooses its path,
@@ -24,9 +61,9 @@ private final class CountingMember: Reopenable, @unchecked Sendable {
 
     /// Member data areas computed from the logical contents alone: stripe `s` has parity on member
     /// `n - 1 - s % n` and data chunk `i` on member `(parity + 1 + i) % n` (left-symmetric).
-    static func modelMembers(logical: [UInt8], memberCount n: Int, chunk: Int) -> [[UInt8]] {
-        var members = [[UInt8]](repeating: [UInt8](repeating: 0, count: Int(stripes) * chunk), count: n)
-        for stripe in 0..<Int(stripes) {
+    static func modelMembers(logical: [UInt8], memberCount n: Int, chunk: Int, stripes: Int = Int(stripes)) -> [[UInt8]] {
+        var members = [[UInt8]](repeating: [UInt8](repeating: 0, count: stripes * chunk), count: n)
+        for stripe in 0..<stripes {
             let parity = n - 1 - stripe % n
             var xor = [UInt64](repeating: 0, count: chunk / 8)
             for index in 0..<(n - 1) {
@@ -142,5 +179,60 @@ private final class CountingMember: Reopenable, @unchecked Sendable {
             #expect(members.reduce(0) { $0 + $1.reads.withLock { $0 } } == expected, "a full stripe reads nothing")
             try await array.close()
         }
+    }
+
+    /// Stripe writes take their buffers from the array's pool: many concurrent writes (full stripes,
+    /// read-modify-write, reconstruct-write, and retries without a member whose read failed) must
+    /// leave exactly the model's bytes on the members, and no write may see its bytes change while
+    /// it holds them. Reads back through the pooled degraded-read path too.
+    @Test func pooledStripeBuffersOutliveTheirRequests() async throws {
+        let chunk = 8192, memberCount = 5, stripes = 64
+        let memberBytes = RAIDArray.dataOffset + UInt64(stripes * chunk)
+        let members = try (0..<memberCount).map {
+            HoldingMember(try MemoryDevice(capacityBytes: memberBytes, name: "h\($0)"), failsFirstReads: $0 == 1)
+        }
+        // (`overwrite`: the look for an earlier signature would meet the injected read errors.)
+        let array = try await RAIDArray.create(
+            name: "held", level: .raid5, chunkBytes: UInt64(chunk), members: members, overwrite: true)
+        array.setIdleCleanDelay(nanoseconds: 0)
+        let capacity = Int(array.capacityBytes)
+        let stripeBytes = chunk * (memberCount - 1)
+        var logical = [UInt8](repeating: 0, count: capacity)
+        var random = SeededRandom(seed: 20_251_202)
+        // Two rounds of concurrent writes to disjoint regions (so the result does not depend on the
+        // order they run in): one region per stripe, then regions of a stripe and a half.
+        for region in [stripeBytes, stripeBytes * 3 / 2] {
+            var writes: [(offset: Int, data: AlignedBuffer)] = []
+            for start in stride(from: 0, to: capacity - region + 1, by: region) {
+                let length = random.next() % 4 == 0 ? region : 512 * Int(1 + random.next() % UInt64(region / 512))
+                let offset = start + 512 * Int(random.next() % UInt64((region - length) / 512 + 1))
+                let data = AlignedBuffer(count: length)
+                fillRandom(data.bytes, seed: random.next())
+                logical.replaceSubrange(offset..<(offset + length), with: data.bytes)
+                writes.append((offset, data))
+            }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for write in writes {
+                    group.addTask { try await array.write(from: write.data, at: UInt64(write.offset)) }
+                }
+                try await group.waitForAll()
+            }
+        }
+        #expect(members.map { $0.seen.withLock { $0.changedWrites } } == [Int](repeating: 0, count: memberCount),
+                "a member write saw its bytes change while it held them")
+        #expect(!members[1].seen.withLock { $0.failedReadOffsets.isEmpty }, "no stripe write met a read error")
+        let model = Self.modelMembers(logical: logical, memberCount: memberCount, chunk: chunk, stripes: stripes)
+        for (slot, member) in members.enumerated() {
+            let bytes = AlignedBuffer(count: model[slot].count)
+            try await member.inner.read(into: bytes, at: RAIDArray.dataOffset)
+            let difference = byteDifference(bytes.array, model[slot])
+            #expect(difference == nil, "slot \(slot): member bytes differ from the model: \(difference ?? "")")
+        }
+        let back = byteDifference(try await readAll(array), logical)
+        #expect(back == nil, "read back: \(back ?? "")")
+        let status = array.status
+        #expect(status.slots.allSatisfy { $0.state == .active } && status.unrecoverableReads == 0)
+        #expect(try await array.scrub().mismatches == 0)
+        try await array.close()
     }
 }

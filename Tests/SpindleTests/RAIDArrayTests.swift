@@ -457,7 +457,7 @@ struct RAIDArrayTests {
         _ = try await randomFill(array, seed: 12)
         // No close: the array is left dirty, as after a crash.
         let error = await spindleError { _ = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }) }
-        expectError(error, .ioFailed, ["not shut down cleanly and is degraded", "--force"])
+        expectError(error, .ioFailed, ["not shut down cleanly and is degraded", "`force: true`"])
         let forced = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }, force: true)
         #expect(forced.array.status.state == "degraded" || forced.array.status.state == "active")
         try await forced.array.close()

@@ -86,9 +86,9 @@ extension RAIDArray {
                     if let match = byMember[recorded.member]?.first {
                         slots[slot] = Member(device: match.device, uuid: recorded.member)
                         let stale = match.superblock.events < latest.events ? "is stale and " : ""
-                        notes.append("\(match.device.name) \(stale)is marked faulty in slot \(slot) (events \(match.superblock.events), the array is at \(latest.events)): it is not used; remove it, or replace it with 'array replace'")
+                        notes.append("\(match.device.name) \(stale)is marked faulty in slot \(slot) (events \(match.superblock.events), the array is at \(latest.events)): it is not used; remove it (`remove(memberNamed:)`) or replace it (`replace(memberNamed:with:)`)")
                     } else {
-                        notes.append("slot \(slot) (\(known)member \(recorded.member)) is marked faulty; replace it with 'array replace' or 'array add'")
+                        notes.append("slot \(slot) (\(known)member \(recorded.member)) is marked faulty; replace it (`replace(memberNamed:with:)`, or `add(_:)` a new device)")
                     }
                 }
                 continue
@@ -141,7 +141,7 @@ extension RAIDArray {
         if latest.dirty && degraded && geometry.level.personality.hasWriteHole && !force {
             throw SpindleError(
                 .ioFailed,
-                "'\(latest.name)' was not shut down cleanly and is degraded: stripes being written at the crash may have parity that disagrees with their data, and with a member missing that cannot be checked, so the missing member's data there could be rebuilt wrong. Start it anyway with --force (or force: true) to recover what can be recovered",
+                "'\(latest.name)' was not shut down cleanly and is degraded: stripes being written at the crash may have parity that disagrees with their data, and with a member missing that cannot be checked, so the missing member's data there could be rebuilt wrong. To recover what can be recovered, assemble it anyway by passing `force: true`",
                 operation: "assemble")
         }
         var rebuildSlot = latest.rebuildSlot

@@ -98,11 +98,11 @@ extension RAIDArray {
     }
 
     /// Where the bytes of one member write come from: the caller's buffer (borrowed for the whole
-    /// request, as the block device contract says), or a buffer of the array's own, which the write
-    /// keeps alive until it completes.
+    /// request, as the block device contract says), or the first `length` bytes of a buffer of the
+    /// array's own, which the write keeps alive until it completes.
     enum MemberWriteSource: Sendable {
         case request(RequestBuffer, length: Int)
-        case owned(AlignedBuffer)
+        case owned(AlignedBuffer, length: Int)
     }
 
     /// Writes the same kind of request to several members; a member that fails is marked faulty, and
@@ -117,8 +117,8 @@ extension RAIDArray {
                 case let .request(source, length):
                     try await write.member.device.write(
                         from: UnsafeRawBufferPointer(start: source.base, count: length), at: write.memberOffset, fua: fua)
-                case let .owned(buffer):
-                    try await write.member.device.write(from: buffer, at: write.memberOffset, fua: fua)
+                case let .owned(buffer, length):
+                    try await write.member.device.write(from: buffer, range: 0..<length, at: write.memberOffset, fua: fua)
                 }
             })
         })

@@ -88,6 +88,8 @@ public final class RAIDArray: BlockDevice {
     let gate = RequestGate()
     /// Reads that neither a member nor redundancy could answer (each returned an error to its caller).
     let unrecoverableReads = Atomic<Int>(0)
+    /// Buffers for stripe writes and reconstructed reads, reused instead of allocated per stripe.
+    let bufferPool = BufferPool()
     /// Forces the partial-stripe RAID5 write path (tests only); nil chooses by the reads each needs.
     let partialStripeWriteOverride = Locked<PartialStripeWrite?>(nil)
 

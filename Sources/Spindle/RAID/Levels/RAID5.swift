@@ -31,9 +31,13 @@ struct RAID5: RAIDPersonality {
             if let memberError { throw array.unreadable(extent, because: [(extent.member, memberError)]) }
             throw array.failedError("read", offset: nil, length: extent.length)
         }
-        let buffers = others.map { _ in AlignedBuffer(count: Int(extent.length), zeroed: false) }
+        let length = Int(extent.length)
+        // The reads all return (through `concurrently`) before the buffers go back to the pool.
+        let pooled = PooledBuffers(array.bufferPool)
+        defer { pooled.giveBack() }
+        let buffers = others.map { _ in pooled.take(length) }
         let failures = await array.concurrently(zip(others, buffers).map { slot, buffer in
-            (slot, { try await readable[slot]!.device.read(into: buffer, at: RAIDArray.dataOffset + extent.memberOffset) })
+            (slot, { try await readable[slot]!.device.read(into: buffer, range: 0..<length, at: RAIDArray.dataOffset + extent.memberOffset) })
         })
         if !failures.isEmpty {
             // A member that has gone away is failed; a read error on one that still answers only
@@ -71,6 +75,7 @@ struct RAID5: RAIDPersonality {
     /// read-modify-write or reconstruct-write, whichever reads less (or the one
     /// `partialStripeWriteOverride` forces, for tests); reconstructing a missing member's old data
     /// from parity when the array is degraded. Members in `unreadableSlots` are treated as missing.
+    /// The buffers come from the array's pool and go back once every member request has returned.
     func writeStripe(
         _ stripe: UInt64, pieces: [RAIDGeometry.Extent], source: RequestBuffer, fua: Bool,
         avoiding unreadableSlots: [Int: any Error], array: RAIDArray
@@ -107,13 +112,17 @@ struct RAID5: RAIDPersonality {
                 operation: "write", path: array.name,
                 offset: geometry.logicalOffset(member: memberOf[0], memberOffset: stripe * chunk + low), length: UInt64(length))
         }
+        // Every member request below is awaited through `concurrently`, which returns only once each
+        // one has: the buffers go back to the pool after the last of them, on every path out.
+        let pooled = PooledBuffers(array.bufferPool)
+        defer { pooled.giveBack() }
         // The new contents of each data chunk's [low, high) and of the parity's.
-        let data = (0..<dataCount).map { _ in AlignedBuffer(count: length, zeroed: false) }
-        let parity = AlignedBuffer(count: length, zeroed: false)
+        let data = (0..<dataCount).map { _ in pooled.take(length) }
+        let parity = pooled.take(length)
 
         func readMembers(_ slots: [(slot: Int, buffer: AlignedBuffer)]) async throws {
             let failures = await array.concurrently(slots.map { slot, buffer in
-                (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
+                (slot, { try await readable[slot]!.device.read(into: buffer, range: 0..<length, at: memberOffset) })
             })
             if let failure = failures.first {
                 // The stripe cannot be computed without it. A member that is gone is failed at once
@@ -144,11 +153,11 @@ struct RAID5: RAIDPersonality {
                 ?? (readModifyWriteReads < reconstructWriteReads ? .readModifyWrite : .reconstructWrite)
             switch method {
             case .readModifyWrite:
-                let old = touchedIndices.map { _ in AlignedBuffer(count: length, zeroed: false) }
-                let oldParity = AlignedBuffer(count: length, zeroed: false)
+                let old = touchedIndices.map { _ in pooled.take(length) }
+                let oldParity = pooled.take(length)
                 try await readMembers(zip(touchedIndices, old).map { (memberOf[$0], $1) } + [(parityMember, oldParity)])
                 for (position, index) in touchedIndices.enumerated() {
-                    data[index].copy(from: old[position])
+                    data[index].copy(from: old[position], length: length)
                     merge(index, into: data[index])
                 }
                 // new parity = old parity ^ old data ^ new data, over the touched members
@@ -163,7 +172,7 @@ struct RAID5: RAIDPersonality {
             // Degraded: read everything readable, rebuild the missing member's old data, recompute.
             let present = (0..<dataCount).filter { readable[memberOf[$0]] != nil }
             var reads = present.map { (memberOf[$0], data[$0]) }
-            let oldParity = AlignedBuffer(count: length, zeroed: false)
+            let oldParity = pooled.take(length)
             if !unreadable.isEmpty { reads.append((parityMember, oldParity)) }
             try await readMembers(reads)
             if let missing = unreadable.first {
@@ -177,11 +186,11 @@ struct RAID5: RAIDPersonality {
         let indicesToWrite = fullStripe ? Array(0..<dataCount) : touchedIndices
         for index in indicesToWrite {
             if let member = writable[memberOf[index]] {
-                writes.append((memberOf[index], member, .owned(data[index]), memberOffset))
+                writes.append((memberOf[index], member, .owned(data[index], length: length), memberOffset))
             }
         }
         if let member = writable[parityMember] {
-            writes.append((parityMember, member, .owned(parity), memberOffset))
+            writes.append((parityMember, member, .owned(parity, length: length), memberOffset))
         }
         try await array.writeMembers(writes, fua: fua, operation: "write", offset: nil, length: UInt64(length))
     }

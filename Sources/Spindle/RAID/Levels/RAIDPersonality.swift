@@ -10,7 +10,7 @@
 /// superblocks and the write-intent bitmap, failing members and activating spares, the request
 /// gate, stripe locks, and the order, progress and checkpoints of scrubs, resyncs and rebuilds.
 /// A level works through the array it is given: `readableMembers()` and `writableMembers()`,
-/// `stripeLocks`, `markWriteIntent`, `failMember`, `concurrently` and `writeMembers`.
+/// `stripeLocks`, `markWriteIntent`, `failMember`, `concurrently`, `writeMembers` and `bufferPool`.
 /// `docs/ARCHITECTURE.md` (RAID levels) says what each requirement must do and how to add a level.
 protocol RAIDPersonality: Sendable {
     /// Fewest members the level takes.
