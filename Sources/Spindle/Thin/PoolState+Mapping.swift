@@ -32,6 +32,7 @@ extension PoolState {
             found = try await MetadataBTree.lookup(chunk, root: root, in: area).map { ($0, true) }
         }
         guard let found else { return nil }
+        volume.mappings.remember(chunk, as: found.physical, shared: found.shared, holding: self)
         let location = layout.location(of: found.physical)
         // Entered last, so that a lookup that throws leaves no epoch behind.
         let epoch = inFlight.enter()
@@ -55,6 +56,8 @@ extension PoolState {
         }
         records[id] = record
         dirtyRecords.insert(id)
+        // A new chunk on a path this transaction copied: the volume's alone.
+        openMappings(of: id)?.remember(chunk, as: physical, shared: false, holding: self)
         if area.pendingNodes > Self.automaticCommitNodes { try await commit() }
         return true
     }
@@ -67,7 +70,9 @@ extension PoolState {
             found.append((key, value))
             return true
         }
+        let mappings = openMappings(of: id)
         for (key, physical) in found {
+            mappings?.forget(key, holding: self)
             record.root = try await MetadataBTree.remove(key, root: record.root, in: area, values: self).root
             try await adjustReferences(physical, by: -1)
             record.mappedChunks -= 1

@@ -42,6 +42,13 @@ final class PoolState {
     var dirtyBelow: UInt64
     /// The next never-used chunk to hand out (in memory; reopening starts at ``dirtyBelow``).
     var cleanNext: UInt64
+    /// The mapping tables of open volumes (see ``VolumeMappings``), by volume id.
+    var openMappingTables: [UInt64: WeakMappings] = [:]
+
+    struct WeakMappings {
+        weak var mappings: VolumeMappings?
+    }
+
     init(name: String, layout: ChunkLayout, published: Locked<ChunkLayout>, area: MetadataArea, inFlight: InFlightEpochs) {
         self.name = name
         self.layout = layout

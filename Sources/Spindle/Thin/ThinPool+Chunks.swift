@@ -32,6 +32,14 @@ extension ThinPool {
     func findChunk<Result>(
         volume: ThinVolume, chunk: UInt64, writing: Bool, _ body: (MappedChunk?) async throws -> Result
     ) async throws -> Result {
+        // The steady state: the volume's table knows the chunk. Entering the epoch before looking
+        // is what makes this safe without the pool's lock (see InFlightEpochs).
+        let epoch = inFlight.enter()
+        if let found = volume.mappings.find(chunk), !writing || !found.shared {
+            defer { inFlight.leave(epoch) }
+            return try await body(found)
+        }
+        inFlight.leave(epoch)
         let found = try await withState { state in try await state.findChunk(volume: volume, chunk: chunk, writing: writing) }
         guard let found else { return try await body(nil) }
         defer { inFlight.leave(found.epoch) }

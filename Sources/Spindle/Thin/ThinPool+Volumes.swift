@@ -29,16 +29,16 @@ extension ThinPool {
     public func createVolume(name volumeName: String, sizeBytes: UInt64) async throws -> ThinVolume {
         try checkName(volumeName)
         try checkSize(sizeBytes)
-        let record: VolumeRecord = try await withState { state in
+        let (record, mappings) = try await withState { state in
             try state.requireUnused(volumeName)
             let root = try await MetadataBTree.create(in: state.area)
             let record = VolumeRecord(id: state.nextVolumeID(), name: volumeName, sizeBytes: sizeBytes, root: root, mappedChunks: 0,
                                       origin: 0, readOnly: false, createdSeconds: Self.now())
             state.update(record)
             try await state.commit()
-            return record
+            return (record, state.mappings(opening: record))
         }
-        return ThinVolume(pool: self, id: record.id, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
+        return ThinVolume(pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
     }
 
     /// Takes a snapshot of a volume (or of a snapshot): a new volume that shares every chunk of the
@@ -52,7 +52,9 @@ extension ThinPool {
         return try await withState { state in
             let origin = try state.requireVolume(originName)
             try state.requireUnused(snapshotName)
-            // Writes in place to the origin's chunks must land before the chunks become shared.
+            // Writes in place to the origin's chunks must land before the chunks become shared: its
+            // table forgets them first, so that later writes look them up again and copy them.
+            state.openMappings(of: origin.id)?.forgetAll(holding: state)
             await state.inFlight.drain()
             state.area.addReference(to: origin.root)
             let record = VolumeRecord(id: state.nextVolumeID(), name: snapshotName, sizeBytes: origin.sizeBytes, root: origin.root,
@@ -65,8 +67,11 @@ extension ThinPool {
 
     /// Opens an existing volume.
     public func openVolume(name volumeName: String) async throws -> ThinVolume {
-        let record = try await withState { try $0.requireVolume(volumeName) }
-        return ThinVolume(pool: self, id: record.id, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
+        let (record, mappings) = try await withState { state in
+            let record = try state.requireVolume(volumeName)
+            return (record, state.mappings(opening: record))
+        }
+        return ThinVolume(pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
     }
 
     /// Every volume, by id.
@@ -102,6 +107,8 @@ extension ThinPool {
             // A damaged tree cannot be walked: the volume goes, and `check` reports the chunks it
             // held as leaked rather than guessing which are free.
             state.damagedVolumes[record.id] = nil
+            state.openMappings(of: record.id)?.forgetAll(holding: state)
+            state.openMappingTables[record.id] = nil
             try await state.removeRecord(record.id)
             state.records[record.id] = nil
             state.dirtyRecords.remove(record.id)
@@ -114,10 +121,13 @@ extension ThinPool {
     /// Open ``ThinVolume`` objects keep the size they were opened with: open the volume again.
     public func resizeVolume(name volumeName: String, sizeBytes: UInt64) async throws {
         try checkSize(sizeBytes)
-        let record = try await withState { try $0.requireVolume(volumeName) }
+        let (record, mappings) = try await withState { state in
+            let record = try state.requireVolume(volumeName)
+            return (record, state.mappings(opening: record))
+        }
         if sizeBytes < record.sizeBytes, sizeBytes % chunkBytes != 0 {
             // Through the write path, so a chunk shared with a snapshot is copied, not changed.
-            let volume = ThinVolume(pool: self, id: record.id, name: record.name, sizeBytes: record.sizeBytes, readOnly: false)
+            let volume = ThinVolume(pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: false)
             let end = min(record.sizeBytes, (sizeBytes / chunkBytes + 1) * chunkBytes)
             try await volume.writeZeroes(offset: sizeBytes, length: end - sizeBytes)
         }
@@ -198,6 +208,20 @@ extension PoolState {
         if records.values.contains(where: { $0.name == volumeName }) {
             throw SpindleError(.alreadyExists, "pool \(name) has a volume named '\(volumeName)' already")
         }
+    }
+
+    /// The mapping table of an open volume: the one its other open objects use, or a new one.
+    func mappings(opening record: VolumeRecord) -> VolumeMappings {
+        if let open = openMappings(of: record.id) { return open }
+        openMappingTables = openMappingTables.filter { $0.value.mappings != nil }
+        let mappings = VolumeMappings(id: record.id, chunks: (record.sizeBytes + chunkBytes - 1) / chunkBytes)
+        openMappingTables[record.id] = WeakMappings(mappings: mappings)
+        return mappings
+    }
+
+    /// The mapping table of a volume, when the volume is open.
+    func openMappings(of id: UInt64) -> VolumeMappings? {
+        openMappingTables[id]?.mappings
     }
 
     /// Stores a changed record, to be written at the next commit.

@@ -21,12 +21,15 @@ public final class ThinVolume: BlockDevice {
     public let logicalBlockBytes: Int
     public var discardReadsZeroes: Bool { true }
     public var name: String { "\(pool.name)/\(volumeName)" }
+    /// The volume's mappings as its I/O finds them (one table for every object of the volume).
+    let mappings: VolumeMappings
     private let gate = RequestGate()
     private let chunkBytes: UInt64
 
-    init(pool: ThinPool, id: UInt64, name: String, sizeBytes: UInt64, readOnly: Bool) {
+    init(pool: ThinPool, mappings: VolumeMappings, name: String, sizeBytes: UInt64, readOnly: Bool) {
         self.pool = pool
-        self.id = id
+        self.mappings = mappings
+        id = mappings.id
         volumeName = name
         capacityBytes = sizeBytes
         isReadOnly = readOnly || pool.isReadOnly
