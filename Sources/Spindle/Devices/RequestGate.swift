@@ -14,10 +14,11 @@ public final class RequestGate: Sendable {
     /// Whether ``close(pollNanoseconds:)`` has been called.
     public var isClosed: Bool { closedFlag.load(ordering: .sequentiallyConsistent) }
 
-    /// Admits a request, or fails when the device is closed.
-    public func enter(operation: String, name: String) throws(SpindleError) {
+    /// Admits a request, or fails when the device is closed. `name` is evaluated only for the
+    /// error, so a device whose name is built costs nothing per request.
+    public func enter(operation: String, name: @autoclosure () -> String) throws(SpindleError) {
         if !tryEnter() {
-            throw SpindleError(.closed, "the device is closed", operation: operation, path: name)
+            throw SpindleError(.closed, "the device is closed", operation: operation, path: name())
         }
     }
 

@@ -32,19 +32,32 @@ extension ThinPool {
     func findChunk<Result>(
         volume: ThinVolume, chunk: UInt64, writing: Bool, _ body: (MappedChunk?) async throws -> Result
     ) async throws -> Result {
-        // The steady state: the volume's table knows the chunk. Entering the epoch before looking
-        // is what makes this safe without the pool's lock (see InFlightEpochs).
-        let epoch = inFlight.enter()
-        if let found = volume.mappings.find(chunk), !writing || !found.shared {
-            defer { inFlight.leave(epoch) }
-            return try await body(found)
+        if let pinned = pinMapped(volume: volume, chunk: chunk, writing: writing) {
+            defer { unpin(pinned.epoch) }
+            return try await body(pinned.mapped)
         }
-        inFlight.leave(epoch)
         let found = try await withState { state in try await state.findChunk(volume: volume, chunk: chunk, writing: writing) }
         guard let found else { return try await body(nil) }
         defer { inFlight.leave(found.epoch) }
         return try await body(found.mapped)
     }
+
+    /// The steady state, without the pool's lock and without suspending: where `chunk` of a volume
+    /// is when the volume's mapping table knows it (for `writing`, only when the chunk is the
+    /// volume's alone), pinned against reuse until ``unpin(_:)`` is called with the epoch. Nil when
+    /// the table does not know it: ``findChunk(volume:chunk:writing:_:)`` then looks in the metadata.
+    @inline(__always)
+    func pinMapped(volume: ThinVolume, chunk: UInt64, writing: Bool) -> (mapped: MappedChunk, epoch: Int)? {
+        // Entering the epoch before looking is what makes this safe (see InFlightEpochs).
+        let epoch = inFlight.enter()
+        if let found = volume.mappings.find(chunk), !writing || !found.shared { return (found, epoch) }
+        inFlight.leave(epoch)
+        return nil
+    }
+
+    /// Ends the pin ``pinMapped(volume:chunk:writing:)`` took.
+    @inline(__always)
+    func unpin(_ epoch: Int) { inFlight.leave(epoch) }
 
     /// Reserves a free chunk for a write into an unmapped or shared chunk.
     func reserveChunk() async throws -> ReservedChunk {

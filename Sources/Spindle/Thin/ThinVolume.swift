@@ -55,6 +55,15 @@ public final class ThinVolume: BlockDevice {
         try validate(offset: offset, length: buffer.count, operation: "read")
         try gate.enter(operation: "read", name: name)
         defer { gate.leave() }
+        // The steady state (a request within one mapped chunk) goes straight to the device.
+        let within = offset % chunkBytes
+        if within + UInt64(buffer.count) <= chunkBytes,
+            let pinned = pool.pinMapped(volume: self, chunk: offset / chunkBytes, writing: false)
+        {
+            defer { pool.unpin(pinned.epoch) }
+            try await pinned.mapped.device.read(into: buffer, at: pinned.mapped.offset + within)
+            return
+        }
         try await forEachPiece(offset: offset, length: UInt64(buffer.count)) { chunk, within, requestOffset, length in
             let destination = UnsafeMutableRawBufferPointer(rebasing: buffer[requestOffset..<(requestOffset + length)])
             try await pool.findChunk(volume: self, chunk: chunk, writing: false) { mapped in
@@ -72,6 +81,23 @@ public final class ThinVolume: BlockDevice {
         try checkWritable(operation: "write", offset: offset, length: UInt64(buffer.count))
         try gate.enter(operation: "write", name: name)
         defer { gate.leave() }
+        // The steady state (a request within one mapped chunk the volume owns alone) is written in
+        // place.
+        let within = offset % chunkBytes
+        if within + UInt64(buffer.count) <= chunkBytes,
+            let pinned = pool.pinMapped(volume: self, chunk: offset / chunkBytes, writing: true)
+        {
+            // Unpinned before a commit, which may wait for the pinned requests of its epoch.
+            do {
+                try await pinned.mapped.device.write(from: buffer, at: pinned.mapped.offset + within, fua: false)
+            } catch {
+                pool.unpin(pinned.epoch)
+                throw error
+            }
+            pool.unpin(pinned.epoch)
+            if fua { try await pool.commit() }
+            return
+        }
         try await forEachPiece(offset: offset, length: UInt64(buffer.count)) { chunk, within, requestOffset, length in
             let source = UnsafeRawBufferPointer(rebasing: buffer[requestOffset..<(requestOffset + length)])
             try await writePiece(chunk: chunk, within: within, source: source)
