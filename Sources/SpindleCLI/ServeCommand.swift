@@ -185,7 +185,7 @@ struct ServeCommand: AsyncParsableCommand {
         if socket != nil || tcp == nil {
             try? FileManager.default.removeItem(atPath: socket ?? "spindle-nbd.sock")
         }
-        let unwell = watch.arrays.map(\.status).filter { $0.state != "clean" }
+        let unwell = watch.arrays.map(\.status).filter { $0.state != .clean }
         for status in unwell {
             let lost = status.slots.filter { $0.state != .active }.map { "slot \($0.slot) \($0.state)\($0.device.map { " (\($0))" } ?? "")" }
             print("array \(status.name) is \(status.state)\(lost.isEmpty ? "" : ": " + lost.joined(separator: ", "))")
@@ -247,7 +247,7 @@ final class ArrayWatch: Sendable {
             for slot in status.slots where slot.slot < before.count {
                 let wasServing = before[slot.slot] == .active || before[slot.slot] == .rebuilding
                 guard wasServing && (slot.state == .faulty || slot.state == .missing) else { continue }
-                let state = status.state == "failed" ? "has failed" : "is \(status.state)"
+                let state = status.state == .failed ? "has failed" : "is \(status.state)"
                 let member = slot.device.map { "member \($0)" } ?? "the member"
                 FileHandle.standardError.write(Data("spindle serve: \(member) in slot \(slot.slot) failed; array \(status.name) \(state)\n".utf8))
             }

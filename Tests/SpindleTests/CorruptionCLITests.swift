@@ -291,8 +291,8 @@ struct CorruptionCLITests {
         let newer = transaction(0) > transaction(1) ? 0 : 1
         try superblock.flip("plain.img", at: 4096 * (1 + newer) + 300)
         let listed = try superblock.run(["volume", "list", "p2"] + superblock.dir)
-        #expect(listed.errors.contains("metadata superblock copy \(newer): metadata superblock checksum mismatch; opened transaction \(min(transaction(0), transaction(1)))"),
-                "\(listed.errors)")
+        #expect(listed.errors.contains("metadata superblock copy \(newer): metadata superblock checksum mismatch ("), "\(listed.errors)")
+        #expect(listed.errors.contains(" computed); opened transaction \(min(transaction(0), transaction(1)))"), "\(listed.errors)")
         #expect(listed.errors.contains("that commit's changes are lost"))
         let check = try superblock.run(["pool", "check", "p2", "--json"] + superblock.dir)
         let checked = try JSONSerialization.jsonObject(with: Data(check.output.utf8)) as? [String: Any]

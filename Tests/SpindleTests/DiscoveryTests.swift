@@ -199,7 +199,7 @@ struct DiscoveryTests {
         let notes = Locked<[String]>([])
         var options = Discovery.OpenOptions(notes: { note in notes.withLock { $0.append(note) } })
         let deg = try await found.openArray(named: "deg", engine: fixture.engine, options: options)
-        #expect(deg.status.state == "degraded")
+        #expect(deg.status.state == .degraded)
         #expect(openDescriptors(matching: "deg-1.img") == 0, "the stale member is left out, and closed")
         #expect(openDescriptors(matching: "deg-0.img") >= 1)
         #expect(notes.withLock { $0 }.contains { $0.hasPrefix("deg: ") && $0.contains("deg-1.img is stale") }, "\(notes.withLock { $0 })")
@@ -218,7 +218,7 @@ struct DiscoveryTests {
         let stack = try await found.openPool(named: "tank", engine: fixture.engine, options: options)
         let vm1 = try await stack.pool.openVolume(name: "vm1")
         #expect(byteDifference(try await readAll(vm1), fixture.vm1) == nil)
-        #expect(stack.arrays[0].status.state == "degraded")
+        #expect(stack.arrays[0].status.state == .degraded)
         try await stack.close()
         #expect(openDescriptors(matching: fixture.folder.path) == 0, "the fault injector's member is closed with the array")
     }

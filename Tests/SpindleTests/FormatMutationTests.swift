@@ -107,7 +107,9 @@ struct FormatMutationTests {
         let write = AlignedBuffer(count: 4096)
         damaged.withUnsafeBytes { write.bytes.copyMemory(from: $0) }
         try await device.write(from: write, at: 0)
-        expectError(await spindleError { _ = try await ThinPool.open(devices: [device]) }, .ioFailed, ["thin pool label at offset 0 is corrupt"])
+        let error = await spindleError { _ = try await ThinPool.open(devices: [device]) }
+        expectError(error, .corrupted, ["thin pool label at offset 0 is corrupt"])
+        #expect(error?.cause as? ThinPoolLabel.Problem == .checksumMismatch)
     }
 
     @Test("NBD requests, option data, fault specs and sizes: random text and bytes are refused cleanly", arguments: [UInt64(1), 2])

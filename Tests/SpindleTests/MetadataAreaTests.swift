@@ -89,10 +89,13 @@ struct MetadataAreaTests {
         // Opening reads internal nodes only; the damaged leaf is reported when it is read.
         let reopened = try await MetadataArea.open(device: device, offset: 0, blockCount: 1024)
         let error = await spindleError { _ = try await treeContents(reopened, root: reopened.roots[0]) }
-        expectError(error, .ioFailed, ["metadata block \(victim) is corrupt (checksum mismatch)"])
+        expectError(error, .corrupted, ["metadata block \(victim) is corrupt (checksum mismatch)"])
+        // The typed problem is kept as the cause: bad metadata, not a bad disk.
+        #expect(error?.cause as? MetadataNode.Problem == .checksumMismatch(block: victim))
         // Both superblocks gone: the area refuses to open.
         try await device.write(from: AlignedBuffer(count: 8192), at: 0)
-        expectError(await spindleError { _ = try await MetadataArea.open(device: device, offset: 0, blockCount: 1024) },
-                    .ioFailed, ["no valid metadata superblock"])
+        let unopened = await spindleError { _ = try await MetadataArea.open(device: device, offset: 0, blockCount: 1024) }
+        expectError(unopened, .corrupted, ["no valid metadata superblock", "copy 0: no metadata superblock magic"])
+        #expect(unopened?.cause as? MetadataArea.SuperblockProblem == .noMagic)
     }
 }

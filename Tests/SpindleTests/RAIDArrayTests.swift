@@ -79,7 +79,7 @@ struct RAIDArrayTests {
         #expect(report.notes.isEmpty, "\(report.notes)")
         #expect(report.resyncedBytes == 0, "a cleanly closed array needs no resync")
         #expect(byteDifference(try await readAll(report.array), expected) == nil)
-        #expect(report.array.status.state == "clean")
+        #expect(report.array.status.state == .clean)
         if level != .raid0 {
             let scrub = try await report.array.scrub()
             #expect(scrub.mismatches == 0)
@@ -98,7 +98,7 @@ struct RAIDArrayTests {
             try await array.flush()
             let before = memory[failed].snapshot()
             try await array.fail(memberNamed: "m\(failed)")
-            #expect(array.status.state == "degraded")
+            #expect(array.status.state == .degraded)
             #expect(byteDifference(try await readAll(array), expected) == nil, "degraded read with slot \(failed) failed")
             // Writes while degraded go through parity.
             let patch = AlignedBuffer(count: 12288)
@@ -110,10 +110,10 @@ struct RAIDArrayTests {
 
             let replacement = try MemoryDevice(capacityBytes: memory[0].capacityBytes, name: "new\(failed)")
             try await array.replace(memberNamed: "m\(failed)", with: Reopenable(replacement))
-            #expect(array.status.state == "rebuilding")
+            #expect(array.status.state == .rebuilding)
             let rebuilt = try await array.rebuild()
             #expect(rebuilt == array.geometry.memberDataBytes)
-            #expect(array.status.state == "clean" || array.status.state == "active")
+            #expect(array.status.state == .clean || array.status.state == .active)
             #expect(byteDifference(try await readAll(array), updated) == nil)
             #expect(try await array.scrub().mismatches == 0)
             // Rewriting the same contents as before the failure makes the new member equal the old one.
@@ -161,7 +161,7 @@ struct RAIDArrayTests {
         try await array.write(from: patch, at: 0)
         expected.replaceSubrange(0..<65536, with: patch.array)
         #expect(array.status.slots[0].state == .faulty)
-        #expect(array.status.state == "degraded")
+        #expect(array.status.state == .degraded)
         #expect(byteDifference(try await readAll(array), expected) == nil)
         // A second failure loses the array: writes are refused with a clear error.
         faulty[1].failWrites()
@@ -275,8 +275,11 @@ struct RAIDArrayTests {
         corrupt.bytes[200] ^= 0xFF
         corrupt.bytes[4096 + 200] ^= 0xFF
         try await first[2].write(from: corrupt, at: 0)
-        expectError(await spindleError { _ = try await RAIDArray.assemble(members: first.map { Reopenable($0) }) },
-                    .ioFailed, ["a2", "corrupt superblock: checksum"])
+        let error = await spindleError { _ = try await RAIDArray.assemble(members: first.map { Reopenable($0) }) }
+        expectError(error, .corrupted, ["a2", "corrupt superblock: checksum"])
+        if case .checksumMismatch = error?.cause as? RAIDSuperblock.Problem {} else {
+            Issue.record("the cause is the superblock's problem, got \(String(describing: error?.cause))")
+        }
         // The newer copy alone is enough (a write torn in the older copy).
         corrupt.bytes[(1 - older) * 4096 + 200] ^= 0xFF
         try await first[2].write(from: corrupt, at: 0)
@@ -314,7 +317,7 @@ struct RAIDArrayTests {
         try await short.write(from: head, at: 0)
         let truncated = try await RAIDArray.assemble(members: [fresh[0], fresh[1], short].map { Reopenable($0) })
         #expect(truncated.notes.contains { $0.contains("t2-short is truncated") }, "\(truncated.notes)")
-        #expect(truncated.array.status.state == "degraded")
+        #expect(truncated.array.status.state == .degraded)
         #expect(byteDifference(try await readAll(truncated.array), cleanData) == nil)
         try await truncated.array.close()
     }
@@ -459,7 +462,7 @@ struct RAIDArrayTests {
         let error = await spindleError { _ = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }) }
         expectError(error, .ioFailed, ["not shut down cleanly and is degraded", "`force: true`"])
         let forced = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }, force: true)
-        #expect(forced.array.status.state == "degraded" || forced.array.status.state == "active")
+        #expect(forced.array.status.state == .degraded || forced.array.status.state == .active)
         try await forced.array.close()
     }
 
@@ -469,13 +472,13 @@ struct RAIDArrayTests {
         let array = try await RAIDArray.create(name: "idle", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         array.setIdleCleanDelay(nanoseconds: 50_000_000)
         let expected = try await randomFill(array, seed: 13)
-        #expect(array.status.state == "active")
+        #expect(array.status.state == .active)
         var waited = 0
-        while array.status.state != "clean" && waited < 400 {
+        while array.status.state != .clean && waited < 400 {
             try await Task.sleep(nanoseconds: 10_000_000)
             waited += 1
         }
-        #expect(array.status.state == "clean")
+        #expect(array.status.state == .clean)
         #expect(await RAIDArray.inspect(memory).dirty == false, "the superblocks on disk say clean")
         array.setIdleCleanDelay(nanoseconds: 0)
         // A crash now: reassembly needs no resync.

@@ -23,7 +23,7 @@ struct RAIDFailureTests {
         fillRandom(patch.bytes, seed: 2)
         try await array.write(from: patch, at: 65536)
         expected.replaceSubrange(65536..<131072, with: patch.array)
-        #expect(array.status.state == "degraded")
+        #expect(array.status.state == .degraded)
         #expect(array.status.slots.filter { $0.state == .active }.count == 1)
         #expect(try await readAll(array) == expected)
         // Failing the last one is refused.
@@ -32,7 +32,7 @@ struct RAIDFailureTests {
         try await array.close()
         // The one in-sync member alone assembles, serves and takes writes.
         let report = try await RAIDArray.assemble(members: [Reopenable(memory[0])])
-        #expect(report.array.status.state == "degraded")
+        #expect(report.array.status.state == .degraded)
         #expect(try await readAll(report.array) == expected)
         try await report.array.write(from: patch, at: 0)
         try await report.array.close()
@@ -64,15 +64,15 @@ struct RAIDFailureTests {
         #expect(failedReads > 0 && failedReads <= 50)
         #expect(array.status.unrecoverableReads == failedReads)
         #expect(array.status.slots[1].state == .active && array.status.slots[2].state == .active)
-        #expect(array.status.state == "degraded")
+        #expect(array.status.state == .degraded)
         // Writes to the bad range fail the same way, without failing a member.
         let error = await spindleError { try await array.write(from: block, at: 0) }
         #expect(error != nil)
-        #expect(array.status.slots[1].state == .active && array.status.state == "degraded")
+        #expect(array.status.slots[1].state == .active && array.status.state == .degraded)
         try await array.close()
         // Reassembles without force: nothing was marked failed.
         let report = try await RAIDArray.assemble(members: memory.dropFirst().map { Reopenable($0) })
-        #expect(report.array.status.state == "degraded")
+        #expect(report.array.status.state == .degraded)
         try await report.array.close()
     }
 
@@ -118,13 +118,13 @@ struct RAIDFailureTests {
         if level == .raid1 {
             // d1 has the block d0 cannot read.
             try await array.rebuild()
-            #expect(array.status.state == "clean" || array.status.state == "active")
+            #expect(array.status.state == .clean || array.status.state == .active)
         } else {
             let error = await spindleError { try await array.rebuild() }
             expectError(error, .ioFailed, ["stopped at member offset 2097152", "d0.img"])
             #expect(array.status.slots[0].state == .active && array.status.slots[1].state == .active)
             #expect((array.status.rebuildDoneBytes ?? .max) <= 2 << 20, "the place reached is kept")
-            #expect(array.status.state == "rebuilding")
+            #expect(array.status.state == .rebuilding)
             faulty[0].clearFaults()
             try await array.rebuild()
         }
@@ -143,7 +143,7 @@ struct RAIDFailureTests {
         let oneCopy = FaultyDevice(wrapping: Reopenable(memory[1]), name: "d1.img")
         oneCopy.failReads(in: 0..<4096)
         let first = try await RAIDArray.assemble(members: [Reopenable(memory[0]), oneCopy, Reopenable(memory[2])])
-        #expect(first.array.status.state == "clean")
+        #expect(first.array.status.state == .clean)
         try await first.array.close()
         // Both copies unreadable: left out, degraded, data intact.
         let bothCopies = FaultyDevice(wrapping: Reopenable(memory[1]), name: "d1.img")
@@ -151,7 +151,7 @@ struct RAIDFailureTests {
         let second = try await RAIDArray.assemble(members: [Reopenable(memory[0]), bothCopies, Reopenable(memory[2])])
         #expect(second.notes.contains { $0.contains("d1.img is left out") && $0.contains("cannot be read") }, "\(second.notes)")
         #expect(second.notes.contains { $0.contains("slot 1 (d1.img, member") && $0.contains("is missing") }, "\(second.notes)")
-        #expect(second.array.status.state == "degraded")
+        #expect(second.array.status.state == .degraded)
         #expect(second.array.status.slots[1].lastKnownName == "d1.img" && second.array.status.slots[1].device == nil)
         #expect(try await readAll(second.array) == expected)
         try await second.array.close()

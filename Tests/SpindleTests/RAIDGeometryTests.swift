@@ -1,5 +1,5 @@
 import Testing
-@testable import Spindle
+@_spi(Benchmarks) @testable import Spindle
 
 /// An independent model: walk every byte of every member, in the order md documents for each level,
 /// and record which logical byte (or parity) it holds.

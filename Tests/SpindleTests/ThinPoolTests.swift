@@ -222,7 +222,7 @@ struct ThinPoolTests {
         #expect(report.problems.contains { $0.contains("metadata block \(victim) is corrupt (checksum mismatch)") }, "\(report.problems)")
         let reader = try await damaged.openVolume(name: "v")
         expectError(await spindleError { try await reader.read(into: AlignedBuffer(count: 4096), at: 0) },
-                    .ioFailed, ["metadata block \(victim) is corrupt (checksum mismatch)"])
+                    .corrupted, ["metadata block \(victim) is corrupt (checksum mismatch)"])
     }
 
     @Test("volume names are unique, and a missing one is reported")

@@ -1,6 +1,6 @@
 import Benchmark
 import Glibc
-import Spindle
+@_spi(Benchmarks) import Spindle
 
 // The engine's own cost per operation: no-ops through the ring (the kernel does no I/O), from tasks on
 // the reactor (batched, no hand-off) and from the global executor (a locked inbox and a wake-up per

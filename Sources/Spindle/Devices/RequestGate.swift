@@ -5,18 +5,18 @@ import Synchronization
 /// A request enters (increments, then checks the closed flag); close sets the flag, then waits for
 /// the count to reach zero. With sequentially consistent atomics either the request sees the flag or
 /// close sees the request, so a descriptor is never released under a request that is using it.
-public final class RequestGate: Sendable {
+package final class RequestGate: Sendable {
     private let inFlight = Atomic<Int>(0)
     private let closedFlag = Atomic<Bool>(false)
 
-    public init() {}
+    package init() {}
 
     /// Whether ``close(pollNanoseconds:)`` has been called.
-    public var isClosed: Bool { closedFlag.load(ordering: .sequentiallyConsistent) }
+    package var isClosed: Bool { closedFlag.load(ordering: .sequentiallyConsistent) }
 
     /// Admits a request, or fails when the device is closed. `name` is evaluated only for the
     /// error, so a device whose name is built costs nothing per request.
-    public func enter(operation: String, name: @autoclosure () -> String) throws(SpindleError) {
+    package func enter(operation: String, name: @autoclosure () -> String) throws(SpindleError) {
         if !tryEnter() {
             throw SpindleError(.closed, "the device is closed", operation: operation, path: name())
         }
@@ -32,7 +32,7 @@ public final class RequestGate: Sendable {
     }
 
     /// Ends a request admitted by ``enter(operation:name:)``.
-    public func leave() {
+    package func leave() {
         inFlight.subtract(1, ordering: .sequentiallyConsistent)
     }
 
@@ -43,7 +43,7 @@ public final class RequestGate: Sendable {
     /// so a long wait costs few wake-ups.
     /// - Returns: false if it was closed already.
     @discardableResult
-    public func close(pollNanoseconds: UInt64 = 200_000) async -> Bool {
+    package func close(pollNanoseconds: UInt64 = 200_000) async -> Bool {
         let (exchanged, _) = closedFlag.compareExchange(
             expected: false, desired: true, ordering: .sequentiallyConsistent)
         var poll = pollNanoseconds

@@ -1,7 +1,7 @@
 /// The Network Block Device protocol's numbers and message layouts (fixed newstyle negotiation and
 /// simple replies), as the NBD project's `doc/proto.md` specifies. Pure encoding and decoding; all
 /// integers on the wire are big-endian.
-public enum NBDProtocol {
+package enum NBDProtocol {
     static let initialMagic: UInt64 = 0x4E42_444D_4147_4943  // "NBDMAGIC"
     static let optionMagic: UInt64 = 0x4948_4156_454F_5054  // "IHAVEOPT"
     static let optionReplyMagic: UInt64 = 0x0003_E889_0455_65A9
@@ -34,16 +34,16 @@ public enum NBDProtocol {
     }
 
     /// Transmission flags, advertised per export.
-    public struct TransmissionFlags: OptionSet, Sendable {
-        public let rawValue: UInt16
-        public init(rawValue: UInt16) { self.rawValue = rawValue }
-        public static let hasFlags = TransmissionFlags(rawValue: 1 << 0)
-        public static let readOnly = TransmissionFlags(rawValue: 1 << 1)
-        public static let sendFlush = TransmissionFlags(rawValue: 1 << 2)
-        public static let sendFUA = TransmissionFlags(rawValue: 1 << 3)
-        public static let sendTrim = TransmissionFlags(rawValue: 1 << 5)
-        public static let sendWriteZeroes = TransmissionFlags(rawValue: 1 << 6)
-        public static let canMultiConn = TransmissionFlags(rawValue: 1 << 8)
+    package struct TransmissionFlags: OptionSet, Sendable {
+        package let rawValue: UInt16
+        package init(rawValue: UInt16) { self.rawValue = rawValue }
+        package static let hasFlags = TransmissionFlags(rawValue: 1 << 0)
+        package static let readOnly = TransmissionFlags(rawValue: 1 << 1)
+        package static let sendFlush = TransmissionFlags(rawValue: 1 << 2)
+        package static let sendFUA = TransmissionFlags(rawValue: 1 << 3)
+        package static let sendTrim = TransmissionFlags(rawValue: 1 << 5)
+        package static let sendWriteZeroes = TransmissionFlags(rawValue: 1 << 6)
+        package static let canMultiConn = TransmissionFlags(rawValue: 1 << 8)
     }
 
     /// Commands of the transmission phase.

@@ -5,7 +5,7 @@ internal import CISAL
 /// The calls take the owning ``AlignedBuffer``s, never raw pointers: the buffers are arguments, so
 /// they live until the XOR has run. (Raw pointers mapped out of buffers outlived them once, and the
 /// XOR read freed memory: wrong parity, or a crash for buffers large enough to be unmapped.)
-public enum XORParity {
+@_spi(Benchmarks) public enum XORParity {
     /// Writes the XOR of `sources[i][offset ..< offset + length]` into
     /// `parity[parityOffset ..< parityOffset + length]`. `length` must be a multiple of 32 bytes and
     /// every region must start 32-byte aligned (offsets that are multiples of 32 in ``AlignedBuffer``s).

@@ -51,7 +51,8 @@ extension RAIDArray {
                 // As for a missing member: left out, and the array runs degraded if it can.
                 unreadable.append("\(device.name) is left out: \(reason)")
             case let .failure(problem):
-                throw SpindleError(problem == .notAMember ? .invalidArgument : .ioFailed, "\(problem)", operation: "assemble", path: device.name)
+                throw SpindleError(problem == .notAMember ? .invalidArgument : .corrupted, "\(problem)", operation: "assemble", path: device.name,
+                                   cause: problem)
             }
         }
         guard !found.isEmpty else {
@@ -181,8 +182,8 @@ extension RAIDArray {
         public struct Device: Sendable, Codable {
             public var path: String
             public var arrayName: String?
-            public var arrayUUID: String?
-            public var memberUUID: String?
+            public var arrayUUID: SpindleUUID?
+            public var memberUUID: SpindleUUID?
             public var role: Int?
             public var events: UInt64?
             public var problem: String?
@@ -190,8 +191,8 @@ extension RAIDArray {
         public var devices: [Device]
         /// The newest view of the array, from the member with the highest event count.
         public var name: String?
-        public var uuid: String?
-        public var level: Int?
+        public var uuid: SpindleUUID?
+        public var level: RAIDLevel?
         public var chunkBytes: UInt64?
         public var memberCount: Int?
         public var capacityBytes: UInt64?
@@ -215,8 +216,8 @@ extension RAIDArray {
                 switch try await readSuperblock(of: device) {
                 case let .success(block):
                     entry.arrayName = block.name
-                    entry.arrayUUID = block.arrayUUID.description
-                    entry.memberUUID = block.memberUUID.description
+                    entry.arrayUUID = block.arrayUUID
+                    entry.memberUUID = block.memberUUID
                     entry.role = block.role
                     entry.events = block.events
                     // Several copies of one member: the one with the newest changes holds it.
@@ -233,8 +234,8 @@ extension RAIDArray {
         var inspection = Inspection(devices: entries, slots: [])
         guard let newest else { return inspection }
         inspection.name = newest.name
-        inspection.uuid = newest.arrayUUID.description
-        inspection.level = newest.level.rawValue
+        inspection.uuid = newest.arrayUUID
+        inspection.level = newest.level
         inspection.chunkBytes = UInt64(newest.chunkBytes)
         inspection.memberCount = newest.memberCount
         inspection.capacityBytes = newest.geometry.capacityBytes
@@ -247,7 +248,7 @@ extension RAIDArray {
             var state = slot.state
             let holder = byMember[slot.member]
             if (state == .active || state == .rebuilding) && (holder == nil || holder!.1 < newest.events) { state = .missing }
-            return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member.nonZeroDescription,
+            return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member.nonZero,
                             lastKnownName: slot.lastKnownName.nonEmpty, state: state)
         }
         let lost = inspection.slots.filter { $0.state != .active }.count

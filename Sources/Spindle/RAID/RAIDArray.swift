@@ -188,23 +188,39 @@ public final class RAIDArray: BlockDevice {
     public struct SlotInfo: Sendable, Codable {
         public var slot: Int
         public var device: String?
-        public var memberUUID: String?
+        /// The member's identity; nil for a slot whose member was removed.
+        public var memberUUID: SpindleUUID?
         /// The file name the slot's member last had (from the superblocks), also when it is missing.
         public var lastKnownName: String?
         public var state: RAIDMemberState
     }
 
     /// A snapshot of the array's state, for status displays.
+    /// How an array is, in one word. Its raw value is the word status displays print.
+    public enum Health: String, Sendable, Codable, CustomStringConvertible {
+        /// Shut down cleanly (or idle since): members agree.
+        case clean
+        /// Written since assembly: a crash now would need a resync of the regions being written.
+        case active
+        /// A member is missing or failed; every byte is still served.
+        case degraded
+        /// A replacement member is being rebuilt.
+        case rebuilding
+        /// More members are gone than the level survives.
+        case failed
+
+        public var description: String { rawValue }
+    }
+
     public struct Status: Sendable, Codable {
         public var name: String
-        public var uuid: String
-        public var level: Int
+        public var uuid: SpindleUUID
+        public var level: RAIDLevel
         public var chunkBytes: UInt64
         public var memberCount: Int
         public var capacityBytes: UInt64
         public var memberDataBytes: UInt64
-        /// "clean", "active" (written since assembly), "degraded", "failed", "rebuilding".
-        public var state: String
+        public var state: Health
         public var events: UInt64
         public var slots: [SlotInfo]
         public var spares: [String]
@@ -218,17 +234,17 @@ public final class RAIDArray: BlockDevice {
     public var status: Status {
         state.withLock { state in
             let missing = state.slotStates.filter { $0 != .active }.count
-            var summary = state.dirty ? "active" : "clean"
-            if state.failed || missing > geometry.redundancy { summary = "failed" }
-            else if state.rebuildSlot >= 0 { summary = "rebuilding" }
-            else if missing > 0 { summary = "degraded" }
+            var summary: Health = state.dirty ? .active : .clean
+            if state.failed || missing > geometry.redundancy { summary = .failed }
+            else if state.rebuildSlot >= 0 { summary = .rebuilding }
+            else if missing > 0 { summary = .degraded }
             return Status(
-                name: arrayName, uuid: arrayUUID.description, level: geometry.level.rawValue,
+                name: arrayName, uuid: arrayUUID, level: geometry.level,
                 chunkBytes: geometry.chunkBytes, memberCount: geometry.memberCount, capacityBytes: capacityBytes,
                 memberDataBytes: geometry.memberDataBytes, state: summary, events: state.events,
                 slots: state.slots.enumerated().map { index, member in
                     SlotInfo(slot: index, device: member?.name,
-                             memberUUID: (member?.uuid ?? state.recordedSlots[index].member).nonZeroDescription,
+                             memberUUID: (member?.uuid ?? state.recordedSlots[index].member).nonZero,
                              lastKnownName: member.map { RAIDSuperblock.Slot.shortened($0.name) } ?? state.recordedSlots[index].lastKnownName.nonEmpty,
                              state: state.slotStates[index])
                 },

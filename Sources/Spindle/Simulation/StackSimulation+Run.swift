@@ -134,7 +134,7 @@ extension StackSimulation {
         }
         /// Whether a fault that needs every member may start now (without the extended faults, as
         /// the earlier generator decided it).
-        func mayInject() -> Bool { extended ? isWhole() : !array.status.state.contains("degraded") }
+        func mayInject() -> Bool { extended ? isWhole() : array.status.state != .degraded }
         /// Whether member faults may start now: never on RAID0, which has no redundancy for them.
         func mayFault() -> Bool { config.level != .raid0 && mayInject() }
         /// After a write the pool refused for want of space: each block must hold its old or its new

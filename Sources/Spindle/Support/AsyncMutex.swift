@@ -2,7 +2,7 @@ import Synchronization
 
 /// Mutual exclusion across `await`s: holders are admitted one at a time in arrival order, and waiters
 /// suspend instead of blocking a thread. Used where a sequence of device requests must not interleave.
-public final class AsyncMutex: Sendable {
+package final class AsyncMutex: Sendable {
     private struct State {
         var locked = false
         var waiters: [UnsafeContinuation<Void, Never>] = []
@@ -10,10 +10,10 @@ public final class AsyncMutex: Sendable {
     }
     private let state = Locked(State())
 
-    public init() {}
+    package init() {}
 
     /// Waits for the lock.
-    public func lock() async {
+    package func lock() async {
         let acquired = state.withLock { state -> Bool in
             if state.locked { return false }
             state.locked = true
@@ -34,7 +34,7 @@ public final class AsyncMutex: Sendable {
     }
 
     /// Hands the lock to the next waiter, or frees it.
-    public func unlock() {
+    package func unlock() {
         let next = state.withLock { state -> UnsafeContinuation<Void, Never>? in
             precondition(state.locked, "AsyncMutex unlocked while not locked")
             guard state.head < state.waiters.count else {
@@ -51,7 +51,7 @@ public final class AsyncMutex: Sendable {
     }
 
     /// Runs `body` holding the lock.
-    public func withLock<Result>(_ body: () async throws -> Result) async rethrows -> Result {
+    package func withLock<Result>(_ body: () async throws -> Result) async rethrows -> Result {
         await lock()
         defer { unlock() }
         return try await body()

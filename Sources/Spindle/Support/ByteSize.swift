@@ -1,13 +1,13 @@
 /// Byte counts written the way people type them: `4096`, `4K`, `64KiB`, `1.5G`, `2T`. Suffixes are
 /// powers of two (K = 1024), case does not matter, and a trailing `B` or `iB` is allowed.
-public enum ByteSize {
+package enum ByteSize {
     private static let units: [(suffix: Character, shift: UInt64)] = [
         ("k", 10), ("m", 20), ("g", 30), ("t", 40), ("p", 50),
     ]
 
     /// Parses a size.
     /// - Throws: ``SpindleError/Code/invalidArgument`` with the text and what to type instead.
-    public static func parse(_ text: String) throws(SpindleError) -> UInt64 {
+    package static func parse(_ text: String) throws(SpindleError) -> UInt64 {
         let trimmed = text.trimmingSpaces()
         var body = Substring(trimmed.lowercased())
         if body.hasSuffix("ib") { body = body.dropLast(2) } else if body.hasSuffix("b") { body = body.dropLast() }
@@ -45,7 +45,7 @@ public enum ByteSize {
     }
 
     /// Formats a size with a binary unit: `512 B`, `4 KiB`, `1.5 GiB`.
-    public static func format(_ bytes: UInt64) -> String {
+    package static func format(_ bytes: UInt64) -> String {
         let names = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
         var index = 0
         var value = Double(bytes)
@@ -70,7 +70,7 @@ public enum ByteSize {
 }
 
 /// A decimal with a fixed number of places, without Foundation's formatters.
-public func formatDecimal(_ value: Double, places: Int) -> String {
+package func formatDecimal(_ value: Double, places: Int) -> String {
     guard value.isFinite else { return value.isNaN ? "nan" : (value > 0 ? "inf" : "-inf") }
     var scale = 1.0
     for _ in 0..<places { scale *= 10 }

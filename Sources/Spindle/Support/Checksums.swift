@@ -2,9 +2,9 @@ internal import CISAL
 
 /// CRC32C (Castagnoli, as iSCSI, ext4 and Btrfs use it), computed by ISA-L. Every on-disk
 /// structure Spindle writes carries one.
-public enum CRC32C {
+package enum CRC32C {
     /// The standard CRC32C of `bytes` (initial value and final XOR 0xFFFFFFFF): "123456789" gives 0xE3069283.
-    public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    package static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
         precondition(bytes.count <= Int(Int32.max))
         let raw = crc32_iscsi(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: UInt8.self)),
@@ -12,7 +12,13 @@ public enum CRC32C {
         return UInt32(raw) ^ 0xFFFF_FFFF
     }
 
-    public static func checksum(_ bytes: [UInt8]) -> UInt32 {
+    package static func checksum(_ bytes: [UInt8]) -> UInt32 {
         bytes.withUnsafeBytes { checksum($0) }
     }
+}
+
+/// A checksum as 0x and eight hex digits, for messages.
+func hex(_ value: UInt32) -> String {
+    let text = String(value, radix: 16)
+    return "0x" + String(repeating: "0", count: max(0, 8 - text.count)) + text
 }

@@ -55,7 +55,7 @@ final class ChunkLayout: Sendable {
             let end = index + 1 < found.count ? found[index + 1].0 : chunkCount
             let device = Int(value >> 48)
             guard device < devices.count, end > first, first == (index == 0 ? 0 : found[index - 1].0 + segments[index - 1].chunks) else {
-                throw SpindleError(.ioFailed, "pool \(poolName)'s segment table is corrupt at chunk \(first)", operation: "open pool", path: devices[0].name)
+                throw SpindleError(.corrupted, "pool \(poolName)'s segment table is corrupt at chunk \(first)", operation: "open pool", path: devices[0].name)
             }
             let segment = Segment(firstChunk: first, chunks: end - first, device: device, deviceChunk: value & ((1 << 48) - 1))
             guard (segment.deviceChunk + segment.chunks) * chunkBytes <= devices[device].capacityBytes else {
@@ -65,7 +65,7 @@ final class ChunkLayout: Sendable {
             segments.append(segment)
         }
         guard !segments.isEmpty else {
-            throw SpindleError(.ioFailed, "pool \(poolName) has no data segments (corrupt metadata)", operation: "open pool", path: devices[0].name)
+            throw SpindleError(.corrupted, "pool \(poolName) has no data segments (corrupt metadata)", operation: "open pool", path: devices[0].name)
         }
         return ChunkLayout(chunkBytes: chunkBytes, devices: devices, segments: segments)
     }

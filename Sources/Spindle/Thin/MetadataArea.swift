@@ -8,33 +8,33 @@
 /// transaction or the new one, whole.
 ///
 /// Not safe for concurrent use: callers serialize access (the pool holds a lock around changes).
-public final class MetadataArea: MetadataNodeStore {
-    public static let rootCount = 8
+package final class MetadataArea: MetadataNodeStore {
+    package static let rootCount = 8
     static let magic: UInt64 = 0x4154_4D4C_444E_5053  // "SPNDLMTA" little-endian
     static let formatVersion: UInt32 = 1
 
-    public let device: any BlockDevice
+    package let device: any BlockDevice
     /// Byte offset of the region on the device.
-    public let offset: UInt64
+    package let offset: UInt64
     /// Blocks in the region, the two superblocks included.
-    public let blockCount: UInt64
+    package let blockCount: UInt64
     /// Roots of the trees, as the next commit will record them (0 = none).
-    public var roots: [UInt64]
+    package var roots: [UInt64]
     /// Eight values for the area's owner (the pool's parameters), recorded with the roots.
-    public var parameters: [UInt64] = [UInt64](repeating: 0, count: 8)
+    package var parameters: [UInt64] = [UInt64](repeating: 0, count: 8)
     /// What opening found wrong but could work around (a damaged superblock copy), for the owner
     /// to report.
-    public private(set) var openNotes: [String] = []
-    public private(set) var transaction: UInt64
+    package private(set) var openNotes: [String] = []
+    package private(set) var transaction: UInt64
     private var committedRoots: [UInt64] = []
     private var committedParameters: [UInt64] = []
 
     /// Whether the open transaction changed anything (a commit without changes writes nothing).
-    public var hasChanges: Bool {
+    package var hasChanges: Bool {
         !pending.isEmpty || !releasedNow.isEmpty || roots != committedRoots || parameters != committedParameters
     }
     /// Nodes kept in memory besides those of the open transaction.
-    public let cacheLimit: Int
+    package let cacheLimit: Int
 
     private var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
     /// References to each block in the open transaction: parents in trees, plus one per tree root.
@@ -65,7 +65,7 @@ public final class MetadataArea: MetadataNodeStore {
     }
 
     /// Writes an empty area (both superblocks at transaction 0, no roots).
-    public static func format(
+    package static func format(
         device: any BlockDevice, offset: UInt64, blockCount: UInt64, parameters: [UInt64] = [], cacheLimit: Int = 4096
     ) async throws -> MetadataArea {
         try validate(device: device, offset: offset, blockCount: blockCount)
@@ -82,31 +82,31 @@ public final class MetadataArea: MetadataNodeStore {
 
     /// Opens an area: takes the newest valid superblock and marks every block its trees use.
     /// - Throws: ``SpindleError`` when neither superblock is valid, or a node is corrupt.
-    public static func open(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096) async throws -> MetadataArea {
+    package static func open(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096) async throws -> MetadataArea {
         try validate(device: device, offset: offset, blockCount: blockCount)
         let buffer = AlignedBuffer(count: 2 * MetadataNode.blockBytes, zeroed: false)
         try await device.read(into: buffer, at: offset)
         var best: (transaction: UInt64, roots: [UInt64], parameters: [UInt64])?
-        var problems: [String] = []
+        var problems: [(copy: Int, problem: SuperblockProblem)] = []
         for copy in 0..<2 {
             let bytes = Array(buffer.slice(offset: copy * MetadataNode.blockBytes, length: MetadataNode.blockBytes))
             switch decodeSuperblock(bytes, blockCount: blockCount) {
             case let .success(found):
                 if best == nil || found.transaction > best!.transaction { best = found }
             case let .failure(problem):
-                problems.append("copy \(copy): \(problem)")
+                problems.append((copy, problem))
             }
         }
         guard let best else {
-            throw SpindleError(.ioFailed, "no valid metadata superblock (\(problems.joined(separator: "; ")))",
-                               operation: "open metadata", path: device.name, offset: offset)
+            throw SpindleError(.corrupted, "no valid metadata superblock (\(problems.map { "copy \($0.copy): \($0.problem)" }.joined(separator: "; ")))",
+                               operation: "open metadata", path: device.name, offset: offset, cause: problems.last?.problem)
         }
         let area = MetadataArea(device: device, offset: offset, blockCount: blockCount, roots: best.roots,
                                 transaction: best.transaction + 1, cacheLimit: cacheLimit)
         area.parameters = best.parameters
         if !problems.isEmpty {
             area.openNotes.append(
-                "metadata superblock \(problems.joined(separator: "; ")); opened transaction \(best.transaction) from the other copy. "
+                "metadata superblock \(problems.map { "copy \($0.copy): \($0.problem)" }.joined(separator: "; ")); opened transaction \(best.transaction) from the other copy. "
                 + "If the damaged copy held a later commit (a crash while committing, or damage), that commit's changes are lost; the next commit rewrites the damaged copy")
         }
         area.committedRoots = best.roots
@@ -120,12 +120,12 @@ public final class MetadataArea: MetadataNodeStore {
     /// Counts one more reference to the tree at `root` and, the first time a node is met, to each of
     /// its children: how the owner registers trees whose roots it keeps outside ``roots`` (a thin
     /// pool's volumes). Shared subtrees are walked once.
-    public func countReferences(tree root: UInt64) async throws {
+    package func countReferences(tree root: UInt64) async throws {
         // Leaves are counted without being read: only internal nodes name other blocks.
         var pending: [(block: UInt64, isLeaf: Bool)] = [(root, false)]
         while let (block, isLeaf) = pending.popLast() {
             guard block >= 2 && block < blockCount else {
-                throw SpindleError(.ioFailed, "a tree names metadata block \(block), outside the area (\(blockCount) blocks)",
+                throw SpindleError(.corrupted, "a tree names metadata block \(block), outside the area (\(blockCount) blocks)",
                                    operation: "open metadata", path: device.name)
             }
             references[Int(block)] += 1
@@ -148,7 +148,7 @@ public final class MetadataArea: MetadataNodeStore {
 
     // MARK: MetadataNodeStore
 
-    public func node(at block: UInt64) async throws -> MetadataNode {
+    package func node(at block: UInt64) async throws -> MetadataNode {
         if let node = pending[block] { return node }
         if let cached = cache[block] {
             useClock += 1
@@ -156,7 +156,7 @@ public final class MetadataArea: MetadataNodeStore {
             return cached.node
         }
         guard block >= 2 && block < blockCount else {
-            throw SpindleError(.ioFailed, "metadata block \(block) is outside the area (\(blockCount) blocks)", path: device.name)
+            throw SpindleError(.corrupted, "metadata block \(block) is outside the area (\(blockCount) blocks)", operation: "read metadata", path: device.name)
         }
         let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
         try await device.read(into: buffer, at: byteOffset(block))
@@ -164,19 +164,19 @@ public final class MetadataArea: MetadataNodeStore {
         do {
             node = try MetadataNode.decode(buffer.array, expectedBlock: block)
         } catch {
-            throw SpindleError(.ioFailed, "\(error)", operation: "read metadata", path: device.name, offset: byteOffset(block),
-                               length: UInt64(MetadataNode.blockBytes))
+            throw SpindleError(.corrupted, "\(error)", operation: "read metadata", path: device.name, offset: byteOffset(block),
+                               length: UInt64(MetadataNode.blockBytes), cause: error)
         }
         remember(node)
         return node
     }
 
-    public func store(_ node: MetadataNode) async throws {
+    package func store(_ node: MetadataNode) async throws {
         precondition(allocatedNow.contains(node.block), "metadata block \(node.block) was not allocated in this transaction")
         pending[node.block] = node
     }
 
-    public func allocateBlock() throws -> UInt64 {
+    package func allocateBlock() throws -> UInt64 {
         for _ in 0..<blockCount {
             let block = cursor
             cursor = cursor + 1 >= blockCount ? 2 : cursor + 1
@@ -190,15 +190,15 @@ public final class MetadataArea: MetadataNodeStore {
         throw SpindleError(.ioFailed, "the metadata area is full (\(blockCount) blocks)", operation: "allocate metadata", path: device.name)
     }
 
-    public func referenceCount(of block: UInt64) -> UInt32 {
+    package func referenceCount(of block: UInt64) -> UInt32 {
         block < blockCount ? references[Int(block)] : 0
     }
 
-    public func addReference(to block: UInt64) {
+    package func addReference(to block: UInt64) {
         references[Int(block)] += 1
     }
 
-    public func releaseBlock(_ block: UInt64) {
+    package func releaseBlock(_ block: UInt64) {
         precondition(references[Int(block)] > 0, "metadata block \(block) released more often than referenced")
         references[Int(block)] -= 1
         guard references[Int(block)] == 0 else { return }
@@ -214,7 +214,7 @@ public final class MetadataArea: MetadataNodeStore {
     // MARK: Transactions
 
     /// Makes the open transaction durable: its nodes, a flush, then the superblock with ``roots``.
-    public func commit() async throws {
+    package func commit() async throws {
         let nodes = Array(pending.values)
         let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
         for node in nodes {
@@ -234,7 +234,7 @@ public final class MetadataArea: MetadataNodeStore {
     }
 
     /// Blocks in use after the open transaction would commit.
-    public var usedBlocks: Int { used.reduce(0) { $0 + $1.nonzeroBitCount } - releasedNow.count }
+    package var usedBlocks: Int { used.reduce(0) { $0 + $1.nonzeroBitCount } - releasedNow.count }
 
     // MARK: Internals
 
@@ -255,9 +255,9 @@ public final class MetadataArea: MetadataNodeStore {
     }
 
     /// Nodes read since open and kept (bounded by ``cacheLimit``), for tests and status.
-    public var cachedNodes: Int { cache.count }
+    package var cachedNodes: Int { cache.count }
     /// Nodes written in the open transaction, not yet committed.
-    public var pendingNodes: Int { pending.count }
+    package var pendingNodes: Int { pending.count }
 
     private func writeSuperblock(transaction: UInt64, fua: Bool) async throws {
         var bytes = [UInt8](repeating: 0, count: MetadataNode.blockBytes)
@@ -286,20 +286,43 @@ public final class MetadataArea: MetadataNodeStore {
         return nil
     }
 
-    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64], parameters: [UInt64]), SpindleError> {
-        func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
-        guard get(UInt64.self, 0) == magic else { return .failure(SpindleError(.ioFailed, "no metadata superblock magic")) }
-        guard get(UInt32.self, 8) == formatVersion else {
-            return .failure(SpindleError(.ioFailed, "metadata format version \(get(UInt32.self, 8)) is not supported"))
+    /// Why a block is not a usable metadata superblock (the cause of a ``SpindleError/Code/corrupted``).
+    package enum SuperblockProblem: Error, Equatable, Sendable, CustomStringConvertible {
+        case noMagic
+        case unsupportedVersion(UInt32)
+        case checksumMismatch(stored: UInt32, computed: UInt32)
+        /// The superblock describes an area of another size or root count.
+        case otherAreaSize(blocks: UInt64, roots: UInt32)
+        case rootOutsideArea(UInt64)
+
+        package var description: String {
+            switch self {
+            case .noMagic: return "no metadata superblock magic"
+            case let .unsupportedVersion(version):
+                return "metadata format version \(version) is not supported (this Spindle reads version \(MetadataArea.formatVersion))"
+            case let .checksumMismatch(stored, computed):
+                return "metadata superblock checksum mismatch (\(hex(stored)) stored, \(hex(computed)) computed)"
+            case let .otherAreaSize(blocks, roots):
+                return "metadata superblock describes another area size (\(blocks) blocks, \(roots) roots)"
+            case let .rootOutsideArea(root): return "metadata superblock names a root outside the area (block \(root))"
+            }
         }
+    }
+
+    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64], parameters: [UInt64]), SuperblockProblem> {
+        func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
+        guard get(UInt64.self, 0) == magic else { return .failure(.noMagic) }
+        guard get(UInt32.self, 8) == formatVersion else { return .failure(.unsupportedVersion(get(UInt32.self, 8))) }
         let computed = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
-        guard get(UInt32.self, 4092) == computed else { return .failure(SpindleError(.ioFailed, "metadata superblock checksum mismatch")) }
+        guard get(UInt32.self, 4092) == computed else {
+            return .failure(.checksumMismatch(stored: get(UInt32.self, 4092), computed: computed))
+        }
         guard get(UInt64.self, 24) == blockCount, Int(get(UInt32.self, 32)) == rootCount else {
-            return .failure(SpindleError(.ioFailed, "metadata superblock describes another area size"))
+            return .failure(.otherAreaSize(blocks: get(UInt64.self, 24), roots: get(UInt32.self, 32)))
         }
         let roots = (0..<rootCount).map { get(UInt64.self, 64 + $0 * 8) }
-        guard roots.allSatisfy({ $0 == 0 || ($0 >= 2 && $0 < blockCount) }) else {
-            return .failure(SpindleError(.ioFailed, "metadata superblock names a root outside the area"))
+        if let outside = roots.first(where: { $0 != 0 && !($0 >= 2 && $0 < blockCount) }) {
+            return .failure(.rootOutsideArea(outside))
         }
         return .success((get(UInt64.self, 16), roots, (0..<8).map { get(UInt64.self, 128 + $0 * 8) }))
     }

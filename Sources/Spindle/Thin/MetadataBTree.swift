@@ -7,23 +7,23 @@
 /// Layout (little-endian): magic `SPNDLBTN` (8), CRC32C of bytes 12..<4096 (4), level (2, 0 = leaf),
 /// entry count (2), block number (8), transaction (8), reserved to byte 32, then `count` entries of
 /// key (8) and value or child (8).
-public struct MetadataNode: Sendable, Equatable {
-    public static let blockBytes = 4096
+package struct MetadataNode: Sendable, Equatable {
+    package static let blockBytes = 4096
     static let magic: UInt64 = 0x4E54_424C_444E_5053  // "SPNDLBTN" little-endian
     static let headerBytes = 32
     /// Entries a node holds.
-    public static let capacity = (blockBytes - headerBytes) / 16
+    package static let capacity = (blockBytes - headerBytes) / 16
 
-    public var level: Int
-    public var keys: [UInt64]
+    package var level: Int
+    package var keys: [UInt64]
     /// Values in a leaf, child block numbers in an internal node.
-    public var values: [UInt64]
-    public var block: UInt64
-    public var transaction: UInt64
+    package var values: [UInt64]
+    package var block: UInt64
+    package var transaction: UInt64
 
-    public var isLeaf: Bool { level == 0 }
+    package var isLeaf: Bool { level == 0 }
 
-    public init(level: Int, keys: [UInt64] = [], values: [UInt64] = [], block: UInt64, transaction: UInt64) {
+    package init(level: Int, keys: [UInt64] = [], values: [UInt64] = [], block: UInt64, transaction: UInt64) {
         self.level = level
         self.keys = keys
         self.values = values
@@ -31,7 +31,7 @@ public struct MetadataNode: Sendable, Equatable {
         self.transaction = transaction
     }
 
-    public func encoded() -> [UInt8] {
+    package func encoded() -> [UInt8] {
         precondition(keys.count == values.count && keys.count <= Self.capacity)
         var bytes = [UInt8](repeating: 0, count: Self.blockBytes)
         func put<T: FixedWidthInteger>(_ value: T, at offset: Int) { bytes.putLittleEndian(value, at: offset) }
@@ -50,13 +50,13 @@ public struct MetadataNode: Sendable, Equatable {
     }
 
     /// Why a block is not the node expected.
-    public enum Problem: Error, Equatable, Sendable, CustomStringConvertible {
+    package enum Problem: Error, Equatable, Sendable, CustomStringConvertible {
         case notANode
         case checksumMismatch(block: UInt64)
         case misplaced(expected: UInt64, found: UInt64)
         case invalid(block: UInt64, reason: String)
 
-        public var description: String {
+        package var description: String {
             switch self {
             case .notANode: return "not a metadata node (no magic)"
             case let .checksumMismatch(block): return "metadata block \(block) is corrupt (checksum mismatch)"
@@ -67,7 +67,7 @@ public struct MetadataNode: Sendable, Equatable {
     }
 
     /// Parses and checks the node stored at `block`.
-    public static func decode(_ bytes: [UInt8], expectedBlock block: UInt64) throws(Problem) -> MetadataNode {
+    package static func decode(_ bytes: [UInt8], expectedBlock block: UInt64) throws(Problem) -> MetadataNode {
         guard bytes.count == blockBytes else { throw .invalid(block: block, reason: "\(bytes.count) bytes") }
         func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
         guard get(UInt64.self, 0) == magic else { throw .notANode }
@@ -100,7 +100,7 @@ public struct MetadataNode: Sendable, Equatable {
 /// block, which the store may reuse only after the transaction commits. So a crash before the commit
 /// leaves the committed tree intact, and committing is a matter of writing the new nodes, flushing,
 /// and then recording the new root.
-public protocol MetadataNodeStore: AnyObject {
+package protocol MetadataNodeStore: AnyObject {
     /// The transaction being built.
     var transaction: UInt64 { get }
     /// Reads a node.
@@ -121,22 +121,22 @@ public protocol MetadataNodeStore: AnyObject {
 /// What the values in a tree's leaves refer to, when they are references (a thin volume's mappings
 /// point at data chunks with their own reference counts). Told when a shared leaf is copied (each
 /// value gains a referrer) and when a leaf is released for good (each value loses one).
-public protocol MetadataValueReferences {
+package protocol MetadataValueReferences {
     func retain(_ values: [UInt64]) async throws
     func release(_ values: [UInt64]) async throws
 }
 
 /// Copy-on-write B-tree operations over a ``MetadataNodeStore``. Each change returns the new root.
-public enum MetadataBTree {
+package enum MetadataBTree {
     /// An empty tree: one empty leaf.
-    public static func create(in store: some MetadataNodeStore) async throws -> UInt64 {
+    package static func create(in store: some MetadataNodeStore) async throws -> UInt64 {
         let block = try store.allocateBlock()
         try await store.store(MetadataNode(level: 0, block: block, transaction: store.transaction))
         return block
     }
 
     /// The value for `key`, or nil.
-    public static func lookup(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> UInt64? {
+    package static func lookup(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> UInt64? {
         var node = try await store.node(at: root)
         while !node.isLeaf {
             guard let index = childIndex(for: key, in: node) else { return nil }
@@ -147,7 +147,7 @@ public enum MetadataBTree {
     }
 
     /// Sets `key` to `value`; returns the new root.
-    public static func insert(
+    package static func insert(
         _ key: UInt64, value: UInt64, root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil
     ) async throws -> UInt64 {
         var top = try await shadow(root, in: store, values: values)
@@ -167,7 +167,7 @@ public enum MetadataBTree {
 
     /// Removes `key`; returns the new root and whether the key was there. Empty nodes are removed;
     /// nodes are not merged (space, not correctness).
-    public static func remove(
+    package static func remove(
         _ key: UInt64, root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil
     ) async throws -> (root: UInt64, removed: Bool) {
         guard try await lookup(key, root: root, in: store) != nil else { return (root, false) }
@@ -195,7 +195,7 @@ public enum MetadataBTree {
 
     /// Calls `body` with every (key, value) whose key is in `range`, in key order; `body` returns
     /// false to stop.
-    public static func forEach(
+    package static func forEach(
         in range: ClosedRange<UInt64>, root: UInt64, store: some MetadataNodeStore,
         _ body: (UInt64, UInt64) async throws -> Bool
     ) async throws {
@@ -203,7 +203,7 @@ public enum MetadataBTree {
     }
 
     /// The value for `key` and whether any node on the way to it is shared with another tree.
-    public static func lookupSharing(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (value: UInt64, shared: Bool)? {
+    package static func lookupSharing(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (value: UInt64, shared: Bool)? {
         var node = try await store.node(at: root)
         var shared = store.referenceCount(of: root) > 1
         while !node.isLeaf {
@@ -219,7 +219,7 @@ public enum MetadataBTree {
     /// Drops the tree's reference to its root; every node no other tree shares is released, and the
     /// values of released leaves are released through `values`. Time is proportional to the part of
     /// the tree the caller owned alone.
-    public static func release(tree root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil) async throws {
+    package static func release(tree root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil) async throws {
         var pending = [root]
         while let block = pending.popLast() {
             guard store.referenceCount(of: block) == 1 else {
@@ -237,7 +237,7 @@ public enum MetadataBTree {
     }
 
     /// Every block of the tree (for space accounting and checks).
-    public static func blocks(root: UInt64, store: some MetadataNodeStore) async throws -> [UInt64] {
+    package static func blocks(root: UInt64, store: some MetadataNodeStore) async throws -> [UInt64] {
         var result: [UInt64] = []
         var pending = [root]
         while let block = pending.popLast() {

@@ -180,11 +180,11 @@ public final class ThinPool: Sendable {
         let area = try await MetadataArea.open(device: first.device, offset: first.label.metadataOffset,
                                                blockCount: first.label.metadataBlocks, cacheLimit: cacheNodes)
         guard area.parameters[Parameter.magic.rawValue] == parameterMagic else {
-            throw SpindleError(.invalidArgument, "the metadata area is not a thin pool's of this format", operation: "open pool", path: first.device.name)
+            throw SpindleError(.corrupted, "the metadata area is not a thin pool's of this format", operation: "open pool", path: first.device.name)
         }
         let uuid = SpindleUUID(high: area.parameters[Parameter.uuidHigh.rawValue], low: area.parameters[Parameter.uuidLow.rawValue])
         guard uuid == first.label.poolUUID else {
-            throw SpindleError(.invalidArgument, "the metadata belongs to pool \(uuid), the label to \(first.label.poolUUID)", operation: "open pool", path: first.device.name)
+            throw SpindleError(.corrupted, "the metadata belongs to pool \(uuid), the label to \(first.label.poolUUID)", operation: "open pool", path: first.device.name)
         }
         let deviceCount = Int(area.parameters[Parameter.chunkBytesAndDevices.rawValue] >> 32)
         if let stray = labelled.first(where: { $0.label.deviceIndex >= deviceCount }) {

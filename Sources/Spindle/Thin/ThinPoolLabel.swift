@@ -84,7 +84,8 @@ public struct ThinPoolLabel: Sendable, Equatable {
         } catch .notALabel {
             return nil
         } catch {
-            throw SpindleError(.ioFailed, error.description, operation: "read pool label", path: device.name, offset: 0, length: UInt64(Self.bytes))
+            throw SpindleError(.corrupted, error.description, operation: "read pool label", path: device.name, offset: 0, length: UInt64(Self.bytes),
+                               cause: error)
         }
     }
 

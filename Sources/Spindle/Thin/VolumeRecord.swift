@@ -70,7 +70,7 @@ extension PoolState {
             for word in values[1...8] { for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) } }
             let volumeName = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
             guard values[9] >= 2, values[9] < area.blockCount, !volumeName.isEmpty else {
-                throw SpindleError(.ioFailed, "pool \(name)'s record of volume \(id) is corrupt (name '\(volumeName)', mapping root \(values[9]))",
+                throw SpindleError(.corrupted, "pool \(name)'s record of volume \(id) is corrupt (name '\(volumeName)', mapping root \(values[9]))",
                                    operation: "open pool", path: layout.devices[0].name)
             }
             records[id] = VolumeRecord(id: id, name: volumeName, sizeBytes: values[0], root: values[9], mappedChunks: values[10],
