@@ -6,7 +6,8 @@ import Foundation
 import PackageDescription
 
 // A path dependency is named after its folder, which is wherever the repository was cloned.
-let spindlePackage = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().lastPathComponent
+let spindlePackage = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .lastPathComponent
 
 let package = Package(
     name: "SpindleBenchmarks",
@@ -24,6 +25,6 @@ let package = Package(
             ],
             path: "Benchmarks/EngineBenchmarks",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
-        ),
+        )
     ]
 )

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The NBD tests drive real clients: fio, qemu-img, nbdkit, libnbd (nbdinfo, nbdcopy, nbdfuse), ext4 tools.
 Tools/setup.sh fio qemu-utils nbdkit libnbd-bin fuse3 fuse2fs e2fsprogs python3
+# The sources are formatted as .swift-format says (Tools/format.sh rewrites them).
+Tools/format.sh --check
 swift build --build-tests
 
 # The examples, a package of their own that depends on this one by path. Built in this package's

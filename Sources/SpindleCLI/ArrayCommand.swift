@@ -11,8 +11,10 @@ struct ArrayCommand: AsyncParsableCommand {
             from a folder with --scan, in any order. Commands that change the array take each image's \
             write lock, so two of them cannot change one array at once.
             """,
-        subcommands: [Create.self, Status.self, Assemble.self, Fail.self, Remove.self, Add.self, Replace.self,
-                      Rebuild.self, Scrub.self]
+        subcommands: [
+            Create.self, Status.self, Assemble.self, Fail.self, Remove.self, Add.self, Replace.self,
+            Rebuild.self, Scrub.self,
+        ]
     )
 
     /// Which array a command works on: its member images, or a folder to scan for them.
@@ -37,11 +39,15 @@ struct ArrayCommand: AsyncParsableCommand {
         static func choose(_ name: String?, in discovery: Discovery, folder: String) throws -> DiscoveredArray {
             let matches = discovery.arrays.filter { name == nil || $0.name == name }
             guard let first = matches.first else {
-                throw SpindleError(.notFound, "no array members\(name.map { " of '\($0)'" } ?? "") found", operation: "scan", path: folder)
+                throw SpindleError(
+                    .notFound, "no array members\(name.map { " of '\($0)'" } ?? "") found", operation: "scan",
+                    path: folder)
             }
             guard matches.count == 1 else {
                 let listing = matches.map { "'\($0.name)'" }.sorted().joined(separator: ", ")
-                throw SpindleError(.invalidArgument, "the folder holds several arrays (\(listing)); choose one with --array-name", operation: "scan", path: folder)
+                throw SpindleError(
+                    .invalidArgument, "the folder holds several arrays (\(listing)); choose one with --array-name",
+                    operation: "scan", path: folder)
             }
             return first
         }
@@ -65,10 +71,14 @@ struct ArrayCommand: AsyncParsableCommand {
 
     /// Opens the selected array's member images for writing and assembles it (printing what
     /// assembly worked around, unless `quiet`).
-    static func assemble(_ selection: Selection, engine: IOEngine, force: Bool = false, quiet: Bool = false) async throws -> RAIDArray {
+    static func assemble(_ selection: Selection, engine: IOEngine, force: Bool = false, quiet: Bool = false)
+        async throws -> RAIDArray
+    {
         var options = PoolStore.openOptions(quiet: quiet)
         options.force = force
-        guard selection.scan != nil else { return try await Discovery.assembleArray(paths: selection.images, engine: engine, options: options) }
+        guard selection.scan != nil else {
+            return try await Discovery.assembleArray(paths: selection.images, engine: engine, options: options)
+        }
         let (discovery, array) = try await selection.scanned()
         return try await discovery.open(array, engine: engine, options: options)
     }
@@ -101,7 +111,9 @@ struct ArrayCommand: AsyncParsableCommand {
         return { progress in
             let percent = progress.totalBytes == 0 ? 100 : Int(progress.doneBytes * 100 / progress.totalBytes)
             let eta = progress.secondsLeft.map { ", \(formatDecimal($0, places: 0)) s left" } ?? ""
-            Terminal.progress("\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(progress.bytesPerSecond)))/s\(eta)")
+            Terminal.progress(
+                "\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(progress.bytesPerSecond)))/s\(eta)"
+            )
         }
     }
 
@@ -110,7 +122,9 @@ struct ArrayCommand: AsyncParsableCommand {
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create an array over image files.",
-            discussion: "Images that do not exist are created with --size. Members may differ in size; the smallest sets the array's size.")
+            discussion:
+                "Images that do not exist are created with --size. Members may differ in size; the smallest sets the array's size."
+        )
 
         @Argument(help: "Name of the array (1 to 63 bytes, no '/').")
         var name: String
@@ -127,7 +141,10 @@ struct ArrayCommand: AsyncParsableCommand {
         @Option(help: "Size of each image to create when it does not exist, such as 1G.", transform: parseSize)
         var size: UInt64?
 
-        @Flag(help: "Use existing images even if they hold something (another array, a pool, a file system, data), destroying it.")
+        @Flag(
+            help:
+                "Use existing images even if they hold something (another array, a pool, a file system, data), destroying it."
+        )
         var force = false
 
         @Flag(help: "Print the result as JSON.")
@@ -136,7 +153,8 @@ struct ArrayCommand: AsyncParsableCommand {
         func validate() throws {
             guard let level = RAIDLevel(rawValue: level) else { throw ValidationError("--level must be 0, 1 or 5") }
             guard images.count >= level.minimumMembers else {
-                throw ValidationError("RAID\(level.rawValue) needs at least \(level.minimumMembers) member images; \(images.count) given")
+                throw ValidationError(
+                    "RAID\(level.rawValue) needs at least \(level.minimumMembers) member images; \(images.count) given")
             }
         }
 
@@ -147,15 +165,21 @@ struct ArrayCommand: AsyncParsableCommand {
             let created = CreatedImages()
             do {
                 for path in images {
-                    devices.append(try openImage(path, engine: engine, size: size, hint: "give --size to create it", created: created))
+                    devices.append(
+                        try openImage(
+                            path, engine: engine, size: size, hint: "give --size to create it", created: created))
                 }
-                let array = try await RAIDArray.create(name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices, overwrite: force)
+                let array = try await RAIDArray.create(
+                    name: name, level: RAIDLevel(rawValue: level)!, chunkBytes: chunk, members: devices,
+                    overwrite: force)
                 let status = array.status
                 try await array.close()
                 if json {
                     try Terminal.printJSON(status)
                 } else {
-                    print("created array \(name): raid\(level), \(images.count) members, \(ByteSize.format(chunk)) chunks, \(ByteSize.format(status.capacityBytes)) usable")
+                    print(
+                        "created array \(name): raid\(level), \(images.count) members, \(ByteSize.format(chunk)) chunks, \(ByteSize.format(status.capacityBytes)) usable"
+                    )
                 }
             } catch {
                 for device in devices { try? await device.close() }
@@ -183,7 +207,9 @@ struct ArrayCommand: AsyncParsableCommand {
     struct Rebuild: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Rebuild the member being replaced, resuming from its checkpoint.",
-            discussion: "Without --wait the rebuild runs in a background process and this command returns at once; follow it with 'array status'. An interrupted rebuild resumes where it stopped.")
+            discussion:
+                "Without --wait the rebuild runs in a background process and this command returns at once; follow it with 'array status'. An interrupted rebuild resumes where it stopped."
+        )
 
         @OptionGroup var selection: Selection
 
@@ -203,13 +229,16 @@ struct ArrayCommand: AsyncParsableCommand {
             }
             let status = try await ArrayCommand.withArray(selection, force: force) { array, _ in
                 let started = monotonicNanos()
-                let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding"))
+                let rebuilt = try await array.rebuild(
+                    rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding"))
                 if Terminal.showsProgress { Terminal.endProgress() }
                 let seconds = Double(monotonicNanos() - started) / 1e9
                 if rebuilt == 0 {
                     print("array \(array.arrayName): nothing to rebuild")
                 } else {
-                    print("rebuilt \(ByteSize.format(rebuilt)) in \(formatDecimal(seconds, places: 1)) s (\(ByteSize.format(UInt64(Double(rebuilt) / max(seconds, 1e-9))))/s)")
+                    print(
+                        "rebuilt \(ByteSize.format(rebuilt)) in \(formatDecimal(seconds, places: 1)) s (\(ByteSize.format(UInt64(Double(rebuilt) / max(seconds, 1e-9))))/s)"
+                    )
                 }
                 return array.status
             }
@@ -230,7 +259,9 @@ struct ArrayCommand: AsyncParsableCommand {
             process.standardError = log
             process.standardInput = FileHandle.nullDevice
             try process.run()
-            print("rebuild started in the background (process \(process.processIdentifier)), logging to \(logPath); follow it with 'spindle array status'")
+            print(
+                "rebuild started in the background (process \(process.processIdentifier)), logging to \(logPath); follow it with 'spindle array status'"
+            )
         }
     }
 
@@ -253,8 +284,12 @@ struct ArrayCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (report, name) = try await ArrayCommand.withArray(selection, quiet: json) { array, _ in
-                (try await array.scrub(repair: repair, progress: json ? nil : ArrayCommand.progressPrinter(repair ? "repairing" : "checking")),
-                 array.arrayName)
+                (
+                    try await array.scrub(
+                        repair: repair,
+                        progress: json ? nil : ArrayCommand.progressPrinter(repair ? "repairing" : "checking")),
+                    array.arrayName
+                )
             }
             if json {
                 try Terminal.printJSON(report)
@@ -272,13 +307,21 @@ struct ArrayCommand: AsyncParsableCommand {
 
         /// The report for people, one line each; long lists are cut at 20 entries.
         static func describe(_ report: RAIDArray.ScrubReport, arrayName: String, repair: Bool) -> [String] {
-            var lines = ["scrubbed array \(arrayName): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : ""), \(report.readErrorsRepaired) read errors repaired, \(report.unreadable.count) unreadable chunks"]
-            for offset in report.mismatchOffsets.prefix(20) { lines.append("  mismatch in the stripe at array offset \(offset)") }
+            var lines = [
+                "scrubbed array \(arrayName): \(ByteSize.format(report.checkedBytes)) per member, \(report.mismatches) mismatched stripes\(repair ? ", \(report.repaired) repaired" : ""), \(report.readErrorsRepaired) read errors repaired, \(report.unreadable.count) unreadable chunks"
+            ]
+            for offset in report.mismatchOffsets.prefix(20) {
+                lines.append("  mismatch in the stripe at array offset \(offset)")
+            }
             if report.mismatches > 20 { lines.append("  ... and \(report.mismatches - 20) more") }
             for chunk in report.unreadable.prefix(20) {
-                lines.append("  unreadable: slot \(chunk.slot) (\(chunk.member)) at offset \(chunk.memberOffset) of its data area, with no redundancy left to rebuild it")
+                lines.append(
+                    "  unreadable: slot \(chunk.slot) (\(chunk.member)) at offset \(chunk.memberOffset) of its data area, with no redundancy left to rebuild it"
+                )
             }
-            if report.unreadable.count > 20 { lines.append("  ... and \(report.unreadable.count - 20) more unreadable chunks") }
+            if report.unreadable.count > 20 {
+                lines.append("  ... and \(report.unreadable.count - 20) more unreadable chunks")
+            }
             return lines
         }
     }

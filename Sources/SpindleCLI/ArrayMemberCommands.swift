@@ -40,14 +40,18 @@ extension ArrayCommand {
 
     struct Add: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Add an image: it replaces a failed or missing member (rebuild it with 'array rebuild'), or becomes a spare.")
+            abstract:
+                "Add an image: it replaces a failed or missing member (rebuild it with 'array rebuild'), or becomes a spare."
+        )
 
         @OptionGroup var selection: Selection
 
         @Option(help: "The image to add; created when missing, as large as the members need.")
         var device: String
 
-        @Flag(help: "Use the image even if it holds something (another array, a pool, a file system, data), destroying it.")
+        @Flag(
+            help:
+                "Use the image even if it holds something (another array, a pool, a file system, data), destroying it.")
         var force = false
 
         func run() async throws {
@@ -92,7 +96,10 @@ extension ArrayCommand {
         @Flag(help: "Only swap the member; rebuild later with 'array rebuild'.")
         var noRebuild = false
 
-        @Flag(help: "Use the new image even if it holds something (another array, a pool, a file system, data), destroying it.")
+        @Flag(
+            help:
+                "Use the new image even if it holds something (another array, a pool, a file system, data), destroying it."
+        )
         var force = false
 
         func run() async throws {
@@ -108,7 +115,8 @@ extension ArrayCommand {
                 }
                 print("replaced \(old) with \(new) in array \(array.arrayName)")
                 if !noRebuild {
-                    let rebuilt = try await array.rebuild(rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding \(new)"))
+                    let rebuilt = try await array.rebuild(
+                        rateBytesPerSecond: rate, progress: ArrayCommand.progressPrinter("rebuilding \(new)"))
                     if Terminal.showsProgress { Terminal.endProgress() }
                     print("rebuilt \(ByteSize.format(rebuilt)) onto \(new)")
                 }

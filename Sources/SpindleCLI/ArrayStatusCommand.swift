@@ -16,13 +16,17 @@ extension ArrayCommand {
             let report: Report
             if selection.scan != nil {
                 let (_, array) = try await selection.scanned()
-                report = Report(array: array, devices: array.members.map { Report.Device(path: $0.device, superblock: .success($0.superblock)) })
+                report = Report(
+                    array: array,
+                    devices: array.members.map { Report.Device(path: $0.device, superblock: .success($0.superblock)) })
             } else {
                 let discovery = try await Discovery.scan(paths: selection.images)
                 // Of several arrays among the images, the one with the newest superblock.
                 var newest: DiscoveredArray?
                 for array in discovery.arrays where newest == nil || array.events > newest!.events { newest = array }
-                report = Report(array: newest, devices: discovery.devices.map { Report.Device(path: $0.name, superblock: $0.superblock) })
+                report = Report(
+                    array: newest,
+                    devices: discovery.devices.map { Report.Device(path: $0.name, superblock: $0.superblock) })
             }
             if json {
                 try Terminal.printJSON(report)
@@ -35,16 +39,23 @@ extension ArrayCommand {
                 throw SpindleError(.invalidArgument, "none of the images is an array member")
             }
             print("array \(name): raid\(array.level.rawValue), \(report.state!)")
-            print("  size: \(ByteSize.format(array.capacityBytes)), \(array.memberCount) members, \(ByteSize.format(array.chunkBytes)) chunks, events \(array.events)")
+            print(
+                "  size: \(ByteSize.format(array.capacityBytes)), \(array.memberCount) members, \(ByteSize.format(array.chunkBytes)) chunks, events \(array.events)"
+            )
             for slot in array.slots {
-                let holder = slot.device.map { "  \($0)" }
-                    ?? slot.lastKnownName.map { "  (last seen as \($0)\(slot.memberUUID.map { ", member \($0)" } ?? ""))" } ?? ""
+                let holder =
+                    slot.device.map { "  \($0)" }
+                    ?? slot.lastKnownName.map {
+                        "  (last seen as \($0)\(slot.memberUUID.map { ", member \($0)" } ?? ""))"
+                    } ?? ""
                 print("  slot \(slot.index): \(slot.state)\(holder)")
             }
             for spare in array.spares { print("  spare: \(spare)") }
             if let rebuild = array.rebuild {
                 let total = array.memberDataBytes
-                print("  rebuild of slot \(rebuild.slot): \(ByteSize.format(rebuild.doneBytes)) of \(ByteSize.format(total)) (\(rebuild.doneBytes * 100 / max(total, 1))%), as of the last checkpoint")
+                print(
+                    "  rebuild of slot \(rebuild.slot): \(ByteSize.format(rebuild.doneBytes)) of \(ByteSize.format(total)) (\(rebuild.doneBytes * 100 / max(total, 1))%), as of the last checkpoint"
+                )
             }
             for note in report.notes { print("  note: \(note)") }
         }
@@ -104,8 +115,9 @@ extension ArrayCommand {
             var array: DiscoveredArray?
 
             enum CodingKeys: String, CodingKey {
-                case devices, name, uuid, level, chunkBytes, memberCount, capacityBytes, events, dirty, slots, rebuildSlot,
-                     rebuildDoneBytes, memberDataBytes, state, notes
+                case devices, name, uuid, level, chunkBytes, memberCount, capacityBytes, events, dirty, slots,
+                    rebuildSlot,
+                    rebuildDoneBytes, memberDataBytes, state, notes
             }
 
             init(array: DiscoveredArray?, devices: [Device]) {
@@ -121,7 +133,9 @@ extension ArrayCommand {
                 events = array.events
                 dirty = array.isDirty
                 slots = array.slots.map {
-                    Slot(slot: $0.index, device: $0.device, memberUUID: $0.memberUUID?.description, lastKnownName: $0.lastKnownName, state: $0.state)
+                    Slot(
+                        slot: $0.index, device: $0.device, memberUUID: $0.memberUUID?.description,
+                        lastKnownName: $0.lastKnownName, state: $0.state)
                 }
                 rebuildSlot = array.rebuild?.slot
                 rebuildDoneBytes = array.rebuild?.doneBytes

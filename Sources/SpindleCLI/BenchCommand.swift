@@ -26,7 +26,9 @@ struct BenchCommand: AsyncParsableCommand {
     @Option(help: "Run on the thin volume POOL/NAME instead (the pool is found in --dir).")
     var volume: String?
 
-    @Option(name: .customLong("dir"), help: "Folder holding the pool of --volume (default: $SPINDLE_DIR, else the current folder).")
+    @Option(
+        name: .customLong("dir"),
+        help: "Folder holding the pool of --volume (default: $SPINDLE_DIR, else the current folder).")
     var directory: String?
 
     @Option(help: "Access pattern: read, write, randread, randwrite or randrw.")
@@ -38,8 +40,9 @@ struct BenchCommand: AsyncParsableCommand {
     @Option(help: "Requests kept in flight.")
     var iodepth: Int = 1
 
-    @Option(help: "Bytes of the device to touch (from --offset); creates the image at this size if it is missing.",
-            transform: parseSize)
+    @Option(
+        help: "Bytes of the device to touch (from --offset); creates the image at this size if it is missing.",
+        transform: parseSize)
     var size: UInt64?
 
     @Option(help: "Start of the region, in bytes.", transform: parseSize)
@@ -66,23 +69,32 @@ struct BenchCommand: AsyncParsableCommand {
     @Flag(help: "Write the whole region before measuring.")
     var fill = false
 
-    @Flag(help: "Write nothing: read every block once and check it holds, whole, a block that an earlier '--fill --verify' run with the same --seed and --bs wrote (its layout pass or any later write of it; a lost write that left an older one of that run is not told apart).")
+    @Flag(
+        help:
+            "Write nothing: read every block once and check it holds, whole, a block that an earlier '--fill --verify' run with the same --seed and --bs wrote (its layout pass or any later write of it; a lost write that left an older one of that run is not told apart)."
+    )
     var verifyExisting = false
 
-    @Option(help: ArgumentHelp(
-        "How workers reach the engine: 'reactor' runs them on the engine's thread (the default, batched), 'global' on Swift's global executor (a cross-thread hand-off per request).",
-        visibility: .hidden))
+    @Option(
+        help: ArgumentHelp(
+            "How workers reach the engine: 'reactor' runs them on the engine's thread (the default, batched), 'global' on Swift's global executor (a cross-thread hand-off per request).",
+            visibility: .hidden))
     var executor: String = "reactor"
 
-    @Flag(inversion: .prefixedNo, help: ArgumentHelp("Set up the ring with IORING_SETUP_DEFER_TASKRUN.", visibility: .hidden))
+    @Flag(
+        inversion: .prefixedNo,
+        help: ArgumentHelp("Set up the ring with IORING_SETUP_DEFER_TASKRUN.", visibility: .hidden))
     var deferTaskrun = true
 
-    @Option(name: .customLong("submit-batch"), help: ArgumentHelp("Prepared requests that make the engine submit at once.", visibility: .hidden))
+    @Option(
+        name: .customLong("submit-batch"),
+        help: ArgumentHelp("Prepared requests that make the engine submit at once.", visibility: .hidden))
     var submitBatch: Int = IOEngine.Configuration().submitBatch
 
-    @Option(help: ArgumentHelp(
-        "Inject faults: SPEC for the image, or MEMBER:SPEC for a member of --array. SPEC is comma-separated: read-error, write-error, flush-error, range=START-END, probability=P, errno=N, fail-after=N, vanish-after=N, latency=2ms, jitter=1ms.",
-        valueName: "spec"))
+    @Option(
+        help: ArgumentHelp(
+            "Inject faults: SPEC for the image, or MEMBER:SPEC for a member of --array. SPEC is comma-separated: read-error, write-error, flush-error, range=START-END, probability=P, errno=N, fail-after=N, vanish-after=N, latency=2ms, jitter=1ms.",
+            valueName: "spec"))
     var fault: [String] = []
 
     @Flag(help: "Print the report as JSON.")
@@ -90,10 +102,14 @@ struct BenchCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard [target != nil, !array.isEmpty, volume != nil].filter({ $0 }).count == 1 else {
-            throw ValidationError("give one image to load, the member images of an array with --array, or a thin volume with --volume POOL/NAME")
+            throw ValidationError(
+                "give one image to load, the member images of an array with --array, or a thin volume with --volume POOL/NAME"
+            )
         }
         guard iodepth >= 1 && iodepth <= 4096 else { throw ValidationError("--iodepth must be from 1 to 4096") }
-        guard (0...100).contains(rwmixread) else { throw ValidationError("--rwmixread must be a percentage from 0 to 100") }
+        guard (0...100).contains(rwmixread) else {
+            throw ValidationError("--rwmixread must be a percentage from 0 to 100")
+        }
         if let runtime, !(runtime > 0) { throw ValidationError("--runtime must be more than 0 seconds, such as 10") }
         if let ops, ops == 0 { throw ValidationError("--ops must be at least 1") }
         guard bs > 0 && bs <= 64 << 20 else { throw ValidationError("--bs must be from 512 bytes to 64M") }
@@ -135,9 +151,11 @@ struct BenchCommand: AsyncParsableCommand {
         let options = options(fill: fill || (created && rw.readsData))
 
         if rw.readsData && !options.fill && !verify && !verifyExisting,
-           let allocated = try? device.allocatedBytes(), allocated < device.capacityBytes / 2 {
+            let allocated = try? device.allocatedBytes(), allocated < device.capacityBytes / 2
+        {
             Terminal.warning(
-                "\(target) is mostly unwritten (\(ByteSize.format(allocated)) of \(ByteSize.format(device.capacityBytes)) allocated): reads of holes are faster than reads of data; add --fill for honest figures")
+                "\(target) is mostly unwritten (\(ByteSize.format(allocated)) of \(ByteSize.format(device.capacityBytes)) allocated): reads of holes are faster than reads of data; add --fill for honest figures"
+            )
         }
 
         let showProgress = Terminal.showsProgress && !json
@@ -160,39 +178,55 @@ struct BenchCommand: AsyncParsableCommand {
         try await device.close()
 
         if json {
-            try Terminal.printJSON(BenchOutput(report: report, directIO: device.usesDirectIO, engineRingFlags: engine.ringFlags))
+            try Terminal.printJSON(
+                BenchOutput(report: report, directIO: device.usesDirectIO, engineRingFlags: engine.ringFlags))
         } else {
             printHuman(report, directIO: device.usesDirectIO)
         }
     }
 
     /// Opens the target image, or creates it at --size (returning whether it did).
-    private func openTarget(_ target: String, engine: IOEngine, readOnly: Bool, directIO: FileDevice.DirectIO) throws -> (FileDevice, Bool) {
+    private func openTarget(_ target: String, engine: IOEngine, readOnly: Bool, directIO: FileDevice.DirectIO) throws
+        -> (FileDevice, Bool)
+    {
         do {
-            return (try FileDevice.open(path: target, engine: engine, options: FileDevice.Options(readOnly: readOnly, directIO: directIO)), false)
+            return (
+                try FileDevice.open(
+                    path: target, engine: engine, options: FileDevice.Options(readOnly: readOnly, directIO: directIO)),
+                false
+            )
         } catch {
             guard error.code == .notFound else { throw error }
             guard let size else {
-                throw SpindleError(.notFound, "no such image file; give --size to create it", operation: "open", path: target)
+                throw SpindleError(
+                    .notFound, "no such image file; give --size to create it", operation: "open", path: target)
             }
-            return (try FileDevice.create(path: target, sizeBytes: offset + size, engine: engine, options: FileDevice.Options(directIO: directIO)), true)
+            return (
+                try FileDevice.create(
+                    path: target, sizeBytes: offset + size, engine: engine,
+                    options: FileDevice.Options(directIO: directIO)), true
+            )
         }
     }
 
     /// Opens the pool and runs the load on one of its volumes.
     private func runOnVolume(_ path: String, engine: IOEngine) async throws {
-        guard fault.isEmpty else { throw ValidationError("--fault applies to an image or --array members, not to --volume") }
+        guard fault.isEmpty else {
+            throw ValidationError("--fault applies to an image or --array members, not to --volume")
+        }
         let (poolName, volumeName) = try PoolStore.split(path)
         let folder = directory ?? ProcessInfo.processInfo.environment["SPINDLE_DIR"] ?? "."
         let found = try await Discovery.scan(folder: folder)
-        let opened = try await found.open(try PoolStore.find(poolName, in: found, folder: folder), engine: engine, options: PoolStore.openOptions())
+        let opened = try await found.open(
+            try PoolStore.find(poolName, in: found, folder: folder), engine: engine, options: PoolStore.openOptions())
         var progress: (@Sendable (Bench.Progress) -> Void)?
         if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
         let workerEngine: IOEngine? = executor == "reactor" ? engine : nil
         let report: Bench.Report
         do {
             let target = try await opened.pool.openVolume(name: volumeName)
-            report = try await Bench.run(on: target, options: options(fill: fill), engine: workerEngine, progress: progress)
+            report = try await Bench.run(
+                on: target, options: options(fill: fill), engine: workerEngine, progress: progress)
             if Terminal.showsProgress && !json { Terminal.endProgress() }
         } catch {
             if Terminal.showsProgress && !json { Terminal.endProgress() }
@@ -212,7 +246,8 @@ struct BenchCommand: AsyncParsableCommand {
         var faults: [String: FaultSpec] = [:]
         for text in fault {
             guard let colon = text.firstIndex(of: ":") else {
-                throw ValidationError("with --array, write a fault as MEMBER:SPEC, such as \(array[0]):read-error,probability=0.01")
+                throw ValidationError(
+                    "with --array, write a fault as MEMBER:SPEC, such as \(array[0]):read-error,probability=0.01")
             }
             let member = String(text[..<colon])
             guard array.contains(member) else {
@@ -267,7 +302,8 @@ struct BenchCommand: AsyncParsableCommand {
 
     static func describe(_ progress: Bench.Progress) -> String {
         let seconds = formatDecimal(progress.elapsedSeconds, places: 1)
-        var line = "  \(progress.phase): \(seconds) s, \(progress.operations) requests, \(ByteSize.format(progress.doneBytes))"
+        var line =
+            "  \(progress.phase): \(seconds) s, \(progress.operations) requests, \(ByteSize.format(progress.doneBytes))"
         if let total = progress.totalBytes, total > 0 {
             line += " of \(ByteSize.format(total)) (\(progress.doneBytes * 100 / total)%)"
             if progress.elapsedSeconds > 0 && progress.doneBytes > 0 {
@@ -281,14 +317,22 @@ struct BenchCommand: AsyncParsableCommand {
 
     private func printHuman(_ report: Bench.Report, directIO: Bool) {
         let options = report.options
-        print("\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(directIO ? "direct I/O" : "page cache")")
+        print(
+            "\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(directIO ? "direct I/O" : "page cache")"
+        )
         if report.layoutBytes > 0 { print("  layout: wrote \(ByteSize.format(report.layoutBytes)) before measuring") }
         for (label, direction) in [("read", report.read), ("write", report.write)] {
             guard let direction else { continue }
-            print("  \(label): \(formatCount(direction.iops)) IOPS, \(formatDecimal(direction.mebibytesPerSecond, places: 1)) MiB/s, latency mean \(formatLatency(UInt64(direction.latencyNanosMean))), p50 \(formatLatency(direction.latencyNanosP50)), p99 \(formatLatency(direction.latencyNanosP99)), p99.9 \(formatLatency(direction.latencyNanosP999)), max \(formatLatency(direction.latencyNanosMax))")
+            print(
+                "  \(label): \(formatCount(direction.iops)) IOPS, \(formatDecimal(direction.mebibytesPerSecond, places: 1)) MiB/s, latency mean \(formatLatency(UInt64(direction.latencyNanosMean))), p50 \(formatLatency(direction.latencyNanosP50)), p99 \(formatLatency(direction.latencyNanosP99)), p99.9 \(formatLatency(direction.latencyNanosP999)), max \(formatLatency(direction.latencyNanosMax))"
+            )
         }
-        print("  total: \(report.operations) requests, \(ByteSize.format(report.bytes)) in \(formatDecimal(report.elapsedSeconds, places: 2)) s")
-        if options.verify || options.verifyExisting { print("  verify: \(report.verifiedBlocks) blocks checked, all correct") }
+        print(
+            "  total: \(report.operations) requests, \(ByteSize.format(report.bytes)) in \(formatDecimal(report.elapsedSeconds, places: 2)) s"
+        )
+        if options.verify || options.verifyExisting {
+            print("  verify: \(report.verifiedBlocks) blocks checked, all correct")
+        }
     }
 }
 

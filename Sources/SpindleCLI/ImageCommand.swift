@@ -47,7 +47,8 @@ struct ImageCommand: AsyncParsableCommand {
 
     struct Info: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show an image's size, space used, block size, direct I/O support, lock holder and what it holds.",
+            abstract:
+                "Show an image's size, space used, block size, direct I/O support, lock holder and what it holds.",
             discussion: """
                 What it holds: a member or spare of an array (its name and slot), a device of a thin pool, a \
                 damaged Spindle header, a format Spindle knows of (file systems, partition tables, disk images, \
@@ -121,7 +122,8 @@ struct ImageInfo: Codable {
             case let .arrayMember(superblock)?:
                 arrayName = superblock.name
                 arrayUUID = superblock.arrayUUID.description
-                let array = "array '\(superblock.name)' (raid\(superblock.level.rawValue), \(superblock.memberCount) members, \(superblock.arrayUUID))"
+                let array =
+                    "array '\(superblock.name)' (raid\(superblock.level.rawValue), \(superblock.memberCount) members, \(superblock.arrayUUID))"
                 if superblock.role >= 0 {
                     contentsKind = "arrayMember"
                     arraySlot = superblock.role
@@ -148,7 +150,8 @@ struct ImageInfo: Codable {
                 contents = "\(meaning) (not a Spindle format)"
             case let .data(offset)?:
                 contentsKind = "data"
-                contents = "raw data (no Spindle metadata or known format; the first non-zero byte is at offset \(offset))"
+                contents =
+                    "raw data (no Spindle metadata or known format; the first non-zero byte is at offset \(offset))"
             case nil:
                 contentsKind = "empty"
                 contents = "nothing: zeros (no Spindle metadata, no known format, no data)"

@@ -17,7 +17,9 @@ struct PoolCommand: AsyncParsableCommand {
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create a pool over image files or arrays.",
-            discussion: "Images that do not exist are created with --size. The metadata area is sized so the pool can grow to twice its size.")
+            discussion:
+                "Images that do not exist are created with --size. The metadata area is sized so the pool can grow to twice its size."
+        )
 
         @Argument(help: "Name of the pool (1 to 64 bytes, no '/' or spaces).")
         var name: String
@@ -31,7 +33,9 @@ struct PoolCommand: AsyncParsableCommand {
         @Option(help: "Size of each image to create when it does not exist, such as 1G.", transform: parseSize)
         var size: UInt64?
 
-        @Flag(help: "Use devices that hold something (another pool, an array member, a file system, data), destroying it.")
+        @Flag(
+            help: "Use devices that hold something (another pool, an array member, a file system, data), destroying it."
+        )
         var force = false
 
         @OptionGroup var folder: PoolFolder
@@ -40,7 +44,9 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func validate() throws {
-            guard !devices.isEmpty else { throw ValidationError("give at least one device: an image file or array:NAME") }
+            guard !devices.isEmpty else {
+                throw ValidationError("give at least one device: an image file or array:NAME")
+            }
         }
 
         func run() async throws {
@@ -48,13 +54,18 @@ struct PoolCommand: AsyncParsableCommand {
             defer { engine.shutdown() }
             let discovery = try await PoolStore.scan(folder.path)
             if discovery.pools.contains(where: { $0.name == name }) {
-                throw SpindleError(.alreadyExists, "a pool named '\(name)' exists in the folder already", operation: "create pool", path: folder.path)
+                throw SpindleError(
+                    .alreadyExists, "a pool named '\(name)' exists in the folder already", operation: "create pool",
+                    path: folder.path)
             }
             var opened: [any BlockDevice] = []
             let created = CreatedImages()
             do {
                 for spec in devices {
-                    opened.append(try await PoolStore.openDevice(spec: spec, discovery: discovery, folder: folder.path, engine: engine, size: size, created: created))
+                    opened.append(
+                        try await PoolStore.openDevice(
+                            spec: spec, discovery: discovery, folder: folder.path, engine: engine, size: size,
+                            created: created))
                 }
                 let pool = try await ThinPool.create(name: name, devices: opened, chunkBytes: chunk, overwrite: force)
                 let usage = await pool.usage
@@ -62,7 +73,9 @@ struct PoolCommand: AsyncParsableCommand {
                 if json {
                     try Terminal.printJSON(usage)
                 } else {
-                    print("created pool \(name): \(ByteSize.format(usage.sizeBytes)) of data in \(ByteSize.format(chunk)) chunks on \(devices.count) device\(devices.count == 1 ? "" : "s"), \(ByteSize.format(usage.metadataBlocks * 4096)) of metadata")
+                    print(
+                        "created pool \(name): \(ByteSize.format(usage.sizeBytes)) of data in \(ByteSize.format(chunk)) chunks on \(devices.count) device\(devices.count == 1 ? "" : "s"), \(ByteSize.format(usage.metadataBlocks * 4096)) of metadata"
+                    )
                 }
             } catch {
                 // Refused or failed: the devices are still this command's to close.
@@ -98,7 +111,8 @@ struct PoolCommand: AsyncParsableCommand {
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show a pool's size, use, metadata use and each volume's exclusive and shared space (changes nothing).")
+            abstract:
+                "Show a pool's size, use, metadata use and each volume's exclusive and shared space (changes nothing).")
 
         @Argument(help: "Name of the pool.")
         var name: String
@@ -109,19 +123,23 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let report: StatusReport = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, session in
+            let report: StatusReport = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) {
+                pool, session in
                 let usage = await pool.usage
                 let infos = try await pool.volumes()
                 let split = try await pool.volumeUsage()
                 let volumes = zip(infos, split).map { info, space in
-                    VolumeReport(name: info.name, sizeBytes: info.sizeBytes, mappedBytes: space.mappedChunks * usage.chunkBytes,
-                                 exclusiveBytes: space.exclusiveChunks * usage.chunkBytes, sharedBytes: space.sharedChunks * usage.chunkBytes,
-                                 origin: info.origin, readOnly: info.readOnly)
+                    VolumeReport(
+                        name: info.name, sizeBytes: info.sizeBytes, mappedBytes: space.mappedChunks * usage.chunkBytes,
+                        exclusiveBytes: space.exclusiveChunks * usage.chunkBytes,
+                        sharedBytes: space.sharedChunks * usage.chunkBytes,
+                        origin: info.origin, readOnly: info.readOnly)
                 }
-                return StatusReport(name: pool.name, uuid: pool.uuid.description,
-                                    devices: session.found.devices.map { PoolStore.describe($0, in: session.discovery) },
-                                    usage: usage, sizeBytes: usage.sizeBytes, usedBytes: usage.usedBytes, freeBytes: usage.freeBytes,
-                                    volumes: volumes, warnings: try await pool.warnings())
+                return StatusReport(
+                    name: pool.name, uuid: pool.uuid.description,
+                    devices: session.found.devices.map { PoolStore.describe($0, in: session.discovery) },
+                    usage: usage, sizeBytes: usage.sizeBytes, usedBytes: usage.usedBytes, freeBytes: usage.freeBytes,
+                    volumes: volumes, warnings: try await pool.warnings())
             }
             if json {
                 try Terminal.printJSON(report)
@@ -131,22 +149,32 @@ struct PoolCommand: AsyncParsableCommand {
             let percent = usage.chunks == 0 ? 0 : usage.usedChunks * 100 / usage.chunks
             print("pool \(report.name) (\(report.uuid))")
             print("  devices:  \(report.devices.joined(separator: ", "))")
-            print("  size:     \(ByteSize.format(report.sizeBytes)) in \(usage.chunks) chunks of \(ByteSize.format(usage.chunkBytes))")
-            print("  used:     \(ByteSize.format(report.usedBytes)) (\(percent)%), free \(ByteSize.format(report.freeBytes))")
-            print("  metadata: \(ByteSize.format(usage.usedMetadataBlocks * 4096)) of \(ByteSize.format(usage.metadataBlocks * 4096)) used")
+            print(
+                "  size:     \(ByteSize.format(report.sizeBytes)) in \(usage.chunks) chunks of \(ByteSize.format(usage.chunkBytes))"
+            )
+            print(
+                "  used:     \(ByteSize.format(report.usedBytes)) (\(percent)%), free \(ByteSize.format(report.freeBytes))"
+            )
+            print(
+                "  metadata: \(ByteSize.format(usage.usedMetadataBlocks * 4096)) of \(ByteSize.format(usage.metadataBlocks * 4096)) used"
+            )
             if report.volumes.isEmpty {
                 print("  no volumes")
             } else {
                 print("  volumes:")
                 let width = max(4, report.volumes.map(\.name.count).max()!)
-                print("    " + "NAME".padding(toLength: width, withPad: " ", startingAt: 0) + "        SIZE      MAPPED   EXCLUSIVE      SHARED  NOTES")
+                print(
+                    "    " + "NAME".padding(toLength: width, withPad: " ", startingAt: 0)
+                        + "        SIZE      MAPPED   EXCLUSIVE      SHARED  NOTES")
                 for volume in report.volumes {
                     var notes: [String] = []
                     if let origin = volume.origin { notes.append("snapshot of \(origin)") }
                     if volume.readOnly { notes.append("read-only") }
                     let columns = [volume.sizeBytes, volume.mappedBytes, volume.exclusiveBytes, volume.sharedBytes]
                         .map { ByteSize.format($0).leftPadded(to: 10) }.joined(separator: "  ")
-                    print("    " + volume.name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + columns + "  " + notes.joined(separator: ", "))
+                    print(
+                        "    " + volume.name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + columns
+                            + "  " + notes.joined(separator: ", "))
                 }
             }
             for warning in report.warnings { Terminal.warning(warning) }
@@ -154,7 +182,8 @@ struct PoolCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the pools in the folder and their devices (reads labels only).")
+        static let configuration = CommandConfiguration(
+            abstract: "List the pools in the folder and their devices (reads labels only).")
 
         @OptionGroup var folder: PoolFolder
 
@@ -170,7 +199,9 @@ struct PoolCommand: AsyncParsableCommand {
         func run() async throws {
             let discovery = try await PoolStore.scan(folder.path)
             let entries = discovery.pools.map { pool in
-                Entry(name: pool.name, uuid: pool.uuid.description, devices: pool.devices.map { PoolStore.describe($0, in: discovery) })
+                Entry(
+                    name: pool.name, uuid: pool.uuid.description,
+                    devices: pool.devices.map { PoolStore.describe($0, in: discovery) })
             }
             if json {
                 try Terminal.printJSON(entries)
@@ -184,7 +215,9 @@ struct PoolCommand: AsyncParsableCommand {
 
     struct Extend: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Grow a pool: by space its devices gained (an image made larger, an array that grew) and by new devices.")
+            abstract:
+                "Grow a pool: by space its devices gained (an image made larger, an array that grew) and by new devices."
+        )
 
         @Argument(help: "Name of the pool.")
         var name: String
@@ -195,7 +228,10 @@ struct PoolCommand: AsyncParsableCommand {
         @Option(help: "Size of each new image to create when it does not exist, such as 1G.", transform: parseSize)
         var size: UInt64?
 
-        @Flag(help: "Use new devices that hold something (another pool, an array member, a file system, data), destroying it.")
+        @Flag(
+            help:
+                "Use new devices that hold something (another pool, an array member, a file system, data), destroying it."
+        )
         var force = false
 
         @OptionGroup var folder: PoolFolder
@@ -207,8 +243,10 @@ struct PoolCommand: AsyncParsableCommand {
                 let chunks: UInt64
                 do {
                     for spec in devices {
-                        added.append(try await PoolStore.openDevice(spec: spec, discovery: session.discovery, folder: folder.path,
-                                                                    engine: session.engine, size: size, created: created))
+                        added.append(
+                            try await PoolStore.openDevice(
+                                spec: spec, discovery: session.discovery, folder: folder.path,
+                                engine: session.engine, size: size, created: created))
                     }
                     // Once extended, the pool owns the new devices (and closes them with itself).
                     chunks = try await pool.extend(adding: added, overwrite: force)
@@ -222,14 +260,17 @@ struct PoolCommand: AsyncParsableCommand {
             if result.chunks == 0 {
                 print("pool \(name) is unchanged: its devices have no new space and none were given")
             } else {
-                print("extended pool \(name) by \(ByteSize.format(result.chunks * result.chunkBytes)) to \(ByteSize.format(result.sizeBytes))")
+                print(
+                    "extended pool \(name) by \(ByteSize.format(result.chunks * result.chunkBytes)) to \(ByteSize.format(result.sizeBytes))"
+                )
             }
         }
     }
 
     struct Check: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Verify a pool's metadata like thin_check: checksums, reference counts, leaks, mappings (changes nothing).",
+            abstract:
+                "Verify a pool's metadata like thin_check: checksums, reference counts, leaks, mappings (changes nothing).",
             discussion: "Exits with status 1 and lists every problem when the metadata is not clean.")
 
         @Argument(help: "Name of the pool.")
@@ -241,11 +282,15 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let report = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, _ in try await pool.check() }
+            let report = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, _ in
+                try await pool.check()
+            }
             if json {
                 try Terminal.printJSON(report)
             } else if report.isClean {
-                print("pool \(name) is clean: \(report.volumes) volumes, \(report.mappedChunks) mappings, \(report.allocatedChunks) chunks allocated, \(report.metadataBlocks) metadata blocks checked")
+                print(
+                    "pool \(name) is clean: \(report.volumes) volumes, \(report.mappedChunks) mappings, \(report.allocatedChunks) chunks allocated, \(report.metadataBlocks) metadata blocks checked"
+                )
             } else {
                 print("pool \(name) has \(report.problems.count) problem\(report.problems.count == 1 ? "" : "s"):")
                 for problem in report.problems { print("  \(problem)") }

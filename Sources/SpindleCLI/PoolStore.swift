@@ -6,7 +6,9 @@ import Spindle
 /// member images are there. Nothing else is kept: a pool is found by reading the labels its devices
 /// carry, so there is no side database to drift.
 struct PoolFolder: ParsableArguments {
-    @Option(name: .customLong("dir"), help: "Folder holding the pools' images and array members (default: $SPINDLE_DIR, else the current folder).")
+    @Option(
+        name: .customLong("dir"),
+        help: "Folder holding the pools' images and array members (default: $SPINDLE_DIR, else the current folder).")
     var directory: String?
 
     var path: String { directory ?? ProcessInfo.processInfo.environment["SPINDLE_DIR"] ?? "." }
@@ -35,7 +37,8 @@ enum PoolStore {
     static func describe(_ damaged: DamagedHeader) -> String {
         switch damaged.location {
         case let .device(path): return "\(path): \(damaged.reason); not used"
-        case let .arrayStart(array, _, member): return "array:\(array) (its first block, on \(member)): damaged pool label: \(damaged.reason); not used"
+        case let .arrayStart(array, _, member):
+            return "array:\(array) (its first block, on \(member)): damaged pool label: \(damaged.reason); not used"
         }
     }
 
@@ -57,13 +60,17 @@ enum PoolStore {
         guard let pool = pools.first else {
             let others = discovery.pools.map(\.name)
             let problems = damaged.isEmpty ? "" : ". Damaged and not used: " + damaged.joined(separator: "; ")
-            throw SpindleError(.notFound, "no pool named '\(name)' in the folder\(others.isEmpty ? " (it holds no pools)" : "; it holds \(others.joined(separator: ", "))")\(problems)",
-                               operation: "find pool", path: folder)
+            throw SpindleError(
+                .notFound,
+                "no pool named '\(name)' in the folder\(others.isEmpty ? " (it holds no pools)" : "; it holds \(others.joined(separator: ", "))")\(problems)",
+                operation: "find pool", path: folder)
         }
         for problem in damaged { Terminal.warning(problem) }
         guard pools.count == 1 else {
-            throw SpindleError(.invalidArgument, "the folder holds \(pools.count) pools named '\(name)' (\(pools.map(\.uuid.description).joined(separator: ", "))); move one away",
-                               operation: "find pool", path: folder)
+            throw SpindleError(
+                .invalidArgument,
+                "the folder holds \(pools.count) pools named '\(name)' (\(pools.map(\.uuid.description).joined(separator: ", "))); move one away",
+                operation: "find pool", path: folder)
         }
         return pool
     }
@@ -81,10 +88,13 @@ enum PoolStore {
         spec: String, discovery: Discovery, folder: String, engine: IOEngine, size: UInt64?, created: CreatedImages
     ) async throws -> any BlockDevice {
         if spec.hasPrefix("array:") {
-            let array = try ArrayCommand.Selection.choose(String(spec.dropFirst("array:".count)), in: discovery, folder: folder)
+            let array = try ArrayCommand.Selection.choose(
+                String(spec.dropFirst("array:".count)), in: discovery, folder: folder)
             return try await discovery.open(array, engine: engine, options: openOptions())
         }
-        return try openImage(spec, engine: engine, size: size, hint: "give --size to create it (or write array:NAME for an array)", created: created)
+        return try openImage(
+            spec, engine: engine, size: size, hint: "give --size to create it (or write array:NAME for an array)",
+            created: created)
     }
 
     /// Splits `POOL/VOLUME`.

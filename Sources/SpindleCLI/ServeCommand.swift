@@ -6,7 +6,8 @@ import Spindle
 struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
-        abstract: "Export thin volumes, arrays and image files over NBD, to qemu, nbd-client, fio, nbdcopy and other clients.",
+        abstract:
+            "Export thin volumes, arrays and image files over NBD, to qemu, nbd-client, fio, nbdcopy and other clients.",
         discussion: """
             EXPORT is volume:POOL/NAME (a thin volume or snapshot, exported as POOL/NAME), array:NAME (an \
             array whose members are in --dir, exported as NAME) or image:PATH (an image file, exported by its \
@@ -19,7 +20,8 @@ struct ServeCommand: AsyncParsableCommand {
     @Argument(help: "What to export: volume:POOL/NAME, array:NAME or image:PATH.")
     var exports: [String]
 
-    @Option(help: "Listen on this Unix socket (default: spindle-nbd.sock in the current folder, unless --tcp is given).")
+    @Option(
+        help: "Listen on this Unix socket (default: spindle-nbd.sock in the current folder, unless --tcp is given).")
     var socket: String?
 
     @Option(help: "Listen on TCP: PORT (on loopback) or HOST:PORT (0.0.0.0 serves every interface).")
@@ -28,18 +30,25 @@ struct ServeCommand: AsyncParsableCommand {
     @Flag(name: .customLong("read-only"), help: "Export everything read-only.")
     var readOnly = false
 
-    @Flag(inversion: .prefixedNo, help: "Open image exports with O_DIRECT (bypassing the page cache, as the volumes and arrays do).")
+    @Flag(
+        inversion: .prefixedNo,
+        help: "Open image exports with O_DIRECT (bypassing the page cache, as the volumes and arrays do).")
     var direct = true
 
-    @Option(help: ArgumentHelp("Inject faults into an export's device: EXPORTNAME:SPEC (see spindle bench --fault for SPEC).",
-                               valueName: "name:spec"))
+    @Option(
+        help: ArgumentHelp(
+            "Inject faults into an export's device: EXPORTNAME:SPEC (see spindle bench --fault for SPEC).",
+            valueName: "name:spec"))
     var fault: [String] = []
 
     @OptionGroup var folder: PoolFolder
 
     func validate() throws {
-        guard !exports.isEmpty else { throw ValidationError("give something to export: volume:POOL/NAME, array:NAME or image:PATH") }
-        for export in exports where !(export.hasPrefix("volume:") || export.hasPrefix("array:") || export.hasPrefix("image:")) {
+        guard !exports.isEmpty else {
+            throw ValidationError("give something to export: volume:POOL/NAME, array:NAME or image:PATH")
+        }
+        for export in exports
+        where !(export.hasPrefix("volume:") || export.hasPrefix("array:") || export.hasPrefix("image:")) {
             throw ValidationError("'\(export)' is not an export: write volume:POOL/NAME, array:NAME or image:PATH")
         }
     }
@@ -89,10 +98,14 @@ struct ServeCommand: AsyncParsableCommand {
             let spec = try FaultSpec.parse(String(text[text.index(after: colon)...]))
             if exportNames.contains(target) {
                 exportFaults.append((target, spec))
-            } else if try await discovery().devices.contains(where: { Discovery.canonicalPath($0.name) == Discovery.canonicalPath(target) }) {
+            } else if try await discovery().devices.contains(where: {
+                Discovery.canonicalPath($0.name) == Discovery.canonicalPath(target)
+            }) {
                 options.faults[target] = spec
             } else {
-                throw ValidationError("--fault names '\(target)', which is neither an export (\(exportNames.joined(separator: ", "))) nor an image file")
+                throw ValidationError(
+                    "--fault names '\(target)', which is neither an export (\(exportNames.joined(separator: ", "))) nor an image file"
+                )
             }
         }
         var list: [NBDServer.Export] = []
@@ -103,24 +116,36 @@ struct ServeCommand: AsyncParsableCommand {
                     let (poolName, volumeName) = try PoolStore.split(value)
                     if pools[poolName] == nil {
                         let found = try await discovery()
-                        pools[poolName] = try await found.open(try PoolStore.find(poolName, in: found, folder: folder.path), engine: engine, options: options)
+                        pools[poolName] = try await found.open(
+                            try PoolStore.find(poolName, in: found, folder: folder.path), engine: engine,
+                            options: options)
                     }
                     let volume = try await pools[poolName]!.pool.openVolume(name: volumeName)
-                    list.append(NBDServer.Export(name: value, device: volume, readOnly: readOnly,
-                                                 description: "Spindle thin volume \(value)"))
+                    list.append(
+                        NBDServer.Export(
+                            name: value, device: volume, readOnly: readOnly,
+                            description: "Spindle thin volume \(value)"))
                 } else if text.hasPrefix("array:") {
                     let found = try await discovery()
                     for damaged in found.damaged {
                         if case .arraySuperblock = damaged.reason { Terminal.warning(PoolStore.describe(damaged)) }
                     }
-                    let array = try await found.open(try ArrayCommand.Selection.choose(value, in: found, folder: folder.path), engine: engine, options: options)
+                    let array = try await found.open(
+                        try ArrayCommand.Selection.choose(value, in: found, folder: folder.path), engine: engine,
+                        options: options)
                     arrays.append(array)
-                    list.append(NBDServer.Export(name: value, device: array, readOnly: readOnly, description: "Spindle array \(value)"))
+                    list.append(
+                        NBDServer.Export(
+                            name: value, device: array, readOnly: readOnly, description: "Spindle array \(value)"))
                 } else {
-                    let file = try FileDevice.open(path: value, engine: engine,
-                                                   options: FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled))
+                    let file = try FileDevice.open(
+                        path: value, engine: engine,
+                        options: FileDevice.Options(readOnly: readOnly, directIO: direct ? .preferred : .disabled))
                     files.append(file)
-                    list.append(NBDServer.Export(name: Self.exportName(text), device: file, readOnly: readOnly, description: "image \(value)"))
+                    list.append(
+                        NBDServer.Export(
+                            name: Self.exportName(text), device: file, readOnly: readOnly, description: "image \(value)"
+                        ))
                 }
             }
             for (name, spec) in exportFaults {
@@ -142,13 +167,16 @@ struct ServeCommand: AsyncParsableCommand {
             if let tcp {
                 let parts = tcp.split(separator: ":")
                 let host = parts.count == 2 ? String(parts[0]) : "127.0.0.1"
-                guard let port = UInt16(parts.last ?? "") else { throw ValidationError("--tcp takes PORT or HOST:PORT, such as 10809") }
+                guard let port = UInt16(parts.last ?? "") else {
+                    throw ValidationError("--tcp takes PORT or HOST:PORT, such as 10809")
+                }
                 let bound = try server.listen(host: host, port: port)
                 let shown = host == "0.0.0.0" ? ProcessInfo.processInfo.hostName : host
                 uris += list.map { "nbd://\(shown):\(bound)/\($0.name)" }
-                print(host == "127.0.0.1"
-                      ? "TCP on 127.0.0.1:\(bound) (loopback only; --tcp 0.0.0.0:\(bound) serves other machines)"
-                      : "TCP on \(host):\(bound): reachable from other machines, with no authentication")
+                print(
+                    host == "127.0.0.1"
+                        ? "TCP on 127.0.0.1:\(bound) (loopback only; --tcp 0.0.0.0:\(bound) serves other machines)"
+                        : "TCP on \(host):\(bound): reachable from other machines, with no authentication")
             }
             if socket != nil || tcp == nil {
                 let path = (socket ?? "spindle-nbd.sock")
@@ -187,13 +215,17 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let unwell = watch.arrays.map(\.status).filter { $0.state != .clean }
         for status in unwell {
-            let lost = status.slots.filter { $0.state != .active }.map { "slot \($0.slot) \($0.state)\($0.device.map { " (\($0))" } ?? "")" }
+            let lost = status.slots.filter { $0.state != .active }.map {
+                "slot \($0.slot) \($0.state)\($0.device.map { " (\($0))" } ?? "")"
+            }
             print("array \(status.name) is \(status.state)\(lost.isEmpty ? "" : ": " + lost.joined(separator: ", "))")
         }
         if closed && unwell.isEmpty {
             print("stopped cleanly")
         } else {
-            print("stopped\(unwell.isEmpty ? "" : "; " + unwell.map { "array \($0.name) is \($0.state)" }.joined(separator: ", "))\(closed ? "" : "; not everything closed cleanly (see the errors above)")")
+            print(
+                "stopped\(unwell.isEmpty ? "" : "; " + unwell.map { "array \($0.name) is \($0.state)" }.joined(separator: ", "))\(closed ? "" : "; not everything closed cleanly (see the errors above)")"
+            )
         }
     }
 
@@ -249,7 +281,8 @@ final class ArrayWatch: Sendable {
                 guard wasServing && (slot.state == .faulty || slot.state == .missing) else { continue }
                 let state = status.state == .failed ? "has failed" : "is \(status.state)"
                 let member = slot.device.map { "member \($0)" } ?? "the member"
-                FileHandle.standardError.write(Data("spindle serve: \(member) in slot \(slot.slot) failed; array \(status.name) \(state)\n".utf8))
+                FileHandle.standardError.write(
+                    Data("spindle serve: \(member) in slot \(slot.slot) failed; array \(status.name) \(state)\n".utf8))
             }
         }
     }

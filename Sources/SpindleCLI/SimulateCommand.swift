@@ -5,7 +5,8 @@ import Spindle
 struct SimulateCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "simulate",
-        abstract: "Run the seeded whole-stack simulation: thin volumes on a pool on RAID on fault-injecting in-memory disks, checked against a model.",
+        abstract:
+            "Run the seeded whole-stack simulation: thin volumes on a pool on RAID on fault-injecting in-memory disks, checked against a model.",
         discussion: """
             Each seed draws its stack: the member count (RAID0 2-8, RAID1 2-4, RAID5 3-8), the chunk size \
             (4 KiB-1 MiB), and thin volumes in a pool or the array itself (requests from 512 bytes to several \
@@ -75,8 +76,11 @@ struct SimulateCommand: AsyncParsableCommand {
         }
 
         var coverage: String {
-            let members = memberCounts.keys.sorted().map { "\($0) \(memberCounts[$0]!.map(String.init).joined(separator: ","))" }
-            return "members: \(members.joined(separator: "; ")); chunks: \(chunkSizes.map { ByteSize.format($0) }.joined(separator: ", ")); runs with a pool \(runsWithPool), on the array itself \(runsOnArray)"
+            let members = memberCounts.keys.sorted().map {
+                "\($0) \(memberCounts[$0]!.map(String.init).joined(separator: ","))"
+            }
+            return
+                "members: \(members.joined(separator: "; ")); chunks: \(chunkSizes.map { ByteSize.format($0) }.joined(separator: ", ")); runs with a pool \(runsWithPool), on the array itself \(runsOnArray)"
         }
     }
 
@@ -116,13 +120,23 @@ struct SimulateCommand: AsyncParsableCommand {
                 if let configuration = report.configuration { totals.count(configuration) }
                 if let failure = report.failure {
                     totals.failedSeeds.append("raid\(level.rawValue) seed \(next)")
-                    Terminal.error("raid\(level.rawValue) seed \(next) (\(report.configuration.map { "\($0)" } ?? "")) failed: \(failure)")
-                    FileHandle.standardError.write(Data(("last operations:\n" + report.trace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
+                    Terminal.error(
+                        "raid\(level.rawValue) seed \(next) (\(report.configuration.map { "\($0)" } ?? "")) failed: \(failure)"
+                    )
+                    FileHandle.standardError.write(
+                        Data(
+                            ("last operations:\n" + report.trace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8)
+                    )
                     if !report.relevantTrace.isEmpty {
-                        FileHandle.standardError.write(Data(("operations that bear on it (#operation):\n" + report.relevantTrace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
+                        FileHandle.standardError.write(
+                            Data(
+                                ("operations that bear on it (#operation):\n"
+                                    + report.relevantTrace.map { "  \($0)" }.joined(separator: "\n") + "\n").utf8))
                     }
                 } else if Terminal.showsProgress && !json {
-                    Terminal.progress("\(totals.runs) runs, \(totals.operations) operations, \(totals.powerCuts) power cuts, \(totals.failedSeeds.count) failed")
+                    Terminal.progress(
+                        "\(totals.runs) runs, \(totals.operations) operations, \(totals.powerCuts) power cuts, \(totals.failedSeeds.count) failed"
+                    )
                 }
             }
             next += 1
@@ -132,7 +146,8 @@ struct SimulateCommand: AsyncParsableCommand {
         if json {
             try Terminal.printJSON(totals)
         } else {
-            print("""
+            print(
+                """
                 runs \(totals.runs) (seeds \(seed)–\(next - 1), raid \(levels)), operations \(totals.operations) in \(formatDecimal(totals.seconds, places: 1)) s
                   reads \(totals.reads), writes \(totals.writes), flushes \(totals.flushes), discards/zeroes \(totals.discards), snapshots \(totals.snapshots), volume creates/deletes/resizes \(totals.volumeChanges)
                   configurations: \(totals.coverage)

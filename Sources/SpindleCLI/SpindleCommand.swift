@@ -12,7 +12,10 @@ struct SpindleCommand: AsyncParsableCommand {
             reads take --json. Errors go to standard error, with exit status 2 for a bad argument (an \
             unknown command or option, a value that cannot be valid) and 1 for anything else.
             """,
-        subcommands: [ImageCommand.self, ArrayCommand.self, PoolCommand.self, VolumeCommand.self, ServeCommand.self, BenchCommand.self, SimulateCommand.self]
+        subcommands: [
+            ImageCommand.self, ArrayCommand.self, PoolCommand.self, VolumeCommand.self, ServeCommand.self,
+            BenchCommand.self, SimulateCommand.self,
+        ]
     )
 
     /// Runs the command line, printing Spindle's errors as one line on standard error.
@@ -68,7 +71,8 @@ func isRefusal(_ error: any Error) -> Bool {
     if error is ValidationError { return true }
     guard let error = error as? SpindleError else { return false }
     switch error.code {
-    case .invalidArgument, .misaligned, .outOfRange, .alreadyExists, .notFound, .locked, .readOnly, .unsupported, .noSpace:
+    case .invalidArgument, .misaligned, .outOfRange, .alreadyExists, .notFound, .locked, .readOnly, .unsupported,
+        .noSpace:
         return true
     default:  // the storage failed (I/O, corruption, a device gone) or the run was stopped
         return false
@@ -107,13 +111,16 @@ enum Terminal {
 /// Opens an image for writing; when it is missing, creates it (in `created`) at `size`, or fails
 /// saying what would (`hint`, such as "give --size to create it").
 func openImage(
-    _ path: String, engine: IOEngine, options: FileDevice.Options = FileDevice.Options(), size: UInt64?, hint: String, created: CreatedImages
+    _ path: String, engine: IOEngine, options: FileDevice.Options = FileDevice.Options(), size: UInt64?, hint: String,
+    created: CreatedImages
 ) throws -> FileDevice {
     do {
         return try FileDevice.open(path: path, engine: engine, options: options)
     } catch {
         guard error.code == .notFound else { throw error }
-        guard let size else { throw SpindleError(.notFound, "no such image file; \(hint)", operation: "open", path: path) }
+        guard let size else {
+            throw SpindleError(.notFound, "no such image file; \(hint)", operation: "open", path: path)
+        }
         return try created.create(path: path, sizeBytes: size, engine: engine)
     }
 }

@@ -11,11 +11,14 @@ struct VolumeCommand: AsyncParsableCommand {
             current folder). Volumes use pool space only where written; snapshots share their origin's \
             space until either side is written.
             """,
-        subcommands: [Create.self, List.self, Resize.self, Rename.self, Delete.self, Snapshot.self, Import.self, Export.self]
+        subcommands: [
+            Create.self, List.self, Resize.self, Rename.self, Delete.self, Snapshot.self, Import.self, Export.self,
+        ]
     )
 
     struct Create: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a thin volume (over-provisioning allowed, with a warning).")
+        static let configuration = CommandConfiguration(
+            abstract: "Create a thin volume (over-provisioning allowed, with a warning).")
 
         @Argument(help: "POOL/NAME of the new volume.")
         var volume: String
@@ -37,7 +40,8 @@ struct VolumeCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List a pool's volumes and snapshots (changes nothing).")
+        static let configuration = CommandConfiguration(
+            abstract: "List a pool's volumes and snapshots (changes nothing).")
 
         @Argument(help: "Name of the pool.")
         var pool: String
@@ -59,8 +63,10 @@ struct VolumeCommand: AsyncParsableCommand {
         func run() async throws {
             let entries = try await PoolStore.withPool(pool, folder: folder.path, readOnly: true) { pool, _ in
                 try await pool.volumes().map {
-                    Entry(name: $0.name, sizeBytes: $0.sizeBytes, mappedBytes: $0.mappedChunks * pool.chunkBytes, origin: $0.origin,
-                          readOnly: $0.readOnly, createdSeconds: $0.createdSeconds)
+                    Entry(
+                        name: $0.name, sizeBytes: $0.sizeBytes, mappedBytes: $0.mappedChunks * pool.chunkBytes,
+                        origin: $0.origin,
+                        readOnly: $0.readOnly, createdSeconds: $0.createdSeconds)
                 }
             }
             if json {
@@ -77,8 +83,11 @@ struct VolumeCommand: AsyncParsableCommand {
                 var notes: [String] = []
                 if let origin = entry.origin { notes.append("snapshot of \(origin)") }
                 if entry.readOnly { notes.append("read-only") }
-                print(entry.name.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + ByteSize.format(entry.sizeBytes).leftPadded(to: 10)
-                      + "  " + ByteSize.format(entry.mappedBytes).leftPadded(to: 10) + "  " + notes.joined(separator: ", "))
+                print(
+                    entry.name.padding(toLength: width, withPad: " ", startingAt: 0) + "  "
+                        + ByteSize.format(entry.sizeBytes).leftPadded(to: 10)
+                        + "  " + ByteSize.format(entry.mappedBytes).leftPadded(to: 10) + "  "
+                        + notes.joined(separator: ", "))
             }
         }
     }
@@ -103,8 +112,9 @@ struct VolumeCommand: AsyncParsableCommand {
             let old = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 let current = try await pool.openVolume(name: volumeName).capacityBytes
                 if size < current {
-                    try confirm("Shrinking \(volume) from \(ByteSize.format(current)) to \(ByteSize.format(size)) loses the data past \(ByteSize.format(size)).",
-                                yes: yes, flag: "--yes")
+                    try confirm(
+                        "Shrinking \(volume) from \(ByteSize.format(current)) to \(ByteSize.format(size)) loses the data past \(ByteSize.format(size)).",
+                        yes: yes, flag: "--yes")
                 }
                 try await pool.resizeVolume(name: volumeName, sizeBytes: size)
                 return current
@@ -135,7 +145,8 @@ struct VolumeCommand: AsyncParsableCommand {
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Delete a volume or snapshot; space no other volume shares returns to the pool. Asks for confirmation.")
+            abstract:
+                "Delete a volume or snapshot; space no other volume shares returns to the pool. Asks for confirmation.")
 
         @Argument(help: "POOL/NAME of the volume.")
         var volume: String
@@ -149,7 +160,9 @@ struct VolumeCommand: AsyncParsableCommand {
             let (poolName, volumeName) = try PoolStore.split(volume)
             let freed = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
                 let info = try await pool.openVolume(name: volumeName)
-                try confirm("Deleting \(volume) (\(ByteSize.format(info.capacityBytes))) destroys its data.", yes: yes, flag: "--yes")
+                try confirm(
+                    "Deleting \(volume) (\(ByteSize.format(info.capacityBytes))) destroys its data.", yes: yes,
+                    flag: "--yes")
                 let before = await pool.usage.usedChunks
                 try await pool.deleteVolume(name: volumeName)
                 return (before - (await pool.usage.usedChunks)) * pool.chunkBytes
@@ -160,7 +173,9 @@ struct VolumeCommand: AsyncParsableCommand {
 
     struct Snapshot: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Snapshot a volume (or a snapshot): no data is copied; chunks are copied on first write to either side.")
+            abstract:
+                "Snapshot a volume (or a snapshot): no data is copied; chunks are copied on first write to either side."
+        )
 
         @Argument(help: "POOL/NAME of the volume to snapshot.")
         var volume: String
@@ -181,14 +196,17 @@ struct VolumeCommand: AsyncParsableCommand {
                 return (info, ContinuousClock.now - started)
             }
             let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
-            print("created \(readOnly ? "read-only " : "")snapshot \(poolName)/\(snapshotName) of \(volume): \(ByteSize.format(info.sizeBytes)), sharing \(info.mappedChunks) chunks, in \(formatDecimal(milliseconds, places: 2)) ms")
+            print(
+                "created \(readOnly ? "read-only " : "")snapshot \(poolName)/\(snapshotName) of \(volume): \(ByteSize.format(info.sizeBytes)), sharing \(info.mappedChunks) chunks, in \(formatDecimal(milliseconds, places: 2)) ms"
+            )
         }
     }
 
     struct Import: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Copy a file into a volume, sparse-aware: runs of zeros are not allocated.",
-            discussion: "The volume is created at the file's size (rounded up to 4K) when it does not exist, or at --size.")
+            discussion:
+                "The volume is created at the file's size (rounded up to 4K) when it does not exist, or at --size.")
 
         @Argument(help: "POOL/NAME of the volume.")
         var volume: String
@@ -205,10 +223,14 @@ struct VolumeCommand: AsyncParsableCommand {
             let (poolName, volumeName) = try PoolStore.split(volume)
             let progress = ProgressLine(label: "importing \(file) into \(volume)")
             let result = try await PoolStore.withPool(poolName, folder: folder.path) { pool, session in
-                try await pool.importImage(at: file, into: volumeName, sizeBytes: size, engine: session.engine, progress: { progress.update($0) })
+                try await pool.importImage(
+                    at: file, into: volumeName, sizeBytes: size, engine: session.engine,
+                    progress: { progress.update($0) })
             }
             progress.finish()
-            print("imported \(file) into \(volume): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) written, \(ByteSize.format(result.skippedBytes)) of zeros left unallocated")
+            print(
+                "imported \(file) into \(volume): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) written, \(ByteSize.format(result.skippedBytes)) of zeros left unallocated"
+            )
         }
     }
 
@@ -228,10 +250,13 @@ struct VolumeCommand: AsyncParsableCommand {
             let (poolName, volumeName) = try PoolStore.split(volume)
             let progress = ProgressLine(label: "exporting \(volume) to \(file)")
             let result = try await PoolStore.withPool(poolName, folder: folder.path, readOnly: true) { pool, session in
-                try await pool.exportVolume(volumeName, toImageAt: file, engine: session.engine, progress: { progress.update($0) })
+                try await pool.exportVolume(
+                    volumeName, toImageAt: file, engine: session.engine, progress: { progress.update($0) })
             }
             progress.finish()
-            print("exported \(volume) to \(file): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) of data, \(ByteSize.format(result.skippedBytes)) left as holes")
+            print(
+                "exported \(volume) to \(file): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) of data, \(ByteSize.format(result.skippedBytes)) left as holes"
+            )
         }
     }
 }
@@ -272,7 +297,9 @@ final class ProgressLine: Sendable {
         let elapsed = now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let rate = seconds > 0 ? Double(progress.doneBytes) / seconds : 0
-        Terminal.progress("\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(rate)))/s")
+        Terminal.progress(
+            "\(label): \(ByteSize.format(progress.doneBytes)) of \(ByteSize.format(progress.totalBytes)) (\(percent)%), \(ByteSize.format(UInt64(rate)))/s"
+        )
     }
 
     func finish() {

@@ -1,5 +1,6 @@
 import Glibc
 import Testing
+
 @testable import Spindle
 
 /// A device that silently loses writes to one block: what the bench's verification must catch.
@@ -23,8 +24,12 @@ final class LossyDevice: BlockDevice {
         try await inner.write(from: buffer, at: offset, fua: fua)
     }
     func flush() async throws {}
-    func discard(offset: UInt64, length: UInt64) async throws { try await inner.discard(offset: offset, length: length) }
-    func writeZeroes(offset: UInt64, length: UInt64) async throws { try await inner.writeZeroes(offset: offset, length: length) }
+    func discard(offset: UInt64, length: UInt64) async throws {
+        try await inner.discard(offset: offset, length: length)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try await inner.writeZeroes(offset: offset, length: length)
+    }
     func close() async throws {}
 }
 
@@ -70,7 +75,8 @@ struct BenchTests {
 
     @Test("verification catches a lost write and names the block")
     func catchesLostWrite() async throws {
-        let device = LossyDevice(inner: try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096), lostOffset: 40960)
+        let device = LossyDevice(
+            inner: try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096), lostOffset: 40960)
         var options = Bench.Options(pattern: .write)
         options.operations = 256
         options.ioDepth = 4
@@ -79,7 +85,8 @@ struct BenchTests {
         expectError(error, .verificationFailed, ["verify of 4096 bytes at offset 40960 on lossy", "holds zeros"])
     }
 
-    @Test("verify-existing after random writes accepts any whole block of the run, and catches a corrupt or foreign one")
+    @Test(
+        "verify-existing after random writes accepts any whole block of the run, and catches a corrupt or foreign one")
     func verifyExistingAfterRandomWrites() async throws {
         let memory = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096, name: "mem")
         var options = Bench.Options(pattern: .randwrite)
@@ -99,15 +106,17 @@ struct BenchTests {
         try await memory.read(into: block, at: 8192)
         block.bytes[100] ^= 0xFF
         try await memory.write(from: block, at: 8192)
-        expectError(await spindleError { _ = try await Bench.run(on: memory, options: check) },
-                    .verificationFailed, ["offset 8192", "contents differ"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: memory, options: check) },
+            .verificationFailed, ["offset 8192", "contents differ"])
         block.bytes[100] ^= 0xFF
         try await memory.write(from: block, at: 8192)
         // Another offset's block where this one belongs (a misdirected write).
         try await memory.read(into: block, at: 12288)
         try await memory.write(from: block, at: 8192)
-        expectError(await spindleError { _ = try await Bench.run(on: memory, options: check) },
-                    .verificationFailed, ["offset 8192", "misdirected"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: memory, options: check) },
+            .verificationFailed, ["offset 8192", "misdirected"])
         try await memory.close()
     }
 
@@ -116,20 +125,25 @@ struct BenchTests {
         let device = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096)
         var options = Bench.Options(pattern: .randread)
         options.blockBytes = 1000
-        expectError(await spindleError { _ = try await Bench.run(on: device, options: options) },
-                    .invalidArgument, ["1000 bytes must be a multiple of memory's 4096-byte logical block"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: device, options: options) },
+            .invalidArgument, ["1000 bytes must be a multiple of memory's 4096-byte logical block"])
         options.blockBytes = 4096
         options.regionBytes = 2 << 20
-        expectError(await spindleError { _ = try await Bench.run(on: device, options: options) }, .outOfRange, ["does not fit"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: device, options: options) }, .outOfRange, ["does not fit"])
         options.regionBytes = nil
         options.ioDepth = 0
-        expectError(await spindleError { _ = try await Bench.run(on: device, options: options) }, .invalidArgument, ["depth"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: device, options: options) }, .invalidArgument, ["depth"])
         options.ioDepth = 1
         options.runtimeSeconds = 0
-        expectError(await spindleError { _ = try await Bench.run(on: device, options: options) }, .invalidArgument, ["runtime"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: device, options: options) }, .invalidArgument, ["runtime"])
         let readOnly = try MemoryDevice(capacityBytes: 1 << 20, readOnly: true)
-        expectError(await spindleError { _ = try await Bench.run(on: readOnly, options: Bench.Options(pattern: .write)) },
-                    .readOnly, ["writes"])
+        expectError(
+            await spindleError { _ = try await Bench.run(on: readOnly, options: Bench.Options(pattern: .write)) },
+            .readOnly, ["writes"])
     }
 
     @Test("an I/O error stops the run and is reported")

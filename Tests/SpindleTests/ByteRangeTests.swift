@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 @Suite("Byte ranges on block devices")
@@ -11,7 +12,9 @@ struct ByteRangeTests {
                     let split = BlockSplit(offset: offset, length: length, blockBytes: blockBytes)
                     let parts = [split.head, split.middle, split.tail].compactMap { $0 }
                     // The parts, in order, are the range.
-                    #expect(Array(parts.joined()) == Array(offset..<(offset + length)), "\(offset)+\(length) in \(blockBytes)")
+                    #expect(
+                        Array(parts.joined()) == Array(offset..<(offset + length)),
+                        "\(offset)+\(length) in \(blockBytes)")
                     // Every byte of a whole block is in the middle, and only those.
                     for byte in offset..<(offset + length) {
                         let blockStart = byte / blockBytes * blockBytes
@@ -19,10 +22,14 @@ struct ByteRangeTests {
                         #expect((split.middle?.contains(byte) ?? false) == whole)
                     }
                     for edge in split.edges {
-                        #expect((edge.lowerBound / blockBytes) == ((edge.upperBound - 1) / blockBytes), "an edge lies in one block")
+                        #expect(
+                            (edge.lowerBound / blockBytes) == ((edge.upperBound - 1) / blockBytes),
+                            "an edge lies in one block")
                         #expect(UInt64(edge.count) < blockBytes)
                     }
-                    #expect(split.middle != nil || split.tail == nil || split.head != nil, "a lone partial piece is the head")
+                    #expect(
+                        split.middle != nil || split.tail == nil || split.head != nil,
+                        "a lone partial piece is the head")
                 }
             }
         }
@@ -46,11 +53,17 @@ struct ByteRangeTests {
                 try await device.discardBytes(offset: offset, length: length)
                 let start = (offset + 4095) / 4096 * 4096
                 let end = (offset + length) / 4096 * 4096
-                if start < end { model.replaceSubrange(Int(start)..<Int(end), with: repeatElement(0, count: Int(end - start))) }
+                if start < end {
+                    model.replaceSubrange(Int(start)..<Int(end), with: repeatElement(0, count: Int(end - start)))
+                }
             }
-            #expect(byteDifference(try await readAll(device), model) == nil, "step \(step): \(length) bytes at \(offset)")
+            #expect(
+                byteDifference(try await readAll(device), model) == nil, "step \(step): \(length) bytes at \(offset)")
         }
-        expectError(await spindleError { try await device.zeroBytes(offset: 100, length: 0) }, .invalidArgument, ["empty"])
-        expectError(await spindleError { try await device.discardBytes(offset: (64 << 10) - 10, length: 11) }, .outOfRange, ["past the end"])
+        expectError(
+            await spindleError { try await device.zeroBytes(offset: 100, length: 0) }, .invalidArgument, ["empty"])
+        expectError(
+            await spindleError { try await device.discardBytes(offset: (64 << 10) - 10, length: 11) }, .outOfRange,
+            ["past the end"])
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import Spindle
 
 /// Runs the built `spindle` binary.
@@ -8,7 +9,9 @@ func spindle(_ arguments: [String]) throws -> (status: Int32, output: String, er
 }
 
 /// Runs a program to its end; returns (status, output, errors).
-func runProcess(_ executable: URL, _ arguments: [String], directory: String? = nil) throws -> (status: Int32, output: String, errors: String) {
+func runProcess(_ executable: URL, _ arguments: [String], directory: String? = nil) throws -> (
+    status: Int32, output: String, errors: String
+) {
     let process = Process()
     process.executableURL = executable
     process.arguments = arguments
@@ -21,7 +24,10 @@ func runProcess(_ executable: URL, _ arguments: [String], directory: String? = n
     let outputData = output.fileHandleForReading.readDataToEndOfFile()
     let errorData = errors.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self))
+    return (
+        process.terminationStatus, String(decoding: outputData, as: UTF8.self),
+        String(decoding: errorData, as: UTF8.self)
+    )
 }
 
 func spindleBinary() -> URL {
@@ -68,7 +74,10 @@ struct CLITests {
         _ = try spindle(["image", "create", path, "--size", "1M"])
         let again = try spindle(["image", "create", path, "--size", "1M"])
         #expect(again.status == 1)
-        #expect(again.errors == "spindle: error: create on \(path) failed: the file exists already; remove it or choose another path\n")
+        #expect(
+            again.errors
+                == "spindle: error: create on \(path) failed: the file exists already; remove it or choose another path\n"
+        )
         let missing = try spindle(["image", "info", folder.file("none.img")])
         #expect(missing.status == 1)
         #expect(missing.errors.contains("no such image file"))
@@ -98,10 +107,12 @@ struct CLITests {
         let folder = TemporaryFolder("cli-array")
         defer { folder.remove() }
         let members = (0..<3).map { folder.file("m\($0).img") }
-        let created = try spindle(["array", "create", "story", "--level", "5", "--chunk", "16K", "--size", "8M"] + members)
+        let created = try spindle(
+            ["array", "create", "story", "--level", "5", "--chunk", "16K", "--size", "8M"] + members)
         #expect(created.status == 0, "\(created.errors)")
         #expect(created.output.contains("created array story: raid5, 3 members, 16 KiB chunks"))
-        let filled = try spindle(["bench", "--array"] + members + ["--rw", "read", "--fill", "--verify", "--ops", "500", "--seed", "3"])
+        let filled = try spindle(
+            ["bench", "--array"] + members + ["--rw", "read", "--fill", "--verify", "--ops", "500", "--seed", "3"])
         #expect(filled.status == 0, "\(filled.errors)")
         let failed = try spindle(["array", "fail", "--member", members[1]] + members)
         #expect(failed.output.contains("is degraded"), "\(failed.errors)")
@@ -111,13 +122,17 @@ struct CLITests {
         let degradedRead = try spindle(["bench", "--array", members[0], members[2], "--verify-existing", "--seed", "3"])
         #expect(degradedRead.status == 0, "\(degradedRead.errors)")
         #expect(degradedRead.output.contains("blocks checked, all correct"))
-        let replaced = try spindle(["array", "replace", "--scan", folder.path, "--old", members[1], "--new", folder.file("m3.img")])
+        let replaced = try spindle([
+            "array", "replace", "--scan", folder.path, "--old", members[1], "--new", folder.file("m3.img"),
+        ])
         #expect(replaced.status == 0, "\(replaced.errors)")
         #expect(replaced.output.contains("rebuilt"))
         let scrub = try spindle(["array", "scrub", "--json", "--scan", folder.path])
         let report = try JSONSerialization.jsonObject(with: Data(scrub.output.utf8)) as! [String: Any]
         #expect(report["mismatches"] as? Int == 0, "\(scrub.errors)")
-        let final = try spindle(["bench", "--array", members[0], folder.file("m3.img"), members[2], "--verify-existing", "--seed", "3"])
+        let final = try spindle([
+            "bench", "--array", members[0], folder.file("m3.img"), members[2], "--verify-existing", "--seed", "3",
+        ])
         #expect(final.status == 0, "\(final.errors)")
         // A background rebuild: the command returns at once, status follows it to the end.
         let current = [members[0], folder.file("m3.img"), members[2]]
@@ -130,13 +145,17 @@ struct CLITests {
         var state = ""
         for _ in 0..<300 {
             let polled = try spindle(["array", "status", "--json"] + withNew)
-            state = (try? JSONSerialization.jsonObject(with: Data(polled.output.utf8)) as? [String: Any])?["state"] as? String ?? ""
+            state =
+                (try? JSONSerialization.jsonObject(with: Data(polled.output.utf8)) as? [String: Any])?["state"]
+                as? String ?? ""
             if state == "clean" { break }
             Thread.sleep(forTimeInterval: 0.1)
         }
         #expect(state == "clean")
         // The rebuild process may still be closing; wait for its locks to go before going on.
-        for _ in 0..<100 where FileDevice.writeLockHolder(path: withNew[0]) != nil { Thread.sleep(forTimeInterval: 0.1) }
+        for _ in 0..<100 where FileDevice.writeLockHolder(path: withNew[0]) != nil {
+            Thread.sleep(forTimeInterval: 0.1)
+        }
         let afterRebuild = try spindle(["bench", "--array"] + withNew + ["--verify-existing", "--seed", "3"])
         #expect(afterRebuild.status == 0, "\(afterRebuild.errors)")
         let missing = try spindle(["array", "assemble", members[0]])
@@ -150,8 +169,10 @@ struct CLITests {
         let folder = TemporaryFolder("cli-bench")
         defer { folder.remove() }
         let path = folder.file("b.img")
-        let result = try spindle(["bench", path, "--size", "4M", "--rw", "randrw", "--bs", "4K", "--iodepth", "4",
-                                  "--ops", "2000", "--verify", "--json"])
+        let result = try spindle([
+            "bench", path, "--size", "4M", "--rw", "randrw", "--bs", "4K", "--iodepth", "4",
+            "--ops", "2000", "--verify", "--json",
+        ])
         #expect(result.status == 0, "\(result.errors)")
         let decoded = try JSONSerialization.jsonObject(with: Data(result.output.utf8)) as! [String: Any]
         let report = decoded["report"] as! [String: Any]
@@ -176,28 +197,41 @@ extension CLITests {
         defer { folder.remove() }
         let full = folder.file("rand.img")
         try Data(repeating: 0xA5, count: 4 << 20).write(to: URL(fileURLWithPath: full))
-        let refused = try spindle(["array", "create", "new", full, folder.file("x1.img"), "--level", "1", "--size", "8M"])
+        let refused = try spindle([
+            "array", "create", "new", full, folder.file("x1.img"), "--level", "1", "--size", "8M",
+        ])
         #expect(refused.status == 1 && refused.errors.contains("holds data"), "\(refused.errors)")
         #expect(!FileManager.default.fileExists(atPath: folder.file("x1.img")), "the refusal left x1.img behind")
         #expect(try Data(contentsOf: URL(fileURLWithPath: full)) == Data(repeating: 0xA5, count: 4 << 20))
 
-        let badChunk = try spindle(["array", "create", "q", folder.file("q1.img"), folder.file("q2.img"), "--level", "1",
-                                    "--chunk", "3K", "--size", "8M"])
+        let badChunk = try spindle([
+            "array", "create", "q", folder.file("q1.img"), folder.file("q2.img"), "--level", "1",
+            "--chunk", "3K", "--size", "8M",
+        ])
         #expect(badChunk.status == 2, "\(badChunk.errors)")
-        #expect(!FileManager.default.fileExists(atPath: folder.file("q1.img")) && !FileManager.default.fileExists(atPath: folder.file("q2.img")))
+        #expect(
+            !FileManager.default.fileExists(atPath: folder.file("q1.img"))
+                && !FileManager.default.fileExists(atPath: folder.file("q2.img")))
 
         let members = [folder.file("m0.img"), folder.file("m1.img")]
         #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
-        let replace = try spindle(["array", "replace", "--old", folder.file("stranger.img"), "--new", folder.file("new.img")] + members)
+        let replace = try spindle(
+            ["array", "replace", "--old", folder.file("stranger.img"), "--new", folder.file("new.img")] + members)
         #expect(replace.status != 0 && replace.errors.contains("is not a member"), "\(replace.errors)")
-        #expect(!FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused replace left new.img behind")
+        #expect(
+            !FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused replace left new.img behind")
 
         // bench creates a missing image for its load; a refused load leaves none.
         let tooLarge = try spindle(["bench", folder.file("b.img"), "--size", "1M", "--bs", "2M"])
-        #expect(tooLarge.status == 2 && tooLarge.errors.contains("smaller than one 2097152-byte block"), "\(tooLarge.errors)")
+        #expect(
+            tooLarge.status == 2 && tooLarge.errors.contains("smaller than one 2097152-byte block"),
+            "\(tooLarge.errors)")
         let badFault = try spindle(["bench", folder.file("b.img"), "--size", "1M", "--fault", "bogus"])
         #expect(badFault.status == 2 && badFault.errors.contains("bad fault spec 'bogus'"), "\(badFault.errors)")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["m0.img", "m1.img", "rand.img"])
+        #expect(
+            try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == [
+                "m0.img", "m1.img", "rand.img",
+            ])
     }
 
     @Test("image info says what an image holds: member and slot, spare, pool device, foreign format, data, nothing")
@@ -206,8 +240,11 @@ extension CLITests {
         defer { folder.remove() }
         let members = [folder.file("m0.img"), folder.file("m1.img")]
         #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
-        #expect(try spindle(["array", "add", "--device", folder.file("spare.img")] + members).output.contains("as a spare"))
-        #expect(try spindle(["pool", "create", "tank", folder.file("pool.img"), "--size", "8M", "--dir", folder.path]).status == 0)
+        #expect(
+            try spindle(["array", "add", "--device", folder.file("spare.img")] + members).output.contains("as a spare"))
+        #expect(
+            try spindle(["pool", "create", "tank", folder.file("pool.img"), "--size", "8M", "--dir", folder.path])
+                .status == 0)
         for name in ["ext4.img", "qcow.img", "data.img", "empty.img"] {
             #expect(try spindle(["image", "create", folder.file(name), "--size", "2M"]).status == 0)
         }
@@ -236,10 +273,13 @@ extension CLITests {
         #expect(pool.json["poolDeviceIndex"] as? Int == 0)
         let ext4 = try contents("ext4.img")
         #expect(ext4.line == "contents:     an ext2/ext3/ext4 file system (not a Spindle format)")
-        #expect(ext4.json["contentsKind"] as? String == "format" && ext4.json["format"] as? String == "an ext2/ext3/ext4 file system")
+        #expect(
+            ext4.json["contentsKind"] as? String == "format"
+                && ext4.json["format"] as? String == "an ext2/ext3/ext4 file system")
         #expect(try contents("qcow.img").line == "contents:     a qcow2 disk image (not a Spindle format)")
         let data = try contents("data.img")
-        #expect(data.line.hasPrefix("contents:     raw data") && data.line.contains("offset \(1 << 20)"), "\(data.line)")
+        #expect(
+            data.line.hasPrefix("contents:     raw data") && data.line.contains("offset \(1 << 20)"), "\(data.line)")
         #expect(data.json["contentsKind"] as? String == "data")
         let empty = try contents("empty.img")
         #expect(empty.line.hasPrefix("contents:     nothing: zeros"), "\(empty.line)")
@@ -287,10 +327,13 @@ extension CLITests {
         ]
         for arguments in cases {
             let result = try spindle(arguments)
-            #expect(result.status == 2, "spindle \(arguments.joined(separator: " ")) exited \(result.status): \(result.errors)")
+            #expect(
+                result.status == 2,
+                "spindle \(arguments.joined(separator: " ")) exited \(result.status): \(result.errors)")
             #expect(result.output.isEmpty && !result.errors.isEmpty, "spindle \(arguments.joined(separator: " "))")
         }
-        #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).isEmpty, "a bad argument created a file")
+        #expect(
+            try FileManager.default.contentsOfDirectory(atPath: folder.path).isEmpty, "a bad argument created a file")
         let help = try spindle(["array", "create", "--help"])
         #expect(help.status == 0 && help.output.contains("USAGE"))
         #expect(Self.words(try spindle(["--help"]).output).contains("exit status 2 for a bad argument"))
@@ -303,7 +346,10 @@ extension CLITests {
         let members = [folder.file("m0.img"), folder.file("m1.img")]
         #expect(try spindle(["array", "create", "r1", "--level", "1", "--size", "4M"] + members).status == 0)
         let clean = try spindle(["array", "scrub"] + members)
-        #expect(clean.status == 0 && clean.output.contains("0 mismatched stripes, 0 read errors repaired, 0 unreadable chunks"), "\(clean.output)")
+        #expect(
+            clean.status == 0
+                && clean.output.contains("0 mismatched stripes, 0 read errors repaired, 0 unreadable chunks"),
+            "\(clean.output)")
         #expect(clean.errors.isEmpty, "progress lines went to a standard error that is not a terminal: \(clean.errors)")
         // One mirror's copy changed behind the array's back.
         try patchFile(members[1], at: (1 << 20) + 65536, with: [UInt8](repeating: 0xA5, count: 4096))
@@ -315,10 +361,13 @@ extension CLITests {
         #expect(report["mismatches"] as? Int == 1 && report["readErrorsRepaired"] as? Int == 0)
         #expect((report["unreadable"] as? [Any])?.isEmpty == true)
         let repaired = try spindle(["array", "scrub", "--repair"] + members)
-        #expect(repaired.status == 1 && repaired.output.contains("1 mismatched stripes, 1 repaired"), "\(repaired.output)")
+        #expect(
+            repaired.status == 1 && repaired.output.contains("1 mismatched stripes, 1 repaired"), "\(repaired.output)")
         #expect(try spindle(["array", "scrub"] + members).status == 0)
         let help = Self.words(try spindle(["array", "scrub", "--help"]).output)
-        #expect(help.contains("Exits with status 1 when it finds mismatched stripes or chunks that no member can provide"), "\(help)")
+        #expect(
+            help.contains("Exits with status 1 when it finds mismatched stripes or chunks that no member can provide"),
+            "\(help)")
     }
 
     @Test("array status names images of the array it does not use: a stale copy of a member")
@@ -336,7 +385,10 @@ extension CLITests {
         #expect(status.status == 0, "\(status.errors)")
         #expect(status.output.contains("array r1: raid1, clean"), "\(status.output)")
         #expect(status.output.contains("slot 0: active  \(members[0])"), "\(status.output)")
-        #expect(status.output.contains("note: \(folder.file("z-copy.img")) is a stale copy of the member in slot 0, which \(members[0]) holds"), "\(status.output)")
+        #expect(
+            status.output.contains(
+                "note: \(folder.file("z-copy.img")) is a stale copy of the member in slot 0, which \(members[0]) holds"),
+            "\(status.output)")
         // The replaced member was given to the replace, which wiped its superblocks: it is no member now.
         #expect(!status.output.contains("note: \(members[1])"), "\(status.output)")
         let json = try spindle(["array", "status", "--json", "--scan", folder.path])
@@ -380,17 +432,22 @@ extension CLITests {
         let source = folder.file("source.bin")
         try Data(repeating: 0x5A, count: 4 << 20).write(to: URL(fileURLWithPath: source))
         // Member bytes 2M-3M hold array bytes 1M-2M: the copy's writes there fail m1.
-        let server = try ServeProcess(["array:r1", "--socket", folder.file("s.sock"), "--fault", "\(members[1]):write-error,range=2M-3M"],
-                                      directory: folder.path)
+        let server = try ServeProcess(
+            ["array:r1", "--socket", folder.file("s.sock"), "--fault", "\(members[1]):write-error,range=2M-3M"],
+            directory: folder.path)
         let uri = try #require(server.uri("nbd+unix:///r1"))
         let copy = try tool(["nbdcopy", source, uri])
         #expect(copy.status == 0, "the mirror survives one member: \(copy.errors)")
         Thread.sleep(forTimeInterval: 0.6)
         let stopped = server.stop()
-        #expect(stopped.errors.contains("spindle serve: member \(members[1]) in slot 1 failed; array r1 is degraded"), "\(stopped.errors)")
+        #expect(
+            stopped.errors.contains("spindle serve: member \(members[1]) in slot 1 failed; array r1 is degraded"),
+            "\(stopped.errors)")
         #expect(stopped.output.contains("array r1 is degraded: slot 1 faulty (\(members[1]))"), "\(stopped.output)")
         #expect(!stopped.output.contains("stopped cleanly"), "\(stopped.output)")
         let status = try spindle(["array", "status", "--json"] + members)
-        #expect((try JSONSerialization.jsonObject(with: Data(status.output.utf8)) as! [String: Any])["state"] as? String == "degraded")
+        #expect(
+            (try JSONSerialization.jsonObject(with: Data(status.output.utf8)) as! [String: Any])["state"] as? String
+                == "degraded")
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import Spindle
 
 /// A folder of images built through the library, then discovered and opened by name.
@@ -38,7 +39,8 @@ final class DiscoveryFixture {
     }
 
     private func build() async throws {
-        let r5 = try await RAIDArray.create(name: "r5", level: .raid5, members: try (0..<3).map { try image("r5-\($0).img", 12 << 20) })
+        let r5 = try await RAIDArray.create(
+            name: "r5", level: .raid5, members: try (0..<3).map { try image("r5-\($0).img", 12 << 20) })
         self.r5 = (r5.arrayUUID, r5.capacityBytes)
         let tank = try await ThinPool.create(name: "tank", devices: [r5])
         let volume = try await tank.createVolume(name: "vm1", sizeBytes: 8 << 20)
@@ -48,12 +50,14 @@ final class DiscoveryFixture {
         vm1.replaceSubrange((1 << 20)..<(5 << 20), with: data.array)
         try await tank.close()  // and, by the ownership rule, r5 and its three images
 
-        let mir = try await RAIDArray.create(name: "mir", level: .raid1, members: [try image("mir-0.img", 4 << 20), try image("mir-1.img", 4 << 20)])
+        let mir = try await RAIDArray.create(
+            name: "mir", level: .raid1, members: [try image("mir-0.img", 4 << 20), try image("mir-1.img", 4 << 20)])
         try await mir.close()
         try FileManager.default.copyItem(atPath: path("mir-0.img"), toPath: path("mir-z.img"))
         try await Discovery.assembleArray(paths: [path("mir-0.img"), path("mir-1.img")], engine: engine).close()
 
-        let deg = try await RAIDArray.create(name: "deg", level: .raid1, members: [try image("deg-0.img", 4 << 20), try image("deg-1.img", 4 << 20)])
+        let deg = try await RAIDArray.create(
+            name: "deg", level: .raid1, members: [try image("deg-0.img", 4 << 20), try image("deg-1.img", 4 << 20)])
         try await deg.close()
         let aside = TemporaryFolder("discovery-aside")
         defer { aside.remove() }
@@ -66,12 +70,14 @@ final class DiscoveryFixture {
         try await alone.close()
         try FileManager.default.moveItem(atPath: aside.file("deg-1.img"), toPath: path("deg-1.img"))
 
-        let dmg = try await RAIDArray.create(name: "dmg", level: .raid1, members: [try image("dmg-0.img", 4 << 20), try image("dmg-1.img", 4 << 20)])
+        let dmg = try await RAIDArray.create(
+            name: "dmg", level: .raid1, members: [try image("dmg-0.img", 4 << 20), try image("dmg-1.img", 4 << 20)])
         try await dmg.close()
         try patchFile(path("dmg-1.img"), at: 100, with: [0xFF, 0xEE])
         try patchFile(path("dmg-1.img"), at: 4096 + 100, with: [0xFF, 0xEE])
 
-        let plain = try await ThinPool.create(name: "plain", devices: [try image("pp-0.img", 16 << 20), try image("pp-1.img", 8 << 20)])
+        let plain = try await ThinPool.create(
+            name: "plain", devices: [try image("pp-0.img", 16 << 20), try image("pp-1.img", 8 << 20)])
         let w = try await plain.createVolume(name: "w", sizeBytes: 2 << 20)
         let wData = AlignedBuffer(count: 2 << 20)
         fillRandom(wData.bytes, seed: 12)
@@ -89,10 +95,13 @@ final class DiscoveryFixture {
 
 @Suite("Discovery: what a folder holds, and whole stacks opened by name", .serialized)
 struct DiscoveryTests {
-    @Test("a scan finds complete, degraded and damaged arrays, stale members and copies, pools on images and arrays, and damaged headers with their reasons")
+    @Test(
+        "a scan finds complete, degraded and damaged arrays, stale members and copies, pools on images and arrays, and damaged headers with their reasons"
+    )
     func scanFindsEverything() async throws {
         let fixture = try await DiscoveryFixture.make()
-        #expect(openDescriptors(matching: fixture.folder.path) == 0, "closing a pool closes the array and images under it")
+        #expect(
+            openDescriptors(matching: fixture.folder.path) == 0, "closing a pool closes the array and images under it")
         let found = try await Discovery.scan(folder: fixture.folder.path, engine: fixture.engine)
         #expect(openDescriptors(matching: fixture.folder.path) == 0, "a scan closes what it opened")
         #expect(found.folder == fixture.folder.path)
@@ -100,19 +109,25 @@ struct DiscoveryTests {
         #expect(found.arrays.map(\.name) == ["deg", "dmg", "mir", "r5"])
 
         let r5 = try found.array(named: "r5")
-        #expect(r5.uuid == fixture.r5.uuid && r5.level == .raid5 && r5.memberCount == 3 && r5.capacityBytes == fixture.r5.capacity)
+        #expect(
+            r5.uuid == fixture.r5.uuid && r5.level == .raid5 && r5.memberCount == 3
+                && r5.capacityBytes == fixture.r5.capacity)
         #expect(r5.state == .clean && r5.isComplete && !r5.isDirty && r5.notes.isEmpty && r5.rebuild == nil)
         #expect(r5.slots.map(\.device) == (0..<3).map { Optional(fixture.path("r5-\($0).img")) })
         #expect(r5.slots.allSatisfy { $0.state == .active && $0.memberUUID != nil })
 
         let mir = try found.array(named: "mir")
         #expect(mir.state == .clean && mir.isComplete && mir.members.count == 3)
-        #expect(mir.slots.map(\.device) == [Optional(fixture.path("mir-0.img")), Optional(fixture.path("mir-1.img"))], "the newest copy holds slot 0")
+        #expect(
+            mir.slots.map(\.device) == [Optional(fixture.path("mir-0.img")), Optional(fixture.path("mir-1.img"))],
+            "the newest copy holds slot 0")
         try #require(mir.notes.count == 1)
         let copy = mir.notes[0]
         #expect(copy.device == fixture.path("mir-z.img") && copy.slot == 0 && copy.events < mir.events)
         #expect(copy.kind == .copy(holder: fixture.path("mir-0.img"), holderEvents: mir.events))
-        #expect(copy.description.contains("is a stale copy of the member in slot 0, which \(fixture.path("mir-0.img")) holds"))
+        #expect(
+            copy.description.contains(
+                "is a stale copy of the member in slot 0, which \(fixture.path("mir-0.img")) holds"))
 
         let deg = try found.array(named: "deg")
         #expect(deg.state == .degraded && !deg.isComplete)
@@ -126,10 +141,13 @@ struct DiscoveryTests {
 
         #expect(found.pools.map(\.name) == ["plain", "tank"])
         let tank = try found.pool(named: "tank")
-        #expect(tank.devices.map(\.location) == [.array(name: "r5", uuid: fixture.r5.uuid)] && tank.devices.map(\.index) == [0])
+        #expect(
+            tank.devices.map(\.location) == [.array(name: "r5", uuid: fixture.r5.uuid)]
+                && tank.devices.map(\.index) == [0])
         let plain = try found.pool(named: "plain")
         #expect(plain.devices.map(\.location) == [.image(fixture.path("pp-0.img")), .image(fixture.path("pp-1.img"))])
-        #expect(plain.devices.map(\.index) == [0, 1] && !plain.hasGaps && plain.chunkBytes == ThinPool.defaultChunkBytes)
+        #expect(
+            plain.devices.map(\.index) == [0, 1] && !plain.hasGaps && plain.chunkBytes == ThinPool.defaultChunkBytes)
 
         #expect(found.damaged.count == 2, "\(found.damaged)")
         let superblock = found.damaged.first { $0.location == .device(fixture.path("dmg-1.img")) }
@@ -139,7 +157,9 @@ struct DiscoveryTests {
         }
         let label = found.damaged.first { $0.location == .device(fixture.path("lone.img")) }
         #expect(label?.reason == .poolLabel(.checksumMismatch))
-        #expect(label?.description == "\(fixture.path("lone.img")): the thin pool label at offset 0 is corrupt (checksum mismatch)")
+        #expect(
+            label?.description
+                == "\(fixture.path("lone.img")): the thin pool label at offset 0 is corrupt (checksum mismatch)")
         let lone = found.devices.first { $0.name == fixture.path("lone.img") }
         guard case .damaged(.poolLabel(.checksumMismatch))? = lone?.header else {
             Issue.record("lone.img's header: \(String(describing: lone?.header))")
@@ -150,13 +170,18 @@ struct DiscoveryTests {
             return
         }
 
-        expectError(await spindleError { _ = try found.pool(named: "lone") }, .notFound,
-                    ["no pool named 'lone'", "they hold plain, tank", "Damaged and not used", "lone.img", "checksum"])
+        expectError(
+            await spindleError { _ = try found.pool(named: "lone") }, .notFound,
+            ["no pool named 'lone'", "they hold plain, tank", "Damaged and not used", "lone.img", "checksum"])
         expectError(await spindleError { _ = try found.array(named: "nope") }, .notFound, ["no array named 'nope'"])
-        expectError(await spindleError { _ = try await Discovery.scan(folder: fixture.path("missing")) }, .notFound, ["cannot list the folder"])
+        expectError(
+            await spindleError { _ = try await Discovery.scan(folder: fixture.path("missing")) }, .notFound,
+            ["cannot list the folder"])
     }
 
-    @Test("volume vm1 of pool tank opens as one handle: reads and writes go through, close closes everything, reopening works, no descriptor leaks")
+    @Test(
+        "volume vm1 of pool tank opens as one handle: reads and writes go through, close closes everything, reopening works, no descriptor leaks"
+    )
     func openVolumeByName() async throws {
         let fixture = try await DiscoveryFixture.make()
         let found = try await Discovery.scan(folder: fixture.folder.path, engine: fixture.engine)
@@ -168,10 +193,15 @@ struct DiscoveryTests {
         fillRandom(change.bytes, seed: 14)
         try await vm1.write(from: change, at: 6 << 20)
         fixture.vm1.replaceSubrange((6 << 20)..<((6 << 20) + (192 << 10)), with: change.array)
-        #expect(try await vm1.dataRanges(in: 0..<(8 << 20)) == [(1 << 20)..<(5 << 20), (6 << 20)..<((6 << 20) + (192 << 10))])
+        #expect(
+            try await vm1.dataRanges(in: 0..<(8 << 20)) == [
+                (1 << 20)..<(5 << 20), (6 << 20)..<((6 << 20) + (192 << 10)),
+            ])
         try await vm1.close()
         try await vm1.close()
-        #expect(openDescriptors(matching: fixture.folder.path) == 0, "closing the volume handle closes the pool, the array and its images")
+        #expect(
+            openDescriptors(matching: fixture.folder.path) == 0,
+            "closing the volume handle closes the pool, the array and its images")
         #expect(FileDevice.writeLockHolder(path: fixture.path("r5-0.img")) == nil)
         expectError(await spindleError { _ = try await vm1.read(into: change, at: 0) }, .closed, [])
 
@@ -188,11 +218,15 @@ struct DiscoveryTests {
         #expect(byteDifference(try await readAll(w), fixture.plainData) == nil)
         try await plain.close()
         #expect(openDescriptors(matching: fixture.folder.path) == 0)
-        expectError(await spindleError { _ = try await again.openVolume("ghost", inPool: "plain", engine: fixture.engine) }, .notFound, ["ghost"])
+        expectError(
+            await spindleError { _ = try await again.openVolume("ghost", inPool: "plain", engine: fixture.engine) },
+            .notFound, ["ghost"])
         #expect(openDescriptors(matching: fixture.folder.path) == 0)
     }
 
-    @Test("arrays open by name: members left out are closed, a refused assembly closes everything, faults go between member and array")
+    @Test(
+        "arrays open by name: members left out are closed, a refused assembly closes everything, faults go between member and array"
+    )
     func openArraysByName() async throws {
         let fixture = try await DiscoveryFixture.make()
         let found = try await Discovery.scan(folder: fixture.folder.path, engine: fixture.engine)
@@ -202,15 +236,24 @@ struct DiscoveryTests {
         #expect(deg.status.state == .degraded)
         #expect(openDescriptors(matching: "deg-1.img") == 0, "the stale member is left out, and closed")
         #expect(openDescriptors(matching: "deg-0.img") >= 1)
-        #expect(notes.withLock { $0 }.contains { $0.hasPrefix("deg: ") && $0.contains("deg-1.img is stale") }, "\(notes.withLock { $0 })")
+        #expect(
+            notes.withLock { $0 }.contains { $0.hasPrefix("deg: ") && $0.contains("deg-1.img is stale") },
+            "\(notes.withLock { $0 })")
         try await deg.close()
         #expect(openDescriptors(matching: fixture.folder.path) == 0)
 
-        expectError(await spindleError { _ = try await found.openArray(named: "mir", engine: fixture.engine) }, .invalidArgument,
-                    ["are the same member"])
+        expectError(
+            await spindleError { _ = try await found.openArray(named: "mir", engine: fixture.engine) },
+            .invalidArgument,
+            ["are the same member"])
         #expect(openDescriptors(matching: fixture.folder.path) == 0, "a refused assembly closes what it opened")
-        expectError(await spindleError { _ = try await Discovery.assembleArray(paths: [fixture.path("r5-0.img"), fixture.folder.path + "/./r5-0.img"]) },
-                    .invalidArgument, ["the image is given twice"])
+        expectError(
+            await spindleError {
+                _ = try await Discovery.assembleArray(paths: [
+                    fixture.path("r5-0.img"), fixture.folder.path + "/./r5-0.img",
+                ])
+            },
+            .invalidArgument, ["the image is given twice"])
 
         // Every write to r5-1 fails: assembly's superblock update fails the member, RAID5 serves the
         // data from parity, and the member (under its injector) is closed with the array.
@@ -220,12 +263,15 @@ struct DiscoveryTests {
         #expect(byteDifference(try await readAll(vm1), fixture.vm1) == nil)
         #expect(stack.arrays[0].status.state == .degraded)
         try await stack.close()
-        #expect(openDescriptors(matching: fixture.folder.path) == 0, "the fault injector's member is closed with the array")
+        #expect(
+            openDescriptors(matching: fixture.folder.path) == 0, "the fault injector's member is closed with the array")
     }
 
     @Test("devices the caller opened are scanned as they are, and the stack opened from them takes them")
     func scanGivenDevices() async throws {
-        let members = try (0..<3).map { try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096, name: "m\($0)") }
+        let members = try (0..<3).map {
+            try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096, name: "m\($0)")
+        }
         let array = try await RAIDArray.create(name: "mem", level: .raid5, members: members)
         let pool = try await ThinPool.create(name: "p", devices: [array])
         let volume = try await pool.createVolume(name: "v", sizeBytes: 1 << 20)
@@ -243,7 +289,9 @@ struct DiscoveryTests {
         expectError(await spindleError { _ = try await members[0].read(into: data, at: 0) }, .closed, [])
     }
 
-    @Test("ownership: a pool closes its devices, once; a refused create leaves them open and names the parameter, not a flag")
+    @Test(
+        "ownership: a pool closes its devices, once; a refused create leaves them open and names the parameter, not a flag"
+    )
     func poolOwnsItsDevices() async throws {
         let device = try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)
         let extra = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096, name: "extra")

@@ -1,6 +1,7 @@
 import Glibc
 import Synchronization
 import Testing
+
 @testable import Spindle
 
 @Suite("I/O engine", .serialized)
@@ -35,7 +36,9 @@ struct EngineTests {
         // On the reactor the requests are started in order: 2 in flight, 3 waiting, the rest refused.
         let results = await engine.run {
             await withTaskGroup(of: Int32.self) { group in
-                for _ in 0..<8 { group.addTask(executorPreference: engine) { await engine.execute(.sleep(nanoseconds: 20_000_000)) } }
+                for _ in 0..<8 {
+                    group.addTask(executorPreference: engine) { await engine.execute(.sleep(nanoseconds: 20_000_000)) }
+                }
                 var results: [Int32] = []
                 for await result in group { results.append(result) }
                 return results
@@ -65,7 +68,9 @@ struct EngineTests {
             try SpindleError.check(-EIO, operation: "read", path: "/tmp/a.img", offset: 8192, length: 4096)
         }
         #expect(error?.code == .ioFailed && error?.errno == EIO)
-        #expect(error?.description == "read of 4096 bytes at offset 8192 on /tmp/a.img failed: Input/output error (errno 5)")
+        #expect(
+            error?.description == "read of 4096 bytes at offset 8192 on /tmp/a.img failed: Input/output error (errno 5)"
+        )
         #expect(throws: SpindleError.self) { try SpindleError.check(-ENOBUFS, operation: "write") }
         #expect((try? SpindleError.check(-ENOBUFS, operation: "write")) == nil)
     }

@@ -1,11 +1,13 @@
 import Glibc
 import Testing
+
 @testable import Spindle
 
 @Suite("Image files", .serialized)
 struct FileDeviceTests {
-    @Test("concurrent random I/O matches a model, on the reactor and off it, direct and buffered, and survives reopening",
-          arguments: [(FileDevice.DirectIO.preferred, true), (.preferred, false), (.disabled, true)])
+    @Test(
+        "concurrent random I/O matches a model, on the reactor and off it, direct and buffered, and survives reopening",
+        arguments: [(FileDevice.DirectIO.preferred, true), (.preferred, false), (.disabled, true)])
     func concurrentReadWrite(directIO: FileDevice.DirectIO, onReactor: Bool) async throws {
         let folder = TemporaryFolder("concurrent")
         defer { folder.remove() }
@@ -52,8 +54,9 @@ struct FileDeviceTests {
         try await device.read(into: UnsafeBufferPointer(vectors), at: 8192)
         #expect(Array(targets[1].array[0..<4096]) == Array(parts[0].array[0..<4096]))
         vectors[1].iov_len = 100
-        expectError(await spindleError { try await device.read(into: UnsafeBufferPointer(vectors), at: 8192) },
-                    .misaligned, ["read of 100 bytes"])
+        expectError(
+            await spindleError { try await device.read(into: UnsafeBufferPointer(vectors), at: 8192) },
+            .misaligned, ["read of 100 bytes"])
         try await device.close()
     }
 
@@ -69,23 +72,35 @@ struct FileDeviceTests {
         let data = AlignedBuffer(count: 4096)
         data.fill(0xEE)
 
-        expectError(await spindleError { try await device.write(from: data, at: 100) },
-                    .misaligned, ["write of 4096 bytes at offset 100 on \(path)", "multiples of the logical block size, 512 bytes"])
-        expectError(await spindleError { try await device.write(from: UnsafeRawBufferPointer(data.slice(offset: 0, length: 1000)), at: 0) },
-                    .misaligned, ["write of 1000 bytes at offset 0"])
-        expectError(await spindleError { try await device.read(into: data.slice(offset: 0, length: 0), at: 0) },
-                    .invalidArgument, ["empty"])
-        expectError(await spindleError { try await device.write(from: data, at: (1 << 20) - 2048) },
-                    .outOfRange, ["past the end of the device (capacity 1048576 bytes)", "offset 1046528"])
-        expectError(await spindleError { try await device.read(into: data, at: 2 << 20) },
-                    .outOfRange, ["read of 4096 bytes at offset 2097152"])
-        expectError(await spindleError { try await device.discard(offset: 0, length: 0) }, .invalidArgument, ["discard"])
-        expectError(await spindleError { try await device.writeZeroes(offset: 512, length: 1 << 20) }, .outOfRange, ["write-zeroes"])
+        expectError(
+            await spindleError { try await device.write(from: data, at: 100) },
+            .misaligned,
+            ["write of 4096 bytes at offset 100 on \(path)", "multiples of the logical block size, 512 bytes"])
+        expectError(
+            await spindleError {
+                try await device.write(from: UnsafeRawBufferPointer(data.slice(offset: 0, length: 1000)), at: 0)
+            },
+            .misaligned, ["write of 1000 bytes at offset 0"])
+        expectError(
+            await spindleError { try await device.read(into: data.slice(offset: 0, length: 0), at: 0) },
+            .invalidArgument, ["empty"])
+        expectError(
+            await spindleError { try await device.write(from: data, at: (1 << 20) - 2048) },
+            .outOfRange, ["past the end of the device (capacity 1048576 bytes)", "offset 1046528"])
+        expectError(
+            await spindleError { try await device.read(into: data, at: 2 << 20) },
+            .outOfRange, ["read of 4096 bytes at offset 2097152"])
+        expectError(
+            await spindleError { try await device.discard(offset: 0, length: 0) }, .invalidArgument, ["discard"])
+        expectError(
+            await spindleError { try await device.writeZeroes(offset: 512, length: 1 << 20) }, .outOfRange,
+            ["write-zeroes"])
         if device.usesDirectIO {
             let unaligned = AlignedBuffer(count: 8192)
             let shifted = UnsafeRawBufferPointer(rebasing: unaligned.readOnlyBytes[8..<(8 + 4096)])
-            expectError(await spindleError { try await device.write(from: shifted, at: 0) },
-                        .misaligned, ["not aligned", "direct I/O", "AlignedBuffer"])
+            expectError(
+                await spindleError { try await device.write(from: shifted, at: 0) },
+                .misaligned, ["not aligned", "direct I/O", "AlignedBuffer"])
         }
         let check = AlignedBuffer(count: 8192)
         try await device.read(into: check, at: 0)
@@ -105,7 +120,8 @@ struct FileDeviceTests {
         let data = AlignedBuffer(count: 4096)
         expectError(await spindleError { try await device.write(from: data, at: 0) }, .readOnly, ["read-only", path])
         expectError(await spindleError { try await device.discard(offset: 0, length: 4096) }, .readOnly, ["discard"])
-        expectError(await spindleError { try await device.writeZeroes(offset: 0, length: 4096) }, .readOnly, ["write-zeroes"])
+        expectError(
+            await spindleError { try await device.writeZeroes(offset: 0, length: 4096) }, .readOnly, ["write-zeroes"])
         try await device.read(into: data, at: 0)
         try await device.close()
     }
@@ -114,25 +130,34 @@ struct FileDeviceTests {
     func openErrors() async throws {
         let folder = TemporaryFolder("open")
         defer { folder.remove() }
-        expectError(await spindleError { _ = try FileDevice.open(path: folder.file("missing.img")) },
-                    .notFound, ["open on \(folder.file("missing.img")) failed: no such image file"])
-        expectError(await spindleError { _ = try FileDevice.open(path: folder.path) }, .invalidArgument, ["not a regular file"])
-        expectError(await spindleError { _ = try FileDevice.create(path: folder.file("a.img"), sizeBytes: 1000) },
-                    .invalidArgument, ["1000 bytes is not a positive multiple of the block size (512 bytes)"])
-        expectError(await spindleError { _ = try FileDevice.create(path: folder.file("none/a.img"), sizeBytes: 4096) },
-                    .notFound, ["its folder does not exist"])
+        expectError(
+            await spindleError { _ = try FileDevice.open(path: folder.file("missing.img")) },
+            .notFound, ["open on \(folder.file("missing.img")) failed: no such image file"])
+        expectError(
+            await spindleError { _ = try FileDevice.open(path: folder.path) }, .invalidArgument, ["not a regular file"])
+        expectError(
+            await spindleError { _ = try FileDevice.create(path: folder.file("a.img"), sizeBytes: 1000) },
+            .invalidArgument, ["1000 bytes is not a positive multiple of the block size (512 bytes)"])
+        expectError(
+            await spindleError { _ = try FileDevice.create(path: folder.file("none/a.img"), sizeBytes: 4096) },
+            .notFound, ["its folder does not exist"])
         let device = try FileDevice.create(path: folder.file("a.img"), sizeBytes: 4096)
         try await device.close()
-        expectError(await spindleError { _ = try FileDevice.create(path: folder.file("a.img"), sizeBytes: 4096) },
-                    .alreadyExists, ["exists already"])
-        expectError(await spindleError {
-            _ = try FileDevice.open(path: folder.file("a.img"), options: FileDevice.Options(logicalBlockBytes: 1000))
-        }, .invalidArgument, ["1000 is not a power of two"])
+        expectError(
+            await spindleError { _ = try FileDevice.create(path: folder.file("a.img"), sizeBytes: 4096) },
+            .alreadyExists, ["exists already"])
+        expectError(
+            await spindleError {
+                _ = try FileDevice.open(
+                    path: folder.file("a.img"), options: FileDevice.Options(logicalBlockBytes: 1000))
+            }, .invalidArgument, ["1000 is not a power of two"])
         let tiny = folder.file("tiny.img")
         let descriptor = open(tiny, O_CREAT | O_WRONLY, 0o644)
         ftruncate(descriptor, 100)
         close(descriptor)
-        expectError(await spindleError { _ = try FileDevice.open(path: tiny) }, .invalidArgument, ["100 bytes, smaller than one"])
+        expectError(
+            await spindleError { _ = try FileDevice.open(path: tiny) }, .invalidArgument,
+            ["100 bytes, smaller than one"])
         #expect(access(folder.file("b.img"), F_OK) != 0, "a failed create leaves no file")
     }
 
@@ -142,8 +167,9 @@ struct FileDeviceTests {
         defer { folder.remove() }
         let path = folder.file("locked.img")
         let first = try FileDevice.create(path: path, sizeBytes: 1 << 20)
-        expectError(await spindleError { _ = try FileDevice.open(path: path) },
-                    .locked, ["open on \(path) failed", "the image is in use", "this process"])
+        expectError(
+            await spindleError { _ = try FileDevice.open(path: path) },
+            .locked, ["open on \(path) failed", "the image is in use", "this process"])
         #expect(FileDevice.writeLockHolder(path: path)?.contains("this process") == true)
         let reader = try FileDevice.open(path: path, options: FileDevice.Options(readOnly: true))
         try await reader.close()
@@ -170,8 +196,9 @@ struct FileDeviceTests {
             try await Task.sleep(nanoseconds: 10_000_000)
         }
         #expect(holder == "process \(pid) (flock)")
-        expectError(await spindleError { _ = try FileDevice.open(path: path) },
-                    .locked, ["process \(pid) (flock) holds its write lock"])
+        expectError(
+            await spindleError { _ = try FileDevice.open(path: path) },
+            .locked, ["process \(pid) (flock) holds its write lock"])
     }
 
     @Test("discard punches holes and write-zeroes reads as zeros")
@@ -202,8 +229,9 @@ struct FileDeviceTests {
         let device = try FileDevice.create(path: path, sizeBytes: 1 << 20)
         #expect(truncate(path, 512 * 1024) == 0)
         let buffer = AlignedBuffer(count: 4096)
-        expectError(await spindleError { try await device.read(into: buffer, at: 768 * 1024) },
-                    .shortTransfer, ["read of 4096 bytes at offset 786432 on \(path)", "truncated"])
+        expectError(
+            await spindleError { try await device.read(into: buffer, at: 768 * 1024) },
+            .shortTransfer, ["read of 4096 bytes at offset 786432 on \(path)", "truncated"])
         try await device.close()
     }
 
@@ -252,22 +280,27 @@ struct FileDeviceTests {
         // tmpfs takes direct I/O only in whole pages, so 512-byte blocks cannot use it.
         let path = "/dev/shm/spindle-dio-\(getpid()).img"
         defer { unlink(path) }
-        let device = try FileDevice.create(path: path, sizeBytes: 1 << 20, options: FileDevice.Options(logicalBlockBytes: 512))
+        let device = try FileDevice.create(
+            path: path, sizeBytes: 1 << 20, options: FileDevice.Options(logicalBlockBytes: 512))
         if device.usesDirectIO {
             #expect(device.logicalBlockBytes == 512)
         } else {
-            #expect(device.directIONote?.contains("alignment") == true || device.directIONote?.contains("O_DIRECT") == true)
+            #expect(
+                device.directIONote?.contains("alignment") == true || device.directIONote?.contains("O_DIRECT") == true)
         }
         try await device.close()
         if !device.usesDirectIO {
-            expectError(await spindleError {
-                _ = try FileDevice.open(path: path, options: FileDevice.Options(directIO: .required, logicalBlockBytes: 512))
-            }, .unsupported, [path])
+            expectError(
+                await spindleError {
+                    _ = try FileDevice.open(
+                        path: path, options: FileDevice.Options(directIO: .required, logicalBlockBytes: 512))
+                }, .unsupported, [path])
         }
     }
 
-    @Test("a file system without O_DIRECT falls back to the page cache and says so",
-          .enabled(if: getuid() == 0, "mounting ramfs needs root"))
+    @Test(
+        "a file system without O_DIRECT falls back to the page cache and says so",
+        .enabled(if: getuid() == 0, "mounting ramfs needs root"))
     func noDirectIOFileSystem() async throws {
         let folder = TemporaryFolder("ramfs")
         defer { folder.remove() }
@@ -287,15 +320,18 @@ struct FileDeviceTests {
         try await device.read(into: back, at: 4096)
         #expect(byteDifference(back.array, data.array) == nil)
         try await device.close()
-        expectError(await spindleError {
-            _ = try FileDevice.open(path: path, options: FileDevice.Options(directIO: .required))
-        }, .unsupported, ["does not support direct I/O", path])
+        expectError(
+            await spindleError {
+                _ = try FileDevice.open(path: path, options: FileDevice.Options(directIO: .required))
+            }, .unsupported, ["does not support direct I/O", path])
     }
 
     @Test("kernel errors carry errno, operation, path, offset and length")
     func kernelErrorDescription() {
         let error = SpindleError.system(EIO, operation: "read", path: "/images/a.img", offset: 8192, length: 4096)
-        #expect(error.description == "read of 4096 bytes at offset 8192 on /images/a.img failed: Input/output error (errno 5)")
+        #expect(
+            error.description
+                == "read of 4096 bytes at offset 8192 on /images/a.img failed: Input/output error (errno 5)")
         #expect(error.errno == EIO && error.code == .ioFailed)
     }
 }

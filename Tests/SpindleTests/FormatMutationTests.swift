@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 /// Mutates valid encodings (bit flips, byte overwrites, truncations, zeroed ranges, random bytes) with
@@ -37,7 +38,9 @@ private func mutations(of original: [UInt8], seed: UInt64, count: Int) -> [[UInt
 struct FormatMutationTests {
     @Test("RAID superblocks: mutated copies are refused or decode to the original", arguments: [UInt64(1), 2])
     func raidSuperblock(seed: UInt64) async throws {
-        let members = try (0..<3).map { try MemoryDevice(capacityBytes: 4 << 20, logicalBlockBytes: 4096, name: "m\($0)") }
+        let members = try (0..<3).map {
+            try MemoryDevice(capacityBytes: 4 << 20, logicalBlockBytes: 4096, name: "m\($0)")
+        }
         let array = try await RAIDArray.create(name: "mut", level: .raid5, members: members)
         let buffer = AlignedBuffer(count: 4096)
         try await members[0].read(into: buffer, at: 0)
@@ -58,7 +61,9 @@ struct FormatMutationTests {
         #expect(refused > 1500, "\(refused) of 2000 refused")
     }
 
-    @Test("pool labels, metadata superblocks and B-tree nodes: mutations are refused or decode to the original", arguments: [UInt64(1), 2])
+    @Test(
+        "pool labels, metadata superblocks and B-tree nodes: mutations are refused or decode to the original",
+        arguments: [UInt64(1), 2])
     func poolMetadata(seed: UInt64) async throws {
         let device = try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)
         let pool = try await ThinPool.create(name: "mutant", devices: [device])
@@ -93,7 +98,8 @@ struct FormatMutationTests {
                 accepted += 1
             }
         }
-        for bytes in mutations(of: Array(superblocks[0..<4096]), seed: seed &+ 2, count: 1000) where bytes.count == 4096 {
+        for bytes in mutations(of: Array(superblocks[0..<4096]), seed: seed &+ 2, count: 1000) where bytes.count == 4096
+        {
             if case .success = MetadataArea.decodeSuperblock(bytes, blockCount: blockCount) {
                 #expect(bytes == Array(superblocks[0..<4096]), "a mutated metadata superblock passed its checks")
                 accepted += 1
@@ -112,7 +118,9 @@ struct FormatMutationTests {
         #expect(error?.cause as? ThinPoolLabel.Problem == .checksumMismatch)
     }
 
-    @Test("NBD requests, option data, fault specs and sizes: random text and bytes are refused cleanly", arguments: [UInt64(1), 2])
+    @Test(
+        "NBD requests, option data, fault specs and sizes: random text and bytes are refused cleanly",
+        arguments: [UInt64(1), 2])
     func wireAndText(seed: UInt64) {
         var random = SeededRandom(seed: seed)
         let request = NBDProtocol.Request(flags: 1, type: 1, cookie: 7, offset: 4096, length: 4096).encoded()
@@ -127,9 +135,11 @@ struct FormatMutationTests {
                 #expect(decoded.name.utf8.count <= 4096)
             }
         }
-        let alphabet = Array("read-error,write-error,range=0-64M,probability=0.5,latency=2ms,vanish-after=10,=,-:KMGT 0123456789xyz")
+        let alphabet = Array(
+            "read-error,write-error,range=0-64M,probability=0.5,latency=2ms,vanish-after=10,=,-:KMGT 0123456789xyz")
         for _ in 0..<2000 {
-            let text = String((0..<Int(random.below(40))).map { _ in alphabet[Int(random.below(UInt64(alphabet.count)))] })
+            let text = String(
+                (0..<Int(random.below(40))).map { _ in alphabet[Int(random.below(UInt64(alphabet.count)))] })
             _ = try? FaultSpec.parse(text)
             _ = try? ByteSize.parse(text)
         }

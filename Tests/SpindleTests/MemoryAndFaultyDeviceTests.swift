@@ -1,5 +1,6 @@
 import Glibc
 import Testing
+
 @testable import Spindle
 
 @Suite("Memory devices")
@@ -15,8 +16,9 @@ struct MemoryDeviceTests {
     @Test("bad sizes and requests are refused")
     func validation() async throws {
         expectError(await spindleError { _ = try MemoryDevice(capacityBytes: 1000) }, .invalidArgument, ["1000 bytes"])
-        expectError(await spindleError { _ = try MemoryDevice(capacityBytes: 4096, logicalBlockBytes: 3000) },
-                    .invalidArgument, ["3000"])
+        expectError(
+            await spindleError { _ = try MemoryDevice(capacityBytes: 4096, logicalBlockBytes: 3000) },
+            .invalidArgument, ["3000"])
         let device = try MemoryDevice(capacityBytes: 64 * 1024, readOnly: true, name: "scratch")
         let buffer = AlignedBuffer(count: 512)
         expectError(await spindleError { try await device.write(from: buffer, at: 0) }, .readOnly, ["scratch"])
@@ -41,8 +43,9 @@ struct FaultyDeviceTests {
         device.failReads()
         let data = pattern(4096, seed: 1)
         try await device.write(from: data, at: 0)
-        expectError(await spindleError { try await device.read(into: AlignedBuffer(count: 4096), at: 0) },
-                    .injectedFault, ["read of 4096 bytes at offset 0 on faulty(disk0)", "injected read error", "errno 5"])
+        expectError(
+            await spindleError { try await device.read(into: AlignedBuffer(count: 4096), at: 0) },
+            .injectedFault, ["read of 4096 bytes at offset 0 on faulty(disk0)", "injected read error", "errno 5"])
         #expect(inner.snapshot(length: 4096) == data.array)
         #expect(device.statistics.injectedReadErrors == 1)
         device.clearFaults()
@@ -60,8 +63,9 @@ struct FaultyDeviceTests {
         let data = pattern(4096, seed: 2)
         try await device.write(from: data, at: 4096)
         try await device.write(from: data, at: 12288)
-        expectError(await spindleError { try await device.write(from: data, at: 8192) },
-                    .injectedFault, ["errno \(ENOSPC)", "offset 8192"])
+        expectError(
+            await spindleError { try await device.write(from: data, at: 8192) },
+            .injectedFault, ["errno \(ENOSPC)", "offset 8192"])
         let big = pattern(16384, seed: 3)
         expectError(await spindleError { try await device.write(from: big, at: 0) }, .injectedFault, ["offset 0"])
         #expect(inner.snapshot(offset: 8192, length: 4096) == [UInt8](repeating: 0, count: 4096))
@@ -115,8 +119,9 @@ struct FaultyDeviceTests {
         let buffer = AlignedBuffer(count: 512)
         try await device.read(into: buffer, at: 0)
         try await device.write(from: buffer, at: 0)
-        expectError(await spindleError { try await device.read(into: buffer, at: 0) },
-                    .deviceGone, ["vanished", "faulty(sdb)"])
+        expectError(
+            await spindleError { try await device.read(into: buffer, at: 0) },
+            .deviceGone, ["vanished", "faulty(sdb)"])
         expectError(await spindleError { try await device.flush() }, .deviceGone, ["vanished"])
         device.reappear()
         try await device.read(into: buffer, at: 0)
@@ -149,8 +154,12 @@ struct FaultyDeviceTests {
         // Reads see the cache.
         let view = AlignedBuffer(count: 12288)
         try await device.read(into: view, at: 0)
-        #expect(Array(view.array[4096...]) == unflushed.array && Array(view.array[0..<4096]) == Array(flushed.array[0..<4096]))
-        #expect(inner.snapshot(offset: 4096, length: 4096) == Array(flushed.array[4096...]), "nothing unflushed reached the disk")
+        #expect(
+            Array(view.array[4096...]) == unflushed.array
+                && Array(view.array[0..<4096]) == Array(flushed.array[0..<4096]))
+        #expect(
+            inner.snapshot(offset: 4096, length: 4096) == Array(flushed.array[4096...]),
+            "nothing unflushed reached the disk")
         #expect(device.unflushedWrites == 2)
 
         let report = try await device.powerCut()
@@ -176,7 +185,9 @@ struct FaultyDeviceTests {
         try await device.flush()
         var expected = older.array
         expected.replaceSubrange(4096..<8192, with: newer.array)
-        #expect(inner.snapshot(offset: 0, length: 12288) == expected, "the flush must not put older data over the FUA write")
+        #expect(
+            inner.snapshot(offset: 0, length: 12288) == expected, "the flush must not put older data over the FUA write"
+        )
     }
 
     @Test("a torn power cut lets a seeded subset of blocks through, each whole, old or new")
@@ -229,7 +240,9 @@ struct FaultyDeviceTests {
         return failed.withLock { $0 }
     }
 
-    @Test("which requests fail follows each request (its offset, length and repetition), not the order requests arrive in")
+    @Test(
+        "which requests fail follows each request (its offset, length and repetition), not the order requests arrive in"
+    )
     func orderIndependentFaults() async throws {
         func device(name: String = "disk") throws -> FaultyDevice {
             let device = FaultyDevice(wrapping: try MemoryDevice(capacityBytes: 1 << 20), seed: 7, name: name)
@@ -292,8 +305,9 @@ struct FaultyDeviceTests {
         try await device.flush()
         #expect(byteDifference(try await readAll(file), expected) == nil)
         device.failReads(in: 0..<4096)
-        expectError(await spindleError { try await device.read(into: AlignedBuffer(count: 4096), at: 0) },
-                    .injectedFault, ["faulty(\(folder.file("f.img")))"])
+        expectError(
+            await spindleError { try await device.read(into: AlignedBuffer(count: 4096), at: 0) },
+            .injectedFault, ["faulty(\(folder.file("f.img")))"])
         try await device.close()
         try await file.close()
     }

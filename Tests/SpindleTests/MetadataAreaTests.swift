@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 private func treeContents(_ area: MetadataArea, root: UInt64) async throws -> [UInt64: UInt64] {
@@ -35,7 +36,9 @@ struct MetadataAreaTests {
         #expect(reopened.usedBlocks == reachable.count + 2, "exactly the tree and the two superblocks are in use")
     }
 
-    @Test("power cuts at any point of a commit leave the previous or the new transaction, whole", arguments: Array(UInt64(1)...8))
+    @Test(
+        "power cuts at any point of a commit leave the previous or the new transaction, whole",
+        arguments: Array(UInt64(1)...8))
     func powerCuts(seed: UInt64) async throws {
         let inner = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
         let formatted = try await MetadataArea.format(device: inner, offset: 0, blockCount: 2048)
@@ -94,7 +97,9 @@ struct MetadataAreaTests {
         #expect(error?.cause as? MetadataNode.Problem == .checksumMismatch(block: victim))
         // Both superblocks gone: the area refuses to open.
         try await device.write(from: AlignedBuffer(count: 8192), at: 0)
-        let unopened = await spindleError { _ = try await MetadataArea.open(device: device, offset: 0, blockCount: 1024) }
+        let unopened = await spindleError {
+            _ = try await MetadataArea.open(device: device, offset: 0, blockCount: 1024)
+        }
         expectError(unopened, .corrupted, ["no valid metadata superblock", "copy 0: no metadata superblock magic"])
         #expect(unopened?.cause as? MetadataArea.SuperblockProblem == .noMagic)
     }

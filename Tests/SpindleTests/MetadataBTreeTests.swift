@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 /// Metadata blocks in memory with transactions: committed blocks are never overwritten (the test
@@ -26,7 +27,12 @@ final class MemoryNodeStore: MetadataNodeStore {
 
     func allocateBlock() throws -> UInt64 {
         let block: UInt64
-        if let reused = free.popLast() { block = reused } else { block = nextBlock; nextBlock += 1 }
+        if let reused = free.popLast() {
+            block = reused
+        } else {
+            block = nextBlock
+            nextBlock += 1
+        }
         allocatedNow.insert(block)
         references[block] = 1
         return block
@@ -92,11 +98,17 @@ struct MetadataBTreeTests {
         let node = MetadataNode(level: 1, keys: [1, 5, 9], values: [100, 200, 300], block: 42, transaction: 7)
         let bytes = node.encoded()
         #expect(try MetadataNode.decode(bytes, expectedBlock: 42) == node)
-        #expect(throws: MetadataNode.Problem.misplaced(expected: 43, found: 42)) { try MetadataNode.decode(bytes, expectedBlock: 43) }
+        #expect(throws: MetadataNode.Problem.misplaced(expected: 43, found: 42)) {
+            try MetadataNode.decode(bytes, expectedBlock: 43)
+        }
         var flipped = bytes
         flipped[40] ^= 1
-        #expect(throws: MetadataNode.Problem.checksumMismatch(block: 42)) { try MetadataNode.decode(flipped, expectedBlock: 42) }
-        #expect(throws: MetadataNode.Problem.notANode) { try MetadataNode.decode([UInt8](repeating: 0, count: 4096), expectedBlock: 1) }
+        #expect(throws: MetadataNode.Problem.checksumMismatch(block: 42)) {
+            try MetadataNode.decode(flipped, expectedBlock: 42)
+        }
+        #expect(throws: MetadataNode.Problem.notANode) {
+            try MetadataNode.decode([UInt8](repeating: 0, count: 4096), expectedBlock: 1)
+        }
         let disordered = MetadataNode(level: 0, keys: [5, 1], values: [1, 2], block: 3, transaction: 1).encoded()
         #expect(throws: MetadataNode.Problem.invalid(block: 3, reason: "keys out of order at entry 1")) {
             try MetadataNode.decode(disordered, expectedBlock: 3)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import Spindle
 
 /// `spindle serve` in another process, stopped with SIGTERM.
@@ -72,14 +73,17 @@ struct NBDClientTests {
         }
         try Data(bytes).write(to: URL(fileURLWithPath: source))
 
-        let server = try ServeProcess(["volume:tank/vol", "image:\(folder.file("plain.img"))", "--socket", folder.file("s.sock")],
-                                      directory: folder.path)
+        let server = try ServeProcess(
+            ["volume:tank/vol", "image:\(folder.file("plain.img"))", "--socket", folder.file("s.sock")],
+            directory: folder.path)
         let volumeURI = try #require(server.uri("nbd+unix:///tank/vol"))
         let imageURI = try #require(server.uri("nbd+unix:///plain.img"))
 
         let list = try tool(["nbdinfo", "--list", "--json", volumeURI])
         #expect(list.status == 0, "\(list.errors)")
-        #expect(list.output.contains("\"export-name\": \"tank/vol\"") && list.output.contains("\"export-name\": \"plain.img\""), "\(list.output)")
+        #expect(
+            list.output.contains("\"export-name\": \"tank/vol\"")
+                && list.output.contains("\"export-name\": \"plain.img\""), "\(list.output)")
         #expect(list.output.contains("\"export-size\": 67108864") && list.output.contains("\"export-size\": 33554432"))
         let size = try tool(["nbdinfo", "--size", volumeURI])
         #expect(size.output.trimmingCharacters(in: .whitespacesAndNewlines) == "67108864")
@@ -112,12 +116,16 @@ struct NBDClientTests {
         #expect(try spindle(["array", "create", "r5", "--level", "5", "--size", "64M"] + members).status == 0)
         #expect(try spindle(["pool", "create", "tank", "array:r5"] + dir).status == 0)
         #expect(try spindle(["volume", "create", "tank/db", "--size", "96M"] + dir).status == 0)
-        let server = try ServeProcess(["volume:tank/db", "--socket", folder.file("s.sock"), "--fault", "\(members[2]):vanish-after=3000"],
-                                      directory: folder.path)
+        let server = try ServeProcess(
+            ["volume:tank/db", "--socket", folder.file("s.sock"), "--fault", "\(members[2]):vanish-after=3000"],
+            directory: folder.path)
         let uri = try #require(server.uri("nbd+unix:///tank/db"))
-        let fio = try tool(["fio", "--name=verify", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-                            "--size=48M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json"],
-                       directory: folder.path)  // fio leaves a verify state file in its folder
+        let fio = try tool(
+            [
+                "fio", "--name=verify", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                "--size=48M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json",
+            ],
+            directory: folder.path)  // fio leaves a verify state file in its folder
         #expect(fio.status == 0, "\(fio.errors)")
         let stopped = server.stop()
         #expect(stopped.status == 0)
@@ -126,7 +134,9 @@ struct NBDClientTests {
         #expect(try spindle(["pool", "check", "tank"] + dir).status == 0)
     }
 
-    @Test("a real file system: nbdfuse exposes the export, mkfs.ext4 and fuse2fs write files, the server restarts, e2fsck is clean")
+    @Test(
+        "a real file system: nbdfuse exposes the export, mkfs.ext4 and fuse2fs write files, the server restarts, e2fsck is clean"
+    )
     func ext4OverFuse() throws {
         let folder = TemporaryFolder("nbd-ext4")
         defer { folder.remove() }
@@ -157,7 +167,9 @@ struct NBDClientTests {
         fuse2fs.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         fuse2fs.arguments = ["fuse2fs", "-f", device, files, "-o", "fakeroot"]
         try fuse2fs.run()
-        while (try? FileManager.default.contentsOfDirectory(atPath: files))?.contains("lost+found") != true && Date() < deadline { usleep(100_000) }
+        while (try? FileManager.default.contentsOfDirectory(atPath: files))?.contains("lost+found") != true
+            && Date() < deadline
+        { usleep(100_000) }
         var written: [String: Data] = [:]
         var random = SeededRandom(seed: 5)
         for index in 0..<20 {

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 /// What a thin pool stands on in these tests.
@@ -20,7 +21,9 @@ private struct ThinSetup {
         case .memory:
             device = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
         case .raid5:
-            let members = try (0..<3).map { try MemoryDevice(capacityBytes: 14 << 20, logicalBlockBytes: 4096, name: "m\($0)") }
+            let members = try (0..<3).map {
+                try MemoryDevice(capacityBytes: 14 << 20, logicalBlockBytes: 4096, name: "m\($0)")
+            }
             device = try await RAIDArray.create(name: "r", level: .raid5, chunkBytes: 16 << 10, members: members)
         }
         let pool = try await ThinPool.create(name: "p", devices: [device])
@@ -61,8 +64,9 @@ private func zero(_ model: inout [UInt8], _ offset: UInt64, _ length: UInt64) {
 /// Trim and write-zeroes at any alignment (issue 11, bug 4): they free whole chunks, zero only mapped
 /// partial ones, and a trim never takes pool space.
 extension NBDServerTests {
-    @Test("an unaligned trim or write-zeroes on a filled thin volume frees every whole chunk it covers and zeroes exactly its bytes",
-          arguments: [trimCommand, writeZeroesCommand], PoolBackend.allCases)
+    @Test(
+        "an unaligned trim or write-zeroes on a filled thin volume frees every whole chunk it covers and zeroes exactly its bytes",
+        arguments: [trimCommand, writeZeroesCommand], PoolBackend.allCases)
     func unalignedReleaseFreesWholeChunks(command: UInt16, backend: PoolBackend) async throws {
         let thin = try await ThinSetup(backend)
         #expect(thin.chunkBytes == 64 << 10, "the whole-chunk counts below assume 64 KiB chunks")
@@ -82,14 +86,17 @@ extension NBDServerTests {
             #expect(client.release(command, offset: request.offset, length: request.length, cookie: UInt64(index)) == 0)
             zero(&model, request.offset, request.length)
             used -= request.wholeChunks
-            #expect(await thin.usedChunks == used,
-                    "\(commandName(command)) of \(request.length) bytes at \(request.offset) frees \(request.wholeChunks) chunks")
+            #expect(
+                await thin.usedChunks == used,
+                "\(commandName(command)) of \(request.length) bytes at \(request.offset) frees \(request.wholeChunks) chunks"
+            )
         }
         // An edge read back through the export: zeros from the request's first byte on.
         let edge = (12 << 20) + 3 * 4096 + 123 - 50
         client.request(0, offset: UInt64(edge), length: 100, cookie: 99)
         #expect(client.reply(dataLength: 100)?.data == Array(model[edge..<(edge + 100)]))
-        #expect(model[edge..<(edge + 50)].contains { $0 != 0 } && model[(edge + 50)..<(edge + 100)].allSatisfy { $0 == 0 })
+        #expect(
+            model[edge..<(edge + 50)].contains { $0 != 0 } && model[(edge + 50)..<(edge + 100)].allSatisfy { $0 == 0 })
         client.request(3, offset: 0, length: 0, cookie: 100)
         #expect(client.reply()?.error == 0)
         #expect(await thin.usedChunks == used)
@@ -97,8 +104,9 @@ extension NBDServerTests {
         await test.stop()
     }
 
-    @Test("an unaligned trim or write-zeroes on never-written chunks takes no pool space",
-          arguments: [trimCommand, writeZeroesCommand], PoolBackend.allCases)
+    @Test(
+        "an unaligned trim or write-zeroes on never-written chunks takes no pool space",
+        arguments: [trimCommand, writeZeroesCommand], PoolBackend.allCases)
     func unalignedReleaseOnEmptyVolume(command: UInt16, backend: PoolBackend) async throws {
         let thin = try await ThinSetup(backend)
         let test = try TestServer([NBDServer.Export(name: "v", device: thin.volume)])
@@ -111,7 +119,8 @@ extension NBDServerTests {
         ]
         for (index, request) in requests.enumerated() {
             #expect(client.release(command, offset: request.offset, length: request.length, cookie: UInt64(index)) == 0)
-            #expect(await thin.usedChunks == 0, "\(commandName(command)) of \(request.length) bytes at \(request.offset)")
+            #expect(
+                await thin.usedChunks == 0, "\(commandName(command)) of \(request.length) bytes at \(request.offset)")
         }
         client.request(3, offset: 0, length: 0, cookie: 100)
         #expect(client.reply()?.error == 0)
@@ -120,8 +129,9 @@ extension NBDServerTests {
         await test.stop()
     }
 
-    @Test("on a full pool an unaligned trim or write-zeroes succeeds, frees its whole chunks and takes none",
-          arguments: [trimCommand, writeZeroesCommand], PoolBackend.allCases)
+    @Test(
+        "on a full pool an unaligned trim or write-zeroes succeeds, frees its whole chunks and takes none",
+        arguments: [trimCommand, writeZeroesCommand], PoolBackend.allCases)
     func unalignedReleaseOnFullPool(command: UInt16, backend: PoolBackend) async throws {
         let thin = try await ThinSetup(backend, poolMultiple: 2)
         let chunk = thin.chunkBytes
@@ -140,8 +150,9 @@ extension NBDServerTests {
         ]
         var used = full
         for (index, request) in requests.enumerated() {
-            #expect(client.release(command, offset: request.offset, length: request.length, cookie: UInt64(index)) == 0,
-                    "\(commandName(command)) of \(request.length) bytes at \(request.offset) on a full pool")
+            #expect(
+                client.release(command, offset: request.offset, length: request.length, cookie: UInt64(index)) == 0,
+                "\(commandName(command)) of \(request.length) bytes at \(request.offset) on a full pool")
             zero(&model, request.offset, request.length)
             used -= request.wholeChunks
             #expect(await thin.usedChunks == used)
@@ -187,7 +198,9 @@ extension NBDServerTests {
         await test.stop()
     }
 
-    @Test("image and array exports: an unaligned trim releases only the whole blocks it covers, write-zeroes zeroes exactly its bytes")
+    @Test(
+        "image and array exports: an unaligned trim releases only the whole blocks it covers, write-zeroes zeroes exactly its bytes"
+    )
     func unalignedReleaseOnImageAndArray() async throws {
         let folder = TemporaryFolder("nbd-release")
         defer { folder.remove() }
@@ -202,7 +215,9 @@ extension NBDServerTests {
             try await device.flush()
             models.append(data.array)
         }
-        let test = try TestServer([NBDServer.Export(name: "image", device: image), NBDServer.Export(name: "array", device: array)])
+        let test = try TestServer([
+            NBDServer.Export(name: "image", device: image), NBDServer.Export(name: "array", device: array),
+        ])
 
         // The image: the trim punches a hole where it covers whole blocks and leaves its partial
         // blocks as they were (no read-modify-write for an advisory request).
@@ -213,7 +228,9 @@ extension NBDServerTests {
         let block = UInt64(image.logicalBlockBytes)
         let firstWhole = ((1 << 20) + 100 + block - 1) / block * block
         zero(&models[0], firstWhole, (5 << 20) - firstWhole)  // the whole blocks inside: up to 5 MiB
-        #expect(try image.allocatedBytes() <= allocatedBefore - (4 << 20) + (64 << 10), "the trimmed blocks went back to the file system")
+        #expect(
+            try image.allocatedBytes() <= allocatedBefore - (4 << 20) + (64 << 10),
+            "the trimmed blocks went back to the file system")
         #expect(imageClient.release(writeZeroesCommand, offset: (6 << 20) + 7, length: (1 << 20) + 13, cookie: 2) == 0)
         zero(&models[0], (6 << 20) + 7, (1 << 20) + 13)
         #expect(imageClient.release(writeZeroesCommand, offset: 300, length: 100, cookie: 3) == 0)

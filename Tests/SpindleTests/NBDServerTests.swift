@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+
 @testable import Spindle
 
 /// A deliberately plain NBD client on a blocking socket, to speak the protocol byte by byte —
@@ -19,7 +20,9 @@ final class RawNBDClient {
         var timeout = timeval(tv_sec: 10, tv_usec: 0)
         setsockopt(socketDescriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(socketDescriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(socketDescriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         guard connected == 0 else { throw SpindleError.system(errno, operation: "connect", path: path) }
     }
@@ -29,7 +32,9 @@ final class RawNBDClient {
     func send(_ bytes: [UInt8]) {
         var done = 0
         while done < bytes.count {
-            let count = bytes[done...].withUnsafeBytes { Glibc.send(socketDescriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            let count = bytes[done...].withUnsafeBytes {
+                Glibc.send(socketDescriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL))
+            }
             if count <= 0 { return }
             done += count
         }
@@ -93,7 +98,8 @@ final class RawNBDClient {
         var minimum: UInt32 = 0
         while let reply = optionReply() {
             if reply.type == 1 { return (size, flags, minimum) }
-            try #require(reply.type == 3, "GO failed: reply \(reply.type) \(String(decoding: reply.data, as: UTF8.self))")
+            try #require(
+                reply.type == 3, "GO failed: reply \(reply.type) \(String(decoding: reply.data, as: UTF8.self))")
             switch Self.read(UInt16.self, reply.data, 0) {
             case 0:
                 size = Self.read(UInt64.self, reply.data, 2)
@@ -107,8 +113,12 @@ final class RawNBDClient {
         throw SpindleError(.closed, "the server closed the connection during GO")
     }
 
-    func request(_ type: UInt16, offset: UInt64, length: UInt32, cookie: UInt64, flags: UInt16 = 0, payload: [UInt8] = []) {
-        send(Self.be(UInt32(0x2560_9513)) + Self.be(flags) + Self.be(type) + Self.be(cookie) + Self.be(offset) + Self.be(length) + payload)
+    func request(
+        _ type: UInt16, offset: UInt64, length: UInt32, cookie: UInt64, flags: UInt16 = 0, payload: [UInt8] = []
+    ) {
+        send(
+            Self.be(UInt32(0x2560_9513)) + Self.be(flags) + Self.be(type) + Self.be(cookie) + Self.be(offset)
+                + Self.be(length) + payload)
     }
 
     /// A simple reply: (error, cookie), plus `dataLength` bytes of data when the error is 0.
@@ -136,10 +146,16 @@ final class SlowFirstBlockDevice: BlockDevice {
         if offset == 0 { try await Task.sleep(for: .milliseconds(300)) }
         try await inner.read(into: buffer, at: offset)
     }
-    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws { try await inner.write(from: buffer, at: offset, fua: fua) }
+    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        try await inner.write(from: buffer, at: offset, fua: fua)
+    }
     func flush() async throws { try await inner.flush() }
-    func discard(offset: UInt64, length: UInt64) async throws { try await inner.discard(offset: offset, length: length) }
-    func writeZeroes(offset: UInt64, length: UInt64) async throws { try await inner.writeZeroes(offset: offset, length: length) }
+    func discard(offset: UInt64, length: UInt64) async throws {
+        try await inner.discard(offset: offset, length: length)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try await inner.writeZeroes(offset: offset, length: length)
+    }
     func close() async throws {}
 }
 
@@ -176,8 +192,10 @@ struct NBDServerTests {
     func negotiation() async throws {
         let disk = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
         let other = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 512)
-        let test = try TestServer([NBDServer.Export(name: "disk", device: disk, description: "the disk"),
-                                   NBDServer.Export(name: "small", device: other, readOnly: true)])
+        let test = try TestServer([
+            NBDServer.Export(name: "disk", device: disk, description: "the disk"),
+            NBDServer.Export(name: "small", device: other, readOnly: true),
+        ])
         let client = try test.client()
         try client.greet()
         client.option(3, [])  // LIST
@@ -191,7 +209,9 @@ struct NBDServerTests {
         #expect(client.optionReply()?.type == 0x8000_0001)
         client.option(6, RawNBDClient.infoRequest("nope"))
         let unknown = try #require(client.optionReply())
-        #expect(unknown.type == 0x8000_0006 && String(decoding: unknown.data, as: UTF8.self).contains("no export named 'nope'"))
+        #expect(
+            unknown.type == 0x8000_0006
+                && String(decoding: unknown.data, as: UTF8.self).contains("no export named 'nope'"))
         client.option(6, [0, 0, 0, 9, 1])  // malformed INFO data
         #expect(client.optionReply()?.type == 0x8000_0003)
         client.option(6, RawNBDClient.infoRequest("small", items: [3]))
@@ -270,7 +290,9 @@ struct NBDServerTests {
     func badInput() async throws {
         let memory = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096)
         let frozen = try MemoryDevice(capacityBytes: 1 << 20, logicalBlockBytes: 4096)
-        let test = try TestServer([NBDServer.Export(name: "rw", device: memory), NBDServer.Export(name: "ro", device: frozen, readOnly: true)])
+        let test = try TestServer([
+            NBDServer.Export(name: "rw", device: memory), NBDServer.Export(name: "ro", device: frozen, readOnly: true),
+        ])
         let good = try test.client()
         _ = try good.go("rw")
         let data = [UInt8](repeating: 0x77, count: 4096)
@@ -308,7 +330,9 @@ struct NBDServerTests {
         readOnly.request(4, offset: 0, length: 4096, cookie: 2)
         #expect(readOnly.reply()?.error == 1)
         readOnly.request(0, offset: 0, length: 4096, cookie: 3)
-        #expect(readOnly.reply(dataLength: 4096)?.data == [UInt8](repeating: 0, count: 4096), "the payload was consumed; reads go on")
+        #expect(
+            readOnly.reply(dataLength: 4096)?.data == [UInt8](repeating: 0, count: 4096),
+            "the payload was consumed; reads go on")
 
         let garbage = try test.client()
         _ = try garbage.go("rw")

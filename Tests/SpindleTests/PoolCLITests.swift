@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import Spindle
 
 @Suite("spindle pool and volume commands", .serialized)
@@ -30,7 +31,9 @@ struct PoolCLITests {
         let imported = try run(["volume", "import", "tank/data", source])
         #expect(imported.contains("16 MiB, 4 MiB written, 12 MiB of zeros left unallocated"), "\(imported)")
         let snapshot = try run(["volume", "snapshot", "tank/data", "before", "--read-only"])
-        #expect(snapshot.contains("created read-only snapshot tank/before of tank/data: 16 MiB, sharing 64 chunks"), "\(snapshot)")
+        #expect(
+            snapshot.contains("created read-only snapshot tank/before of tank/data: 16 MiB, sharing 64 chunks"),
+            "\(snapshot)")
 
         // Change the origin after the snapshot: the snapshot still exports the original.
         let other = folder.file("other.bin")
@@ -63,7 +66,9 @@ struct PoolCLITests {
         #expect(entries.map { $0["name"] as! String } == ["current", "before"])
         #expect(entries[0]["sizeBytes"] as? Int == 8 << 20)
         // The snapshot alone holds its first MiB, and the MiB of 0x5A past the shrunk origin's end.
-        #expect(try run(["volume", "delete", "tank/before", "--yes"]).contains("deleted volume tank/before; 2 MiB returned to the pool"))
+        #expect(
+            try run(["volume", "delete", "tank/before", "--yes"]).contains(
+                "deleted volume tank/before; 2 MiB returned to the pool"))
         #expect(try run(["pool", "check", "tank"]).contains("pool tank is clean: 1 volumes"))
 
         // A second device makes the pool larger.
@@ -89,11 +94,13 @@ struct PoolCLITests {
         try Data(repeating: 0xA5, count: 4 << 20).write(to: URL(fileURLWithPath: full))
         let create = try spindle(["pool", "create", "tank", folder.file("new.img"), full, "--size", "8M"] + dir)
         #expect(create.status == 1 && create.errors.contains("holds data"), "\(create.errors)")
-        #expect(!FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused create left new.img behind")
+        #expect(
+            !FileManager.default.fileExists(atPath: folder.file("new.img")), "the refused create left new.img behind")
         #expect(try spindle(["pool", "create", "tank", folder.file("pool.img"), "--size", "8M"] + dir).status == 0)
         let extend = try spindle(["pool", "extend", "tank", folder.file("more.img"), full, "--size", "8M"] + dir)
         #expect(extend.status == 1 && extend.errors.contains("holds data"), "\(extend.errors)")
-        #expect(!FileManager.default.fileExists(atPath: folder.file("more.img")), "the refused extend left more.img behind")
+        #expect(
+            !FileManager.default.fileExists(atPath: folder.file("more.img")), "the refused extend left more.img behind")
         #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["pool.img", "rand.img"])
         #expect(try spindle(["pool", "check", "tank"] + dir).status == 0)
     }

@@ -1,10 +1,13 @@
 import Foundation
 import Testing
+
 @testable import Spindle
 
 /// Runs `spindle` with `arguments` and kills it with SIGKILL after `milliseconds` unless it ended
 /// first; returns whether it was killed, its status and its output.
-func spindleKilled(_ arguments: [String], after milliseconds: Int) throws -> (killed: Bool, status: Int32, output: String, errors: String, milliseconds: Int) {
+func spindleKilled(_ arguments: [String], after milliseconds: Int) throws -> (
+    killed: Bool, status: Int32, output: String, errors: String, milliseconds: Int
+) {
     let process = Process()
     process.executableURL = spindleBinary()
     process.arguments = arguments
@@ -23,8 +26,10 @@ func spindleKilled(_ arguments: [String], after milliseconds: Int) throws -> (ki
     let outputData = output.fileHandleForReading.readDataToEndOfFile()
     let errorData = errors.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    return (killed && process.terminationReason == .uncaughtSignal, process.terminationStatus,
-            String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self), elapsed)
+    return (
+        killed && process.terminationReason == .uncaughtSignal, process.terminationStatus,
+        String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self), elapsed
+    )
 }
 
 /// What the crash runs did, printed at the end (Tools/crash.sh prints it for long runs).
@@ -39,10 +44,13 @@ struct CrashFigures: CustomStringConvertible {
     var blocksChecked = 0
 
     var description: String {
-        let kinds = Set(killed.keys).union(finishedBeforeKill.keys).sorted().map { "\($0) \(killed[$0, default: 0]) killed/\(finishedBeforeKill[$0, default: 0]) finished" }
-        return "rounds \(rounds), writes acknowledged \(writesAcknowledged), flushes acknowledged \(flushesAcknowledged), " +
-            "serve killed \(killedServes) times; \(kinds.joined(separator: ", ")); interrupted rebuilds resumed \(rebuildsResumed); " +
-            "blocks checked against the flush contract \(blocksChecked); mismatches 0"
+        let kinds = Set(killed.keys).union(finishedBeforeKill.keys).sorted().map {
+            "\($0) \(killed[$0, default: 0]) killed/\(finishedBeforeKill[$0, default: 0]) finished"
+        }
+        return
+            "rounds \(rounds), writes acknowledged \(writesAcknowledged), flushes acknowledged \(flushesAcknowledged), "
+            + "serve killed \(killedServes) times; \(kinds.joined(separator: ", ")); interrupted rebuilds resumed \(rebuildsResumed); "
+            + "blocks checked against the flush contract \(blocksChecked); mismatches 0"
     }
 }
 
@@ -96,9 +104,13 @@ private final class CrashRun {
     var dir: [String] { ["--dir", folder.path] }
     var arrayArguments: [String] { ["--scan", folder.path, "--array-name", "r5"] }
 
-    func run(_ arguments: [String], _ what: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> String {
+    func run(_ arguments: [String], _ what: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> String
+    {
         let result = try spindle(arguments)
-        try #require(result.status == 0, "seed \(seed): \(what): spindle \(arguments.joined(separator: " ")) failed: \(result.errors)", sourceLocation: sourceLocation)
+        try #require(
+            result.status == 0,
+            "seed \(seed): \(what): spindle \(arguments.joined(separator: " ")) failed: \(result.errors)",
+            sourceLocation: sourceLocation)
         return result.output
     }
 
@@ -149,7 +161,9 @@ private final class CrashRun {
             for write in batch {
                 // Sent means it may land: the checker accepts it from now on.
                 model.apply(write.data, at: write.first * 4096)
-                client.request(1, offset: UInt64(write.first * 4096), length: UInt32(write.data.count), cookie: write.cookie, payload: write.data)
+                client.request(
+                    1, offset: UInt64(write.first * 4096), length: UInt32(write.data.count), cookie: write.cookie,
+                    payload: write.data)
             }
             for _ in batch {
                 guard let reply = client.reply() else { break serving }
@@ -169,7 +183,9 @@ private final class CrashRun {
         if server.process.isRunning { usleep(UInt32(delay) * 1000) }
         if server.process.isRunning { kill(pid, SIGKILL) }
         server.process.waitUntilExit()
-        #expect(server.process.terminationReason == .uncaughtSignal, "seed \(seed) round \(round): serve ended by itself: \(server.process.terminationStatus)")
+        #expect(
+            server.process.terminationReason == .uncaughtSignal,
+            "seed \(seed) round \(round): serve ended by itself: \(server.process.terminationStatus)")
         figures.killedServes += 1
     }
 
@@ -185,12 +201,16 @@ private final class CrashRun {
     /// version sent since; that becomes the model. Snapshots must be exactly as taken.
     func verifyVolumes(round: Int, all: Bool) throws {
         let bytes = try export("v", round: round)
-        try #require(bytes.count == model.current.count, "seed \(seed) round \(round): v is \(bytes.count) bytes, expected \(model.current.count)")
+        try #require(
+            bytes.count == model.current.count,
+            "seed \(seed) round \(round): v is \(bytes.count) bytes, expected \(model.current.count)")
         for block in 0..<(bytes.count / 4096) {
             let range = (block * 4096)..<((block + 1) * 4096)
             let got = Array(bytes[range])
             if got != Array(model.durable[range]) && !model.versions[block].contains(got) {
-                Issue.record("seed \(seed) round \(round): v block \(block) holds data the flush contract does not allow (neither its flushed contents nor a version written since)")
+                Issue.record(
+                    "seed \(seed) round \(round): v block \(block) holds data the flush contract does not allow (neither its flushed contents nor a version written since)"
+                )
                 throw CrashCheckFailed()
             }
         }
@@ -210,7 +230,8 @@ private final class CrashRun {
     func volumes() throws -> [String: UInt64] {
         let listing = try run(["volume", "list", "tank", "--json"] + dir, "list volumes")
         let entries = try JSONSerialization.jsonObject(with: Data(listing.utf8)) as! [[String: Any]]
-        return Dictionary(uniqueKeysWithValues: entries.map { ($0["name"] as! String, UInt64($0["sizeBytes"] as! Int)) })
+        return Dictionary(
+            uniqueKeysWithValues: entries.map { ($0["name"] as! String, UInt64($0["sizeBytes"] as! Int)) })
     }
 
     /// How long each kind of command took when it ran to its end: kills land uniformly within it.
@@ -242,7 +263,10 @@ private final class CrashRun {
             let size = (8 + Int(random.below(17))) << 20
             try killed("resize", ["volume", "resize", "tank/v", "--size", "\(size)", "--yes"] + dir, round: round)
             let now = Int(try #require(try volumes()["v"]))
-            try #require(now == size || now == model.current.count, "seed \(seed) round \(round): after a killed resize to \(size) v is \(now) bytes (was \(model.current.count))")
+            try #require(
+                now == size || now == model.current.count,
+                "seed \(seed) round \(round): after a killed resize to \(size) v is \(now) bytes (was \(model.current.count))"
+            )
             model.resize(to: now)
             model.committed()
         case 2 where !snapshots.isEmpty:
@@ -256,7 +280,9 @@ private final class CrashRun {
             let old = members[Int(random.below(UInt64(members.count)))]
             let new = folder.file("m\(nextImage).img")
             nextImage += 1
-            try killed("replace", ["array", "replace"] + arrayArguments + ["--old", old, "--new", new, "--rate", "60M"], round: round)
+            try killed(
+                "replace", ["array", "replace"] + arrayArguments + ["--old", old, "--new", new, "--rate", "60M"],
+                round: round)
             try finishRebuild(round: round, old: old, new: new)
         default:
             break
@@ -271,7 +297,9 @@ private final class CrashRun {
         let stateNow = try arrayStatus()["state"] as? String
         if !slots.contains(new) && stateNow != "clean" {
             // Killed between failing the old member and adding the new one: replace again.
-            _ = try run(["array", "replace"] + arrayArguments + ["--old", old, "--new", new, "--no-rebuild"], "round \(round): replace again")
+            _ = try run(
+                ["array", "replace"] + arrayArguments + ["--old", old, "--new", new, "--no-rebuild"],
+                "round \(round): replace again")
             slots = try slotDevices()
         }
         if slots.contains(new) {
@@ -284,7 +312,9 @@ private final class CrashRun {
             try FileManager.default.removeItem(atPath: old)
             members[members.firstIndex(of: old)!] = new
         } else {
-            try #require(slots.contains(old), "seed \(seed) round \(round): after a killed replace neither \(old) nor \(new) is a member: \(slots)")
+            try #require(
+                slots.contains(old),
+                "seed \(seed) round \(round): after a killed replace neither \(old) nor \(new) is a member: \(slots)")
             try? FileManager.default.removeItem(atPath: new)
         }
         let state = try arrayStatus()["state"] as? String
@@ -303,11 +333,16 @@ private final class CrashRun {
 
     func checkPoolAndScrub(round: Int) throws {
         let check = try spindle(["pool", "check", "tank"] + dir)
-        try #require(check.status == 0 && check.output.contains("is clean"), "seed \(seed) round \(round): pool check: \(check.output) \(check.errors)")
+        try #require(
+            check.status == 0 && check.output.contains("is clean"),
+            "seed \(seed) round \(round): pool check: \(check.output) \(check.errors)")
         // Scrub exits 1 when it finds a mismatch: read its report either way.
         let scrub = try spindle(["array", "scrub", "--json"] + arrayArguments)
-        try #require(scrub.status == 0 || scrub.status == 1, "seed \(seed) round \(round): scrub failed: \(scrub.errors)")
+        try #require(
+            scrub.status == 0 || scrub.status == 1, "seed \(seed) round \(round): scrub failed: \(scrub.errors)")
         let report = try JSONSerialization.jsonObject(with: Data(scrub.output.utf8)) as! [String: Any]
-        try #require(report["mismatches"] as? Int == 0 && scrub.status == 0, "seed \(seed) round \(round): scrub after the crash: \(scrub.output)")
+        try #require(
+            report["mismatches"] as? Int == 0 && scrub.status == 0,
+            "seed \(seed) round \(round): scrub after the crash: \(scrub.output)")
     }
 }

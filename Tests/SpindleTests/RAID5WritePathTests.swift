@@ -1,5 +1,6 @@
 import Glibc
 import Testing
+
 @testable import Spindle
 
 /// A member that counts the data-area reads it serves (superblock and bitmap reads are not counted).
@@ -61,7 +62,8 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
 
     /// Member data areas computed from the logical contents alone: stripe `s` has parity on member
     /// `n - 1 - s % n` and data chunk `i` on member `(parity + 1 + i) % n` (left-symmetric).
-    static func modelMembers(logical: [UInt8], memberCount n: Int, chunk: Int, stripes: Int = Int(stripes)) -> [[UInt8]] {
+    static func modelMembers(logical: [UInt8], memberCount n: Int, chunk: Int, stripes: Int = Int(stripes)) -> [[UInt8]]
+    {
         var members = [[UInt8]](repeating: [UInt8](repeating: 0, count: stripes * chunk), count: n)
         for stripe in 0..<stripes {
             let parity = n - 1 - stripe % n
@@ -69,9 +71,12 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
             for index in 0..<(n - 1) {
                 let member = (parity + 1 + index) % n
                 let start = (stripe * (n - 1) + index) * chunk
-                members[member].replaceSubrange((stripe * chunk)..<((stripe + 1) * chunk), with: logical[start..<(start + chunk)])
+                members[member].replaceSubrange(
+                    (stripe * chunk)..<((stripe + 1) * chunk), with: logical[start..<(start + chunk)])
                 logical.withUnsafeBytes { bytes in
-                    for word in 0..<(chunk / 8) { xor[word] ^= bytes.loadUnaligned(fromByteOffset: start + word * 8, as: UInt64.self) }
+                    for word in 0..<(chunk / 8) {
+                        xor[word] ^= bytes.loadUnaligned(fromByteOffset: start + word * 8, as: UInt64.self)
+                    }
                 }
             }
             xor.withUnsafeBytes { members[parity].replaceSubrange((stripe * chunk)..<((stripe + 1) * chunk), with: $0) }
@@ -81,7 +86,9 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
 
     /// A random request: small pieces inside a chunk, pieces crossing chunk and stripe boundaries,
     /// whole stripes, and runs of several stripes, at 512-byte-aligned offsets.
-    static func randomExtent(_ random: inout SeededRandom, capacity: Int, chunk: Int, stripeBytes: Int) -> (offset: Int, length: Int) {
+    static func randomExtent(_ random: inout SeededRandom, capacity: Int, chunk: Int, stripeBytes: Int) -> (
+        offset: Int, length: Int
+    ) {
         let sectors = capacity / 512
         let length: Int
         switch random.next() % 6 {
@@ -113,9 +120,12 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
         var devices: [[MemoryDevice]] = []
         var arrays: [RAIDArray] = []
         for (index, method) in methods.enumerated() {
-            let members = try (0..<memberCount).map { try MemoryDevice(capacityBytes: memberBytes, name: "a\(index)m\($0)") }
+            let members = try (0..<memberCount).map {
+                try MemoryDevice(capacityBytes: memberBytes, name: "a\(index)m\($0)")
+            }
             let array = try await RAIDArray.create(
-                name: "paths\(index)", level: .raid5, chunkBytes: UInt64(chunk), members: members.map { Reopenable($0) })
+                name: "paths\(index)", level: .raid5, chunkBytes: UInt64(chunk), members: members.map { Reopenable($0) }
+            )
             array.partialStripeWriteOverride.withLock { $0 = method }
             devices.append(members)
             arrays.append(array)
@@ -127,7 +137,8 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
         var random = SeededRandom(seed: UInt64(memberCount * 1_000_003 + chunk))
         let writes = chunk >= 524_288 ? 10 : 24
         for number in 0..<writes {
-            let (offset, length) = Self.randomExtent(&random, capacity: capacity, chunk: chunk, stripeBytes: stripeBytes)
+            let (offset, length) = Self.randomExtent(
+                &random, capacity: capacity, chunk: chunk, stripeBytes: stripeBytes)
             let data = AlignedBuffer(count: length)
             fillRandom(data.bytes, seed: random.next())
             logical.replaceSubrange(offset..<(offset + length), with: data.bytes)
@@ -141,8 +152,13 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
                     for (slot, member) in members.enumerated() {
                         let bytes = AlignedBuffer(count: model[slot].count)
                         try await member.read(into: bytes, at: RAIDArray.dataOffset)
-                        let equal = model[slot].withUnsafeBytes { memcmp($0.baseAddress!, bytes.bytes.baseAddress!, $0.count) == 0 }
-                        #expect(equal, "array \(index) (\(methods[index].map { "\($0)" } ?? "chosen")), slot \(slot), after write \(number) at \(offset)+\(length): member bytes differ from the model")
+                        let equal = model[slot].withUnsafeBytes {
+                            memcmp($0.baseAddress!, bytes.bytes.baseAddress!, $0.count) == 0
+                        }
+                        #expect(
+                            equal,
+                            "array \(index) (\(methods[index].map { "\($0)" } ?? "chosen")), slot \(slot), after write \(number) at \(offset)+\(length): member bytes differ from the model"
+                        )
                         if !equal { return }
                     }
                 }
@@ -150,7 +166,9 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
         }
         for (index, array) in arrays.enumerated() {
             let report = try await array.scrub()
-            #expect(report.mismatches == 0, "array \(index): \(report.mismatches) mismatched stripes at \(report.mismatchOffsets.prefix(5))")
+            #expect(
+                report.mismatches == 0,
+                "array \(index): \(report.mismatches) mismatched stripes at \(report.mismatchOffsets.prefix(5))")
             // Every byte must come back with any one member gone (reconstruct-reads from parity).
             let failed = Int(random.next() % UInt64(memberCount))
             try await array.fail(memberNamed: "a\(index)m\(failed)")
@@ -165,7 +183,9 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
     /// reconstruct-write; a full-stripe write reads nothing.
     @Test func forcedPathsReadWhatTheyShould() async throws {
         for (method, expected) in [(RAIDArray.PartialStripeWrite.readModifyWrite, 2), (.reconstructWrite, 3)] {
-            let members = try (0..<5).map { CountingMember(try MemoryDevice(capacityBytes: (1 << 20) + 65536, name: "c\($0)")) }
+            let members = try (0..<5).map {
+                CountingMember(try MemoryDevice(capacityBytes: (1 << 20) + 65536, name: "c\($0)"))
+            }
             let array = try await RAIDArray.create(name: "count", level: .raid5, chunkBytes: 4096, members: members)
             array.partialStripeWriteOverride.withLock { $0 = method }
             for member in members { member.reads.withLock { $0 = 0 } }  // creating reads signatures
@@ -186,7 +206,9 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
     /// leave exactly the model's bytes on the members, and no write may see its bytes change while
     /// it holds them. Reads back through the pooled degraded-read path too.
     @Test func pooledStripeBuffersOutliveTheirRequests() async throws {
-        let chunk = 8192, memberCount = 5, stripes = 64
+        let chunk = 8192
+        let memberCount = 5
+        let stripes = 64
         let memberBytes = RAIDArray.dataOffset + UInt64(stripes * chunk)
         let members = try (0..<memberCount).map {
             HoldingMember(try MemoryDevice(capacityBytes: memberBytes, name: "h\($0)"), failsFirstReads: $0 == 1)
@@ -218,8 +240,9 @@ private final class HoldingMember: Reopenable, @unchecked Sendable {
                 try await group.waitForAll()
             }
         }
-        #expect(members.map { $0.seen.withLock { $0.changedWrites } } == [Int](repeating: 0, count: memberCount),
-                "a member write saw its bytes change while it held them")
+        #expect(
+            members.map { $0.seen.withLock { $0.changedWrites } } == [Int](repeating: 0, count: memberCount),
+            "a member write saw its bytes change while it held them")
         #expect(!members[1].seen.withLock { $0.failedReadOffsets.isEmpty }, "no stripe write met a read error")
         let model = Self.modelMembers(logical: logical, memberCount: memberCount, chunk: chunk, stripes: stripes)
         for (slot, member) in members.enumerated() {

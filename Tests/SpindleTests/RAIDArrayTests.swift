@@ -1,9 +1,12 @@
 import Glibc
 import Testing
+
 @testable import Spindle
 
 /// Memory members of a given size (data area = size - 1 MiB).
-private func memoryMembers(_ count: Int, bytes: UInt64 = (1 << 20) + (2 << 20), prefix: String = "m") throws -> [MemoryDevice] {
+private func memoryMembers(_ count: Int, bytes: UInt64 = (1 << 20) + (2 << 20), prefix: String = "m") throws
+    -> [MemoryDevice]
+{
     try (0..<count).map { try MemoryDevice(capacityBytes: bytes, name: "\(prefix)\($0)") }
 }
 
@@ -18,11 +21,19 @@ class Reopenable: BlockDevice, @unchecked Sendable {
     var isReadOnly: Bool { false }
     var discardReadsZeroes: Bool { inner.discardReadsZeroes }
     var name: String { inner.name }
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws { try await inner.read(into: buffer, at: offset) }
-    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws { try await inner.write(from: buffer, at: offset, fua: fua) }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
+        try await inner.read(into: buffer, at: offset)
+    }
+    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        try await inner.write(from: buffer, at: offset, fua: fua)
+    }
     func flush() async throws { try await inner.flush() }
-    func discard(offset: UInt64, length: UInt64) async throws { try await inner.discard(offset: offset, length: length) }
-    func writeZeroes(offset: UInt64, length: UInt64) async throws { try await inner.writeZeroes(offset: offset, length: length) }
+    func discard(offset: UInt64, length: UInt64) async throws {
+        try await inner.discard(offset: offset, length: length)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try await inner.writeZeroes(offset: offset, length: length)
+    }
     func close() async throws {}
 }
 
@@ -66,13 +77,16 @@ func randomFill(_ array: RAIDArray, seed: UInt64) async throws -> [UInt8] {
 
 @Suite("RAID arrays", .serialized)
 struct RAIDArrayTests {
-    @Test("data written concurrently reads back, and again after closing and reassembling in another order",
-          arguments: [RAIDLevel.raid0, .raid1, .raid5])
+    @Test(
+        "data written concurrently reads back, and again after closing and reassembling in another order",
+        arguments: [RAIDLevel.raid0, .raid1, .raid5])
     func roundTrip(level: RAIDLevel) async throws {
         let memory = try memoryMembers(level == .raid5 ? 4 : 3)
-        let array = try await RAIDArray.create(name: "r\(level.rawValue)", level: level, chunkBytes: 4096,
-                                               members: memory.map { Reopenable($0) })
-        let expected = try await exerciseConcurrently(array, engine: nil, tasks: 8, operationsPerTask: 80, seed: UInt64(level.rawValue))
+        let array = try await RAIDArray.create(
+            name: "r\(level.rawValue)", level: level, chunkBytes: 4096,
+            members: memory.map { Reopenable($0) })
+        let expected = try await exerciseConcurrently(
+            array, engine: nil, tasks: 8, operationsPerTask: 80, seed: UInt64(level.rawValue))
         #expect(byteDifference(try await readAll(array), expected) == nil)
         try await array.close()
         let report = try await RAIDArray.assemble(members: memory.reversed().map { Reopenable($0) })
@@ -87,19 +101,22 @@ struct RAIDArrayTests {
         try await report.array.close()
     }
 
-    @Test("with any one member failed the data stays byte-identical; replace, rebuild and scrub restore it exactly",
-          arguments: [RAIDLevel.raid1, .raid5])
+    @Test(
+        "with any one member failed the data stays byte-identical; replace, rebuild and scrub restore it exactly",
+        arguments: [RAIDLevel.raid1, .raid5])
     func failEachMember(level: RAIDLevel) async throws {
         let count = level == .raid5 ? 4 : 2
         for failed in 0..<count {
             let memory = try memoryMembers(count)
-            let array = try await RAIDArray.create(name: "f", level: level, chunkBytes: 8192, members: memory.map { Reopenable($0) })
+            let array = try await RAIDArray.create(
+                name: "f", level: level, chunkBytes: 8192, members: memory.map { Reopenable($0) })
             let expected = try await randomFill(array, seed: UInt64(failed))
             try await array.flush()
             let before = memory[failed].snapshot()
             try await array.fail(memberNamed: "m\(failed)")
             #expect(array.status.state == .degraded)
-            #expect(byteDifference(try await readAll(array), expected) == nil, "degraded read with slot \(failed) failed")
+            #expect(
+                byteDifference(try await readAll(array), expected) == nil, "degraded read with slot \(failed) failed")
             // Writes while degraded go through parity.
             let patch = AlignedBuffer(count: 12288)
             fillRandom(patch.bytes, seed: 99)
@@ -122,8 +139,9 @@ struct RAIDArrayTests {
             try await array.write(from: original, at: 20480)
             try await array.flush()
             let dataStart = Int(RAIDArray.dataOffset)
-            #expect(Array(replacement.snapshot()[dataStart...]) == Array(before[dataStart...]),
-                    "the rebuilt member holds exactly what the failed one held")
+            #expect(
+                Array(replacement.snapshot()[dataStart...]) == Array(before[dataStart...]),
+                "the rebuilt member holds exactly what the failed one held")
             try await array.close()
         }
     }
@@ -193,7 +211,8 @@ struct RAIDArrayTests {
     @Test("a spare present when a member fails is used automatically")
     func spareTakesOver() async throws {
         let memory = try memoryMembers(4)
-        let array = try await RAIDArray.create(name: "s", level: .raid5, chunkBytes: 4096, members: memory.prefix(3).map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "s", level: .raid5, chunkBytes: 4096, members: memory.prefix(3).map { Reopenable($0) })
         let expected = try await randomFill(array, seed: 8)
         try await array.add(Reopenable(memory[3]))
         #expect(array.status.spares == ["m3"])
@@ -209,7 +228,8 @@ struct RAIDArrayTests {
     func rebuildResumes() async throws {
         // 32 steps of 1 MiB, 8 in flight, each write delayed: the rebuild advances in visible waves.
         let memory = try memoryMembers(3, bytes: (1 << 20) + (32 << 20))
-        let array = try await RAIDArray.create(name: "c", level: .raid5, chunkBytes: 65536, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "c", level: .raid5, chunkBytes: 65536, members: memory.map { Reopenable($0) })
         let expected = try await randomFill(array, seed: 9)
         try await array.fail(memberNamed: "m2")
         try await array.remove(memberNamed: "m2")
@@ -227,14 +247,16 @@ struct RAIDArrayTests {
         #expect(status.rebuildDoneBytes ?? 0 >= 1 << 20)
         // The process "stops" here: no clean close, so the array is dirty as well as rebuilding, which
         // takes force to start. Reassemble from what the devices hold.
-        let report = try await RAIDArray.assemble(members: [memory[0], memory[1], replacement].map { Reopenable($0) }, force: true)
+        let report = try await RAIDArray.assemble(
+            members: [memory[0], memory[1], replacement].map { Reopenable($0) }, force: true)
         let resumed = report.array.status
         #expect(resumed.rebuildSlot == 2)
         let checkpoint = resumed.rebuildDoneBytes ?? 0
         #expect(checkpoint > 0, "the checkpoint survived")
         let rebuilt = try await report.array.rebuild()
         #expect(checkpoint < report.array.geometry.memberDataBytes)
-        #expect(rebuilt == report.array.geometry.memberDataBytes - checkpoint, "resumed from the checkpoint, not from zero")
+        #expect(
+            rebuilt == report.array.geometry.memberDataBytes - checkpoint, "resumed from the checkpoint, not from zero")
         #expect(byteDifference(try await readAll(report.array), expected) == nil)
         #expect(try await report.array.scrub().mismatches == 0)
         try await report.array.close()
@@ -244,32 +266,43 @@ struct RAIDArrayTests {
     func assemblyRefusals() async throws {
         let first = try memoryMembers(3, prefix: "a")
         let second = try memoryMembers(3, prefix: "b")
-        let arrayA = try await RAIDArray.create(name: "alpha", level: .raid5, chunkBytes: 4096, members: first.map { Reopenable($0) })
-        let arrayB = try await RAIDArray.create(name: "beta", level: .raid1, chunkBytes: 4096, members: second.map { Reopenable($0) })
+        let arrayA = try await RAIDArray.create(
+            name: "alpha", level: .raid5, chunkBytes: 4096, members: first.map { Reopenable($0) })
+        let arrayB = try await RAIDArray.create(
+            name: "beta", level: .raid1, chunkBytes: 4096, members: second.map { Reopenable($0) })
         _ = try await randomFill(arrayA, seed: 1)
         try await arrayA.close()
         try await arrayB.close()
 
-        expectError(await spindleError { _ = try await RAIDArray.assemble(members: [first[0], first[1], second[0]].map { Reopenable($0) }) },
-                    .invalidArgument, ["belong to different arrays", "a0 (array 'alpha'", "b0 (array 'beta'"])
+        expectError(
+            await spindleError {
+                _ = try await RAIDArray.assemble(members: [first[0], first[1], second[0]].map { Reopenable($0) })
+            },
+            .invalidArgument, ["belong to different arrays", "a0 (array 'alpha'", "b0 (array 'beta'"])
         let copy = try MemoryDevice(capacityBytes: first[0].capacityBytes, name: "a0-copy")
         let copyBytes = first[0].snapshot(offset: 0, length: 8192)
         let copyBuffer = AlignedBuffer(count: 8192)
         copyBytes.withUnsafeBytes { copyBuffer.bytes.copyMemory(from: $0) }
         try await copy.write(from: copyBuffer, at: 0)
-        expectError(await spindleError { _ = try await RAIDArray.assemble(members: [first[0], copy, first[1]].map { Reopenable($0) }) },
-                    .invalidArgument, ["a0 and a0-copy are the same member"])
+        expectError(
+            await spindleError {
+                _ = try await RAIDArray.assemble(members: [first[0], copy, first[1]].map { Reopenable($0) })
+            },
+            .invalidArgument, ["a0 and a0-copy are the same member"])
         let blank = try MemoryDevice(capacityBytes: 4 << 20, name: "blank")
-        expectError(await spindleError { _ = try await RAIDArray.assemble(members: [first[0], blank].map { Reopenable($0) }) },
-                    .invalidArgument, ["assemble", "blank", "not an array member"])
-        expectError(await spindleError { _ = try await RAIDArray.assemble(members: [first[0]].map { Reopenable($0) }) },
-                    .ioFailed, ["too few members", "1 of 3 are usable"])
+        expectError(
+            await spindleError { _ = try await RAIDArray.assemble(members: [first[0], blank].map { Reopenable($0) }) },
+            .invalidArgument, ["assemble", "blank", "not an array member"])
+        expectError(
+            await spindleError { _ = try await RAIDArray.assemble(members: [first[0]].map { Reopenable($0) }) },
+            .ioFailed, ["too few members", "1 of 3 are usable"])
 
         // A corrupt superblock: flip a byte in both copies.
         let corrupt = AlignedBuffer(count: 8192)
         try await first[2].read(into: corrupt, at: 0)
         let events = (0..<2).map { copy in
-            (try? RAIDSuperblock.decode(UnsafeRawBufferPointer(corrupt.slice(offset: copy * 4096, length: 4096))))?.events ?? 0
+            (try? RAIDSuperblock.decode(UnsafeRawBufferPointer(corrupt.slice(offset: copy * 4096, length: 4096))))?
+                .events ?? 0
         }
         let older = events[0] < events[1] ? 0 : 1
         corrupt.bytes[200] ^= 0xFF
@@ -277,7 +310,8 @@ struct RAIDArrayTests {
         try await first[2].write(from: corrupt, at: 0)
         let error = await spindleError { _ = try await RAIDArray.assemble(members: first.map { Reopenable($0) }) }
         expectError(error, .corrupted, ["a2", "corrupt superblock: checksum"])
-        if case .checksumMismatch = error?.cause as? RAIDSuperblock.Problem {} else {
+        if case .checksumMismatch = error?.cause as? RAIDSuperblock.Problem {
+        } else {
             Issue.record("the cause is the superblock's problem, got \(String(describing: error?.cause))")
         }
         // The newer copy alone is enough (a write torn in the older copy).
@@ -291,7 +325,8 @@ struct RAIDArrayTests {
     @Test("a stale member and a truncated one are left out, and the array runs degraded saying which")
     func staleAndTruncated() async throws {
         let memory = try memoryMembers(3)
-        let array = try await RAIDArray.create(name: "st", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "st", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         _ = try await randomFill(array, seed: 3)
         let staleImage = memory[1].snapshot()
         try await array.fail(memberNamed: "m1")
@@ -308,7 +343,8 @@ struct RAIDArrayTests {
         try await report.array.close()
 
         let fresh = try memoryMembers(3, prefix: "t")
-        let clean = try await RAIDArray.create(name: "tr", level: .raid5, chunkBytes: 4096, members: fresh.map { Reopenable($0) })
+        let clean = try await RAIDArray.create(
+            name: "tr", level: .raid5, chunkBytes: 4096, members: fresh.map { Reopenable($0) })
         let cleanData = try await randomFill(clean, seed: 5)
         try await clean.close()
         let short = try MemoryDevice(capacityBytes: 2 << 20, name: "t2-short")
@@ -343,7 +379,9 @@ struct RAIDArrayTests {
             finished.withLock { $0 = true }
         }
         try await Task.sleep(nanoseconds: 200_000_000)
-        #expect(finished.withLock { $0 } == false, "the write reported success while the superblocks still counted m1 in sync")
+        #expect(
+            finished.withLock { $0 } == false,
+            "the write reported success while the superblocks still counted m1 in sync")
         gate.open()
         try await first.value
         try await second.value
@@ -359,7 +397,8 @@ struct RAIDArrayTests {
     @Test("a superblock update a crash cut short (on one member only) is outlived; two updates behind is stale")
     func superblockUpdateCutShort() async throws {
         let memory = try memoryMembers(4)
-        let array = try await RAIDArray.create(name: "cut", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "cut", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         let expected = try await randomFill(array, seed: 8)
         try await array.close()
         /// Writes member 0's next superblock update, as if the crash came before the others got it.
@@ -375,8 +414,11 @@ struct RAIDArrayTests {
         }
         try await advanceFirstMember()
         let report = try await RAIDArray.assemble(members: memory.map { Reopenable($0) })
-        #expect(report.notes.filter { $0.contains("one superblock update behind (a crash cut the update short); brought up to date") }.count == 3,
-                "\(report.notes)")
+        #expect(
+            report.notes.filter {
+                $0.contains("one superblock update behind (a crash cut the update short); brought up to date")
+            }.count == 3,
+            "\(report.notes)")
         #expect(report.array.status.slots.allSatisfy { $0.state == .active })
         #expect(byteDifference(try await readAll(report.array), expected) == nil)
         try await report.array.close()
@@ -390,9 +432,12 @@ struct RAIDArrayTests {
     @Test("RAID10 is RAID0 over RAID1 arrays, and survives a member failure in each mirror")
     func raid10ByComposition() async throws {
         let memory = try memoryMembers(4)
-        let mirrorA = try await RAIDArray.create(name: "mirror-a", level: .raid1, chunkBytes: 4096, members: [memory[0], memory[1]])
-        let mirrorB = try await RAIDArray.create(name: "mirror-b", level: .raid1, chunkBytes: 4096, members: [memory[2], memory[3]])
-        let stripe = try await RAIDArray.create(name: "raid10", level: .raid0, chunkBytes: 4096, members: [mirrorA, mirrorB])
+        let mirrorA = try await RAIDArray.create(
+            name: "mirror-a", level: .raid1, chunkBytes: 4096, members: [memory[0], memory[1]])
+        let mirrorB = try await RAIDArray.create(
+            name: "mirror-b", level: .raid1, chunkBytes: 4096, members: [memory[2], memory[3]])
+        let stripe = try await RAIDArray.create(
+            name: "raid10", level: .raid0, chunkBytes: 4096, members: [mirrorA, mirrorB])
         let expected = try await exerciseConcurrently(stripe, engine: nil, tasks: 4, operationsPerTask: 60, seed: 10)
         try await mirrorA.fail(memberNamed: "m0")
         try await mirrorB.fail(memberNamed: "m3")
@@ -400,7 +445,9 @@ struct RAIDArrayTests {
         try await stripe.close()
     }
 
-    @Test("power cuts in the middle of writes: after reassembly and resync every flushed byte is there, and parity agrees")
+    @Test(
+        "power cuts in the middle of writes: after reassembly and resync every flushed byte is there, and parity agrees"
+    )
     func powerCutsAndWriteHole() async throws {
         for seed in UInt64(1)...6 {
             let memory = try memoryMembers(4)
@@ -442,12 +489,16 @@ struct RAIDArrayTests {
                 let got = Array(after[range])
                 if got == Array(flushed[range]) { continue }
                 let versions = candidates[index] ?? []
-                let matches = stride(from: 0, to: versions.count, by: block).contains { Array(versions[$0..<($0 + block)]) == got }
+                let matches = stride(from: 0, to: versions.count, by: block).contains {
+                    Array(versions[$0..<($0 + block)]) == got
+                }
                 #expect(matches, "seed \(seed): block \(index) holds neither its flushed nor a later written version")
             }
             // And a member failure now reconstructs exactly what the array read.
             try await report.array.fail(memberNamed: "m\(seed % 4)")
-            #expect(byteDifference(try await readAll(report.array), after) == nil, "seed \(seed): reconstruction disagrees with the data")
+            #expect(
+                byteDifference(try await readAll(report.array), after) == nil,
+                "seed \(seed): reconstruction disagrees with the data")
             try await report.array.close()
         }
     }
@@ -455,21 +506,26 @@ struct RAIDArrayTests {
     @Test("a dirty, degraded RAID5 is refused without force")
     func dirtyDegradedRefused() async throws {
         let memory = try memoryMembers(3)
-        let array = try await RAIDArray.create(name: "dd", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "dd", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         array.setIdleCleanDelay(nanoseconds: 0)
         _ = try await randomFill(array, seed: 12)
         // No close: the array is left dirty, as after a crash.
-        let error = await spindleError { _ = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }) }
+        let error = await spindleError {
+            _ = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) })
+        }
         expectError(error, .ioFailed, ["not shut down cleanly and is degraded", "`force: true`"])
         let forced = try await RAIDArray.assemble(members: [memory[0], memory[2]].map { Reopenable($0) }, force: true)
         #expect(forced.array.status.state == .degraded || forced.array.status.state == .active)
         try await forced.array.close()
     }
 
-    @Test("an idle array marks itself clean, so a crash while idle needs no resync; the next write marks it dirty again")
+    @Test(
+        "an idle array marks itself clean, so a crash while idle needs no resync; the next write marks it dirty again")
     func idleClean() async throws {
         let memory = try memoryMembers(3)
-        let array = try await RAIDArray.create(name: "idle", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "idle", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         array.setIdleCleanDelay(nanoseconds: 50_000_000)
         let expected = try await randomFill(array, seed: 13)
         #expect(array.status.state == .active)
@@ -496,14 +552,24 @@ struct RAIDArrayTests {
     @Test("creation checks its arguments")
     func createValidation() async throws {
         let memory = try memoryMembers(2)
-        expectError(await spindleError { _ = try await RAIDArray.create(name: "x", level: .raid5, members: memory) },
-                    .invalidArgument, ["raid5 needs 3 to 64 members, not 2"])
-        expectError(await spindleError { _ = try await RAIDArray.create(name: "x", level: .raid1, chunkBytes: 3000, members: memory) },
-                    .invalidArgument, ["chunk size 3000"])
+        expectError(
+            await spindleError { _ = try await RAIDArray.create(name: "x", level: .raid5, members: memory) },
+            .invalidArgument, ["raid5 needs 3 to 64 members, not 2"])
+        expectError(
+            await spindleError {
+                _ = try await RAIDArray.create(name: "x", level: .raid1, chunkBytes: 3000, members: memory)
+            },
+            .invalidArgument, ["chunk size 3000"])
         let tiny = try MemoryDevice(capacityBytes: 512 * 1024, name: "tiny")
-        expectError(await spindleError { _ = try await RAIDArray.create(name: "x", level: .raid1, members: [memory[0], tiny]) },
-                    .invalidArgument, ["tiny", "needs at least"])
-        expectError(await spindleError { _ = try await RAIDArray.create(name: "x", level: .raid1, members: [memory[0], memory[0]]) },
-                    .invalidArgument, ["given twice"])
+        expectError(
+            await spindleError {
+                _ = try await RAIDArray.create(name: "x", level: .raid1, members: [memory[0], tiny])
+            },
+            .invalidArgument, ["tiny", "needs at least"])
+        expectError(
+            await spindleError {
+                _ = try await RAIDArray.create(name: "x", level: .raid1, members: [memory[0], memory[0]])
+            },
+            .invalidArgument, ["given twice"])
     }
 }

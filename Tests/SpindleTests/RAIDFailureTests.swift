@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 private func members(_ count: Int, bytes: UInt64 = (1 << 20) + (2 << 20)) throws -> [MemoryDevice] {
@@ -76,8 +77,9 @@ struct RAIDFailureTests {
         try await report.array.close()
     }
 
-    @Test("scrub rebuilds chunks a member cannot read from redundancy, and reports those it cannot",
-          arguments: [RAIDLevel.raid1, .raid5])
+    @Test(
+        "scrub rebuilds chunks a member cannot read from redundancy, and reports those it cannot",
+        arguments: [RAIDLevel.raid1, .raid5])
     func scrubRepairsReadErrors(level: RAIDLevel) async throws {
         let memory = try members(3)
         let faulty = memory.map { FaultyDevice(wrapping: Reopenable($0), name: $0.name) }
@@ -95,7 +97,8 @@ struct RAIDFailureTests {
         faulty[2].failReads(in: (RAIDArray.dataOffset + 8192)..<(RAIDArray.dataOffset + 12288))
         let second = try await array.scrub()
         if level == .raid5 {
-            #expect(second.unreadable.map(\.slot) == [1, 2] && second.unreadable.allSatisfy { $0.memberOffset == 8192 })
+            #expect(
+                second.unreadable.map(\.slot) == [1, 2] && second.unreadable.allSatisfy { $0.memberOffset == 8192 })
         } else {
             #expect(second.readErrorsRepaired == 2 && second.unreadable.isEmpty)
         }
@@ -103,8 +106,9 @@ struct RAIDFailureTests {
         try await array.close()
     }
 
-    @Test("a rebuild whose source cannot read stops with its place kept and no member failed; a mirror tries the next source",
-          arguments: [RAIDLevel.raid1, .raid5])
+    @Test(
+        "a rebuild whose source cannot read stops with its place kept and no member failed; a mirror tries the next source",
+        arguments: [RAIDLevel.raid1, .raid5])
     func rebuildSourceReadError(level: RAIDLevel) async throws {
         let memory = try members(3, bytes: (1 << 20) + (4 << 20))
         let faulty = memory.map { FaultyDevice(wrapping: Reopenable($0), name: $0.name) }
@@ -136,7 +140,8 @@ struct RAIDFailureTests {
     @Test("a member whose superblock area cannot be read is left out with a note, and the array runs degraded")
     func unreadableSuperblockLeftOut() async throws {
         let memory = try members(3)
-        let array = try await RAIDArray.create(name: "u", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "u", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         let expected = try await randomFill(array, seed: 6)
         try await array.close()
         // One copy unreadable: the other is used, nothing is left out.
@@ -149,8 +154,12 @@ struct RAIDFailureTests {
         let bothCopies = FaultyDevice(wrapping: Reopenable(memory[1]), name: "d1.img")
         bothCopies.failReads(in: 0..<8192)
         let second = try await RAIDArray.assemble(members: [Reopenable(memory[0]), bothCopies, Reopenable(memory[2])])
-        #expect(second.notes.contains { $0.contains("d1.img is left out") && $0.contains("cannot be read") }, "\(second.notes)")
-        #expect(second.notes.contains { $0.contains("slot 1 (d1.img, member") && $0.contains("is missing") }, "\(second.notes)")
+        #expect(
+            second.notes.contains { $0.contains("d1.img is left out") && $0.contains("cannot be read") },
+            "\(second.notes)")
+        #expect(
+            second.notes.contains { $0.contains("slot 1 (d1.img, member") && $0.contains("is missing") },
+            "\(second.notes)")
         #expect(second.array.status.state == .degraded)
         #expect(second.array.status.slots[1].lastKnownName == "d1.img" && second.array.status.slots[1].device == nil)
         #expect(try await readAll(second.array) == expected)
@@ -160,7 +169,8 @@ struct RAIDFailureTests {
     @Test("a failed member, given at the next assembly, stays in its slot as faulty and can be removed and replaced")
     func removeFailedMemberAfterReassembly() async throws {
         let memory = try members(4)
-        let array = try await RAIDArray.create(name: "f", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        let array = try await RAIDArray.create(
+            name: "f", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
         let expected = try await randomFill(array, seed: 7)
         try await array.fail(memberNamed: "d1.img")
         try await array.close()

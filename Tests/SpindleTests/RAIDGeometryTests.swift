@@ -1,4 +1,5 @@
 import Testing
+
 @_spi(Benchmarks) @testable import Spindle
 
 /// An independent model: walk every byte of every member, in the order md documents for each level,
@@ -38,20 +39,23 @@ private func bruteForceMap(_ geometry: RAIDGeometry) -> [UInt64: (member: Int, m
 
 @Suite("RAID geometry")
 struct RAIDGeometryTests {
-    @Test("every logical block maps where the brute-force model puts it, and back",
-          arguments: [RAIDLevel.raid0, .raid1, .raid5])
+    @Test(
+        "every logical block maps where the brute-force model puts it, and back",
+        arguments: [RAIDLevel.raid0, .raid1, .raid5])
     func againstBruteForce(level: RAIDLevel) {
         for members in level.minimumMembers...7 {
             for chunkBytes: UInt64 in [512, 4096, 16384] {
-                let geometry = RAIDGeometry(level: level, memberCount: members, chunkBytes: chunkBytes,
-                                            memberDataBytes: chunkBytes * 9)
+                let geometry = RAIDGeometry(
+                    level: level, memberCount: members, chunkBytes: chunkBytes,
+                    memberDataBytes: chunkBytes * 9)
                 let model = bruteForceMap(geometry)
                 #expect(UInt64(model.count) * 512 == geometry.capacityBytes)
                 for (logical, place) in model {
                     let extents = geometry.extents(offset: logical, length: 512)
                     #expect(extents.count == 1)
-                    #expect(extents[0].member == place.member && extents[0].memberOffset == place.memberOffset,
-                            "\(level) n=\(members) chunk=\(chunkBytes) logical \(logical)")
+                    #expect(
+                        extents[0].member == place.member && extents[0].memberOffset == place.memberOffset,
+                        "\(level) n=\(members) chunk=\(chunkBytes) logical \(logical)")
                     #expect(geometry.logicalOffset(member: place.member, memberOffset: place.memberOffset) == logical)
                 }
                 if level == .raid5 {
@@ -73,8 +77,9 @@ struct RAIDGeometryTests {
             let level = [RAIDLevel.raid0, .raid1, .raid5][Int(random.below(3))]
             let members = level.minimumMembers + Int(random.below(5))
             let chunk = UInt64(512) << random.below(6)
-            let geometry = RAIDGeometry(level: level, memberCount: members, chunkBytes: chunk,
-                                        memberDataBytes: chunk * (1 + random.below(20)))
+            let geometry = RAIDGeometry(
+                level: level, memberCount: members, chunkBytes: chunk,
+                memberDataBytes: chunk * (1 + random.below(20)))
             let blocks = geometry.capacityBytes / 512
             let first = random.below(blocks)
             let count = 1 + random.below(blocks - first)
@@ -82,8 +87,12 @@ struct RAIDGeometryTests {
             var expectedOffset: UInt64 = 0
             for extent in extents {
                 #expect(extent.requestOffset == expectedOffset)
-                #expect(extent.length > 0 && (extent.memberOffset % chunk) + extent.length <= (level == .raid1 ? .max : chunk))
-                #expect(geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset) == first * 512 + extent.requestOffset)
+                #expect(
+                    extent.length > 0
+                        && (extent.memberOffset % chunk) + extent.length <= (level == .raid1 ? .max : chunk))
+                #expect(
+                    geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset) == first * 512
+                        + extent.requestOffset)
                 expectedOffset += extent.length
             }
             #expect(expectedOffset == count * 512)

@@ -1,19 +1,25 @@
 import Testing
+
 @testable import Spindle
 
 @Suite("Whole-stack simulation")
 struct StackSimulationTests {
-    @Test("configurations drawn from the seed, on RAID0, RAID1 and RAID5 (member counts, chunks 4 KiB-1 MiB, with and without a pool), under read errors (also while degraded), failures down to the redundancy, rebuilds and power cuts, agree with the model",
-          arguments: Array(UInt64(1)...8))
+    @Test(
+        "configurations drawn from the seed, on RAID0, RAID1 and RAID5 (member counts, chunks 4 KiB-1 MiB, with and without a pool), under read errors (also while degraded), failures down to the redundancy, rebuilds and power cuts, agree with the model",
+        arguments: Array(UInt64(1)...8))
     func seeds(seed: UInt64) async throws {
         for level in [RAIDLevel.raid5, .raid1, .raid0] {
             let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: level))
-            #expect(report.passed, "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
+            #expect(
+                report.passed,
+                "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))"
+            )
             #expect(report.reads > 0 && report.writes > 0)
         }
     }
 
-    @Test("the configurations drawn cover every member count of each level, chunks from 4 KiB to 1 MiB, and both stacks")
+    @Test(
+        "the configurations drawn cover every member count of each level, chunks from 4 KiB to 1 MiB, and both stacks")
     func configurationsCoverTheSpace() {
         var members: [RAIDLevel: Set<Int>] = [:]
         var chunks = Set<UInt64>()
@@ -33,8 +39,9 @@ struct StackSimulationTests {
         #expect(Set((UInt64(1)...30).map { StackSimulation.Options(seed: $0).level }) == Set(RAIDLevel.allCases))
     }
 
-    @Test("regressions found by the soak: RAID1 members replaced one after the other, then power cuts (a new member lacked the bitmap; resync repairs were not flushed)",
-          arguments: [UInt64(1015), 1055, 1065])
+    @Test(
+        "regressions found by the soak: RAID1 members replaced one after the other, then power cuts (a new member lacked the bitmap; resync repairs were not flushed)",
+        arguments: [UInt64(1015), 1055, 1065])
     func soakRegressions(seed: UInt64) async throws {
         var options = StackSimulation.Options(seed: seed, level: .raid1)
         // These seeds were found before the extended faults: replay them as they ran then.
@@ -43,28 +50,38 @@ struct StackSimulationTests {
         #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.trace.joined(separator: "\n"))")
     }
 
-    @Test("regression: a RAID1 rebuild paused, writes, power cuts, then the rebuild resumed (the new member kept regions the crash left different)",
-          arguments: [UInt64(1065)])
+    @Test(
+        "regression: a RAID1 rebuild paused, writes, power cuts, then the rebuild resumed (the new member kept regions the crash left different)",
+        arguments: [UInt64(1065)])
     func pausedRebuildRegression(seed: UInt64) async throws {
         var options = StackSimulation.Options(seed: seed, level: .raid1)
         options.widened = false  // found before configurations were drawn from the seed
         let report = await StackSimulation.run(options)
-        #expect(report.passed, "raid1 seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
+        #expect(
+            report.passed,
+            "raid1 seed \(seed): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
         #expect(report.pausedRebuilds > 0 && report.powerCuts > 0)
     }
 
-    @Test("a pool too small for its volumes refuses writes with no space, each block left old or new", arguments: [UInt64(3), 7])
+    @Test(
+        "a pool too small for its volumes refuses writes with no space, each block left old or new",
+        arguments: [UInt64(3), 7])
     func fullPool(seed: UInt64) async throws {
         var refused = 0
         for level in [RAIDLevel.raid5, .raid1, .raid0] {
             let report = await StackSimulation.run(StackSimulation.Options(seed: seed, level: level))
-            #expect(report.passed, "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))")
+            #expect(
+                report.passed,
+                "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))"
+            )
             refused += report.poolFullErrors
         }
         #expect(refused > 0, "the tight pools filled up")
     }
 
-    @Test("the trace of a failure keeps what bears on the block: its writes, its volume's other steps, its origin's before the snapshot, and the faults")
+    @Test(
+        "the trace of a failure keeps what bears on the block: its writes, its volume's other steps, its origin's before the snapshot, and the faults"
+    )
     func relevantTrace() {
         typealias Step = StackSimulation.Step
         let steps = [
@@ -81,8 +98,9 @@ struct StackSimulationTests {
         #expect(kept == [1, 4, 6, 8])
     }
 
-    @Test("the same seed replays the same run on drawn configurations, to the last member fault and torn block, although the two runs' member requests interleave differently",
-          arguments: [RAIDLevel.raid5, .raid1, .raid0])
+    @Test(
+        "the same seed replays the same run on drawn configurations, to the last member fault and torn block, although the two runs' member requests interleave differently",
+        arguments: [RAIDLevel.raid5, .raid1, .raid0])
     func replay(level: RAIDLevel) async throws {
         var readErrorsMet = 0
         var tornBlocks = 0
@@ -98,7 +116,10 @@ struct StackSimulationTests {
             let name = "\(level) seed \(seed) (\(one.configuration.map { "\($0)" } ?? ""))"
             #expect(one.passed, "\(name): \(one.failure ?? "")\n\(one.relevantTrace.joined(separator: "\n"))")
             let line = (0..<min(one.trace.count, two.trace.count)).first { one.trace[$0] != two.trace[$0] }
-            #expect(one == two, "\(name): the runs part at trace line \(line.map { "\($0): \(one.trace[$0]) / \(two.trace[$0])" } ?? "(none)")")
+            #expect(
+                one == two,
+                "\(name): the runs part at trace line \(line.map { "\($0): \(one.trace[$0]) / \(two.trace[$0])" } ?? "(none)")"
+            )
             readErrorsMet += one.memberReadsFailed
             tornBlocks += one.powerCutBlocksWritten
         }

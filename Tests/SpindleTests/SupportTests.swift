@@ -1,18 +1,23 @@
 import Foundation
 import Testing
+
 @testable import Spindle
 
 @Suite("Sizes, statistics and patterns")
 struct SupportTests {
-    @Test("sizes parse with binary suffixes", arguments: [
-        ("4096", UInt64(4096)), ("4K", 4096), ("4k", 4096), ("4KiB", 4096), ("64KB", 65536), ("1M", 1 << 20),
-        ("1.5G", 3 << 29), ("2T", 2 << 40), (" 10G ", 10 << 30), ("0.5K", 512), ("1P", 1 << 50),
-    ])
+    @Test(
+        "sizes parse with binary suffixes",
+        arguments: [
+            ("4096", UInt64(4096)), ("4K", 4096), ("4k", 4096), ("4KiB", 4096), ("64KB", 65536), ("1M", 1 << 20),
+            ("1.5G", 3 << 29), ("2T", 2 << 40), (" 10G ", 10 << 30), ("0.5K", 512), ("1P", 1 << 50),
+        ])
     func parseSizes(text: String, bytes: UInt64) throws {
         #expect(try ByteSize.parse(text) == bytes)
     }
 
-    @Test("bad sizes say what to type", arguments: ["", "abc", "4X", "1.3K", "-1", "K", "1..5M", "99999999999T", "4 KiB B"])
+    @Test(
+        "bad sizes say what to type",
+        arguments: ["", "abc", "4X", "1.3K", "-1", "K", "1..5M", "99999999999T", "4 KiB B"])
     func rejectSizes(text: String) async {
         let error = await spindleError { _ = try ByteSize.parse(text) }
         #expect(error?.code == .invalidArgument)
@@ -77,7 +82,9 @@ struct SupportTests {
     func histogramBuckets() {
         var previous = -1
         for exponent in 0..<63 {
-            for value in Set([UInt64(1) << exponent, (UInt64(1) << exponent) + 1, (UInt64(1) << (exponent + 1)) - 1]).sorted() {
+            for value in Set([UInt64(1) << exponent, (UInt64(1) << exponent) + 1, (UInt64(1) << (exponent + 1)) - 1])
+                .sorted()
+            {
                 let bucket = LatencyHistogram.bucket(of: value)
                 #expect(bucket >= previous && bucket < LatencyHistogram.bucketCount)
                 if exponent <= LatencyHistogram.maximumExponent {
@@ -106,19 +113,25 @@ struct SupportTests {
         let block = AlignedBuffer(count: 4096)
         let scratch = AlignedBuffer(count: 4096)
         BlockPattern.fill(block.bytes, seed: 7, offset: 8192, serial: 3)
-        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 3, scratch: scratch.bytes) == nil)
-        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 4, scratch: scratch.bytes)?
-            .contains("expected write #4 but the block holds write #3 (lost or stale write)") == true)
-        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 4096, serial: 3, scratch: scratch.bytes)?
-            .contains("offset 8192 (misdirected write)") == true)
-        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 8, offset: 8192, serial: 3, scratch: scratch.bytes)?
-            .contains("data of seed 7") == true)
+        #expect(
+            BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 3, scratch: scratch.bytes) == nil)
+        #expect(
+            BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 4, scratch: scratch.bytes)?
+                .contains("expected write #4 but the block holds write #3 (lost or stale write)") == true)
+        #expect(
+            BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 4096, serial: 3, scratch: scratch.bytes)?
+                .contains("offset 8192 (misdirected write)") == true)
+        #expect(
+            BlockPattern.mismatch(block.readOnlyBytes, seed: 8, offset: 8192, serial: 3, scratch: scratch.bytes)?
+                .contains("data of seed 7") == true)
         block.bytes[100] ^= 1
-        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 3, scratch: scratch.bytes)?
-            .contains("corrupted data") == true)
+        #expect(
+            BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 3, scratch: scratch.bytes)?
+                .contains("corrupted data") == true)
         block.fill(0)
-        #expect(BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 0, scratch: scratch.bytes)?
-            .contains("expected the layout pass but the block holds zeros") == true)
+        #expect(
+            BlockPattern.mismatch(block.readOnlyBytes, seed: 7, offset: 8192, serial: 0, scratch: scratch.bytes)?
+                .contains("expected the layout pass but the block holds zeros") == true)
     }
 
     @Test("lock holders are read from /proc/locks")
@@ -148,11 +161,13 @@ struct FaultSpecTests {
         #expect(try FaultSpec.parse("write-error,flush-error").faults.first?.kinds == [.writes, .flushes])
     }
 
-    @Test("bad specs say what is wrong", arguments: [
-        ("nonsense", "unknown fault 'nonsense'"), ("read-error,range=5", "range is START-END"),
-        ("read-error,probability=2", "probability is a number"), ("latency=fast", "not a duration"),
-        ("range=0-1M", "go with read-error"), ("", "names no fault"), ("vanish-after", "needs a value"),
-    ])
+    @Test(
+        "bad specs say what is wrong",
+        arguments: [
+            ("nonsense", "unknown fault 'nonsense'"), ("read-error,range=5", "range is START-END"),
+            ("read-error,probability=2", "probability is a number"), ("latency=fast", "not a duration"),
+            ("range=0-1M", "go with read-error"), ("", "names no fault"), ("vanish-after", "needs a value"),
+        ])
     func rejects(text: String, fragment: String) async {
         let error = await spindleError { _ = try FaultSpec.parse(text) }
         expectError(error, .invalidArgument, [fragment])

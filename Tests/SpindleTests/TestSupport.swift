@@ -1,6 +1,7 @@
-import Glibc
 import Foundation
+import Glibc
 import Testing
+
 @testable import Spindle
 
 /// A fresh folder under /var/tmp (a disk file system, so O_DIRECT works), removed by `remove()`.
@@ -45,7 +46,9 @@ func expectError(
     guard let error else { return }
     #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
     for fragment in fragments {
-        #expect(error.description.contains(fragment), "'\(error)' should mention '\(fragment)'", sourceLocation: sourceLocation)
+        #expect(
+            error.description.contains(fragment), "'\(error)' should mention '\(fragment)'",
+            sourceLocation: sourceLocation)
     }
 }
 
@@ -110,8 +113,9 @@ func exerciseConcurrently(
                         let buffer = AlignedBuffer(count: length)
                         try await device.read(into: buffer, at: UInt64(offset))
                         if buffer.array != Array(model[local..<(local + length)]) {
-                            throw SpindleError(.verificationFailed, "task \(task) step \(step): read differs from the model",
-                                               operation: "read", path: device.name, offset: UInt64(offset), length: UInt64(length))
+                            throw SpindleError(
+                                .verificationFailed, "task \(task) step \(step): read differs from the model",
+                                operation: "read", path: device.name, offset: UInt64(offset), length: UInt64(length))
                         }
                     case 16:
                         try await device.writeZeroes(offset: UInt64(offset), length: UInt64(length))
@@ -143,7 +147,9 @@ func openDescriptors(matching fragment: String) -> Int {
     defer { closedir(directory) }
     var count = 0
     while let entry = readdir(directory) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        let name = withUnsafeBytes(of: entry.pointee.d_name) {
+            String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
         if name == "." || name == ".." { continue }
         var target = [CChar](repeating: 0, count: 512)
         let length = readlink("/proc/self/fd/\(name)", &target, 511)
@@ -163,7 +169,8 @@ func byteDifference(_ got: [UInt8], _ expected: [UInt8]) -> String? {
         return "lengths differ: \(got.count) bytes, expected \(expected.count)"
     }
     let differing = (index..<min(got.count, expected.count)).filter { got[$0] != expected[$0] }.count
-    return "first difference at byte \(index) (block \(index / 4096)): \(got[index]) instead of \(expected[index]); \(differing) bytes differ"
+    return
+        "first difference at byte \(index) (block \(index / 4096)): \(got[index]) instead of \(expected[index]); \(differing) bytes differ"
 }
 
 /// Writes `bytes` into the file at `path` at `offset`, creating the file when it is missing (as a

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 /// A 4 KiB block that names itself: its owner's block number and a version in the first 16 bytes,
@@ -17,7 +18,9 @@ private func tag(of bytes: ArraySlice<UInt8>) -> Result<(block: UInt64, version:
     if bytes.allSatisfy({ $0 == 0 }) { return .success(nil) }
     let block = Array(bytes).littleEndian(UInt64.self, at: 0)
     let version = Array(bytes).littleEndian(UInt64.self, at: 8)
-    guard Array(bytes) == taggedBlock(block, version: version) else { return .failure(TagProblem(description: "torn or foreign data")) }
+    guard Array(bytes) == taggedBlock(block, version: version) else {
+        return .failure(TagProblem(description: "torn or foreign data"))
+    }
     return .success((block, version))
 }
 
@@ -26,7 +29,9 @@ private struct TagProblem: Error, CustomStringConvertible {
 }
 
 /// Writes version `version` of `blocks` consecutive tagged blocks at block `first`.
-private func writeTagged(_ volume: ThinVolume, first: UInt64, blocks: Int, version: UInt64, owner: UInt64 = 0) async throws {
+private func writeTagged(_ volume: ThinVolume, first: UInt64, blocks: Int, version: UInt64, owner: UInt64 = 0)
+    async throws
+{
     let buffer = AlignedBuffer(count: blocks * 4096)
     for index in 0..<blocks {
         let bytes = taggedBlock(owner | (first + UInt64(index)), version: version)
@@ -45,7 +50,9 @@ private struct Versions: Sendable {
 /// second one that can be made slow: data requests then stay in flight long after a metadata change
 /// (a snapshot, a discard and its commit) completes, which is when a request that used an old
 /// mapping could do harm.
-private func slowDataPool(name: String, seed: UInt64, dataBytes: UInt64) async throws -> (pool: ThinPool, devices: [any BlockDevice], slow: FaultyDevice) {
+private func slowDataPool(name: String, seed: UInt64, dataBytes: UInt64) async throws -> (
+    pool: ThinPool, devices: [any BlockDevice], slow: FaultyDevice
+) {
     let fast = try MemoryDevice(capacityBytes: 2 << 20, logicalBlockBytes: 4096)
     let slow = FaultyDevice(wrapping: try MemoryDevice(capacityBytes: dataBytes, logicalBlockBytes: 4096), seed: seed)
     let pool = try await ThinPool.create(name: name, devices: [fast, slow])
@@ -54,8 +61,9 @@ private func slowDataPool(name: String, seed: UInt64, dataBytes: UInt64) async t
 
 @Suite("Thin volumes under concurrent I/O")
 struct ThinConcurrencyTests {
-    @Test("reads and in-place writes of mapped chunks complete while the pool's lock is held",
-          .timeLimit(.minutes(1)))
+    @Test(
+        "reads and in-place writes of mapped chunks complete while the pool's lock is held",
+        .timeLimit(.minutes(1)))
     func mappedChunksNeedNoPoolLock() async throws {
         let device = try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)
         let pool = try await ThinPool.create(name: "free", devices: [device])
@@ -74,7 +82,9 @@ struct ThinConcurrencyTests {
         #expect(try await pool.check().isClean)
     }
 
-    @Test("the mapping table follows every change: writes after a snapshot copy, discards and shrinks read zeros, a deleted volume's open objects fail, objects of one volume see each other's writes")
+    @Test(
+        "the mapping table follows every change: writes after a snapshot copy, discards and shrinks read zeros, a deleted volume's open objects fail, objects of one volume see each other's writes"
+    )
     func tableFollowsChanges() async throws {
         let device = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
         let pool = try await ThinPool.create(name: "follow", devices: [device])
@@ -95,7 +105,10 @@ struct ThinConcurrencyTests {
         let snapshot = try await pool.openVolume(name: "s")
         let before = expected
         #expect(byteDifference(try await readAll(snapshot), before) == nil)
-        for block in Array(0..<64) + [100] { expected.replaceSubrange((block * 4096)..<((block + 1) * 4096), with: taggedBlock(UInt64(block), version: 2)) }
+        for block in Array(0..<64) + [100] {
+            expected.replaceSubrange(
+                (block * 4096)..<((block + 1) * 4096), with: taggedBlock(UInt64(block), version: 2))
+        }
         #expect(byteDifference(try await readAll(first), expected) == nil)
         #expect(byteDifference(try await readAll(second), expected) == nil)
         // Written again after the copy: in place, no more chunks.
@@ -118,8 +131,12 @@ struct ThinConcurrencyTests {
 
         // A deleted snapshot's open object fails instead of reading chunks that are no longer its own.
         try await pool.deleteVolume(name: "s")
-        expectError(await spindleError { try await snapshot.read(into: AlignedBuffer(count: 4096), at: 0) }, .notFound, ["s", "was deleted"])
-        expectError(await spindleError { try await writeTagged(snapshot, first: 3, blocks: 1, version: 9) }, .notFound, ["was deleted"])
+        expectError(
+            await spindleError { try await snapshot.read(into: AlignedBuffer(count: 4096), at: 0) }, .notFound,
+            ["s", "was deleted"])
+        expectError(
+            await spindleError { try await writeTagged(snapshot, first: 3, blocks: 1, version: 9) }, .notFound,
+            ["was deleted"])
 
         try await pool.commit()
         let report = try await pool.check()
@@ -128,8 +145,9 @@ struct ThinConcurrencyTests {
         #expect(byteDifference(try await readAll(try await reopened.openVolume(name: "v")), expected) == nil)
     }
 
-    @Test("reads and in-place writes racing snapshots: each snapshot holds every write completed before it and none begun after, also after reopening",
-          arguments: [UInt64(1), 2])
+    @Test(
+        "reads and in-place writes racing snapshots: each snapshot holds every write completed before it and none begun after, also after reopening",
+        arguments: [UInt64(1), 2])
     func snapshotsUnderLoad(seed: UInt64) async throws {
         let (pool, devices, device) = try await slowDataPool(name: "busy", seed: seed, dataBytes: 32 << 20)
         // Few chunks, many writers: writes in flight on a chunk are the rule when a snapshot shares it,
@@ -139,7 +157,8 @@ struct ThinConcurrencyTests {
         try await writeTagged(volume, first: 0, blocks: blocks, version: 1)
         try await volume.flush()
         device.addLatency(nanoseconds: 20_000, jitterNanoseconds: 1_000_000)
-        let versions = Locked(Versions(begun: [UInt64](repeating: 1, count: blocks), completed: [UInt64](repeating: 1, count: blocks)))
+        let versions = Locked(
+            Versions(begun: [UInt64](repeating: 1, count: blocks), completed: [UInt64](repeating: 1, count: blocks)))
         let snapshots = Locked<[(name: String, low: [UInt64], high: [UInt64])]>([])
         let problems = Locked<[String]>([])
         let writers = 8
@@ -167,10 +186,16 @@ struct ThinConcurrencyTests {
                         let low = versions.withLock { $0.completed[block] }
                         try await volume.read(into: buffer, at: UInt64(block) * 4096)
                         let high = versions.withLock { $0.begun[block] }
-                        if case let .success(found?) = tag(of: buffer.array[...]), found.block == UInt64(block), (low...high).contains(found.version) {
+                        if case let .success(found?) = tag(of: buffer.array[...]), found.block == UInt64(block),
+                            (low...high).contains(found.version)
+                        {
                             continue
                         }
-                        problems.withLock { $0.append("read of block \(block) found \(tag(of: buffer.array[...])), expected a version in \(low)...\(high)") }
+                        problems.withLock {
+                            $0.append(
+                                "read of block \(block) found \(tag(of: buffer.array[...])), expected a version in \(low)...\(high)"
+                            )
+                        }
                     }
                 }
             }
@@ -192,14 +217,21 @@ struct ThinConcurrencyTests {
         func verify(_ pool: ThinPool) async throws {
             let final = versions.withLock { $0.completed }
             let origin = try await readAll(try await pool.openVolume(name: "v"))
-            #expect(byteDifference(origin, final.indices.flatMap { taggedBlock(UInt64($0), version: final[$0]) }) == nil, "the origin holds every write")
+            #expect(
+                byteDifference(origin, final.indices.flatMap { taggedBlock(UInt64($0), version: final[$0]) }) == nil,
+                "the origin holds every write")
             for (name, low, high) in snapshots.withLock({ $0 }) {
                 let bytes = try await readAll(try await pool.openVolume(name: name))
                 let wrong = (0..<blocks).first { block in
-                    guard case let .success(found?) = tag(of: bytes[(block * 4096)..<((block + 1) * 4096)]), found.block == UInt64(block) else { return true }
+                    guard case let .success(found?) = tag(of: bytes[(block * 4096)..<((block + 1) * 4096)]),
+                        found.block == UInt64(block)
+                    else { return true }
                     return !(low[block]...high[block]).contains(found.version)
                 }
-                #expect(wrong == nil, "snapshot \(name), block \(wrong ?? 0): expected a version in \(low[wrong ?? 0])...\(high[wrong ?? 0])")
+                #expect(
+                    wrong == nil,
+                    "snapshot \(name), block \(wrong ?? 0): expected a version in \(low[wrong ?? 0])...\(high[wrong ?? 0])"
+                )
             }
             let report = try await pool.check()
             #expect(report.isClean, "\(report.problems)")
@@ -208,8 +240,9 @@ struct ThinConcurrencyTests {
         try await verify(try await ThinPool.open(devices: devices))
     }
 
-    @Test("a snapshot waits for an in-place write in flight on its origin, and keeps it",
-          .timeLimit(.minutes(1)))
+    @Test(
+        "a snapshot waits for an in-place write in flight on its origin, and keeps it",
+        .timeLimit(.minutes(1)))
     func snapshotWaitsForWriteInFlight() async throws {
         let (pool, device, volume, held) = try await poolWithHeldChunk(name: "wait")
         let writer = Task { try await writeTagged(volume, first: 17, blocks: 1, version: 2) }
@@ -220,7 +253,8 @@ struct ThinConcurrencyTests {
             done.withLock { $0 = true }
         }
         await waitUntil { pool.inFlight.isDraining || done.withLock { $0 } }
-        #expect(!done.withLock { $0 }, "the snapshot completed while a write to its origin's chunk \(held) was in flight")
+        #expect(
+            !done.withLock { $0 }, "the snapshot completed while a write to its origin's chunk \(held) was in flight")
         device.release()
         try await writer.value
         try await snapshotter.value
@@ -236,8 +270,9 @@ struct ThinConcurrencyTests {
         #expect(try await pool.check().isClean)
     }
 
-    @Test("a discarded chunk is not handed out again while a read or in-place write that found it is in flight",
-          .timeLimit(.minutes(1)), arguments: [false, true])
+    @Test(
+        "a discarded chunk is not handed out again while a read or in-place write that found it is in flight",
+        .timeLimit(.minutes(1)), arguments: [false, true])
     func discardWaitsForRequestInFlight(reading: Bool) async throws {
         let (pool, device, volume, held) = try await poolWithHeldChunk(name: "reuse")
         let request = Task {
@@ -257,7 +292,9 @@ struct ThinConcurrencyTests {
             done.withLock { $0 = true }
         }
         await waitUntil { pool.inFlight.isDraining || done.withLock { $0 } }
-        #expect(!done.withLock { $0 }, "the discard of chunk \(held) committed (freeing it) while a request that found it was in flight")
+        #expect(
+            !done.withLock { $0 },
+            "the discard of chunk \(held) committed (freeing it) while a request that found it was in flight")
         device.release()
         let got = try await request.value
         #expect(got == taggedBlock(17, version: reading ? 1 : 2), "the request saw the chunk as it was mapped")
@@ -268,13 +305,15 @@ struct ThinConcurrencyTests {
         var expected = (0..<256).flatMap { taggedBlock(UInt64($0), version: 1) }
         expected.replaceSubrange((16 * 4096)..<(32 * 4096), with: repeatElement(0, count: 16 * 4096))
         #expect(byteDifference(try await readAll(volume), expected) == nil)
-        #expect(byteDifference(try await readAll(other), (0..<256).flatMap { taggedBlock(UInt64($0), version: 7) }) == nil)
+        #expect(
+            byteDifference(try await readAll(other), (0..<256).flatMap { taggedBlock(UInt64($0), version: 7) }) == nil)
         try await pool.commit()
         #expect(try await pool.check().isClean)
     }
 
-    @Test("reads and writes racing discards and flushes that free and reuse their chunks: every block holds its own data or zeros, also after reopening",
-          arguments: [UInt64(1), 2])
+    @Test(
+        "reads and writes racing discards and flushes that free and reuse their chunks: every block holds its own data or zeros, also after reopening",
+        arguments: [UInt64(1), 2])
     func discardsUnderLoad(seed: UInt64) async throws {
         let (pool, devices, device) = try await slowDataPool(name: "churn", seed: seed, dataBytes: 16 << 20)
         let chunkBlocks = Int(pool.chunkBytes / 4096)
@@ -449,7 +488,11 @@ private final class HoldingDevice: BlockDevice {
     }
 
     func flush() async throws { try await inner.flush() }
-    func discard(offset: UInt64, length: UInt64) async throws { try await inner.discard(offset: offset, length: length) }
-    func writeZeroes(offset: UInt64, length: UInt64) async throws { try await inner.writeZeroes(offset: offset, length: length) }
+    func discard(offset: UInt64, length: UInt64) async throws {
+        try await inner.discard(offset: offset, length: length)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try await inner.writeZeroes(offset: offset, length: length)
+    }
     func close() async throws {}
 }

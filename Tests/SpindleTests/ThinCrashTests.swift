@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 /// What a volume may hold after a crash: the simulator's model (contents at the last commit, plus
@@ -7,8 +8,9 @@ private typealias VolumeModel = StackSimulation.VolumeModel
 
 @Suite("Thin pool crash consistency")
 struct ThinCrashTests {
-    @Test("power cut at a random point of writes, flushes, discards, snapshots, deletes, resizes and creates: flushed data is there, check is clean, no volume shows another's data",
-          arguments: Array(UInt64(1)...10))
+    @Test(
+        "power cut at a random point of writes, flushes, discards, snapshots, deletes, resizes and creates: flushed data is there, check is clean, no volume shows another's data",
+        arguments: Array(UInt64(1)...10))
     func mixedLoad(seed: UInt64) async throws {
         let inner = try MemoryDevice(capacityBytes: 40 << 20, logicalBlockBytes: 4096)
         let setup = try await ThinPool.create(name: "crash", devices: [inner])
@@ -101,13 +103,17 @@ struct ThinCrashTests {
                 continue
             }
             let bytes = try await readAll(try await reopened.openVolume(name: info.name))
-            #expect(bytes.count == model.current.count, "seed \(seed): \(info.name) has \(bytes.count) bytes, expected \(model.current.count)")
+            #expect(
+                bytes.count == model.current.count,
+                "seed \(seed): \(info.name) has \(bytes.count) bytes, expected \(model.current.count)")
             for block in 0..<(min(bytes.count, model.current.count) / 4096) {
                 let range = (block * 4096)..<((block + 1) * 4096)
                 let got = Array(bytes[range])
                 let allowed = [Array(model.durable[range])] + model.versions[block]
                 if !allowed.contains(got) {
-                    Issue.record("seed \(seed): \(info.name) block \(block) holds data it never held (flushed or written since)\n\(trace.suffix(12).joined(separator: "\n"))")
+                    Issue.record(
+                        "seed \(seed): \(info.name) block \(block) holds data it never held (flushed or written since)\n\(trace.suffix(12).joined(separator: "\n"))"
+                    )
                     break
                 }
             }

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 @Suite("Thin pools (first slice)")
@@ -92,7 +93,9 @@ struct ThinPoolTests {
         }
         expectError(failure, .noSpace, ["pool small is full", "\(chunks) of \(chunks) chunks used"])
         let warnings = try await pool.warnings()
-        #expect(warnings.contains { $0.contains("pool small is over-provisioned: its volumes total 128 MiB") }, "\(warnings)")
+        #expect(
+            warnings.contains { $0.contains("pool small is over-provisioned: its volumes total 128 MiB") },
+            "\(warnings)")
         #expect(warnings.contains { $0.contains("pool small is 100% full") }, "\(warnings)")
         let check = AlignedBuffer(count: Int(pool.chunkBytes))
         try await second.read(into: check, at: 0)
@@ -104,7 +107,9 @@ struct ThinPoolTests {
         #expect(await pool.usage.usedChunks == 1)
     }
 
-    @Test("after a power cut every flushed write reads back and other blocks hold old or new data", arguments: [UInt64(1), 2, 3, 4])
+    @Test(
+        "after a power cut every flushed write reads back and other blocks hold old or new data",
+        arguments: [UInt64(1), 2, 3, 4])
     func powerCut(seed: UInt64) async throws {
         let inner = try MemoryDevice(capacityBytes: 32 << 20, logicalBlockBytes: 4096)
         _ = try await ThinPool.create(name: "pc", devices: [inner]).createVolume(name: "v", sizeBytes: 16 << 20)
@@ -122,14 +127,17 @@ struct ThinPoolTests {
             let count = 1 + Int(random.below(16))
             if random.chance(0.15) {
                 try await volume.discard(offset: UInt64(first * block), length: UInt64(count * block))
-                current.replaceSubrange((first * block)..<((first + count) * block), with: repeatElement(0, count: count * block))
+                current.replaceSubrange(
+                    (first * block)..<((first + count) * block), with: repeatElement(0, count: count * block))
             } else {
                 let data = AlignedBuffer(count: count * block)
                 fillRandom(data.bytes, seed: seed * 10_000 + UInt64(step))
                 try await volume.write(from: data, at: UInt64(first * block))
                 current.replaceSubrange((first * block)..<((first + count) * block), with: data.array)
             }
-            for index in first..<(first + count) { versions[index].append(Array(current[(index * block)..<((index + 1) * block)])) }
+            for index in first..<(first + count) {
+                versions[index].append(Array(current[(index * block)..<((index + 1) * block)]))
+            }
             if random.chance(0.2) {
                 try await volume.flush()
                 flushed = current
@@ -147,7 +155,9 @@ struct ThinPoolTests {
             // A discarded block may read as zeros; unflushed data may also be lost back to the flushed state.
             let allowed = [Array(flushed[range])] + versions[index] + [[UInt8](repeating: 0, count: block)]
             #expect(allowed.contains(got), "seed \(seed): block \(index) holds data it never held")
-            if versions[index].isEmpty { #expect(got == Array(flushed[range]), "seed \(seed): flushed block \(index) changed") }
+            if versions[index].isEmpty {
+                #expect(got == Array(flushed[range]), "seed \(seed): flushed block \(index) changed")
+            }
         }
     }
 
@@ -171,7 +181,9 @@ struct ThinPoolTests {
         let large = try await pool.openVolume(name: "v")
         var expected = Array(data.array[0..<Int(cut)])
         expected += [UInt8](repeating: 0, count: (8 << 20) - Int(cut))
-        #expect(byteDifference(try await readAll(large), expected) == nil, "grown space and the cut chunk's tail read zeros")
+        #expect(
+            byteDifference(try await readAll(large), expected) == nil, "grown space and the cut chunk's tail read zeros"
+        )
         try await pool.renameVolume(name: "v", to: "w")
         #expect(try await pool.volumes().map(\.name) == ["w"])
         #expect(byteDifference(try await readAll(try await pool.openVolume(name: "w")), expected) == nil)
@@ -197,7 +209,9 @@ struct ThinPoolTests {
                 400, value: 1, root: state.area.roots[ThinPool.Root.referenceCounts.rawValue], in: state.area)
         }
         let leaked = try await pool.check()
-        #expect(leaked.problems.contains("chunk 400 is allocated (reference count 1) but nothing maps it (leaked)"), "\(leaked.problems)")
+        #expect(
+            leaked.problems.contains("chunk 400 is allocated (reference count 1) but nothing maps it (leaked)"),
+            "\(leaked.problems)")
         // A mapping whose chunk was never allocated.
         try await pool.withState { state in
             var record = state.records[volume.id]!
@@ -206,7 +220,9 @@ struct ThinPoolTests {
             state.records[volume.id] = record
         }
         let unallocated = try await pool.check()
-        #expect(unallocated.problems.contains("chunk 300 is mapped but not allocated (it could be handed out again)"), "\(unallocated.problems)")
+        #expect(
+            unallocated.problems.contains("chunk 300 is mapped but not allocated (it could be handed out again)"),
+            "\(unallocated.problems)")
 
         // A corrupt node on disk is reported with its block, never used: by check, and by a read.
         let reopened = try await ThinPool.open(devices: [device])
@@ -219,19 +235,28 @@ struct ThinPoolTests {
         try await device.write(from: block, at: position)
         let damaged = try await ThinPool.open(devices: [device])
         let report = try await damaged.check()
-        #expect(report.problems.contains { $0.contains("metadata block \(victim) is corrupt (checksum mismatch)") }, "\(report.problems)")
+        #expect(
+            report.problems.contains { $0.contains("metadata block \(victim) is corrupt (checksum mismatch)") },
+            "\(report.problems)")
         let reader = try await damaged.openVolume(name: "v")
-        expectError(await spindleError { try await reader.read(into: AlignedBuffer(count: 4096), at: 0) },
-                    .corrupted, ["metadata block \(victim) is corrupt (checksum mismatch)"])
+        expectError(
+            await spindleError { try await reader.read(into: AlignedBuffer(count: 4096), at: 0) },
+            .corrupted, ["metadata block \(victim) is corrupt (checksum mismatch)"])
     }
 
     @Test("volume names are unique, and a missing one is reported")
     func names() async throws {
-        let pool = try await ThinPool.create(name: "n", devices: [try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)])
+        let pool = try await ThinPool.create(
+            name: "n", devices: [try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)])
         _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20)
         #expect(try await pool.warnings().isEmpty, "a small volume in an empty pool is nothing to warn about")
-        expectError(await spindleError { _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20) }, .alreadyExists, ["'one' already"])
-        expectError(await spindleError { _ = try await pool.openVolume(name: "two") }, .notFound, ["no volume named 'two'"])
-        expectError(await spindleError { _ = try await pool.createVolume(name: "x", sizeBytes: 1000) }, .invalidArgument, ["multiple of 4 KiB"])
+        expectError(
+            await spindleError { _ = try await pool.createVolume(name: "one", sizeBytes: 1 << 20) }, .alreadyExists,
+            ["'one' already"])
+        expectError(
+            await spindleError { _ = try await pool.openVolume(name: "two") }, .notFound, ["no volume named 'two'"])
+        expectError(
+            await spindleError { _ = try await pool.createVolume(name: "x", sizeBytes: 1000) }, .invalidArgument,
+            ["multiple of 4 KiB"])
     }
 }

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import Spindle
 
 /// Writes `count` random 4 KiB blocks (some partial chunks, some whole) to a volume and to a model.
@@ -54,7 +55,8 @@ struct ThinSnapshotTests {
         #expect(report.isClean, "\(report.problems)")
         let reopened = try await ThinPool.open(devices: [device])
         #expect(byteDifference(try await readAll(try await reopened.openVolume(name: "origin")), originModel) == nil)
-        #expect(byteDifference(try await readAll(try await reopened.openVolume(name: "before")), changedSnapshot) == nil)
+        #expect(
+            byteDifference(try await readAll(try await reopened.openVolume(name: "before")), changedSnapshot) == nil)
         let usage = try await reopened.volumeUsage()
         let used = await reopened.usage.usedChunks
         let exclusive = usage.reduce(UInt64(0)) { $0 + $1.exclusiveChunks }
@@ -65,17 +67,21 @@ struct ThinSnapshotTests {
 
     @Test("a read-only snapshot refuses writes and discards, naming itself")
     func readOnly() async throws {
-        let pool = try await ThinPool.create(name: "ro", devices: [try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)])
+        let pool = try await ThinPool.create(
+            name: "ro", devices: [try MemoryDevice(capacityBytes: 16 << 20, logicalBlockBytes: 4096)])
         _ = try await pool.createVolume(name: "v", sizeBytes: 1 << 20)
         try await pool.snapshot(volume: "v", name: "frozen", readOnly: true)
         let frozen = try await pool.openVolume(name: "frozen")
         #expect(frozen.isReadOnly)
-        expectError(await spindleError { try await frozen.write(from: AlignedBuffer(count: 4096), at: 0) }, .readOnly, ["ro/frozen"])
+        expectError(
+            await spindleError { try await frozen.write(from: AlignedBuffer(count: 4096), at: 0) }, .readOnly,
+            ["ro/frozen"])
         expectError(await spindleError { try await frozen.discard(offset: 0, length: 65536) }, .readOnly, ["ro/frozen"])
     }
 
-    @Test("chains of snapshots, written at every level, then deleted in every order, bring every count back to zero",
-          arguments: [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [0, 2, 1, 3], [3, 0, 2, 1]])
+    @Test(
+        "chains of snapshots, written at every level, then deleted in every order, bring every count back to zero",
+        arguments: [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [0, 2, 1, 3], [3, 0, 2, 1]])
     func chainsAndDeletion(order: [Int]) async throws {
         let device = try MemoryDevice(capacityBytes: 64 << 20, logicalBlockBytes: 4096)
         let pool = try await ThinPool.create(name: "chain", devices: [device])
@@ -96,7 +102,9 @@ struct ThinSnapshotTests {
             models.append(snapshotModel)
         }
         for (index, name) in names.enumerated() {
-            #expect(byteDifference(try await readAll(try await pool.openVolume(name: name)), models[index]) == nil, "\(name) before deletions")
+            #expect(
+                byteDifference(try await readAll(try await pool.openVolume(name: name)), models[index]) == nil,
+                "\(name) before deletions")
         }
         var remaining = Set(0..<names.count)
         for index in order {
@@ -105,8 +113,10 @@ struct ThinSnapshotTests {
             let report = try await pool.check()
             #expect(report.isClean, "after deleting \(names[index]) (order \(order)): \(report.problems)")
             for other in remaining.sorted() {
-                #expect(byteDifference(try await readAll(try await pool.openVolume(name: names[other])), models[other]) == nil,
-                        "\(names[other]) after deleting \(names[index]) (order \(order))")
+                #expect(
+                    byteDifference(try await readAll(try await pool.openVolume(name: names[other])), models[other])
+                        == nil,
+                    "\(names[other]) after deleting \(names[index]) (order \(order))")
             }
         }
         #expect(await pool.usage.usedChunks == 0, "every chunk came back")
@@ -154,18 +164,24 @@ struct ThinSnapshotTests {
         #expect(await pool.usage.usedChunks == capacity, "every chunk of every device used")
         let reopened = try await ThinPool.open(devices: [devices[2], devices[0], devices[1]])
         #expect(byteDifference(try await readAll(try await reopened.openVolume(name: "v")), model) == nil)
-        expectError(await spindleError { _ = try await ThinPool.open(devices: [devices[0], devices[2]]) },
-                    .notFound, ["pool wide has 3 devices; device 1 is missing"])
-        expectError(await spindleError { _ = try await ThinPool.open(devices: [devices[0], devices[1], devices[1]]) },
-                    .invalidArgument, ["both claim to be device 1 of pool wide"])
+        expectError(
+            await spindleError { _ = try await ThinPool.open(devices: [devices[0], devices[2]]) },
+            .notFound, ["pool wide has 3 devices; device 1 is missing"])
+        expectError(
+            await spindleError { _ = try await ThinPool.open(devices: [devices[0], devices[1], devices[1]]) },
+            .invalidArgument, ["both claim to be device 1 of pool wide"])
         let other = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
         _ = try await ThinPool.create(name: "other", devices: [other])
-        expectError(await spindleError { _ = try await ThinPool.open(devices: [devices[0], other]) },
-                    .invalidArgument, ["belongs to pool other"])
-        expectError(await spindleError { _ = try await ThinPool.create(name: "again", devices: [other]) },
-                    .alreadyExists, ["holds device 0 of pool 'other'", "refusing to overwrite it"])
+        expectError(
+            await spindleError { _ = try await ThinPool.open(devices: [devices[0], other]) },
+            .invalidArgument, ["belongs to pool other"])
+        expectError(
+            await spindleError { _ = try await ThinPool.create(name: "again", devices: [other]) },
+            .alreadyExists, ["holds device 0 of pool 'other'", "refusing to overwrite it"])
         let blank = try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096)
-        expectError(await spindleError { _ = try await ThinPool.open(devices: [blank]) }, .invalidArgument, ["no thin pool label"])
+        expectError(
+            await spindleError { _ = try await ThinPool.open(devices: [blank]) }, .invalidArgument,
+            ["no thin pool label"])
     }
 
     @Test("extending by a new device or by grown space adds chunks that hold data across reopening")
@@ -203,7 +219,9 @@ struct ThinSnapshotTests {
             #expect(byteDifference(got.array, block.array) == nil, "chunk \(index)")
         }
         #expect(try await regrown.check().isClean)
-        expectError(await spindleError { try await regrown.extend(adding: [second]) }, .invalidArgument, ["in pool grow already"])
+        expectError(
+            await spindleError { try await regrown.extend(adding: [second]) }, .invalidArgument,
+            ["in pool grow already"])
     }
 }
 

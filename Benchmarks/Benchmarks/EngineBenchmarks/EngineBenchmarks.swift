@@ -73,14 +73,17 @@ let benchmarks: @Sendable () -> Void = {
     let parity = AlignedBuffer(count: 65536)
     let copyTarget = AlignedBuffer(count: 4 * 65536)
 
-    Benchmark("parity xor_gen 4 x 64 KiB", configuration: .init(metrics: [.throughput, .wallClock], scalingFactor: .one)) { benchmark in
+    Benchmark(
+        "parity xor_gen 4 x 64 KiB", configuration: .init(metrics: [.throughput, .wallClock], scalingFactor: .one)
+    ) { benchmark in
         for _ in benchmark.scaledIterations {
             XORParity.generate(sources: sources, into: parity, length: 65536)
             blackHole(parity.bytes[0])
         }
     }
 
-    Benchmark("memcpy 4 x 64 KiB", configuration: .init(metrics: [.throughput, .wallClock], scalingFactor: .one)) { benchmark in
+    Benchmark("memcpy 4 x 64 KiB", configuration: .init(metrics: [.throughput, .wallClock], scalingFactor: .one)) {
+        benchmark in
         for _ in benchmark.scaledIterations {
             for (index, source) in sources.enumerated() {
                 memcpy(copyTarget.bytes.baseAddress! + index * 65536, source.bytes.baseAddress!, 65536)

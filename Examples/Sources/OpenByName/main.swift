@@ -23,7 +23,8 @@ await runExample("open-by-name") { folder in
 
     // Find: what the folder holds, typed.
     let found = try await Discovery.scan(folder: folder, engine: engine)
-    try expect(found.arrays.map(\.name) == ["a5"] && found.arrays[0].level == .raid5, "arrays: \(found.arrays.map(\.name))")
+    try expect(
+        found.arrays.map(\.name) == ["a5"] && found.arrays[0].level == .raid5, "arrays: \(found.arrays.map(\.name))")
     try expect(found.pools.map(\.name) == ["tank"], "pools: \(found.pools.map(\.name))")
     try expect(found.damaged.isEmpty, "damaged headers in a healthy folder: \(found.damaged)")
 

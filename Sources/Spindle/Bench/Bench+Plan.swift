@@ -20,7 +20,8 @@ extension Bench {
             guard blockBytes > 0, blockBytes % logical == 0, blockBytes <= 64 << 20 else {
                 throw SpindleError(
                     .invalidArgument,
-                    "the block size \(blockBytes) bytes must be a multiple of \(device.name)'s \(logical)-byte logical block, up to 64 MiB")
+                    "the block size \(blockBytes) bytes must be a multiple of \(device.name)'s \(logical)-byte logical block, up to 64 MiB"
+                )
             }
             if options.verify && blockBytes < 32 {
                 throw SpindleError(.invalidArgument, "verification needs blocks of at least 32 bytes")
@@ -40,7 +41,8 @@ extension Bench {
             guard options.regionOffset % UInt64(logical) == 0, options.regionOffset < device.capacityBytes else {
                 throw SpindleError(
                     .invalidArgument,
-                    "the region offset \(options.regionOffset) must be a block-aligned offset inside \(device.name) (\(device.capacityBytes) bytes)")
+                    "the region offset \(options.regionOffset) must be a block-aligned offset inside \(device.name) (\(device.capacityBytes) bytes)"
+                )
             }
             regionOffset = options.regionOffset
             let available = device.capacityBytes - regionOffset
@@ -48,7 +50,8 @@ extension Bench {
             guard asked <= available else {
                 throw SpindleError(
                     .outOfRange,
-                    "the region of \(asked) bytes at offset \(regionOffset) does not fit in \(device.name) (\(device.capacityBytes) bytes)")
+                    "the region of \(asked) bytes at offset \(regionOffset) does not fit in \(device.name) (\(device.capacityBytes) bytes)"
+                )
             }
             blockCount = asked / UInt64(blockBytes)
             regionBytes = blockCount * UInt64(blockBytes)
@@ -59,9 +62,12 @@ extension Bench {
             if options.verify && blockCount <= UInt64(options.ioDepth) {
                 throw SpindleError(
                     .invalidArgument,
-                    "verification needs more blocks in the region (\(blockCount)) than requests in flight (\(options.ioDepth))")
+                    "verification needs more blocks in the region (\(blockCount)) than requests in flight (\(options.ioDepth))"
+                )
             }
-            if (options.pattern.writes || options.fill || (options.verify && !options.verifyExisting)) && device.isReadOnly {
+            if (options.pattern.writes || options.fill || (options.verify && !options.verifyExisting))
+                && device.isReadOnly
+            {
                 throw SpindleError(.readOnly, "the load writes but the device is open read-only", path: device.name)
             }
             // The layout pass writes in large requests made of whole blocks.
@@ -83,7 +89,9 @@ extension Bench {
         let issued = Atomic<UInt64>(0)
         let completedOperations = Atomic<UInt64>(0)
         let completedBytes = Atomic<UInt64>(0)
-        let phase = Locked<(name: String, totalBytes: UInt64?, deadline: UInt64?, operations: UInt64?, started: UInt64)>(
+        let phase = Locked<
+            (name: String, totalBytes: UInt64?, deadline: UInt64?, operations: UInt64?, started: UInt64)
+        >(
             ("", nil, nil, nil, 0))
         let verifyTable: Locked<VerifyTable>
 
@@ -91,9 +99,10 @@ extension Bench {
             self.plan = plan
             let blocks = plan.options.verify ? Int(plan.blockCount) : 0
             let initial = plan.options.fill || plan.options.pattern.reads ? 0 : VerifyTable.unwritten
-            verifyTable = Locked(VerifyTable(
-                lastSerial: [UInt64](repeating: initial, count: blocks),
-                inFlight: [Bool](repeating: false, count: blocks)))
+            verifyTable = Locked(
+                VerifyTable(
+                    lastSerial: [UInt64](repeating: initial, count: blocks),
+                    inFlight: [Bool](repeating: false, count: blocks)))
         }
 
         func beginPhase(_ name: String, totalBytes: UInt64?, deadline: UInt64?, operations: UInt64?) {

@@ -72,7 +72,8 @@ extension Bench {
                     now = monotonicNanos()
                     continue
                 }
-                let block = pattern.isRandom
+                let block =
+                    pattern.isRandom
                     ? random.below(plan.blockCount)
                     : shared.cursor.add(1, ordering: .relaxed).oldValue % plan.blockCount
                 let offset = plan.regionOffset + block * blockBytes
@@ -94,7 +95,8 @@ extension Bench {
             let plan = self.plan
             let blockCount = plan.blockCount
             let sequential = !plan.options.pattern.isRandom
-            var candidate = sequential
+            var candidate =
+                sequential
                 ? shared.cursor.add(1, ordering: .relaxed).oldValue % blockCount
                 : random.below(blockCount)
             var tries = 0
@@ -138,9 +140,13 @@ extension Bench {
         private mutating func check(offset: UInt64, serial: UInt64) throws(SpindleError) {
             // A later run's random writes may have replaced the layout pass: checking what exists, any
             // write of this seed for this offset is accepted whole (lost writes are not told apart then).
-            let problem = plan.options.verifyExisting
-                ? BlockPattern.mismatchAnyWrite(buffer.readOnlyBytes, seed: plan.options.seed, offset: offset, scratch: scratch.bytes)
-                : BlockPattern.mismatch(buffer.readOnlyBytes, seed: plan.options.seed, offset: offset, serial: serial, scratch: scratch.bytes)
+            let problem =
+                plan.options.verifyExisting
+                ? BlockPattern.mismatchAnyWrite(
+                    buffer.readOnlyBytes, seed: plan.options.seed, offset: offset, scratch: scratch.bytes)
+                : BlockPattern.mismatch(
+                    buffer.readOnlyBytes, seed: plan.options.seed, offset: offset, serial: serial,
+                    scratch: scratch.bytes)
             if let problem {
                 throw SpindleError(
                     .verificationFailed, problem, operation: "verify", path: plan.device.name, offset: offset,

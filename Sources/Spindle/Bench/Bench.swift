@@ -172,7 +172,8 @@ public enum Bench {
             iops: Double(readHistogram.count + writeHistogram.count) / elapsed,
             mebibytesPerSecond: Double(readBytes + writeBytes) / elapsed / 1_048_576,
             read: readHistogram.count > 0 ? DirectionReport(readHistogram, bytes: readBytes, seconds: elapsed) : nil,
-            write: writeHistogram.count > 0 ? DirectionReport(writeHistogram, bytes: writeBytes, seconds: elapsed) : nil,
+            write: writeHistogram.count > 0
+                ? DirectionReport(writeHistogram, bytes: writeBytes, seconds: elapsed) : nil,
             layoutBytes: layoutBytes, verifiedBlocks: verified)
     }
 }

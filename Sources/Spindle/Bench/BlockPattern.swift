@@ -43,10 +43,16 @@ public enum BlockPattern {
         let foundOffset = UInt64(littleEndian: words[1])
         let foundSerial = UInt64(littleEndian: words[2])
         let foundSeed = UInt64(littleEndian: words[3])
-        if foundSeed != seed { return "expected \(expected) of seed \(seed) but the block holds data of seed \(foundSeed)" }
-        if foundOffset != offset { return "expected \(expected) but the block holds the block written for offset \(foundOffset) (misdirected write)" }
+        if foundSeed != seed {
+            return "expected \(expected) of seed \(seed) but the block holds data of seed \(foundSeed)"
+        }
+        if foundOffset != offset {
+            return
+                "expected \(expected) but the block holds the block written for offset \(foundOffset) (misdirected write)"
+        }
         if foundSerial != serial {
-            return "expected \(expected) but the block holds \(foundSerial == 0 ? "the layout pass" : "write #\(foundSerial)") (lost or stale write)"
+            return
+                "expected \(expected) but the block holds \(foundSerial == 0 ? "the layout pass" : "write #\(foundSerial)") (lost or stale write)"
         }
         return "expected \(expected); the header matches but the contents differ (corrupted data)"
     }
@@ -58,9 +64,12 @@ public enum BlockPattern {
     ) -> String? {
         let words = block.bindMemory(to: UInt64.self)
         let serial = UInt64(littleEndian: words[0]) == magic ? UInt64(littleEndian: words[2]) : 0
-        guard let problem = mismatch(block, seed: seed, offset: offset, serial: serial, scratch: scratch) else { return nil }
+        guard let problem = mismatch(block, seed: seed, offset: offset, serial: serial, scratch: scratch) else {
+            return nil
+        }
         let layout = "expected the layout pass"
-        return problem.hasPrefix(layout) ? "expected a block the bench wrote" + problem.dropFirst(layout.count) : problem
+        return problem.hasPrefix(layout)
+            ? "expected a block the bench wrote" + problem.dropFirst(layout.count) : problem
     }
 
     @inline(__always)

@@ -91,9 +91,13 @@ extension IOEngine {
         try source.validate(offset: options.sourceOffset, length: total, operation: "copy from")
         try target.validate(offset: options.targetOffset, length: total, operation: "copy to")
         try target.checkWritable(operation: "copy to", offset: options.targetOffset, length: total)
-        if source === target && options.sourceOffset < options.targetOffset + total && options.targetOffset < options.sourceOffset + total {
-            throw SpindleError(.invalidArgument, "the source and target ranges overlap on one device", operation: "copy", path: source.name,
-                               offset: options.sourceOffset, length: total)
+        if source === target && options.sourceOffset < options.targetOffset + total
+            && options.targetOffset < options.sourceOffset + total
+        {
+            throw SpindleError(
+                .invalidArgument, "the source and target ranges overlap on one device", operation: "copy",
+                path: source.name,
+                offset: options.sourceOffset, length: total)
         }
         let unit = BlockCopy.roundUp(options.zeroUnitBytes, to: max(source.logicalBlockBytes, target.logicalBlockBytes))
         let segment = BlockCopy.roundUp(options.segmentBytes, to: unit)
@@ -122,7 +126,8 @@ extension IOEngine {
                 let counts = try await withThrowingTaskGroup(of: (written: UInt64, skipped: UInt64).self) { group in
                     for cut in cuts {
                         group.addTask(executorPreference: self) {
-                            try await Self.copySegment(buffer, cut, unit: unit, to: target, at: to, targetReadsZeros: options.targetReadsZeros)
+                            try await Self.copySegment(
+                                buffer, cut, unit: unit, to: target, at: to, targetReadsZeros: options.targetReadsZeros)
                         }
                     }
                     var sum: (written: UInt64, skipped: UInt64) = (0, 0)
@@ -146,11 +151,14 @@ extension IOEngine {
     /// Writes one segment of the buffer (`cut`, placed at `base` + its start on the target): runs of
     /// non-zero units are written, runs of zero units cleared (or left, on a target that reads zeros).
     private static func copySegment(
-        _ buffer: AlignedBuffer, _ cut: Range<Int>, unit: Int, to target: any BlockDevice, at base: UInt64, targetReadsZeros: Bool
+        _ buffer: AlignedBuffer, _ cut: Range<Int>, unit: Int, to target: any BlockDevice, at base: UInt64,
+        targetReadsZeros: Bool
     ) async throws -> (written: UInt64, skipped: UInt64) {
         func isZero(_ start: Int) -> Bool {
             withExtendedLifetime(buffer) {
-                BlockCopy.isZero(UnsafeRawBufferPointer(buffer.slice(offset: start, length: min(start + unit, cut.upperBound) - start)))
+                BlockCopy.isZero(
+                    UnsafeRawBufferPointer(
+                        buffer.slice(offset: start, length: min(start + unit, cut.upperBound) - start)))
             }
         }
         var written: UInt64 = 0
@@ -161,7 +169,9 @@ extension IOEngine {
             var end = min(start + unit, cut.upperBound)
             while end < cut.upperBound && isZero(end) == zero { end = min(end + unit, cut.upperBound) }
             if zero {
-                if !targetReadsZeros { try await clear(target, offset: base + UInt64(start), length: UInt64(end - start)) }
+                if !targetReadsZeros {
+                    try await clear(target, offset: base + UInt64(start), length: UInt64(end - start))
+                }
                 skipped += UInt64(end - start)
             } else {
                 try await target.write(from: buffer, range: start..<end, at: base + UInt64(start))
@@ -189,7 +199,8 @@ extension ThinVolume: SparseBlockDevice {
         guard !range.isEmpty else { return [] }
         let chunk = pool.chunkBytes
         var ranges: [Range<UInt64>] = []
-        for mapped in try await mappedChunks(in: (range.lowerBound / chunk)..<((range.upperBound + chunk - 1) / chunk)) {
+        for mapped in try await mappedChunks(in: (range.lowerBound / chunk)..<((range.upperBound + chunk - 1) / chunk))
+        {
             let piece = max(mapped * chunk, range.lowerBound)..<min((mapped + 1) * chunk, range.upperBound)
             if let last = ranges.last, last.upperBound == piece.lowerBound {
                 ranges[ranges.count - 1] = last.lowerBound..<piece.upperBound

@@ -17,22 +17,27 @@ extension ThinPool {
         let fileBytes = try Self.regularFileBytes(path, operation: "import")
         // A file smaller than one block has only a tail.
         var image: FileDevice?
-        if fileBytes >= 512 { image = try FileDevice.open(path: path, engine: engine, options: FileDevice.Options(readOnly: true)) }
+        if fileBytes >= 512 {
+            image = try FileDevice.open(path: path, engine: engine, options: FileDevice.Options(readOnly: true))
+        }
         do {
             let target: ThinVolume
             if try await volumes().contains(where: { $0.name == volumeName }) {
                 target = try await openVolume(name: volumeName)
                 guard target.capacityBytes >= fileBytes else {
                     try? await target.close()
-                    throw SpindleError(.invalidArgument, "the file is \(ByteSize.format(fileBytes)) but volume \(name)/\(volumeName) holds \(ByteSize.format(target.capacityBytes)); resize it first",
-                                       operation: "import", path: path)
+                    throw SpindleError(
+                        .invalidArgument,
+                        "the file is \(ByteSize.format(fileBytes)) but volume \(name)/\(volumeName) holds \(ByteSize.format(target.capacityBytes)); resize it first",
+                        operation: "import", path: path)
                 }
             } else {
                 let wanted = max(sizeBytes ?? 0, (fileBytes + 4095) / 4096 * 4096)
                 target = try await createVolume(name: volumeName, sizeBytes: max(wanted, 4096))
             }
             do {
-                let result = try await copy(image, fileBytes: fileBytes, path: path, into: target, engine: engine, progress: progress)
+                let result = try await copy(
+                    image, fileBytes: fileBytes, path: path, into: target, engine: engine, progress: progress)
                 try await target.close()
                 try await image?.close()
                 return result
@@ -104,7 +109,8 @@ extension ThinPool {
                 options.segmentBytes = Int(chunkBytes)
                 options.pieceBytes = max(1 << 20, Int(chunkBytes))
                 options.targetReadsZeros = true
-                let result = try await (engine ?? target.engine).copy(from: source, to: target, options: options, progress: progress)
+                let result = try await (engine ?? target.engine).copy(
+                    from: source, to: target, options: options, progress: progress)
                 try await target.close()
                 try await source.close()
                 return result
@@ -151,10 +157,16 @@ extension ThinPool {
         var bytes = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
-            let got = bytes.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
+            let got = bytes.withUnsafeMutableBytes {
+                pread(descriptor, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+            }
             if got < 0 && errno == EINTR { continue }
             guard got > 0 else {
-                if got == 0 { throw SpindleError(.shortTransfer, "the file ended early", operation: "read", path: path, offset: offset + UInt64(done)) }
+                if got == 0 {
+                    throw SpindleError(
+                        .shortTransfer, "the file ended early", operation: "read", path: path,
+                        offset: offset + UInt64(done))
+                }
                 throw SpindleError.system(errno, operation: "read", path: path, offset: offset + UInt64(done))
             }
             done += got

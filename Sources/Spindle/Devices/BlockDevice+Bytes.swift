@@ -65,7 +65,8 @@ extension BlockDevice {
         precondition(range.upperBound <= start + block, "\(range) spans more than one block of \(block) bytes")
         let buffer = AlignedBuffer(count: Int(block), zeroed: false)
         try await read(into: buffer, at: start)
-        buffer.slice(offset: Int(range.lowerBound - start), length: range.count).initializeMemory(as: UInt8.self, repeating: 0)
+        buffer.slice(offset: Int(range.lowerBound - start), length: range.count).initializeMemory(
+            as: UInt8.self, repeating: 0)
         try await write(from: buffer, at: start)
     }
 }

@@ -110,10 +110,14 @@ extension BlockDevice {
     }
 
     /// Writes an aligned buffer (all of it, or `range` of it), keeping the buffer alive until done.
-    public func write(from buffer: AlignedBuffer, range: Range<Int>? = nil, at offset: UInt64, fua: Bool = false) async throws {
+    public func write(from buffer: AlignedBuffer, range: Range<Int>? = nil, at offset: UInt64, fua: Bool = false)
+        async throws
+    {
         let range = range ?? 0..<buffer.count
         defer { withExtendedLifetime(buffer) {} }  // the pointer below is good only while the owner lives
-        try await write(from: UnsafeRawBufferPointer(buffer.slice(offset: range.lowerBound, length: range.count)), at: offset, fua: fua)
+        try await write(
+            from: UnsafeRawBufferPointer(buffer.slice(offset: range.lowerBound, length: range.count)), at: offset,
+            fua: fua)
     }
 
     /// Checks a request against this device's block size and capacity.

@@ -48,22 +48,32 @@ public struct FaultSpec: Sendable, Equatable {
                 }
                 probability = value
             case "errno":
-                guard let value = Int32(try need()), value > 0 else { throw invalid(text, "errno is a positive number, such as 5") }
+                guard let value = Int32(try need()), value > 0 else {
+                    throw invalid(text, "errno is a positive number, such as 5")
+                }
                 errorNumber = value
             case "fail-after":
-                guard let value = UInt64(try need()) else { throw invalid(text, "fail-after takes a number of operations") }
+                guard let value = UInt64(try need()) else {
+                    throw invalid(text, "fail-after takes a number of operations")
+                }
                 spec.failAfterOperations = value
             case "vanish-after":
-                guard let value = UInt64(try need()) else { throw invalid(text, "vanish-after takes a number of operations") }
+                guard let value = UInt64(try need()) else {
+                    throw invalid(text, "vanish-after takes a number of operations")
+                }
                 spec.vanishAfterOperations = value
             case "latency": spec.latencyNanos = try duration(try need(), text)
             case "jitter": spec.jitterNanos = try duration(try need(), text)
             default:
-                throw invalid(text, "unknown fault '\(key)'; use read-error, write-error, flush-error, range=, probability=, errno=, fail-after=, vanish-after=, latency= or jitter=")
+                throw invalid(
+                    text,
+                    "unknown fault '\(key)'; use read-error, write-error, flush-error, range=, probability=, errno=, fail-after=, vanish-after=, latency= or jitter="
+                )
             }
         }
         if !kinds.isEmpty {
-            spec.faults.append(FaultyDevice.Fault(kinds: kinds, range: range, probability: probability, errno: errorNumber))
+            spec.faults.append(
+                FaultyDevice.Fault(kinds: kinds, range: range, probability: probability, errno: errorNumber))
         } else if range != nil || probability != 1 {
             throw invalid(text, "range= and probability= go with read-error, write-error or flush-error")
         }
@@ -76,7 +86,9 @@ public struct FaultSpec: Sendable, Equatable {
         for fault in faults { device.inject(fault) }
         if let failAfterOperations { device.failAfter(operations: failAfterOperations) }
         if let vanishAfterOperations { device.vanish(afterOperations: vanishAfterOperations) }
-        if latencyNanos > 0 || jitterNanos > 0 { device.addLatency(nanoseconds: latencyNanos, jitterNanoseconds: jitterNanos) }
+        if latencyNanos > 0 || jitterNanos > 0 {
+            device.addLatency(nanoseconds: latencyNanos, jitterNanoseconds: jitterNanos)
+        }
     }
 
     private static func duration(_ value: String, _ text: String) throws(SpindleError) -> UInt64 {

@@ -38,8 +38,9 @@ extension FaultyDevice {
             // from the order of the cache.
             let plan = cache.map { write in
                 (0..<(write.length / block)).map { index in
-                    tearing && FaultDecisions.chance(
-                        0.5, key: FaultDecisions.mix(write.key, cut), salt: write.offset + index * block)
+                    tearing
+                        && FaultDecisions.chance(
+                            0.5, key: FaultDecisions.mix(write.key, cut), salt: write.offset + index * block)
                 }
             }
             return (cache, plan)
@@ -55,7 +56,8 @@ extension FaultyDevice {
                 }
                 switch write.kind {
                 case let .data(bytes):
-                    blockBuffer.bytes.copyMemory(from: UnsafeRawBufferPointer(bytes.slice(offset: index * block, length: block)))
+                    blockBuffer.bytes.copyMemory(
+                        from: UnsafeRawBufferPointer(bytes.slice(offset: index * block, length: block)))
                 case .zeroes, .discard:
                     blockBuffer.fill(0)
                 }
@@ -77,7 +79,6 @@ extension FaultyDevice {
         state.withLock { $0.poweredOff = false }
     }
 
-
     func cacheWrite(_ write: CachedWrite) {
         state.withLock { $0.cache.append(write) }
     }
@@ -92,7 +93,8 @@ extension FaultyDevice {
                 let destination = buffer.baseAddress! + Int(start - offset)
                 switch write.kind {
                 case let .data(bytes):
-                    destination.copyMemory(from: bytes.bytes.baseAddress! + Int(start - write.offset), byteCount: Int(stop - start))
+                    destination.copyMemory(
+                        from: bytes.bytes.baseAddress! + Int(start - write.offset), byteCount: Int(stop - start))
                 case .zeroes, .discard:
                     memset(destination, 0, Int(stop - start))
                 }

@@ -17,8 +17,9 @@ extension FaultyDevice {
         try validate(offset: offset, length: buffer.count, operation: "write")
         try await perform(.writes, "write", offset: offset, length: UInt64(buffer.count)) { key in
             if self.volatileCache && !fua {
-                self.cacheWrite(CachedWrite(
-                    offset: offset, length: UInt64(buffer.count), kind: .data(Self.copy(buffer)), key: key))
+                self.cacheWrite(
+                    CachedWrite(
+                        offset: offset, length: UInt64(buffer.count), kind: .data(Self.copy(buffer)), key: key))
                 return
             }
             try await self.inner.write(from: buffer, at: offset, fua: fua)
@@ -93,7 +94,8 @@ extension FaultyDevice {
     /// Counts the operation, decides its fate from the faults and the request's key, waits any
     /// latency, runs it (with the key, which a cached write keeps).
     private func perform(
-        _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?, _ body: (_ key: UInt64) async throws -> Void
+        _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?,
+        _ body: (_ key: UInt64) async throws -> Void
     ) async throws {
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
@@ -126,7 +128,8 @@ extension FaultyDevice {
                 try await Task.sleep(nanoseconds: deadline - now)
             } catch {
                 // Cancelled: wait out the rest without the task's cancellation cutting it short.
-                await Task.detached { try? await Task.sleep(nanoseconds: deadline - min(monotonicNanos(), deadline)) }.value
+                await Task.detached { try? await Task.sleep(nanoseconds: deadline - min(monotonicNanos(), deadline)) }
+                    .value
             }
         }
     }
@@ -139,19 +142,25 @@ extension FaultyDevice {
             state.statistics.operations += 1
             if kind == .writes { state.statistics.writes += 1 }
             if state.poweredOff {
-                return .fail(SpindleError(.deviceGone, "the device has lost power", errno: EIO,
-                                          operation: operation, path: name, offset: offset, length: length))
+                return .fail(
+                    SpindleError(
+                        .deviceGone, "the device has lost power", errno: EIO,
+                        operation: operation, path: name, offset: offset, length: length))
             }
             if state.vanished {
-                return .fail(SpindleError(.deviceGone, "the device has vanished (simulated removal)", errno: ENODEV,
-                                          operation: operation, path: name, offset: offset, length: length))
+                return .fail(
+                    SpindleError(
+                        .deviceGone, "the device has vanished (simulated removal)", errno: ENODEV,
+                        operation: operation, path: name, offset: offset, length: length))
             }
             if let remaining = state.vanishAfter {
                 if remaining == 0 {
                     state.vanished = true
                     state.vanishAfter = nil
-                    return .fail(SpindleError(.deviceGone, "the device has vanished (simulated removal)", errno: ENODEV,
-                                              operation: operation, path: name, offset: offset, length: length))
+                    return .fail(
+                        SpindleError(
+                            .deviceGone, "the device has vanished (simulated removal)", errno: ENODEV,
+                            operation: operation, path: name, offset: offset, length: length))
                 }
                 state.vanishAfter = remaining - 1
             }
@@ -164,7 +173,9 @@ extension FaultyDevice {
             }
             for (index, fault) in state.faults.enumerated() where fault.kinds.contains(kind) {
                 if let range = fault.range {
-                    guard let offset, let length, offset < range.upperBound, range.lowerBound < offset + length else { continue }
+                    guard let offset, let length, offset < range.upperBound, range.lowerBound < offset + length else {
+                        continue
+                    }
                 }
                 if FaultDecisions.chance(fault.probability, key: key, salt: UInt64(index)) {
                     return injected(kind, fault.errno, &state, operation, offset, length)
@@ -184,15 +195,17 @@ extension FaultyDevice {
         if kind == .reads { state.statistics.injectedReadErrors += 1 }
         if kind == .writes { state.statistics.injectedWriteErrors += 1 }
         if kind == .flushes { state.statistics.injectedFlushErrors += 1 }
-        return .fail(SpindleError(
-            .injectedFault, "injected \(operation) error: \(String(cString: strerror(errno))) (errno \(errno))",
-            errno: errno, operation: operation, path: name, offset: offset, length: length))
+        return .fail(
+            SpindleError(
+                .injectedFault, "injected \(operation) error: \(String(cString: strerror(errno))) (errno \(errno))",
+                errno: errno, operation: operation, path: name, offset: offset, length: length))
     }
 
     func checkPower(operation: String, offset: UInt64? = nil, length: UInt64? = nil) throws(SpindleError) {
         if state.withLock({ $0.poweredOff }) {
-            throw SpindleError(.deviceGone, "the device has lost power", errno: EIO,
-                               operation: operation, path: name, offset: offset, length: length)
+            throw SpindleError(
+                .deviceGone, "the device has lost power", errno: EIO,
+                operation: operation, path: name, offset: offset, length: length)
         }
     }
 }

@@ -65,11 +65,13 @@ public final class FileDevice: BlockDevice {
         let block = UInt64(options.logicalBlockBytes ?? 512)
         guard sizeBytes > 0, sizeBytes % block == 0 else {
             throw SpindleError(
-                .invalidArgument, "the size \(sizeBytes) bytes is not a positive multiple of the block size (\(block) bytes)",
+                .invalidArgument,
+                "the size \(sizeBytes) bytes is not a positive multiple of the block size (\(block) bytes)",
                 operation: "create", path: path)
         }
         guard sizeBytes <= UInt64(Int64.max) else {
-            throw SpindleError(.invalidArgument, "the size \(sizeBytes) bytes is too large", operation: "create", path: path)
+            throw SpindleError(
+                .invalidArgument, "the size \(sizeBytes) bytes is too large", operation: "create", path: path)
         }
         let created = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard created >= 0 else {
@@ -97,7 +99,9 @@ public final class FileDevice: BlockDevice {
     /// Opens an existing image.
     /// - Throws: ``SpindleError`` naming the path: missing file, not a regular file, smaller than a
     ///   block, locked by another writer, direct I/O required but unsupported.
-    public static func open(path: String, engine: IOEngine? = nil, options: Options = Options()) throws(SpindleError) -> FileDevice {
+    public static func open(path: String, engine: IOEngine? = nil, options: Options = Options()) throws(SpindleError)
+        -> FileDevice
+    {
         let chosen: IOEngine
         if let engine { chosen = engine } else { chosen = try IOEngine.shared }
         return try FileDevice(path: path, engine: chosen, options: options)
@@ -145,7 +149,9 @@ public final class FileDevice: BlockDevice {
             }
             fileBytes = UInt64(info.st_size)
 
-            if !options.readOnly && !FileLockHolder.lock(descriptor, device: UInt64(info.st_dev), inode: UInt64(info.st_ino)) {
+            if !options.readOnly
+                && !FileLockHolder.lock(descriptor, device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+            {
                 let error = errno
                 if error == EWOULDBLOCK {
                     throw SpindleError(
@@ -183,7 +189,8 @@ public final class FileDevice: BlockDevice {
                         "direct I/O here needs \(offsetAlignment)-byte alignment, more than the \(block)-byte block size asked for",
                         operation: "open", path: path)
                 }
-                note = "direct I/O needs \(offsetAlignment)-byte alignment here, more than the \(block)-byte block size; using the page cache"
+                note =
+                    "direct I/O needs \(offsetAlignment)-byte alignment here, more than the \(block)-byte block size; using the page cache"
                 let buffered = Glibc.open(path, accessFlags)
                 guard buffered >= 0 else { throw SpindleError.system(errno, operation: "open", path: path) }
                 Glibc.close(descriptor)
@@ -305,7 +312,8 @@ public final class FileDevice: BlockDevice {
     // MARK: Internals
 
     @inline(__always)
-    private func check(offset: UInt64, length: Int, address: UnsafeRawPointer?, operation: String) throws(SpindleError) {
+    private func check(offset: UInt64, length: Int, address: UnsafeRawPointer?, operation: String) throws(SpindleError)
+    {
         try validate(offset: offset, length: length, operation: operation)
         if memoryAlignment > 1, let address, Int(bitPattern: address) & (memoryAlignment - 1) != 0 {
             throw SpindleError(
@@ -322,7 +330,8 @@ public final class FileDevice: BlockDevice {
         var done = 0
         while done < count {
             let piece = UInt32(min(count - done, Self.maximumTransferBytes))
-            let operation: IOOperation = read
+            let operation: IOOperation =
+                read
                 ? .read(fd: descriptor, buffer: base + done, length: piece, offset: offset + UInt64(done))
                 : .write(fd: descriptor, buffer: base + done, length: piece, offset: offset + UInt64(done), fua: fua)
             let result = try await engine.perform(
@@ -349,14 +358,17 @@ public final class FileDevice: BlockDevice {
         try validate(offset: offset, length: total, operation: operationName)
         guard vectors.count <= Self.maximumVectors else {
             throw SpindleError(
-                .invalidArgument, "\(vectors.count) buffers is more than the \(Self.maximumVectors) one request can take",
+                .invalidArgument,
+                "\(vectors.count) buffers is more than the \(Self.maximumVectors) one request can take",
                 operation: operationName, path: path, offset: offset, length: UInt64(total))
         }
         try gate.enter(operation: operationName, name: path)
         defer { gate.leave() }
-        let operation: IOOperation = read
+        let operation: IOOperation =
+            read
             ? .readVector(fd: descriptor, vectors: vectors.baseAddress!, count: UInt32(vectors.count), offset: offset)
-            : .writeVector(fd: descriptor, vectors: vectors.baseAddress!, count: UInt32(vectors.count), offset: offset, fua: fua)
+            : .writeVector(
+                fd: descriptor, vectors: vectors.baseAddress!, count: UInt32(vectors.count), offset: offset, fua: fua)
         var skip = try await engine.perform(
             operation, operation: operationName, path: path, offset: offset, length: UInt64(total))
         // Finish a short transfer buffer by buffer.
@@ -368,16 +380,20 @@ public final class FileDevice: BlockDevice {
                 skip -= length
             } else {
                 try await transfer(
-                    read: read, vector.iov_base! + skip, count: length - skip, offset: position + UInt64(skip), fua: fua)
+                    read: read, vector.iov_base! + skip, count: length - skip, offset: position + UInt64(skip), fua: fua
+                )
                 skip = 0
             }
             position += UInt64(length)
         }
     }
 
-    private func zeroRange(offset: UInt64, length: UInt64, preferPunch: Bool, operation: String) async throws(SpindleError) {
+    private func zeroRange(offset: UInt64, length: UInt64, preferPunch: Bool, operation: String)
+        async throws(SpindleError)
+    {
         let keep = spindle_FALLOC_FL_KEEP_SIZE
-        let modes = preferPunch
+        let modes =
+            preferPunch
             ? [spindle_FALLOC_FL_PUNCH_HOLE | keep, spindle_FALLOC_FL_ZERO_RANGE | keep]
             : [spindle_FALLOC_FL_ZERO_RANGE | keep, spindle_FALLOC_FL_PUNCH_HOLE | keep]
         for mode in modes {

@@ -7,7 +7,10 @@ enum FileLockHolder {
     static func describe(device: UInt64, inode: UInt64) -> String {
         guard let pid = holderPID(device: device, inode: inode) else { return "another process" }
         if pid == getpid() { return "this process (the image is open for writing already)" }
-        if !isAlive(pid) { return "process \(pid), which has exited (the kernel is still finishing its I/O and has not released the lock)," }
+        if !isAlive(pid) {
+            return
+                "process \(pid), which has exited (the kernel is still finishing its I/O and has not released the lock),"
+        }
         if let command = readSmallFile("/proc/\(pid)/comm")?.split(separator: "\n").first {
             return "process \(pid) (\(command))"
         }
@@ -59,8 +62,9 @@ enum FileLockHolder {
             guard fields.count >= 6, fields[1] == "FLOCK" else { continue }
             let identity = fields[5].split(separator: ":")
             guard identity.count == 3, UInt64(identity[2]) == inode,
-                  UInt64(identity[0], radix: 16) == major, UInt64(identity[1], radix: 16) == minor,
-                  let pid = Int32(fields[4]) else { continue }
+                UInt64(identity[0], radix: 16) == major, UInt64(identity[1], radix: 16) == minor,
+                let pid = Int32(fields[4])
+            else { continue }
             return pid
         }
         return nil

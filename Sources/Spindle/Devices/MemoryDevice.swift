@@ -22,7 +22,8 @@ public final class MemoryDevice: BlockDevice {
     public init(
         capacityBytes: UInt64, logicalBlockBytes: Int = 512, readOnly: Bool = false, name: String = "memory"
     ) throws(SpindleError) {
-        guard logicalBlockBytes >= 512, logicalBlockBytes <= 65536, logicalBlockBytes & (logicalBlockBytes - 1) == 0 else {
+        guard logicalBlockBytes >= 512, logicalBlockBytes <= 65536, logicalBlockBytes & (logicalBlockBytes - 1) == 0
+        else {
             throw SpindleError(
                 .invalidArgument, "the logical block size \(logicalBlockBytes) is not a power of two from 512 to 65536",
                 path: name)

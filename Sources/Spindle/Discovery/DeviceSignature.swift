@@ -21,7 +21,8 @@ public enum DeviceSignature {
                 let role = superblock.role >= 0 ? "member \(superblock.role)" : "a spare"
                 return "\(role) of array '\(superblock.name)' (\(superblock.arrayUUID))"
             case let .damagedArraySuperblock(problem): return "a damaged Spindle array superblock (\(problem))"
-            case let .poolDevice(label): return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
+            case let .poolDevice(label):
+                return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
             case let .damagedPoolLabel(problem): return "a damaged Spindle pool label (\(problem))"
             case let .format(meaning): return meaning
             case let .data(offset): return "data (a non-zero byte at offset \(offset))"
@@ -71,8 +72,9 @@ public enum DeviceSignature {
     /// nothing. The message ends with ``overwriteHint``.
     public static func refuseIfInUse(_ device: any BlockDevice, operation: String) async throws {
         if let found = try await inspect(device) {
-            throw SpindleError(.alreadyExists, "the device holds \(found); refusing to overwrite it (to destroy it, \(overwriteHint))",
-                               operation: operation, path: device.name)
+            throw SpindleError(
+                .alreadyExists, "the device holds \(found); refusing to overwrite it (to destroy it, \(overwriteHint))",
+                operation: operation, path: device.name)
         }
     }
 }

@@ -73,11 +73,14 @@ public struct DiscoveredArray: Sendable {
             case .replaced:
                 return "\(device) was the member in slot \(slot) but has been replaced (\(age)); it is not used"
             case let .copy(holder, holderEvents):
-                return "\(device) is \(events < holderEvents ? "a stale copy" : "a copy") of the member in slot \(slot), which \(holder) holds (\(age)); a copy cannot stand in for a member, so it is not used"
+                return
+                    "\(device) is \(events < holderEvents ? "a stale copy" : "a copy") of the member in slot \(slot), which \(holder) holds (\(age)); a copy cannot stand in for a member, so it is not used"
             case .stale:
-                return "\(device) is stale (\(age)): it missed changes to slot \(slot), so it is not used; add it back to rebuild it"
+                return
+                    "\(device) is stale (\(age)): it missed changes to slot \(slot), so it is not used; add it back to rebuild it"
             case .oneUpdateBehind:
-                return "\(device) is one superblock update behind (a crash cut the update short); assembly brings it up to date"
+                return
+                    "\(device) is one superblock update behind (a crash cut the update short); assembly brings it up to date"
             }
         }
     }
@@ -120,17 +123,25 @@ public struct DiscoveredArray: Sendable {
         let slots = newest.slots.enumerated().map { index, recorded in
             var state = recorded.state
             let holder = holders[recorded.member]
-            if (state == .active || state == .rebuilding) && (holder == nil || holder!.events < newest.events) { state = .missing }
-            return Slot(index: index, state: state, device: holder?.device,
-                        memberUUID: recorded.member == .zero ? nil : recorded.member,
-                        lastKnownName: recorded.lastKnownName.isEmpty ? nil : recorded.lastKnownName)
+            if (state == .active || state == .rebuilding) && (holder == nil || holder!.events < newest.events) {
+                state = .missing
+            }
+            return Slot(
+                index: index, state: state, device: holder?.device,
+                memberUUID: recorded.member == .zero ? nil : recorded.member,
+                lastKnownName: recorded.lastKnownName.isEmpty ? nil : recorded.lastKnownName)
         }
         let lost = slots.filter { $0.state != .active }.count
         let state: State
-        if lost > newest.level.redundancy(memberCount: newest.memberCount) { state = .failed }
-        else if newest.rebuildSlot >= 0 { state = .rebuilding }
-        else if lost > 0 { state = .degraded }
-        else { state = newest.dirty ? .dirty : .clean }
+        if lost > newest.level.redundancy(memberCount: newest.memberCount) {
+            state = .failed
+        } else if newest.rebuildSlot >= 0 {
+            state = .rebuilding
+        } else if lost > 0 {
+            state = .degraded
+        } else {
+            state = newest.dirty ? .dirty : .clean
+        }
         name = newest.name
         uuid = newest.arrayUUID
         level = newest.level
@@ -143,7 +154,8 @@ public struct DiscoveredArray: Sendable {
         self.state = state
         self.slots = slots
         spares = members.filter { $0.role == -1 }.map(\.device)
-        rebuild = newest.rebuildSlot >= 0 ? Rebuild(slot: newest.rebuildSlot, doneBytes: newest.rebuildCheckpointBytes) : nil
+        rebuild =
+            newest.rebuildSlot >= 0 ? Rebuild(slot: newest.rebuildSlot, doneBytes: newest.rebuildCheckpointBytes) : nil
         self.members = members
         superblock = newest
         notes = Self.notes(members: members, slots: slots, arrayEvents: newest.events)
@@ -155,7 +167,9 @@ public struct DiscoveredArray: Sendable {
         var notes: [MemberNote] = []
         for member in members where member.role >= 0 {
             func note(_ kind: MemberNote.Kind, slot: Int) {
-                notes.append(MemberNote(device: member.device, slot: slot, events: member.events, arrayEvents: arrayEvents, kind: kind))
+                notes.append(
+                    MemberNote(
+                        device: member.device, slot: slot, events: member.events, arrayEvents: arrayEvents, kind: kind))
             }
             guard let slot = slots.first(where: { $0.memberUUID == member.memberUUID }) else {
                 note(.replaced, slot: member.role)
@@ -176,7 +190,9 @@ public struct DiscoveredArray: Sendable {
     /// The member holding the array's first 4 KiB (where a pool label would be) and the offset on
     /// it, among members up to date with the newest superblock.
     func firstBlockHolder() -> (member: Member, offset: UInt64)? {
-        guard let extent = superblock.geometry.extents(offset: 0, length: UInt64(ThinPoolLabel.bytes)).first else { return nil }
+        guard let extent = superblock.geometry.extents(offset: 0, length: UInt64(ThinPoolLabel.bytes)).first else {
+            return nil
+        }
         let holder = members.first { member in
             member.role >= 0 && member.events == events && (level == .raid1 || member.role == extent.member)
         }

@@ -32,12 +32,16 @@ extension Discovery {
 
     /// Assembles the array named `name` from the members found (copies and stale members too:
     /// assembly decides which to use). The array owns the members it uses; the others are closed.
-    public func openArray(named name: String, engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws -> RAIDArray {
+    public func openArray(named name: String, engine: IOEngine? = nil, options: OpenOptions = OpenOptions())
+        async throws -> RAIDArray
+    {
         try await open(try array(named: name), engine: engine, options: options)
     }
 
     /// Assembles a discovered array (see ``openArray(named:engine:options:)``).
-    public func open(_ array: DiscoveredArray, engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws -> RAIDArray {
+    public func open(_ array: DiscoveredArray, engine: IOEngine? = nil, options: OpenOptions = OpenOptions())
+        async throws -> RAIDArray
+    {
         try await Self.assemble(array.members.map(\.source), engine: engine, options: options)
     }
 
@@ -46,7 +50,9 @@ extension Discovery {
     /// file opened is closed.
     /// - Throws: ``SpindleError`` when a path is given twice (however written), a file cannot be
     ///   opened, or assembly refuses (``RAIDArray/assemble(members:force:)``).
-    public static func assembleArray(paths: [String], engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws -> RAIDArray {
+    public static func assembleArray(paths: [String], engine: IOEngine? = nil, options: OpenOptions = OpenOptions())
+        async throws -> RAIDArray
+    {
         try await assemble(paths.map { .path($0) }, engine: engine, options: options)
     }
 
@@ -54,7 +60,9 @@ extension Discovery {
         var seen: [String: String] = [:]
         for case let .path(path) in sources {
             if let first = seen[canonicalPath(path)] {
-                throw SpindleError(.invalidArgument, "the image is given twice (as \(first) and \(path))", operation: "assemble", path: path)
+                throw SpindleError(
+                    .invalidArgument, "the image is given twice (as \(first) and \(path))", operation: "assemble",
+                    path: path)
             }
             seen[canonicalPath(path)] = path
         }
@@ -67,7 +75,8 @@ extension Discovery {
                 let device: any BlockDevice
                 switch source {
                 case let .path(path):
-                    let file = try FileDevice.open(path: path, engine: engine, options: FileDevice.Options(directIO: options.directIO))
+                    let file = try FileDevice.open(
+                        path: path, engine: engine, options: FileDevice.Options(directIO: options.directIO))
                     opened.append(file)
                     device = file
                 case let .device(given):
@@ -103,12 +112,16 @@ extension Discovery {
     /// ``OpenOptions/readOnly``) and its arrays, assembled from their members.
     /// - Throws: ``SpindleError`` when there is no such pool (or several), a device cannot be opened
     ///   or assembled, or the pool refuses to open (a device missing, damaged metadata).
-    public func openPool(named name: String, engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws -> OpenedPool {
+    public func openPool(named name: String, engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws
+        -> OpenedPool
+    {
         try await open(try pool(named: name), engine: engine, options: options)
     }
 
     /// Opens a discovered pool (see ``openPool(named:engine:options:)``).
-    public func open(_ pool: DiscoveredPool, engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws -> OpenedPool {
+    public func open(_ pool: DiscoveredPool, engine: IOEngine? = nil, options: OpenOptions = OpenOptions()) async throws
+        -> OpenedPool
+    {
         var devices: [any BlockDevice] = []
         var assembled: [RAIDArray] = []
         var files: [FileDevice] = []
@@ -117,7 +130,10 @@ extension Discovery {
                 switch device.location {
                 case let .array(_, uuid):
                     guard let array = arrays.first(where: { $0.uuid == uuid }) else {
-                        throw SpindleError(.notFound, "the array of pool \(pool.name)'s device \(device.index) is not among the devices", operation: "open pool")
+                        throw SpindleError(
+                            .notFound,
+                            "the array of pool \(pool.name)'s device \(device.index) is not among the devices",
+                            operation: "open pool")
                     }
                     let opened = try await open(array, engine: engine, options: options)
                     assembled.append(opened)
@@ -127,8 +143,9 @@ extension Discovery {
                         devices.append(given)
                         continue
                     }
-                    let file = try FileDevice.open(path: path, engine: engine,
-                                                   options: FileDevice.Options(readOnly: options.readOnly, directIO: options.directIO))
+                    let file = try FileDevice.open(
+                        path: path, engine: engine,
+                        options: FileDevice.Options(readOnly: options.readOnly, directIO: options.directIO))
                     if let note = file.directIONote { options.notes?("\(path): \(note)") }
                     files.append(file)
                     devices.append(file)

@@ -37,7 +37,8 @@ public struct Discovery: Sendable {
             let path = (folder as NSString).appendingPathComponent(entry)
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
-                  let device = try? FileDevice.open(path: path, engine: engine, options: readOptions) else { continue }
+                let device = try? FileDevice.open(path: path, engine: engine, options: readOptions)
+            else { continue }
             opened.append((device, .path(path)))
         }
         var found = try await scan(opened, closing: true)
@@ -69,7 +70,9 @@ public struct Discovery: Sendable {
     /// How scans open image files: read-only (no write lock), through the page cache.
     static let readOptions = FileDevice.Options(readOnly: true, directIO: .disabled)
 
-    private static func scan(_ entries: [(device: any BlockDevice, source: DeviceSource)], closing: Bool) async throws -> Discovery {
+    private static func scan(_ entries: [(device: any BlockDevice, source: DeviceSource)], closing: Bool) async throws
+        -> Discovery
+    {
         do {
             let found = try await read(entries)
             if closing { for entry in entries { try? await entry.device.close() } }
@@ -91,7 +94,8 @@ public struct Discovery: Sendable {
             scanned.append(ScannedDevice(name: source.name, header: header, source: source))
             switch header {
             case let .arrayMember(superblock):
-                members[superblock.arrayUUID, default: []].append(DiscoveredArray.Member(device: source.name, superblock: superblock, source: source))
+                members[superblock.arrayUUID, default: []].append(
+                    DiscoveredArray.Member(device: source.name, superblock: superblock, source: source))
                 memberDevices[source.name] = device
             case let .poolDevice(label):
                 labelled.append((label, .image(source.name), source))
@@ -101,23 +105,35 @@ public struct Discovery: Sendable {
                 break
             }
         }
-        let arrays = members.values.map { DiscoveredArray(members: $0) }.sorted { ($0.name, $0.uuid.description) < ($1.name, $1.uuid.description) }
+        let arrays = members.values.map { DiscoveredArray(members: $0) }.sorted {
+            ($0.name, $0.uuid.description) < ($1.name, $1.uuid.description)
+        }
         // A pool on an array: its label is the array's first 4 KiB, on the member the geometry says.
         for array in arrays {
-            guard let start = array.firstBlockHolder(), let device = memberDevices[start.member.device] else { continue }
+            guard let start = array.firstBlockHolder(), let device = memberDevices[start.member.device] else {
+                continue
+            }
             switch try await DamagedHeader.readLabel(of: device, at: start.offset) {
             case let .success(label?):
                 labelled.append((label, .array(name: array.name, uuid: array.uuid), nil))
             case .success(nil):
                 break
             case let .failure(reason):
-                damaged.append(DamagedHeader(location: .arrayStart(array: array.name, uuid: array.uuid, member: start.member.device), reason: reason))
+                damaged.append(
+                    DamagedHeader(
+                        location: .arrayStart(array: array.name, uuid: array.uuid, member: start.member.device),
+                        reason: reason))
             }
         }
         var pools: [SpindleUUID: DiscoveredPool] = [:]
         for (label, location, source) in labelled {
-            pools[label.poolUUID, default: DiscoveredPool(name: label.poolName, uuid: label.poolUUID, chunkBytes: label.chunkBytes, devices: [])]
-                .devices.append(DiscoveredPool.Device(index: label.deviceIndex, location: location, label: label, source: source))
+            pools[
+                label.poolUUID,
+                default: DiscoveredPool(
+                    name: label.poolName, uuid: label.poolUUID, chunkBytes: label.chunkBytes, devices: [])
+            ]
+            .devices.append(
+                DiscoveredPool.Device(index: label.deviceIndex, location: location, label: label, source: source))
         }
         let sortedPools = pools.values.map { pool in
             var sorted = pool
@@ -136,12 +152,16 @@ public struct Discovery: Sendable {
         let matches = arrays.filter { $0.name == name }
         guard let first = matches.first else {
             let others = arrays.map { "'\($0.name)'" }
-            throw SpindleError(.notFound, "no array named '\(name)' among the devices\(others.isEmpty ? " (they hold no array members)" : "; they hold \(others.joined(separator: ", "))")\(damagedNote)",
-                               operation: "find array", path: folder)
+            throw SpindleError(
+                .notFound,
+                "no array named '\(name)' among the devices\(others.isEmpty ? " (they hold no array members)" : "; they hold \(others.joined(separator: ", "))")\(damagedNote)",
+                operation: "find array", path: folder)
         }
         guard matches.count == 1 else {
-            throw SpindleError(.invalidArgument, "\(matches.count) arrays are named '\(name)' (\(matches.map(\.uuid.description).joined(separator: ", "))); scan the members of one",
-                               operation: "find array", path: folder)
+            throw SpindleError(
+                .invalidArgument,
+                "\(matches.count) arrays are named '\(name)' (\(matches.map(\.uuid.description).joined(separator: ", "))); scan the members of one",
+                operation: "find array", path: folder)
         }
         return first
     }
@@ -153,12 +173,16 @@ public struct Discovery: Sendable {
         let matches = pools.filter { $0.name == name }
         guard let first = matches.first else {
             let others = pools.map(\.name)
-            throw SpindleError(.notFound, "no pool named '\(name)' among the devices\(others.isEmpty ? " (they hold no pools)" : "; they hold \(others.joined(separator: ", "))")\(damagedNote)",
-                               operation: "find pool", path: folder)
+            throw SpindleError(
+                .notFound,
+                "no pool named '\(name)' among the devices\(others.isEmpty ? " (they hold no pools)" : "; they hold \(others.joined(separator: ", "))")\(damagedNote)",
+                operation: "find pool", path: folder)
         }
         guard matches.count == 1 else {
-            throw SpindleError(.invalidArgument, "\(matches.count) pools are named '\(name)' (\(matches.map(\.uuid.description).joined(separator: ", "))); scan the devices of one",
-                               operation: "find pool", path: folder)
+            throw SpindleError(
+                .invalidArgument,
+                "\(matches.count) pools are named '\(name)' (\(matches.map(\.uuid.description).joined(separator: ", "))); scan the devices of one",
+                operation: "find pool", path: folder)
         }
         return first
     }
@@ -257,12 +281,14 @@ public struct DamagedHeader: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch location {
         case let .device(name): return "\(name): \(reason)"
-        case let .arrayStart(array, _, member): return "array \(array) (its first block, on \(member)): damaged pool label: \(reason)"
+        case let .arrayStart(array, _, member):
+            return "array \(array) (its first block, on \(member)): damaged pool label: \(reason)"
         }
     }
 
     /// Reads a pool label at `offset`: the label, nil when there is none, or what is wrong with it.
-    static func readLabel(of device: any BlockDevice, at offset: UInt64) async throws -> Result<ThinPoolLabel?, Reason> {
+    static func readLabel(of device: any BlockDevice, at offset: UInt64) async throws -> Result<ThinPoolLabel?, Reason>
+    {
         guard device.capacityBytes >= offset + UInt64(ThinPoolLabel.bytes) else { return .success(nil) }
         let buffer = AlignedBuffer(count: ThinPoolLabel.bytes, zeroed: false)
         do {

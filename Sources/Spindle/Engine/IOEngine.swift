@@ -118,11 +118,13 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         // thread is the only one allowed to submit.
         let context = ThreadContext(engine: self)
         var thread = pthread_t()
-        let created = pthread_create(&thread, nil, { argument in
-            let context = Unmanaged<ThreadContext>.fromOpaque(argument!).takeRetainedValue()
-            context.engine.threadMain(context)
-            return nil
-        }, Unmanaged.passRetained(context).toOpaque())
+        let created = pthread_create(
+            &thread, nil,
+            { argument in
+                let context = Unmanaged<ThreadContext>.fromOpaque(argument!).takeRetainedValue()
+                context.engine.threadMain(context)
+                return nil
+            }, Unmanaged.passRetained(context).toOpaque())
         guard created == 0 else {
             close(wakeDescriptor)
             freeMemory()
@@ -310,11 +312,14 @@ public final class IOEngine: TaskExecutor, @unchecked Sendable {
         if configuration.deferTaskRun { wanted |= UInt32(SPINDLE_RING_DEFER_TASKRUN) }
         var inUse: UInt32 = 0
         var error: Int32 = 0
-        guard let created = spindle_ring_create(
-            configuration.submissionQueueEntries, UInt32(configuration.maximumInFlight + 64), wanted, &inUse, &error)
+        guard
+            let created = spindle_ring_create(
+                configuration.submissionQueueEntries, UInt32(configuration.maximumInFlight + 64), wanted, &inUse, &error
+            )
         else {
             var failure = SpindleError.system(-error, operation: "io_uring_queue_init")
-            failure.message += "; io_uring may be disabled (see /proc/sys/kernel/io_uring_disabled) or blocked by a sandbox"
+            failure.message +=
+                "; io_uring may be disabled (see /proc/sys/kernel/io_uring_disabled) or blocked by a sandbox"
             return failure
         }
         ring = created

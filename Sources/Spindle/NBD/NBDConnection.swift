@@ -91,7 +91,9 @@ final class NBDConnection: @unchecked Sendable {
         var done = 0
         while done < count {
             done += try await socketOperation(
-                .write(fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max, fua: false),
+                .write(
+                    fd: socket, buffer: buffer + done, length: UInt32(min(count - done, 1 << 30)), offset: UInt64.max,
+                    fua: false),
                 operation: "send")
         }
     }
@@ -148,8 +150,10 @@ final class NBDConnection: @unchecked Sendable {
             let length = Int(NBDProtocol.bigEndian(UInt32.self, header, 12))
             guard length <= 65536 else {
                 server.log("\(label): refused: option \(optionCode) carries \(length) bytes (at most 65536)")
-                try? await send(NBDProtocol.optionReply(option: optionCode, reply: NBDProtocol.Reply.errorTooBig.rawValue,
-                                                        data: Array("option data too long".utf8)))
+                try? await send(
+                    NBDProtocol.optionReply(
+                        option: optionCode, reply: NBDProtocol.Reply.errorTooBig.rawValue,
+                        data: Array("option data too long".utf8)))
                 return nil
             }
             let data = try await receive(length)
@@ -164,7 +168,8 @@ final class NBDConnection: @unchecked Sendable {
             case .exportName:
                 let name = String(decoding: data, as: UTF8.self)
                 guard let export = server.export(named: name) else {
-                    server.log("\(label): refused: no export named '\(name)' (NBD_OPT_EXPORT_NAME closes the connection)")
+                    server.log(
+                        "\(label): refused: no export named '\(name)' (NBD_OPT_EXPORT_NAME closes the connection)")
                     return nil
                 }
                 var bytes: [UInt8] = []
@@ -245,8 +250,12 @@ final class NBDConnection: @unchecked Sendable {
                 } catch is EndOfStream {
                     break requests
                 }
-                guard let request = NBDProtocol.Request.decode(UnsafeRawBufferPointer(start: header, count: NBDProtocol.Request.bytes)) else {
-                    server.log("\(label): a request without the request magic; closing (the stream cannot be trusted past it)")
+                guard
+                    let request = NBDProtocol.Request.decode(
+                        UnsafeRawBufferPointer(start: header, count: NBDProtocol.Request.bytes))
+                else {
+                    server.log(
+                        "\(label): a request without the request magic; closing (the stream cannot be trusted past it)")
                     break requests
                 }
                 let command = NBDProtocol.Command(rawValue: request.type)
@@ -255,7 +264,9 @@ final class NBDConnection: @unchecked Sendable {
                 var payload: AlignedBuffer?
                 if command == .write {
                     guard request.length <= NBDServer.maximumRequestBytes else {
-                        server.log("\(label): a write of \(request.length) bytes, more than \(NBDServer.maximumRequestBytes); closing")
+                        server.log(
+                            "\(label): a write of \(request.length) bytes, more than \(NBDServer.maximumRequestBytes); closing"
+                        )
                         break requests
                     }
                     let buffer = server.buffers.take(Int(request.length))
@@ -264,7 +275,9 @@ final class NBDConnection: @unchecked Sendable {
                     payload = buffer
                 }
                 func fail(_ error: NBDProtocol.ErrorCode, _ message: String) async throws {
-                    server.log("\(label): \(command.map { "\($0)" } ?? "command \(request.type)") at offset \(request.offset), \(request.length) bytes: \(message)")
+                    server.log(
+                        "\(label): \(command.map { "\($0)" } ?? "command \(request.type)") at offset \(request.offset), \(request.length) bytes: \(message)"
+                    )
                     try await sendReply(error: error.rawValue, cookie: request.cookie)
                 }
                 switch command {
@@ -280,7 +293,8 @@ final class NBDConnection: @unchecked Sendable {
                         continue
                     }
                     guard request.offset <= size, length <= size - request.offset else {
-                        try await fail(command == .read ? .invalid : .noSpace, "past the end of the export (\(size) bytes)")
+                        try await fail(
+                            command == .read ? .invalid : .noSpace, "past the end of the export (\(size) bytes)")
                         continue
                     }
                     guard length > 0 else {
@@ -305,7 +319,8 @@ final class NBDConnection: @unchecked Sendable {
 
     /// Serves one request on the device and sends its reply.
     private func serve(
-        _ command: NBDProtocol.Command, _ request: NBDProtocol.Request, payload: AlignedBuffer?, fua: Bool, device: any BlockDevice
+        _ command: NBDProtocol.Command, _ request: NBDProtocol.Request, payload: AlignedBuffer?, fua: Bool,
+        device: any BlockDevice
     ) async throws {
         let block = UInt64(device.logicalBlockBytes)
         let aligned = request.offset % block == 0 && UInt64(request.length) % block == 0
@@ -398,11 +413,14 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     /// Sends a simple reply (and a read's data) as one message: replies never interleave.
-    private func sendReply(error: UInt32, cookie: UInt64, data: AlignedBuffer? = nil, length dataLength: Int? = nil) async throws {
+    private func sendReply(error: UInt32, cookie: UInt64, data: AlignedBuffer? = nil, length dataLength: Int? = nil)
+        async throws
+    {
         try await replyLock.withLock {
             let header = replyHeader
             let vectors = replyVectors
-            NBDProtocol.simpleReply(error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
+            NBDProtocol.simpleReply(
+                error: error, cookie: cookie, into: UnsafeMutableRawBufferPointer(start: header, count: 16))
             guard let data else {
                 try await send(header, 16)
                 return

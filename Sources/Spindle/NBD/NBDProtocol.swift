@@ -48,7 +48,8 @@ package enum NBDProtocol {
 
     /// Commands of the transmission phase.
     enum Command: UInt16 {
-        case read = 0, write = 1, disconnect = 2, flush = 3, trim = 4, cache = 5, writeZeroes = 6, blockStatus = 7, resize = 8
+        case read = 0, write = 1, disconnect = 2, flush = 3, trim = 4, cache = 5, writeZeroes = 6, blockStatus = 7,
+            resize = 8
     }
 
     static let commandFlagFUA: UInt16 = 1 << 0
@@ -56,7 +57,8 @@ package enum NBDProtocol {
 
     /// Error values on the wire (Linux errno numbers, as the protocol fixes them).
     enum ErrorCode: UInt32 {
-        case permission = 1, io = 5, outOfMemory = 12, invalid = 22, noSpace = 28, overflow = 75, notSupported = 95, shutdown = 108
+        case permission = 1, io = 5, outOfMemory = 12, invalid = 22, noSpace = 28, overflow = 75, notSupported = 95,
+            shutdown = 108
     }
 
     /// A transmission request: 28 bytes.
@@ -71,9 +73,10 @@ package enum NBDProtocol {
         /// Nil when the magic is wrong (the stream cannot be trusted past that point).
         static func decode(_ bytes: UnsafeRawBufferPointer) -> Request? {
             guard bytes.count >= Self.bytes, bigEndian(UInt32.self, bytes, 0) == requestMagic else { return nil }
-            return Request(flags: bigEndian(UInt16.self, bytes, 4), type: bigEndian(UInt16.self, bytes, 6),
-                           cookie: bigEndian(UInt64.self, bytes, 8), offset: bigEndian(UInt64.self, bytes, 16),
-                           length: bigEndian(UInt32.self, bytes, 24))
+            return Request(
+                flags: bigEndian(UInt16.self, bytes, 4), type: bigEndian(UInt16.self, bytes, 6),
+                cookie: bigEndian(UInt64.self, bytes, 8), offset: bigEndian(UInt64.self, bytes, 16),
+                length: bigEndian(UInt32.self, bytes, 24))
         }
 
         func encoded() -> [UInt8] {

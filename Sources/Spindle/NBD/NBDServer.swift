@@ -73,7 +73,9 @@ public final class NBDServer: @unchecked Sendable {
     ///   - exports: the devices to offer; names must be unique. With one export, the empty name (a
     ///     client's default) reaches it too.
     ///   - log: receives one line per connection, refusal and protocol error.
-    public init(exports: [Export], engine: IOEngine, log: @escaping @Sendable (String) -> Void = { _ in }) throws(SpindleError) {
+    public init(exports: [Export], engine: IOEngine, log: @escaping @Sendable (String) -> Void = { _ in })
+        throws(SpindleError)
+    {
         guard !exports.isEmpty else { throw SpindleError(.invalidArgument, "an NBD server needs at least one export") }
         var seen = Set<String>()
         for export in exports where !seen.insert(export.name).inserted {
@@ -105,7 +107,9 @@ public final class NBDServer: @unchecked Sendable {
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            throw SpindleError(.invalidArgument, "the socket path is longer than \(MemoryLayout.size(ofValue: address.sun_path) - 1) bytes", path: path)
+            throw SpindleError(
+                .invalidArgument,
+                "the socket path is longer than \(MemoryLayout.size(ofValue: address.sun_path) - 1) bytes", path: path)
         }
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             raw.copyBytes(from: bytes)
@@ -114,14 +118,17 @@ public final class NBDServer: @unchecked Sendable {
         var status = stat()
         if lstat(path, &status) == 0 {
             guard status.st_mode & S_IFMT == S_IFSOCK else {
-                throw SpindleError(.alreadyExists, "a file that is not a socket is in the way", operation: "listen", path: path)
+                throw SpindleError(
+                    .alreadyExists, "a file that is not a socket is in the way", operation: "listen", path: path)
             }
             unlink(path)
         }
         let socketDescriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard socketDescriptor >= 0 else { throw SpindleError.system(errno, operation: "socket", path: path) }
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(socketDescriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(socketDescriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         guard bound == 0, Glibc.listen(socketDescriptor, 128) == 0 else {
             let error = errno
@@ -147,7 +154,9 @@ public final class NBDServer: @unchecked Sendable {
         var one: Int32 = 1
         setsockopt(socketDescriptor, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(socketDescriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(socketDescriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         guard bound == 0, Glibc.listen(socketDescriptor, 128) == 0 else {
             let error = errno
@@ -175,7 +184,9 @@ public final class NBDServer: @unchecked Sendable {
                 if client < 0 {
                     failuresInARow += 1
                     if (errno == EINTR || errno == ECONNABORTED) && failuresInARow < 1000 { continue }
-                    if failuresInARow >= 1000 { self.log("stopped accepting on \(label): 1000 failed accepts in a row") }
+                    if failuresInARow >= 1000 {
+                        self.log("stopped accepting on \(label): 1000 failed accepts in a row")
+                    }
                     break
                 }
                 failuresInARow = 0
@@ -228,7 +239,9 @@ public final class NBDServer: @unchecked Sendable {
         for connection in connections { Glibc.shutdown(connection.socket, Int32(SHUT_RD)) }
         for connection in connections { await connection.task.value }
         for export in exports where !export.readOnly {
-            do { try await export.device.flush() } catch { log("flush of export '\(export.name)' failed at stop: \(error)") }
+            do { try await export.device.flush() } catch {
+                log("flush of export '\(export.name)' failed at stop: \(error)")
+            }
         }
     }
 

@@ -21,11 +21,14 @@ internal import CISAL
 
     /// Writes the XOR of `sources[i][offset ..< offset + destination.count]` into `destination`, a
     /// region the caller owns for the duration of the call (for example a request's buffer).
-    public static func generate(sources: [AlignedBuffer], offset: Int = 0, into destination: UnsafeMutableRawBufferPointer) {
+    public static func generate(
+        sources: [AlignedBuffer], offset: Int = 0, into destination: UnsafeMutableRawBufferPointer
+    ) {
         let length = destination.count
         precondition(!sources.isEmpty, "parity needs at least one source")
         precondition(length % 32 == 0 && length <= Int(Int32.max), "parity length must be a multiple of 32 bytes")
-        precondition(offset >= 0 && sources.allSatisfy { offset + length <= $0.count }, "source region out of the buffer")
+        precondition(
+            offset >= 0 && sources.allSatisfy { offset + length <= $0.count }, "source region out of the buffer")
         guard length > 0 else { return }
         withExtendedLifetime(sources) {
             if sources.count == 1 {

@@ -4,7 +4,9 @@ extension RAIDArray {
     /// - Returns: the superblock, or the problem with the copies when neither is usable (an
     ///   ``RAIDSuperblock/Problem/unreadable(_:)`` when a copy could not be read and the other is not
     ///   usable either).
-    public static func readSuperblock(of device: any BlockDevice) async throws -> Result<RAIDSuperblock, RAIDSuperblock.Problem> {
+    public static func readSuperblock(of device: any BlockDevice) async throws -> Result<
+        RAIDSuperblock, RAIDSuperblock.Problem
+    > {
         guard device.capacityBytes >= 8192 else { return .failure(.notAMember) }
         let buffer = AlignedBuffer(count: RAIDSuperblock.blockBytes)
         var best: RAIDSuperblock?
@@ -27,8 +29,9 @@ extension RAIDArray {
         }
         if let best { return .success(best) }
         // Report the more specific problem: a read error, then a corrupt block, over a missing magic.
-        return .failure(problems.first { if case .unreadable = $0 { true } else { false } }
-                        ?? problems.first { $0 != .notAMember } ?? .notAMember)
+        return .failure(
+            problems.first { if case .unreadable = $0 { true } else { false } }
+                ?? problems.first { $0 != .notAMember } ?? .notAMember)
     }
 
     /// Assembles an array from its members, given in any order.
@@ -40,7 +43,8 @@ extension RAIDArray {
     /// left out, and the array runs degraded; ``AssemblyReport/notes`` says which and why. Devices left
     /// out stay open: they remain the caller's to close. Devices in the array are the array's. A dirty
     /// array resyncs the regions its write-intent bitmap marks before returning.
-    public static func assemble(members devices: [any BlockDevice], force: Bool = false) async throws -> AssemblyReport {
+    public static func assemble(members devices: [any BlockDevice], force: Bool = false) async throws -> AssemblyReport
+    {
         guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "no member devices given") }
         var found: [(device: any BlockDevice, superblock: RAIDSuperblock)] = []
         var unreadable: [String] = []
@@ -51,17 +55,23 @@ extension RAIDArray {
                 // As for a missing member: left out, and the array runs degraded if it can.
                 unreadable.append("\(device.name) is left out: \(reason)")
             case let .failure(problem):
-                throw SpindleError(problem == .notAMember ? .invalidArgument : .corrupted, "\(problem)", operation: "assemble", path: device.name,
-                                   cause: problem)
+                throw SpindleError(
+                    problem == .notAMember ? .invalidArgument : .corrupted, "\(problem)", operation: "assemble",
+                    path: device.name,
+                    cause: problem)
             }
         }
         guard !found.isEmpty else {
-            throw SpindleError(.ioFailed, "no member's superblock can be read: \(unreadable.joined(separator: "; "))", operation: "assemble")
+            throw SpindleError(
+                .ioFailed, "no member's superblock can be read: \(unreadable.joined(separator: "; "))",
+                operation: "assemble")
         }
         let arrays = Dictionary(grouping: found, by: { $0.superblock.arrayUUID })
         guard arrays.count == 1 else {
             let listing = found.map { "\($0.device.name) (array '\($0.superblock.name)' \($0.superblock.arrayUUID))" }
-            throw SpindleError(.invalidArgument, "the devices belong to different arrays: \(listing.joined(separator: ", "))", operation: "assemble")
+            throw SpindleError(
+                .invalidArgument, "the devices belong to different arrays: \(listing.joined(separator: ", "))",
+                operation: "assemble")
         }
         let byMember = Dictionary(grouping: found, by: { $0.superblock.memberUUID })
         if let duplicate = byMember.values.first(where: { $0.count > 1 }) {
@@ -87,15 +97,20 @@ extension RAIDArray {
                     if let match = byMember[recorded.member]?.first {
                         slots[slot] = Member(device: match.device, uuid: recorded.member)
                         let stale = match.superblock.events < latest.events ? "is stale and " : ""
-                        notes.append("\(match.device.name) \(stale)is marked faulty in slot \(slot) (events \(match.superblock.events), the array is at \(latest.events)): it is not used; remove it (`remove(memberNamed:)`) or replace it (`replace(memberNamed:with:)`)")
+                        notes.append(
+                            "\(match.device.name) \(stale)is marked faulty in slot \(slot) (events \(match.superblock.events), the array is at \(latest.events)): it is not used; remove it (`remove(memberNamed:)`) or replace it (`replace(memberNamed:with:)`)"
+                        )
                     } else {
-                        notes.append("slot \(slot) (\(known)member \(recorded.member)) is marked faulty; replace it (`replace(memberNamed:with:)`, or `add(_:)` a new device)")
+                        notes.append(
+                            "slot \(slot) (\(known)member \(recorded.member)) is marked faulty; replace it (`replace(memberNamed:with:)`, or `add(_:)` a new device)"
+                        )
                     }
                 }
                 continue
             }
             guard let match = byMember[recorded.member]?.first else {
-                notes.append("slot \(slot) (\(known)member \(recorded.member)) is missing: none of the given devices holds it")
+                notes.append(
+                    "slot \(slot) (\(known)member \(recorded.member)) is missing: none of the given devices holds it")
                 continue
             }
             // Superblocks are written to the members side by side, and each update is on every
@@ -103,31 +118,45 @@ extension RAIDArray {
             // superblock still counts in, only missed an update a crash cut short (as mdadm's
             // event margin of 1 allows). Further behind, it missed changes.
             if match.superblock.events + 1 < latest.events {
-                notes.append("\(match.device.name) is stale (events \(match.superblock.events), the array is at \(latest.events)): it missed changes, so it is not trusted; add it back to rebuild it")
+                notes.append(
+                    "\(match.device.name) is stale (events \(match.superblock.events), the array is at \(latest.events)): it missed changes, so it is not trusted; add it back to rebuild it"
+                )
                 continue
             }
             if match.superblock.events < latest.events {
-                notes.append("\(match.device.name) is one superblock update behind (a crash cut the update short); brought up to date")
+                notes.append(
+                    "\(match.device.name) is one superblock update behind (a crash cut the update short); brought up to date"
+                )
             }
             if match.device.capacityBytes < neededBytes {
-                notes.append("\(match.device.name) is truncated (\(match.device.capacityBytes) bytes, the array needs \(neededBytes)); slot \(slot) runs missing")
+                notes.append(
+                    "\(match.device.name) is truncated (\(match.device.capacityBytes) bytes, the array needs \(neededBytes)); slot \(slot) runs missing"
+                )
                 continue
             }
             slots[slot] = Member(device: match.device, uuid: recorded.member)
             slotStates[slot] = recorded.state
         }
-        for candidate in found where candidate.superblock.role == -1 && !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID }) {
+        for candidate in found
+        where candidate.superblock.role == -1
+            && !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID })
+        {
             if candidate.device.capacityBytes >= neededBytes {
                 spares.append(Member(device: candidate.device, uuid: candidate.superblock.memberUUID))
             }
         }
-        for candidate in found where candidate.superblock.role >= 0 && !slots.contains(where: { $0?.uuid == candidate.superblock.memberUUID }) {
+        for candidate in found
+        where candidate.superblock.role >= 0 && !slots.contains(where: { $0?.uuid == candidate.superblock.memberUUID })
+        {
             if candidate.superblock.events < latest.events {
                 if !notes.contains(where: { $0.hasPrefix("\(candidate.device.name) is stale") }) {
-                    notes.append("\(candidate.device.name) is stale (events \(candidate.superblock.events), the array is at \(latest.events)): it missed changes while it was failed or missing, so it is not trusted; add it back to rebuild it")
+                    notes.append(
+                        "\(candidate.device.name) is stale (events \(candidate.superblock.events), the array is at \(latest.events)): it missed changes while it was failed or missing, so it is not trusted; add it back to rebuild it"
+                    )
                 }
             } else if !latest.slots.contains(where: { $0.member == candidate.superblock.memberUUID }) {
-                notes.append("\(candidate.device.name) was a member of this array but has been replaced; it is not used")
+                notes.append(
+                    "\(candidate.device.name) was a member of this array but has been replaced; it is not used")
             }
         }
         let usable = slotStates.filter { $0 == .active }.count
@@ -159,7 +188,9 @@ extension RAIDArray {
         var resyncedBytes: UInt64 = 0
         if latest.dirty {
             resyncedBytes = try await array.resyncDirtyRegions()
-            notes.append("the array was not shut down cleanly; resynced \(ByteSize.format(resyncedBytes)) of regions being written")
+            notes.append(
+                "the array was not shut down cleanly; resynced \(ByteSize.format(resyncedBytes)) of regions being written"
+            )
         }
         try await array.commitSuperblocks()
         await array.activateSpareIfPossible()
@@ -221,7 +252,9 @@ extension RAIDArray {
                     entry.role = block.role
                     entry.events = block.events
                     // Several copies of one member: the one with the newest changes holds it.
-                    if (byMember[block.memberUUID]?.1 ?? 0) <= block.events { byMember[block.memberUUID] = (device.name, block.events) }
+                    if (byMember[block.memberUUID]?.1 ?? 0) <= block.events {
+                        byMember[block.memberUUID] = (device.name, block.events)
+                    }
                     if newest == nil || block.events > newest!.events { newest = block }
                 case let .failure(problem):
                     entry.problem = problem.description
@@ -247,15 +280,23 @@ extension RAIDArray {
         inspection.slots = newest.slots.enumerated().map { index, slot in
             var state = slot.state
             let holder = byMember[slot.member]
-            if (state == .active || state == .rebuilding) && (holder == nil || holder!.1 < newest.events) { state = .missing }
-            return SlotInfo(slot: index, device: holder?.0, memberUUID: slot.member.nonZero,
-                            lastKnownName: slot.lastKnownName.nonEmpty, state: state)
+            if (state == .active || state == .rebuilding) && (holder == nil || holder!.1 < newest.events) {
+                state = .missing
+            }
+            return SlotInfo(
+                slot: index, device: holder?.0, memberUUID: slot.member.nonZero,
+                lastKnownName: slot.lastKnownName.nonEmpty, state: state)
         }
         let lost = inspection.slots.filter { $0.state != .active }.count
-        if lost > newest.level.redundancy(memberCount: newest.memberCount) { inspection.state = "failed" }
-        else if newest.rebuildSlot >= 0 { inspection.state = "rebuilding" }
-        else if lost > 0 { inspection.state = "degraded" }
-        else { inspection.state = newest.dirty ? "dirty (not shut down cleanly, or in use)" : "clean" }
+        if lost > newest.level.redundancy(memberCount: newest.memberCount) {
+            inspection.state = "failed"
+        } else if newest.rebuildSlot >= 0 {
+            inspection.state = "rebuilding"
+        } else if lost > 0 {
+            inspection.state = "degraded"
+        } else {
+            inspection.state = newest.dirty ? "dirty (not shut down cleanly, or in use)" : "clean"
+        }
         return inspection
     }
 }

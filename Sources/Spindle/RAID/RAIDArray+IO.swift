@@ -9,8 +9,12 @@ struct RequestBuffer: @unchecked Sendable {
 extension RAIDArray {
     /// Runs member requests at once (one task each; inline when there is only one) and reports each
     /// one's error by slot, in the order of the jobs.
-    func concurrently(_ jobs: [(slot: Int, work: @Sendable () async throws -> Void)]) async -> [(slot: Int, error: Error)] {
-        @Sendable func attempt(_ job: (slot: Int, work: @Sendable () async throws -> Void)) async -> (slot: Int, error: Error)? {
+    func concurrently(_ jobs: [(slot: Int, work: @Sendable () async throws -> Void)]) async -> [(
+        slot: Int, error: Error
+    )] {
+        @Sendable func attempt(_ job: (slot: Int, work: @Sendable () async throws -> Void)) async -> (
+            slot: Int, error: Error
+        )? {
             do { try await job.work() } catch { return (job.slot, error) }
             return nil
         }
@@ -55,12 +59,17 @@ extension RAIDArray {
         defer { gate.leave() }
         let target = RequestBuffer(base: buffer.baseAddress!)
         let readable = readableMembers()
-        let failures = await concurrently(geometry.extents(offset: offset, length: UInt64(buffer.count)).map { extent in
-            (extent.member, { [self] in
-                let destination = UnsafeMutableRawBufferPointer(start: target.base + Int(extent.requestOffset), count: Int(extent.length))
-                try await personality.read(extent, into: destination, readable: readable, array: self)
+        let failures = await concurrently(
+            geometry.extents(offset: offset, length: UInt64(buffer.count)).map { extent in
+                (
+                    extent.member,
+                    { [self] in
+                        let destination = UnsafeMutableRawBufferPointer(
+                            start: target.base + Int(extent.requestOffset), count: Int(extent.length))
+                        try await personality.read(extent, into: destination, readable: readable, array: self)
+                    }
+                )
             })
-        })
         if let failure = failures.first { throw failure.error }
     }
 
@@ -77,7 +86,9 @@ extension RAIDArray {
         return SpindleError(
             .ioFailed,
             "\(extent.length) bytes of stripe \(extent.stripe) on slot \(extent.member) cannot be read or rebuilt from redundancy (\(detail)); the members stay in the array",
-            operation: "read", path: name, offset: geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset), length: extent.length)
+            operation: "read", path: name,
+            offset: geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset),
+            length: extent.length)
     }
 
     // MARK: Writes
@@ -111,17 +122,23 @@ extension RAIDArray {
         _ writes: [(slot: Int, member: Member, source: MemberWriteSource, memberOffset: UInt64)],
         fua: Bool, operation: String, offset: UInt64?, length: UInt64
     ) async throws {
-        let failures = await concurrently(writes.map { write in
-            (write.slot, {
-                switch write.source {
-                case let .request(source, length):
-                    try await write.member.device.write(
-                        from: UnsafeRawBufferPointer(start: source.base, count: length), at: write.memberOffset, fua: fua)
-                case let .owned(buffer, length):
-                    try await write.member.device.write(from: buffer, range: 0..<length, at: write.memberOffset, fua: fua)
-                }
+        let failures = await concurrently(
+            writes.map { write in
+                (
+                    write.slot,
+                    {
+                        switch write.source {
+                        case let .request(source, length):
+                            try await write.member.device.write(
+                                from: UnsafeRawBufferPointer(start: source.base, count: length), at: write.memberOffset,
+                                fua: fua)
+                        case let .owned(buffer, length):
+                            try await write.member.device.write(
+                                from: buffer, range: 0..<length, at: write.memberOffset, fua: fua)
+                        }
+                    }
+                )
             })
-        })
         for failure in failures { await failMember(slot: failure.slot, because: failure.error) }
         if state.withLock({ $0.failed }) || writes.count == failures.count {
             throw failedError(operation, offset: offset, length: length)
@@ -150,37 +167,44 @@ extension RAIDArray {
     /// degraded write, the member staying in the array; up to one attempt per member.
     func writeByStripe(
         offset: UInt64, length: UInt64,
-        writeStripe: @escaping @Sendable (_ stripe: UInt64, _ pieces: [RAIDGeometry.Extent], _ unreadable: [Int: any Error]) async throws -> Void
+        writeStripe:
+            @escaping @Sendable (_ stripe: UInt64, _ pieces: [RAIDGeometry.Extent], _ unreadable: [Int: any Error])
+            async throws -> Void
     ) async throws {
         let extents = geometry.extents(offset: offset, length: length)
         let stripes = extents.first!.stripe...extents.last!.stripe
-        try await markWriteIntent(memberOffset: stripes.lowerBound * geometry.chunkBytes,
-                                  length: UInt64(stripes.count) * geometry.chunkBytes)
+        try await markWriteIntent(
+            memberOffset: stripes.lowerBound * geometry.chunkBytes,
+            length: UInt64(stripes.count) * geometry.chunkBytes)
         await stripeLocks.lock(stripes)
         defer { stripeLocks.unlock(stripes) }
         var byStripe: [UInt64: [RAIDGeometry.Extent]] = [:]
         for extent in extents { byStripe[extent.stripe, default: []].append(extent) }
         let attempts = geometry.memberCount
-        let failures = await concurrently(byStripe.map { stripe, pieces in
-            (Int(stripe), {
-                // A member that fails a read the stripe needs is failed on the spot; the stripe is
-                // then written again, degraded, without it.
-                var unreadable: [Int: any Error] = [:]
-                for attempt in 1...attempts {
-                    do {
-                        try await writeStripe(stripe, pieces, unreadable)
-                        return
-                    } catch let failure as StripeReadFailure {
-                        if attempt == attempts || self.state.withLock({ $0.failed }) { throw failure.error }
-                        // Compute this stripe without that member's block (from parity and the
-                        // others), as a degraded write does; the member stays in the array.
-                        unreadable[failure.slot] = failure.error
-                    } catch {
-                        if attempt == attempts || self.state.withLock({ $0.failed }) { throw error }
+        let failures = await concurrently(
+            byStripe.map { stripe, pieces in
+                (
+                    Int(stripe),
+                    {
+                        // A member that fails a read the stripe needs is failed on the spot; the stripe is
+                        // then written again, degraded, without it.
+                        var unreadable: [Int: any Error] = [:]
+                        for attempt in 1...attempts {
+                            do {
+                                try await writeStripe(stripe, pieces, unreadable)
+                                return
+                            } catch let failure as StripeReadFailure {
+                                if attempt == attempts || self.state.withLock({ $0.failed }) { throw failure.error }
+                                // Compute this stripe without that member's block (from parity and the
+                                // others), as a degraded write does; the member stays in the array.
+                                unreadable[failure.slot] = failure.error
+                            } catch {
+                                if attempt == attempts || self.state.withLock({ $0.failed }) { throw error }
+                            }
+                        }
                     }
-                }
+                )
             })
-        })
         if let failure = failures.first { throw failure.error }
     }
 
@@ -190,9 +214,10 @@ extension RAIDArray {
         try gate.enter(operation: "flush", name: name)
         defer { gate.leave() }
         let writable = writableMembers()
-        let failures = await concurrently(writable.enumerated().compactMap { slot, member in
-            member.map { member in (slot, { try await member.device.flush() }) }
-        })
+        let failures = await concurrently(
+            writable.enumerated().compactMap { slot, member in
+                member.map { member in (slot, { try await member.device.flush() }) }
+            })
         for failure in failures { await failMember(slot: failure.slot, because: failure.error) }
         if state.withLock({ $0.failed }) { throw failedError("flush") }
         await awaitFailuresRecorded()
@@ -206,7 +231,8 @@ extension RAIDArray {
 
     public func writeZeroes(offset: UInt64, length: UInt64) async throws {
         try validate(offset: offset, length: length, operation: "write-zeroes")
-        let pieceBytes = UInt64(max(geometry.stripeDataBytes, 1 << 20) / geometry.stripeDataBytes * geometry.stripeDataBytes)
+        let pieceBytes = UInt64(
+            max(geometry.stripeDataBytes, 1 << 20) / geometry.stripeDataBytes * geometry.stripeDataBytes)
         let zeros = AlignedBuffer(count: Int(min(pieceBytes, length)))
         var position = offset
         while position < offset + length {

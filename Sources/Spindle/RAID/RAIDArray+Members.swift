@@ -38,7 +38,8 @@ extension RAIDArray {
     func activateSpareIfPossible() async {
         let (changed, displaced) = state.withLock { state -> (Bool, Member?) in
             guard geometry.redundancy > 0, !state.failed, state.rebuildSlot < 0, !state.spares.isEmpty,
-                  let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }) else { return (false, nil) }
+                let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing })
+            else { return (false, nil) }
             let displaced = state.slots[slot]
             state.slots[slot] = state.spares.removeFirst()
             state.slotStates[slot] = .rebuilding
@@ -59,8 +60,9 @@ extension RAIDArray {
             throw SpindleError(.invalidArgument, "\(deviceName) is not an active member of \(name)", operation: "fail")
         }
         if geometry.redundancy == 0 {
-            throw SpindleError(.unsupported, "failing a member of a RAID\(geometry.level.rawValue) array would lose its data",
-                               operation: "fail", path: deviceName)
+            throw SpindleError(
+                .unsupported, "failing a member of a RAID\(geometry.level.rawValue) array would lose its data",
+                operation: "fail", path: deviceName)
         }
         let lost = state.withLock { $0.slotStates.filter { $0 != .active }.count }
         if state.withLock({ $0.slotStates[slot] }) == .active && lost + 1 > geometry.redundancy {
@@ -104,8 +106,9 @@ extension RAIDArray {
     public func add(_ device: any BlockDevice, overwrite: Bool = false) async throws {
         if !overwrite { try await refuseIfInUse(device, operation: "add") }
         guard geometry.redundancy > 0 else {
-            throw SpindleError(.unsupported, "RAID\(geometry.level.rawValue) arrays have no redundancy to rebuild onto a new member",
-                               operation: "add", path: device.name)
+            throw SpindleError(
+                .unsupported, "RAID\(geometry.level.rawValue) arrays have no redundancy to rebuild onto a new member",
+                operation: "add", path: device.name)
         }
         guard device.capacityBytes >= Self.dataOffset + geometry.memberDataBytes else {
             throw SpindleError(
@@ -114,11 +117,14 @@ extension RAIDArray {
                 operation: "add", path: device.name)
         }
         guard device.logicalBlockBytes <= logicalBlockBytes else {
-            throw SpindleError(.invalidArgument, "its \(device.logicalBlockBytes)-byte blocks are larger than the array's", operation: "add", path: device.name)
+            throw SpindleError(
+                .invalidArgument, "its \(device.logicalBlockBytes)-byte blocks are larger than the array's",
+                operation: "add", path: device.name)
         }
         let member = Member(device: device, uuid: .random())
         let displaced = state.withLock { state -> Member? in
-            if let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }), state.rebuildSlot < 0 {
+            if let slot = state.slotStates.firstIndex(where: { $0 == .faulty || $0 == .missing }), state.rebuildSlot < 0
+            {
                 let displaced = state.slots[slot]
                 state.slots[slot] = member
                 state.slotStates[slot] = .rebuilding
@@ -139,9 +145,12 @@ extension RAIDArray {
 
     /// Fails `old` (if it is not failed already), puts `new` in its slot, and leaves the rebuild to
     /// ``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``.
-    public func replace(memberNamed oldName: String, with device: any BlockDevice, overwrite: Bool = false) async throws {
+    public func replace(memberNamed oldName: String, with device: any BlockDevice, overwrite: Bool = false) async throws
+    {
         if !overwrite { try await refuseIfInUse(device, operation: "replace") }
-        let oldState = state.withLock { state in state.slots.firstIndex { $0?.name == oldName }.map { state.slotStates[$0] } }
+        let oldState = state.withLock { state in
+            state.slots.firstIndex { $0?.name == oldName }.map { state.slotStates[$0] }
+        }
         guard let oldState else {
             // Left out at assembly (failed, stale or gone): its slot is the faulty or missing one.
             guard state.withLock({ $0.slotStates.contains { $0 == .faulty || $0 == .missing } }) else {
@@ -157,7 +166,10 @@ extension RAIDArray {
 
     /// Refuses a device that holds anything but a former member of this array.
     private func refuseIfInUse(_ device: any BlockDevice, operation: String) async throws {
-        if case let .success(superblock) = try await Self.readSuperblock(of: device), superblock.arrayUUID == arrayUUID { return }
+        if case let .success(superblock) = try await Self.readSuperblock(of: device), superblock.arrayUUID == arrayUUID
+        {
+            return
+        }
         try await DeviceSignature.refuseIfInUse(device, operation: operation)
     }
 }

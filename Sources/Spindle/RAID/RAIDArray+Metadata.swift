@@ -18,7 +18,9 @@ extension RAIDArray {
                     }
                 }
                 for spare in state.spares { targets.append((nil, spare)) }
-                let blocks = targets.map { slot, member in superblock(for: member, role: slot ?? -1, state: state).encoded() }
+                let blocks = targets.map { slot, member in
+                    superblock(for: member, role: slot ?? -1, state: state).encoded()
+                }
                 return (targets, blocks, Int(state.events % 2))
             }
             var failedSlot: Int?
@@ -30,7 +32,10 @@ extension RAIDArray {
                 } catch is CancellationError {
                     throw CancellationError()
                 } catch {
-                    if let slot { failedSlot = slot; break }
+                    if let slot {
+                        failedSlot = slot
+                        break
+                    }
                     state.withLock { $0.spares.removeAll { $0 === member } }
                 }
             }
@@ -61,9 +66,14 @@ extension RAIDArray {
 
     /// Writes a bitmap to every writable member, with FUA.
     func writeBitmap(_ bits: [UInt8]? = nil) async throws {
-        let (current, members) = state.withLock { state in (state.bitmap, state.slots.enumerated().compactMap { index, member in
-            state.slotStates[index] == .active || state.slotStates[index] == .rebuilding ? member : nil
-        }) }
+        let (current, members) = state.withLock { state in
+            (
+                state.bitmap,
+                state.slots.enumerated().compactMap { index, member in
+                    state.slotStates[index] == .active || state.slotStates[index] == .rebuilding ? member : nil
+                }
+            )
+        }
         let buffer = AlignedBuffer(count: Self.bitmapBytes)
         (bits ?? current).withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
         for member in members {
@@ -124,7 +134,8 @@ extension RAIDArray {
     func markCleanIfIdle(idleNanos: UInt64) async {
         let candidate = state.withLock { $0.dirty && !$0.failed }
         guard candidate, writesInFlight.load(ordering: .sequentiallyConsistent) == 0,
-              monotonicNanos() - lastWriteNanos.load(ordering: .relaxed) >= idleNanos else { return }
+            monotonicNanos() - lastWriteNanos.load(ordering: .relaxed) >= idleNanos
+        else { return }
         await bitmapLock.lock()
         defer { bitmapLock.unlock() }
         // New writes now take the slow path and wait for this lock; any write already past the fast
@@ -151,7 +162,10 @@ extension RAIDArray {
             }
             try await commitSuperblocks()
         } catch {
-            state.withLock { $0.dirty = true; $0.dirtyOnDisk = false }
+            state.withLock {
+                $0.dirty = true
+                $0.dirtyOnDisk = false
+            }
         }
     }
 }

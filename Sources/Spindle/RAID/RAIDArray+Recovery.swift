@@ -78,21 +78,28 @@ extension RAIDArray {
 
     /// Reads every stripe and checks that mirrors agree (RAID1) or that parity matches the data
     /// (RAID5); with `repair`, rewrites mirror copies from the first member or parity from the data.
-    public func scrub(repair: Bool = false, progress: (@Sendable (Progress) -> Void)? = nil) async throws -> ScrubReport {
+    public func scrub(repair: Bool = false, progress: (@Sendable (Progress) -> Void)? = nil) async throws -> ScrubReport
+    {
         guard geometry.redundancy > 0 else {
-            throw SpindleError(.unsupported, "RAID\(geometry.level.rawValue) keeps no redundancy, so there is nothing to check",
-                               operation: "scrub", path: name)
+            throw SpindleError(
+                .unsupported, "RAID\(geometry.level.rawValue) keeps no redundancy, so there is nothing to check",
+                operation: "scrub", path: name)
         }
         guard readableMembers().allSatisfy({ $0 != nil }) else {
-            throw SpindleError(.unsupported, "the array is degraded: with a member missing there is no second copy to compare", operation: "scrub", path: name)
+            throw SpindleError(
+                .unsupported, "the array is degraded: with a member missing there is no second copy to compare",
+                operation: "scrub", path: name)
         }
         try gate.enter(operation: "scrub", name: name)
         defer { gate.leave() }
-        return try await checkRange(memberStart: 0, memberEnd: geometry.memberDataBytes, repair: repair, progress: progress)
+        return try await checkRange(
+            memberStart: 0, memberEnd: geometry.memberDataBytes, repair: repair, progress: progress)
     }
 
     /// Checks (and repairs) member data range `memberStart ..< memberEnd`, stripe group by stripe group.
-    func checkRange(memberStart: UInt64, memberEnd: UInt64, repair: Bool, progress: (@Sendable (Progress) -> Void)?) async throws -> ScrubReport {
+    func checkRange(memberStart: UInt64, memberEnd: UInt64, repair: Bool, progress: (@Sendable (Progress) -> Void)?)
+        async throws -> ScrubReport
+    {
         var report = ScrubReport(checkedBytes: 0, mismatchOffsets: [], mismatches: 0, repaired: 0)
         let chunk = geometry.chunkBytes
         let step = stepBytes
@@ -110,9 +117,10 @@ extension RAIDArray {
                 let slots = (0..<geometry.memberCount).filter { readable[$0] != nil }
                 let buffers = slots.map { _ in AlignedBuffer(count: Int(length), zeroed: false) }
                 let memberOffset = Self.dataOffset + position
-                let failures = await concurrently(zip(slots, buffers).map { slot, buffer in
-                    (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
-                })
+                let failures = await concurrently(
+                    zip(slots, buffers).map { slot, buffer in
+                        (slot, { try await readable[slot]!.device.read(into: buffer, at: memberOffset) })
+                    })
                 for failure in failures where Self.isDeviceGone(failure.error) {
                     await failMember(slot: failure.slot, because: failure.error)
                     throw failure.error
@@ -126,7 +134,8 @@ extension RAIDArray {
                         let within = Int((stripe * chunk) - position)
                         do {
                             try await readable[failure.slot]!.device.read(
-                                into: buffers[index], range: within..<(within + Int(chunk)), at: Self.dataOffset + stripe * chunk)
+                                into: buffers[index], range: within..<(within + Int(chunk)),
+                                at: Self.dataOffset + stripe * chunk)
                         } catch {
                             if Self.isDeviceGone(error) {
                                 await failMember(slot: failure.slot, because: error)
@@ -138,12 +147,15 @@ extension RAIDArray {
                 }
                 for stripe in stripes {
                     let result = try await personality.check(
-                        ScrubStripe(stripe: stripe, slots: slots, buffers: buffers, readable: readable,
-                                    within: Int((stripe * chunk) - position), size: Int(chunk), unreadable: badChunks[stripe] ?? []),
+                        ScrubStripe(
+                            stripe: stripe, slots: slots, buffers: buffers, readable: readable,
+                            within: Int((stripe * chunk) - position), size: Int(chunk),
+                            unreadable: badChunks[stripe] ?? []),
                         repair: repair, array: self)
                     report.readErrorsRepaired += result.readErrorsRepaired
                     for slot in result.unreadable {
-                        report.unreadable.append(.init(slot: slot, member: readable[slot]!.name, memberOffset: stripe * chunk))
+                        report.unreadable.append(
+                            .init(slot: slot, member: readable[slot]!.name, memberOffset: stripe * chunk))
                     }
                     guard result.mismatch else { continue }
                     report.mismatches += 1
@@ -159,8 +171,10 @@ extension RAIDArray {
             if let progress, now - lastReport >= 1_000_000_000 || position >= memberEnd {
                 lastReport = now
                 let rate = Double(position - memberStart) / (Double(now - started) / 1e9)
-                progress(Progress(doneBytes: position - memberStart, totalBytes: memberEnd - memberStart,
-                                  bytesPerSecond: rate, secondsLeft: rate > 0 ? Double(memberEnd - position) / rate : nil))
+                progress(
+                    Progress(
+                        doneBytes: position - memberStart, totalBytes: memberEnd - memberStart,
+                        bytesPerSecond: rate, secondsLeft: rate > 0 ? Double(memberEnd - position) / rate : nil))
             }
         }
         return report
@@ -207,7 +221,8 @@ extension RAIDArray {
         let stepCount = Int((total - checkpoint + step - 1) / step)
         // No step past the stop starts, so where a rebuild pauses (or whether it finishes) does not
         // depend on the order in which the steps in flight finish.
-        let launchable = stopAtBytes.map { min(stepCount, max(1, Int(($0 - min($0, checkpoint) + step - 1) / step))) } ?? stepCount
+        let launchable =
+            stopAtBytes.map { min(stepCount, max(1, Int(($0 - min($0, checkpoint) + step - 1) / step))) } ?? stepCount
         let started = monotonicNanos()
         var lastReport = started
         var lastSaved = checkpoint
@@ -220,9 +235,15 @@ extension RAIDArray {
                 func launch(_ index: Int) {
                     let start = checkpoint + UInt64(index) * step
                     let length = min(step, total - start)
-                    group.addTask { try await self.rebuildStep(slot: slot, memberOffset: start, length: length); return index }
+                    group.addTask {
+                        try await self.rebuildStep(slot: slot, memberOffset: start, length: length)
+                        return index
+                    }
                 }
-                while next < min(Self.rebuildStepsInFlight, launchable) { launch(next); next += 1 }
+                while next < min(Self.rebuildStepsInFlight, launchable) {
+                    launch(next)
+                    next += 1
+                }
                 while let done = try await group.next() {
                     finished[done] = true
                     while finishedPrefix < stepCount && finished[finishedPrefix] { finishedPrefix += 1 }
@@ -242,8 +263,10 @@ extension RAIDArray {
                     if let progress, now - lastReport >= 1_000_000_000 || position >= total {
                         lastReport = now
                         let rate = Double(position - checkpoint) / max(Double(monotonicNanos() - started) / 1e9, 1e-9)
-                        progress(Progress(doneBytes: position, totalBytes: total, bytesPerSecond: rate,
-                                          secondsLeft: rate > 0 ? Double(total - position) / rate : nil))
+                        progress(
+                            Progress(
+                                doneBytes: position, totalBytes: total, bytesPerSecond: rate,
+                                secondsLeft: rate > 0 ? Double(total - position) / rate : nil))
                     }
                     if Task.isCancelled { throw CancellationError() }
                     if let stopAtBytes, position >= stopAtBytes, position < total { throw RebuildPaused() }
@@ -294,10 +317,12 @@ extension RAIDArray {
         defer { stripeLocks.unlock(stripes) }
         let readable = readableMembers()
         guard let target = writableMembers()[slot] else {
-            throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
+            throw SpindleError(
+                .ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
         }
         let result = AlignedBuffer(count: Int(length), zeroed: false)
-        try await personality.rebuild(slot: slot, memberOffset: memberOffset, into: result, readable: readable, array: self)
+        try await personality.rebuild(
+            slot: slot, memberOffset: memberOffset, into: result, readable: readable, array: self)
         do {
             try await target.device.write(from: result, at: Self.dataOffset + memberOffset)
         } catch {
@@ -315,7 +340,8 @@ extension RAIDArray {
 
     private func target(_ slot: Int) throws -> any BlockDevice {
         guard let member = writableMembers()[slot] else {
-            throw SpindleError(.ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
+            throw SpindleError(
+                .ioFailed, "the member being rebuilt in slot \(slot) failed", operation: "rebuild", path: name)
         }
         return member.device
     }

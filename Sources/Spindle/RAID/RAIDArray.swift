@@ -93,8 +93,10 @@ public final class RAIDArray: BlockDevice {
     /// Forces the partial-stripe RAID5 write path (tests only); nil chooses by the reads each needs.
     let partialStripeWriteOverride = Locked<PartialStripeWrite?>(nil)
 
-    init(name: String, uuid: SpindleUUID, geometry: RAIDGeometry, createdSeconds: UInt64, bitmapChunkShift: UInt32,
-         state: State, logicalBlockBytes: Int) {
+    init(
+        name: String, uuid: SpindleUUID, geometry: RAIDGeometry, createdSeconds: UInt64, bitmapChunkShift: UInt32,
+        state: State, logicalBlockBytes: Int
+    ) {
         arrayName = name
         arrayUUID = uuid
         self.geometry = geometry
@@ -112,7 +114,8 @@ public final class RAIDArray: BlockDevice {
     /// array's size.
     /// - Throws: ``SpindleError`` for a bad member count or chunk size, or a member too small.
     public static func create(
-        name: String, level: RAIDLevel, chunkBytes: UInt64 = defaultChunkBytes, members devices: [any BlockDevice], overwrite: Bool = false
+        name: String, level: RAIDLevel, chunkBytes: UInt64 = defaultChunkBytes, members devices: [any BlockDevice],
+        overwrite: Bool = false
     ) async throws -> RAIDArray {
         guard !name.isEmpty, name.utf8.count <= 63, !name.contains("/") else {
             throw SpindleError(.invalidArgument, "the array name '\(name)' must be 1 to 63 bytes without '/'")
@@ -120,21 +123,27 @@ public final class RAIDArray: BlockDevice {
         guard devices.count >= level.minimumMembers, devices.count <= RAIDSuperblock.maximumMembers else {
             throw SpindleError(
                 .invalidArgument,
-                "\(level) needs \(level.minimumMembers) to \(RAIDSuperblock.maximumMembers) members, not \(devices.count)")
+                "\(level) needs \(level.minimumMembers) to \(RAIDSuperblock.maximumMembers) members, not \(devices.count)"
+            )
         }
         guard chunkBytes >= 4096, chunkBytes <= 1 << 20, chunkBytes & (chunkBytes - 1) == 0 else {
-            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 4 KiB to 1 MiB")
+            throw SpindleError(
+                .invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 4 KiB to 1 MiB")
         }
         let blockBytes = devices.map(\.logicalBlockBytes).max()!
         guard chunkBytes % UInt64(blockBytes) == 0 else {
-            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) is not a multiple of the members' \(blockBytes)-byte blocks")
+            throw SpindleError(
+                .invalidArgument,
+                "the chunk size \(chunkBytes) is not a multiple of the members' \(blockBytes)-byte blocks")
         }
         var names = Set<String>()
         for device in devices {
             guard names.insert(device.name).inserted else {
                 throw SpindleError(.invalidArgument, "\(device.name) is given twice", path: device.name)
             }
-            guard !device.isReadOnly else { throw SpindleError(.readOnly, "members must be writable", path: device.name) }
+            guard !device.isReadOnly else {
+                throw SpindleError(.readOnly, "members must be writable", path: device.name)
+            }
             guard device.capacityBytes >= dataOffset + chunkBytes else {
                 throw SpindleError(
                     .invalidArgument,
@@ -147,7 +156,8 @@ public final class RAIDArray: BlockDevice {
         }
         let smallest = devices.map(\.capacityBytes).min()!
         let memberDataBytes = (smallest - dataOffset) / chunkBytes * chunkBytes
-        let geometry = RAIDGeometry(level: level, memberCount: devices.count, chunkBytes: chunkBytes, memberDataBytes: memberDataBytes)
+        let geometry = RAIDGeometry(
+            level: level, memberCount: devices.count, chunkBytes: chunkBytes, memberDataBytes: memberDataBytes)
         let members = devices.map { Member(device: $0, uuid: .random()) }
         let array = RAIDArray(
             name: name, uuid: .random(), geometry: geometry, createdSeconds: UInt64(monotonicNanos() / 1_000_000_000),
@@ -156,7 +166,9 @@ public final class RAIDArray: BlockDevice {
                 slots: members, slotStates: Array(repeating: .active, count: devices.count), spares: [], events: 0,
                 dirty: false, rebuildSlot: -1, rebuildCheckpointBytes: 0,
                 bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false,
-                recordedSlots: members.map { RAIDSuperblock.Slot(member: $0.uuid, state: .active, lastKnownName: $0.name) }),
+                recordedSlots: members.map {
+                    RAIDSuperblock.Slot(member: $0.uuid, state: .active, lastKnownName: $0.name)
+                }),
             logicalBlockBytes: blockBytes)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for member in members {
@@ -235,18 +247,24 @@ public final class RAIDArray: BlockDevice {
         state.withLock { state in
             let missing = state.slotStates.filter { $0 != .active }.count
             var summary: Health = state.dirty ? .active : .clean
-            if state.failed || missing > geometry.redundancy { summary = .failed }
-            else if state.rebuildSlot >= 0 { summary = .rebuilding }
-            else if missing > 0 { summary = .degraded }
+            if state.failed || missing > geometry.redundancy {
+                summary = .failed
+            } else if state.rebuildSlot >= 0 {
+                summary = .rebuilding
+            } else if missing > 0 {
+                summary = .degraded
+            }
             return Status(
                 name: arrayName, uuid: arrayUUID, level: geometry.level,
                 chunkBytes: geometry.chunkBytes, memberCount: geometry.memberCount, capacityBytes: capacityBytes,
                 memberDataBytes: geometry.memberDataBytes, state: summary, events: state.events,
                 slots: state.slots.enumerated().map { index, member in
-                    SlotInfo(slot: index, device: member?.name,
-                             memberUUID: (member?.uuid ?? state.recordedSlots[index].member).nonZero,
-                             lastKnownName: member.map { RAIDSuperblock.Slot.shortened($0.name) } ?? state.recordedSlots[index].lastKnownName.nonEmpty,
-                             state: state.slotStates[index])
+                    SlotInfo(
+                        slot: index, device: member?.name,
+                        memberUUID: (member?.uuid ?? state.recordedSlots[index].member).nonZero,
+                        lastKnownName: member.map { RAIDSuperblock.Slot.shortened($0.name) }
+                            ?? state.recordedSlots[index].lastKnownName.nonEmpty,
+                        state: state.slotStates[index])
                 },
                 spares: state.spares.map(\.name),
                 rebuildSlot: state.rebuildSlot >= 0 ? state.rebuildSlot : nil,

@@ -106,8 +106,10 @@ public struct RAIDGeometry: Sendable, Equatable, Codable {
         var result: [Extent] = []
         if level == .raid1 {
             if length > 0 {
-                result.append(Extent(stripe: offset / chunkBytes, dataIndex: 0, member: 0, memberOffset: offset,
-                                     requestOffset: 0, length: length))
+                result.append(
+                    Extent(
+                        stripe: offset / chunkBytes, dataIndex: 0, member: 0, memberOffset: offset,
+                        requestOffset: 0, length: length))
             }
             return result
         }
@@ -119,9 +121,10 @@ public struct RAIDGeometry: Sendable, Equatable, Codable {
             let piece = min(chunkBytes - within, end - position)
             let stripe = chunk / UInt64(dataMembersPerStripe)
             let index = Int(chunk % UInt64(dataMembersPerStripe))
-            result.append(Extent(
-                stripe: stripe, dataIndex: index, member: dataMember(stripe: stripe, index: index),
-                memberOffset: stripe * chunkBytes + within, requestOffset: position - offset, length: piece))
+            result.append(
+                Extent(
+                    stripe: stripe, dataIndex: index, member: dataMember(stripe: stripe, index: index),
+                    memberOffset: stripe * chunkBytes + within, requestOffset: position - offset, length: piece))
             position += piece
         }
         return result

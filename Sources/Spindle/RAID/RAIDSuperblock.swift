@@ -118,7 +118,9 @@ public struct RAIDSuperblock: Sendable, Equatable {
             switch self {
             case let .unreadable(reason): return reason
             case .notAMember: return "no Spindle array superblock (not an array member)"
-            case let .unsupportedVersion(version): return "superblock format version \(version) is not supported (this Spindle reads version \(RAIDSuperblock.formatVersion))"
+            case let .unsupportedVersion(version):
+                return
+                    "superblock format version \(version) is not supported (this Spindle reads version \(RAIDSuperblock.formatVersion))"
             case let .checksumMismatch(stored, computed):
                 return "corrupt superblock: checksum \(hex(stored)) stored, \(hex(computed)) computed"
             case let .invalid(reason): return "corrupt superblock: \(reason)"
@@ -127,7 +129,8 @@ public struct RAIDSuperblock: Sendable, Equatable {
     }
 
     public var geometry: RAIDGeometry {
-        RAIDGeometry(level: level, memberCount: memberCount, chunkBytes: UInt64(chunkBytes), memberDataBytes: memberDataBytes)
+        RAIDGeometry(
+            level: level, memberCount: memberCount, chunkBytes: UInt64(chunkBytes), memberDataBytes: memberDataBytes)
     }
 
     /// The 4 KiB on-disk form.
@@ -164,7 +167,9 @@ public struct RAIDSuperblock: Sendable, Equatable {
             put(slot.member, at: 256 + index * 32)
             put(slot.state.rawValue, at: 256 + index * 32 + 16)
             let name = Array(slot.lastKnownName.utf8.prefix(Slot.nameBytes))
-            bytes.replaceSubrange((Slot.nameTableOffset + index * Slot.nameBytes)..<(Slot.nameTableOffset + index * Slot.nameBytes + name.count), with: name)
+            bytes.replaceSubrange(
+                (Slot.nameTableOffset + index * Slot.nameBytes)..<(Slot.nameTableOffset + index * Slot.nameBytes
+                    + name.count), with: name)
         }
         let checksum = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
         put(checksum, at: 4092)
@@ -175,7 +180,9 @@ public struct RAIDSuperblock: Sendable, Equatable {
     public static func decode(_ bytes: UnsafeRawBufferPointer) throws(Problem) -> RAIDSuperblock {
         guard bytes.count >= blockBytes else { throw .invalid("block is \(bytes.count) bytes, not \(blockBytes)") }
         func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
-        func uuid(_ offset: Int) -> SpindleUUID { SpindleUUID(high: get(UInt64.self, offset), low: get(UInt64.self, offset + 8)) }
+        func uuid(_ offset: Int) -> SpindleUUID {
+            SpindleUUID(high: get(UInt64.self, offset), low: get(UInt64.self, offset + 8))
+        }
         guard get(UInt64.self, 0) == magic else { throw .notAMember }
         let version = get(UInt32.self, 8)
         guard version == formatVersion else { throw .unsupportedVersion(version) }
@@ -188,7 +195,9 @@ public struct RAIDSuperblock: Sendable, Equatable {
         }
         guard get(UInt32.self, 116) == 0 else { throw .invalid("unknown layout \(get(UInt32.self, 116))") }
         let chunk = get(UInt32.self, 120)
-        guard chunk >= 512, chunk & (chunk - 1) == 0 else { throw .invalid("chunk size \(chunk) is not a power of two of at least 512") }
+        guard chunk >= 512, chunk & (chunk - 1) == 0 else {
+            throw .invalid("chunk size \(chunk) is not a power of two of at least 512")
+        }
         let members = Int(get(UInt32.self, 124))
         guard members >= level.minimumMembers, members <= maximumMembers else {
             throw .invalid("\(members) members for \(level)")
@@ -196,7 +205,9 @@ public struct RAIDSuperblock: Sendable, Equatable {
         let role = Int(get(Int32.self, 128))
         guard role >= -1, role < members else { throw .invalid("role \(role) of \(members) members") }
         let dataBytes = get(UInt64.self, 152)
-        guard dataBytes % UInt64(chunk) == 0, dataBytes > 0 else { throw .invalid("member data size \(dataBytes) is not a whole number of chunks") }
+        guard dataBytes % UInt64(chunk) == 0, dataBytes > 0 else {
+            throw .invalid("member data size \(dataBytes) is not a whole number of chunks")
+        }
         let rebuildSlot = Int(get(Int32.self, 168))
         guard rebuildSlot >= -1, rebuildSlot < members else { throw .invalid("rebuild slot \(rebuildSlot)") }
         var slots: [Slot] = []
@@ -205,8 +216,11 @@ public struct RAIDSuperblock: Sendable, Equatable {
                 throw .invalid("slot \(index) has an unknown state")
             }
             let nameStart = Slot.nameTableOffset + index * Slot.nameBytes
-            let name = Array(UnsafeRawBufferPointer(rebasing: bytes[nameStart..<(nameStart + Slot.nameBytes)]).prefix { $0 != 0 })
-            slots.append(Slot(member: uuid(256 + index * 32), state: state, lastKnownName: String(decoding: name, as: UTF8.self)))
+            let name = Array(
+                UnsafeRawBufferPointer(rebasing: bytes[nameStart..<(nameStart + Slot.nameBytes)]).prefix { $0 != 0 })
+            slots.append(
+                Slot(member: uuid(256 + index * 32), state: state, lastKnownName: String(decoding: name, as: UTF8.self))
+            )
         }
         let nameBytes = Array(UnsafeRawBufferPointer(rebasing: bytes[48..<112]).prefix { $0 != 0 })
         return RAIDSuperblock(

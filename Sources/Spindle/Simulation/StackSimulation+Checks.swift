@@ -28,7 +28,10 @@ extension StackSimulation.Run {
             pool = reopened
             let present = Set(try await reopened.volumes().map(\.name))
             guard present == Set(models.keys) else {
-                throw Mismatch(message: "seed \(options.seed): after a power cut the pool has volumes \(present.sorted()), the model \(models.keys.sorted())")
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): after a power cut the pool has volumes \(present.sorted()), the model \(models.keys.sorted())"
+                )
             }
         }
         for (name, model) in models.sorted(by: { $0.key < $1.key }) {
@@ -40,8 +43,10 @@ extension StackSimulation.Run {
                 let range = (block * unit)..<((block + 1) * unit)
                 let got = Array(bytes[range])
                 if got != Array(model.durable[range]) && !model.versions[block].contains(got) {
-                    throw Mismatch(message: "seed \(options.seed): after a power cut \(name) block \(block) holds data the flush contract does not allow (neither its committed contents nor a version written since)",
-                                   volume: name, block: block)
+                    throw Mismatch(
+                        message:
+                            "seed \(options.seed): after a power cut \(name) block \(block) holds data the flush contract does not allow (neither its committed contents nor a version written since)",
+                        volume: name, block: block)
                 }
             }
             var settled = VolumeModel(bytes, blockBytes: unit)
@@ -51,7 +56,10 @@ extension StackSimulation.Run {
         if let pool {
             let check = try await pool.check()
             guard check.isClean else {
-                throw Mismatch(message: "seed \(options.seed): pool check after a power cut: \(check.problems.prefix(3).joined(separator: "; "))")
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): pool check after a power cut: \(check.problems.prefix(3).joined(separator: "; "))"
+                )
             }
         }
         record.report.powerCuts += 1
@@ -77,7 +85,10 @@ extension StackSimulation.Run {
             try await pool.commit()
             let check = try await pool.check()
             guard check.isClean else {
-                throw Mismatch(message: "seed \(options.seed): pool check at the end: \(check.problems.prefix(3).joined(separator: "; "))")
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): pool check at the end: \(check.problems.prefix(3).joined(separator: "; "))"
+                )
             }
         }
         // Every byte reads back as the model says, then mirrors and parity agree.
@@ -87,7 +98,10 @@ extension StackSimulation.Run {
         if config.level != .raid0 {
             let scrub = try await array.scrub()
             guard scrub.mismatches == 0 else {
-                throw Mismatch(message: "seed \(options.seed): scrub found \(scrub.mismatches) stripes whose parity disagrees with the data")
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): scrub found \(scrub.mismatches) stripes whose parity disagrees with the data"
+                )
             }
         }
         try await array.close()

@@ -43,17 +43,21 @@ extension StackSimulation {
             self.tight = tight
             let widened = extended && options.widened
             self.widened = widened
-            let config = widened
+            let config =
+                widened
                 ? Configuration.drawn(seed: options.seed, level: options.level, tight: tight)
-                : Configuration(level: options.level, members: options.members, chunkBytes: 16384, withPool: true,
-                                memberBytes: tight ? (options.level == .raid5 ? 4 << 20 : 5 << 20) : options.memberBytes, blockBytes: 4096)
+                : Configuration(
+                    level: options.level, members: options.members, chunkBytes: 16384, withPool: true,
+                    memberBytes: tight ? (options.level == .raid5 ? 4 << 20 : 5 << 20) : options.memberBytes,
+                    blockBytes: 4096)
             self.config = config
             record.report.configuration = config
             let members = try (1...config.members).map { try Self.member($0, options: options, config: config) }
             memberCounter = config.members
             self.members = members
             record.devices = members
-            array = try await RAIDArray.create(name: "sim", level: config.level, chunkBytes: config.chunkBytes, members: members)
+            array = try await RAIDArray.create(
+                name: "sim", level: config.level, chunkBytes: config.chunkBytes, members: members)
             // Wall-clock behaviour (marking an idle array clean) would make runs differ by timing; the
             // simulation makes its own idle moments.
             array.setIdleCleanDelay(nanoseconds: .max)
@@ -65,14 +69,19 @@ extension StackSimulation {
                 models = ["v0": VolumeModel([UInt8](repeating: 0, count: Int(options.volumeBytes)))]
             } else {
                 // The workload goes to the array itself (which zeroed its data areas when it was created).
-                models = ["array": VolumeModel([UInt8](repeating: 0, count: Int(array.capacityBytes)), blockBytes: config.blockBytes)]
+                models = [
+                    "array": VolumeModel(
+                        [UInt8](repeating: 0, count: Int(array.capacityBytes)), blockBytes: config.blockBytes)
+                ]
             }
         }
 
         /// Member number `number`: an in-memory disk behind a fault-injecting device with a volatile cache.
         private static func member(_ number: Int, options: Options, config: Configuration) throws -> FaultyDevice {
-            let memory = try MemoryDevice(capacityBytes: config.memberBytes, logicalBlockBytes: config.blockBytes, name: "member\(number)")
-            return FaultyDevice(wrapping: memory, seed: options.seed &+ UInt64(number), volatileCache: true, name: "member\(number)")
+            let memory = try MemoryDevice(
+                capacityBytes: config.memberBytes, logicalBlockBytes: config.blockBytes, name: "member\(number)")
+            return FaultyDevice(
+                wrapping: memory, seed: options.seed &+ UInt64(number), volatileCache: true, name: "member\(number)")
         }
 
         func newMember() throws -> FaultyDevice {
@@ -88,7 +97,7 @@ extension StackSimulation {
             for member in members { member.beginEpoch(UInt64(epoch)) }
         }
 
-            /// The device a model stands for: a thin volume, or the array.
+        /// The device a model stands for: a thin volume, or the array.
         func device(_ name: String) async throws -> any BlockDevice {
             guard let pool else { return array }
             return try await pool.openVolume(name: name)
@@ -113,7 +122,8 @@ extension StackSimulation {
             default: blocks = 1 + Int(random.below(UInt64(min(size, 4 * stripeUnits))))
             }
             blocks = min(blocks, size)
-            first = random.chance(0.25)
+            first =
+                random.chance(0.25)
                 ? Int(random.below(UInt64(size / stripeUnits))) * stripeUnits
                 : Int(random.below(UInt64(size - blocks + 1)))
             first = min(first, size - blocks)
@@ -150,8 +160,10 @@ extension StackSimulation {
                 if bytes == Array(data[range]) {
                     models[name]!.apply(bytes, at: (first + block) * unit)
                 } else if bytes != Array(old[((first + block) * unit)..<((first + block + 1) * unit)]) {
-                    throw Mismatch(message: "seed \(options.seed): after a write refused for want of space, \(name) block \(first + block) holds neither its old nor its new contents",
-                                   volume: name, block: first + block)
+                    throw Mismatch(
+                        message:
+                            "seed \(options.seed): after a write refused for want of space, \(name) block \(first + block) holds neither its old nor its new contents",
+                        volume: name, block: first + block)
                 }
             }
         }
@@ -162,7 +174,9 @@ extension StackSimulation {
             let (first, blocks) = extent(size: size / unit, most: tight ? 64 : 16)
             let data = AlignedBuffer(count: blocks * unit, zeroed: false)
             fillRandom(data.bytes, seed: options.seed << 24 ^ UInt64(counter))
-            log("write \(name) blocks \(first)+\(blocks)\(fua ? " fua" : "")", volume: name, blocks: first..<(first + blocks))
+            log(
+                "write \(name) blocks \(first)+\(blocks)\(fua ? " fua" : "")", volume: name,
+                blocks: first..<(first + blocks))
             do {
                 try await device(name).write(from: data, at: UInt64(first * unit), fua: fua)
             } catch let error as SpindleError where error.code == .noSpace && tight {
@@ -197,8 +211,10 @@ extension StackSimulation {
             if buffer.array != expected {
                 let got = buffer.array
                 let index = (0..<got.count).first { got[$0] != expected[$0] }!
-                throw Mismatch(message: "seed \(options.seed): \(name) byte \(first * unit + index) (block \(first + index / unit)) reads \(got[index]), the model says \(expected[index])",
-                               volume: name, block: first + index / unit)
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): \(name) byte \(first * unit + index) (block \(first + index / unit)) reads \(got[index]), the model says \(expected[index])",
+                    volume: name, block: first + index / unit)
             }
         }
         /// Replaces the member that is not active (failed by write errors, or left out) and
@@ -213,7 +229,8 @@ extension StackSimulation {
             members[members.firstIndex { $0 === victim }!] = replacement
             record.report.memberFailures += 1
             if extended && random.chance(0.4) {
-                let stop = widened
+                let stop =
+                    widened
                     ? max(1, random.below(array.geometry.memberDataBytes >> 20)) << 20
                     : (1 + random.below((memberBytes >> 20) - 2)) << 20
                 _ = try await array.rebuild(checkpointBytes: 1 << 20, stopAtBytes: stop)

@@ -97,7 +97,9 @@ extension StackSimulation.Run {
         // A RAID1 or RAID5 array keeps discarded data (discard is advisory): only write-zeroes
         // says what the range holds afterwards.
         let zeroes = random.chance(0.5) || !config.withPool
-        log("\(zeroes ? "write-zeroes" : "discard") \(name) blocks \(first)+\(blocks)", volume: name, blocks: first..<(first + blocks))
+        log(
+            "\(zeroes ? "write-zeroes" : "discard") \(name) blocks \(first)+\(blocks)", volume: name,
+            blocks: first..<(first + blocks))
         let volume = try await device(name)
         do {
             if zeroes {
@@ -162,8 +164,10 @@ extension StackSimulation.Run {
             record.report.poolFullErrors += 1
             let now = try await pool.volumes().first { $0.name == name }?.sizeBytes
             guard now == UInt64(models[name]!.current.count) else {
-                throw Mismatch(message: "seed \(options.seed): a resize of \(name) refused for want of space left it \(now.map(String.init) ?? "missing"), not \(models[name]!.current.count) bytes",
-                               volume: name)
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): a resize of \(name) refused for want of space left it \(now.map(String.init) ?? "missing"), not \(models[name]!.current.count) bytes",
+                    volume: name)
             }
             return
         }
@@ -190,7 +194,8 @@ extension StackSimulation.Run {
             // Read errors while degraded: where no redundancy is left a read fails with an
             // I/O error; it never returns wrong data, and no member is failed for it.
             let active = array.status.slots.filter { $0.state == .active }.compactMap(\.device)
-            guard let victim = members.first(where: { $0.name == active[Int(random.below(UInt64(active.count)))] }) else { return }
+            guard let victim = members.first(where: { $0.name == active[Int(random.below(UInt64(active.count)))] })
+            else { return }
             log("read errors on \(victim.name) while degraded")
             victim.failReads(probability: 0.3)
             record.report.injectedReadErrors += 1
@@ -206,7 +211,10 @@ extension StackSimulation.Run {
             victim.clearFaults()
             log("read errors stop")
             guard array.status.slots.map(\.state) == before else {
-                throw Mismatch(message: "seed \(options.seed): read errors while degraded changed the members' states from \(before) to \(array.status.slots.map(\.state))")
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): read errors while degraded changed the members' states from \(before) to \(array.status.slots.map(\.state))"
+                )
             }
         }
     }

@@ -84,8 +84,9 @@ public enum StackSimulation {
             let target: UInt64 = tight ? (level == .raid1 ? 4 << 20 : 9 << 20) : (withPool ? 20 << 20 : 8 << 20)
             let dataMembers = UInt64(level == .raid1 ? 1 : level == .raid5 ? members - 1 : members)
             let perMember = ((target / dataMembers) + chunk - 1) / chunk * chunk
-            return Configuration(level: level, members: members, chunkBytes: chunk, withPool: withPool,
-                                 memberBytes: RAIDArray.dataOffset + perMember, blockBytes: withPool ? 4096 : 512)
+            return Configuration(
+                level: level, members: members, chunkBytes: chunk, withPool: withPool,
+                memberBytes: RAIDArray.dataOffset + perMember, blockBytes: withPool ? 4096 : 512)
         }
 
         public var description: String {
@@ -144,7 +145,9 @@ public enum StackSimulation {
             record.report.mismatches += 1
             record.report.failure = mismatch.message
             if let volume = mismatch.volume {
-                record.report.relevantTrace = relevant(record.steps, volume: volume, block: mismatch.block).map { "#\($0.index) \($0.text)" }
+                record.report.relevantTrace = relevant(record.steps, volume: volume, block: mismatch.block).map {
+                    "#\($0.index) \($0.text)"
+                }
             }
         } catch {
             record.report.failure = "unexpected error: \(error)"

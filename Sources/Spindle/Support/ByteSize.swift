@@ -19,7 +19,8 @@ package enum ByteSize {
             throw invalid(text)
         }
         guard !body.isEmpty, body.allSatisfy({ $0.isNumber || $0 == "." }), body.filter({ $0 == "." }).count <= 1,
-              body.first != ".", body.last != "." else {
+            body.first != ".", body.last != "."
+        else {
             throw invalid(text)
         }
         let parts = body.split(separator: ".", omittingEmptySubsequences: false)
@@ -61,7 +62,8 @@ package enum ByteSize {
 
     private static func invalid(_ text: String) -> SpindleError {
         SpindleError(
-            .invalidArgument, "'\(text)' is not a size; write a number of bytes with an optional K, M, G or T suffix, such as 4K or 10G")
+            .invalidArgument,
+            "'\(text)' is not a size; write a number of bytes with an optional K, M, G or T suffix, such as 4K or 10G")
     }
 
     private static func tooLarge(_ text: String) -> SpindleError {

@@ -7,8 +7,9 @@ package enum CRC32C {
     package static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
         precondition(bytes.count <= Int(Int32.max))
-        let raw = crc32_iscsi(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: UInt8.self)),
-                              Int32(bytes.count), 0xFFFF_FFFF)
+        let raw = crc32_iscsi(
+            UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: UInt8.self)),
+            Int32(bytes.count), 0xFFFF_FFFF)
         return UInt32(raw) ^ 0xFFFF_FFFF
     }
 

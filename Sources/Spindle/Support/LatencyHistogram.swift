@@ -21,7 +21,8 @@ public struct LatencyHistogram: Sendable, Equatable {
     static func bucket(of value: UInt64) -> Int {
         if value < UInt64(subBucketCount) { return Int(value) }
         let exponent = min(63 - value.leadingZeroBitCount, maximumExponent)
-        let capped = exponent == maximumExponent && value >> (maximumExponent + 1) != 0
+        let capped =
+            exponent == maximumExponent && value >> (maximumExponent + 1) != 0
             ? (UInt64(1) << (maximumExponent + 1)) - 1 : value
         let sub = Int(capped >> UInt64(exponent - subBucketBits)) - subBucketCount
         return subBucketCount + (exponent - subBucketBits) * subBucketCount + sub

@@ -46,7 +46,9 @@ final class ChunkLayout: Sendable {
         from area: MetadataArea, devices: [any BlockDevice], chunkBytes: UInt64, chunkCount: UInt64, poolName: String
     ) async throws -> ChunkLayout {
         var found: [(UInt64, UInt64)] = []
-        try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[ThinPool.Root.segments.rawValue], store: area) { key, value in
+        try await MetadataBTree.forEach(
+            in: 0...UInt64.max, root: area.roots[ThinPool.Root.segments.rawValue], store: area
+        ) { key, value in
             found.append((key, value))
             return true
         }
@@ -54,18 +56,27 @@ final class ChunkLayout: Sendable {
         for (index, (first, value)) in found.enumerated() {
             let end = index + 1 < found.count ? found[index + 1].0 : chunkCount
             let device = Int(value >> 48)
-            guard device < devices.count, end > first, first == (index == 0 ? 0 : found[index - 1].0 + segments[index - 1].chunks) else {
-                throw SpindleError(.corrupted, "pool \(poolName)'s segment table is corrupt at chunk \(first)", operation: "open pool", path: devices[0].name)
+            guard device < devices.count, end > first,
+                first == (index == 0 ? 0 : found[index - 1].0 + segments[index - 1].chunks)
+            else {
+                throw SpindleError(
+                    .corrupted, "pool \(poolName)'s segment table is corrupt at chunk \(first)", operation: "open pool",
+                    path: devices[0].name)
             }
-            let segment = Segment(firstChunk: first, chunks: end - first, device: device, deviceChunk: value & ((1 << 48) - 1))
+            let segment = Segment(
+                firstChunk: first, chunks: end - first, device: device, deviceChunk: value & ((1 << 48) - 1))
             guard (segment.deviceChunk + segment.chunks) * chunkBytes <= devices[device].capacityBytes else {
-                throw SpindleError(.ioFailed, "pool \(poolName) keeps chunks up to \(ByteSize.format((segment.deviceChunk + segment.chunks) * chunkBytes)) on this device, but it has only \(ByteSize.format(devices[device].capacityBytes)) (did it shrink?)",
-                                   operation: "open pool", path: devices[device].name)
+                throw SpindleError(
+                    .ioFailed,
+                    "pool \(poolName) keeps chunks up to \(ByteSize.format((segment.deviceChunk + segment.chunks) * chunkBytes)) on this device, but it has only \(ByteSize.format(devices[device].capacityBytes)) (did it shrink?)",
+                    operation: "open pool", path: devices[device].name)
             }
             segments.append(segment)
         }
         guard !segments.isEmpty else {
-            throw SpindleError(.corrupted, "pool \(poolName) has no data segments (corrupt metadata)", operation: "open pool", path: devices[0].name)
+            throw SpindleError(
+                .corrupted, "pool \(poolName) has no data segments (corrupt metadata)", operation: "open pool",
+                path: devices[0].name)
         }
         return ChunkLayout(chunkBytes: chunkBytes, devices: devices, segments: segments)
     }
@@ -100,14 +111,20 @@ extension ThinPool {
                 let end = layout.segments.filter { $0.device == index }.map { $0.deviceChunk + $0.chunks }.max() ?? 1
                 let available = device.capacityBytes / chunkBytes
                 if available > end {
-                    added.append(ChunkLayout.Segment(firstChunk: total, chunks: available - end, device: index, deviceChunk: end))
+                    added.append(
+                        ChunkLayout.Segment(firstChunk: total, chunks: available - end, device: index, deviceChunk: end)
+                    )
                     total += available - end
                 }
             }
             for (offset, device) in newDevices.enumerated() {
-                if device.isReadOnly { throw SpindleError(.readOnly, "a read-only device cannot join pool \(name)", path: device.name) }
+                if device.isReadOnly {
+                    throw SpindleError(.readOnly, "a read-only device cannot join pool \(name)", path: device.name)
+                }
                 if layout.devices.contains(where: { $0 === device }) {
-                    throw SpindleError(.invalidArgument, "the device is in pool \(name) already", operation: "extend pool", path: device.name)
+                    throw SpindleError(
+                        .invalidArgument, "the device is in pool \(name) already", operation: "extend pool",
+                        path: device.name)
                 }
                 if !overwrite {
                     // A device this pool labelled in an extend that did not commit is this pool's to reuse.
@@ -115,23 +132,30 @@ extension ThinPool {
                     if !ours { try await DeviceSignature.refuseIfInUse(device, operation: "extend pool") }
                 }
                 guard device.capacityBytes >= 2 * chunkBytes else {
-                    throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one chunk",
-                                       operation: "extend pool", path: device.name)
+                    throw SpindleError(
+                        .invalidArgument,
+                        "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one chunk",
+                        operation: "extend pool", path: device.name)
                 }
                 let chunks = device.capacityBytes / chunkBytes - 1
-                added.append(ChunkLayout.Segment(firstChunk: total, chunks: chunks, device: layout.devices.count + offset, deviceChunk: 1))
+                added.append(
+                    ChunkLayout.Segment(
+                        firstChunk: total, chunks: chunks, device: layout.devices.count + offset, deviceChunk: 1))
                 total += chunks
             }
             guard total > before else { return 0 }
             let area = state.area
             let capacity = Self.chunkCapacity(metadataBlocks: area.blockCount)
             guard total <= capacity else {
-                throw SpindleError(.noSpace, "pool \(name)'s metadata area (\(ByteSize.format(area.blockCount * UInt64(MetadataNode.blockBytes)))) describes at most \(ByteSize.format(capacity * chunkBytes)) of data; the pool would grow to \(ByteSize.format(total * chunkBytes))",
-                                   operation: "extend pool")
+                throw SpindleError(
+                    .noSpace,
+                    "pool \(name)'s metadata area (\(ByteSize.format(area.blockCount * UInt64(MetadataNode.blockBytes)))) describes at most \(ByteSize.format(capacity * chunkBytes)) of data; the pool would grow to \(ByteSize.format(total * chunkBytes))",
+                    operation: "extend pool")
             }
             for (offset, device) in newDevices.enumerated() {
-                let label = ThinPoolLabel(poolUUID: uuid, poolName: name, deviceIndex: layout.devices.count + offset, chunkBytes: chunkBytes,
-                                          metadataOffset: 0, metadataBlocks: 0)
+                let label = ThinPoolLabel(
+                    poolUUID: uuid, poolName: name, deviceIndex: layout.devices.count + offset, chunkBytes: chunkBytes,
+                    metadataOffset: 0, metadataBlocks: 0)
                 try await label.write(to: device)
             }
             state.layout = layout.adding(devices: newDevices)
@@ -139,7 +163,8 @@ extension ThinPool {
             // New space is zeroed like a new pool's, or counts as dirty.
             if added.allSatisfy({ devices[$0.device].discardReadsZeroes }) && state.dirtyBelow <= before {
                 for segment in added {
-                    try await devices[segment.device].discard(offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
+                    try await devices[segment.device].discard(
+                        offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
                 }
             } else {
                 state.dirtyBelow = total

@@ -39,7 +39,8 @@ final class InFlightEpochs: Sendable {
     }
 
     func leave(_ epoch: Int) {
-        let left = epoch == 0
+        let left =
+            epoch == 0
             ? count0.subtract(1, ordering: .sequentiallyConsistent).newValue
             : count1.subtract(1, ordering: .sequentiallyConsistent).newValue
         guard left == 0, current.load(ordering: .sequentiallyConsistent) != epoch else { return }

@@ -51,7 +51,10 @@ package final class MetadataArea: MetadataNodeStore {
     private var useClock: UInt64 = 0
     private var cursor: UInt64 = 2
 
-    private init(device: any BlockDevice, offset: UInt64, blockCount: UInt64, roots: [UInt64], transaction: UInt64, cacheLimit: Int) {
+    private init(
+        device: any BlockDevice, offset: UInt64, blockCount: UInt64, roots: [UInt64], transaction: UInt64,
+        cacheLimit: Int
+    ) {
         self.device = device
         self.offset = offset
         self.blockCount = blockCount
@@ -70,8 +73,9 @@ package final class MetadataArea: MetadataNodeStore {
     ) async throws -> MetadataArea {
         try validate(device: device, offset: offset, blockCount: blockCount)
         precondition(parameters.count <= 8)
-        let area = MetadataArea(device: device, offset: offset, blockCount: blockCount,
-                                roots: [UInt64](repeating: 0, count: rootCount), transaction: 1, cacheLimit: cacheLimit)
+        let area = MetadataArea(
+            device: device, offset: offset, blockCount: blockCount,
+            roots: [UInt64](repeating: 0, count: rootCount), transaction: 1, cacheLimit: cacheLimit)
         area.parameters = parameters + [UInt64](repeating: 0, count: 8 - parameters.count)
         try await area.writeSuperblock(transaction: 0, fua: false)
         try await area.writeSuperblock(transaction: 1, fua: false)
@@ -82,7 +86,9 @@ package final class MetadataArea: MetadataNodeStore {
 
     /// Opens an area: takes the newest valid superblock and marks every block its trees use.
     /// - Throws: ``SpindleError`` when neither superblock is valid, or a node is corrupt.
-    package static func open(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096) async throws -> MetadataArea {
+    package static func open(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096)
+        async throws -> MetadataArea
+    {
         try validate(device: device, offset: offset, blockCount: blockCount)
         let buffer = AlignedBuffer(count: 2 * MetadataNode.blockBytes, zeroed: false)
         try await device.read(into: buffer, at: offset)
@@ -98,16 +104,20 @@ package final class MetadataArea: MetadataNodeStore {
             }
         }
         guard let best else {
-            throw SpindleError(.corrupted, "no valid metadata superblock (\(problems.map { "copy \($0.copy): \($0.problem)" }.joined(separator: "; ")))",
-                               operation: "open metadata", path: device.name, offset: offset, cause: problems.last?.problem)
+            throw SpindleError(
+                .corrupted,
+                "no valid metadata superblock (\(problems.map { "copy \($0.copy): \($0.problem)" }.joined(separator: "; ")))",
+                operation: "open metadata", path: device.name, offset: offset, cause: problems.last?.problem)
         }
-        let area = MetadataArea(device: device, offset: offset, blockCount: blockCount, roots: best.roots,
-                                transaction: best.transaction + 1, cacheLimit: cacheLimit)
+        let area = MetadataArea(
+            device: device, offset: offset, blockCount: blockCount, roots: best.roots,
+            transaction: best.transaction + 1, cacheLimit: cacheLimit)
         area.parameters = best.parameters
         if !problems.isEmpty {
             area.openNotes.append(
                 "metadata superblock \(problems.map { "copy \($0.copy): \($0.problem)" }.joined(separator: "; ")); opened transaction \(best.transaction) from the other copy. "
-                + "If the damaged copy held a later commit (a crash while committing, or damage), that commit's changes are lost; the next commit rewrites the damaged copy")
+                    + "If the damaged copy held a later commit (a crash while committing, or damage), that commit's changes are lost; the next commit rewrites the damaged copy"
+            )
         }
         area.committedRoots = best.roots
         area.committedParameters = best.parameters
@@ -125,8 +135,9 @@ package final class MetadataArea: MetadataNodeStore {
         var pending: [(block: UInt64, isLeaf: Bool)] = [(root, false)]
         while let (block, isLeaf) = pending.popLast() {
             guard block >= 2 && block < blockCount else {
-                throw SpindleError(.corrupted, "a tree names metadata block \(block), outside the area (\(blockCount) blocks)",
-                                   operation: "open metadata", path: device.name)
+                throw SpindleError(
+                    .corrupted, "a tree names metadata block \(block), outside the area (\(blockCount) blocks)",
+                    operation: "open metadata", path: device.name)
             }
             references[Int(block)] += 1
             if references[Int(block)] > 1 { continue }
@@ -139,10 +150,13 @@ package final class MetadataArea: MetadataNodeStore {
 
     private static func validate(device: any BlockDevice, offset: UInt64, blockCount: UInt64) throws {
         guard blockCount >= 3, offset % UInt64(MetadataNode.blockBytes) == 0,
-              MetadataNode.blockBytes % device.logicalBlockBytes == 0,
-              offset + blockCount * UInt64(MetadataNode.blockBytes) <= device.capacityBytes else {
-            throw SpindleError(.invalidArgument, "a metadata area of \(blockCount) blocks at offset \(offset) does not fit on the device's \(device.capacityBytes) bytes (was it truncated?)",
-                               operation: "open metadata", path: device.name)
+            MetadataNode.blockBytes % device.logicalBlockBytes == 0,
+            offset + blockCount * UInt64(MetadataNode.blockBytes) <= device.capacityBytes
+        else {
+            throw SpindleError(
+                .invalidArgument,
+                "a metadata area of \(blockCount) blocks at offset \(offset) does not fit on the device's \(device.capacityBytes) bytes (was it truncated?)",
+                operation: "open metadata", path: device.name)
         }
     }
 
@@ -156,7 +170,9 @@ package final class MetadataArea: MetadataNodeStore {
             return cached.node
         }
         guard block >= 2 && block < blockCount else {
-            throw SpindleError(.corrupted, "metadata block \(block) is outside the area (\(blockCount) blocks)", operation: "read metadata", path: device.name)
+            throw SpindleError(
+                .corrupted, "metadata block \(block) is outside the area (\(blockCount) blocks)",
+                operation: "read metadata", path: device.name)
         }
         let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
         try await device.read(into: buffer, at: byteOffset(block))
@@ -164,15 +180,17 @@ package final class MetadataArea: MetadataNodeStore {
         do {
             node = try MetadataNode.decode(buffer.array, expectedBlock: block)
         } catch {
-            throw SpindleError(.corrupted, "\(error)", operation: "read metadata", path: device.name, offset: byteOffset(block),
-                               length: UInt64(MetadataNode.blockBytes), cause: error)
+            throw SpindleError(
+                .corrupted, "\(error)", operation: "read metadata", path: device.name, offset: byteOffset(block),
+                length: UInt64(MetadataNode.blockBytes), cause: error)
         }
         remember(node)
         return node
     }
 
     package func store(_ node: MetadataNode) async throws {
-        precondition(allocatedNow.contains(node.block), "metadata block \(node.block) was not allocated in this transaction")
+        precondition(
+            allocatedNow.contains(node.block), "metadata block \(node.block) was not allocated in this transaction")
         pending[node.block] = node
     }
 
@@ -187,7 +205,9 @@ package final class MetadataArea: MetadataNodeStore {
                 return block
             }
         }
-        throw SpindleError(.ioFailed, "the metadata area is full (\(blockCount) blocks)", operation: "allocate metadata", path: device.name)
+        throw SpindleError(
+            .ioFailed, "the metadata area is full (\(blockCount) blocks)", operation: "allocate metadata",
+            path: device.name)
     }
 
     package func referenceCount(of block: UInt64) -> UInt32 {
@@ -299,7 +319,8 @@ package final class MetadataArea: MetadataNodeStore {
             switch self {
             case .noMagic: return "no metadata superblock magic"
             case let .unsupportedVersion(version):
-                return "metadata format version \(version) is not supported (this Spindle reads version \(MetadataArea.formatVersion))"
+                return
+                    "metadata format version \(version) is not supported (this Spindle reads version \(MetadataArea.formatVersion))"
             case let .checksumMismatch(stored, computed):
                 return "metadata superblock checksum mismatch (\(hex(stored)) stored, \(hex(computed)) computed)"
             case let .otherAreaSize(blocks, roots):
@@ -309,7 +330,9 @@ package final class MetadataArea: MetadataNodeStore {
         }
     }
 
-    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<(transaction: UInt64, roots: [UInt64], parameters: [UInt64]), SuperblockProblem> {
+    static func decodeSuperblock(_ bytes: [UInt8], blockCount: UInt64) -> Result<
+        (transaction: UInt64, roots: [UInt64], parameters: [UInt64]), SuperblockProblem
+    > {
         func get<T: FixedWidthInteger>(_ type: T.Type, _ offset: Int) -> T { bytes.littleEndian(type, at: offset) }
         guard get(UInt64.self, 0) == magic else { return .failure(.noMagic) }
         guard get(UInt32.self, 8) == formatVersion else { return .failure(.unsupportedVersion(get(UInt32.self, 8))) }

@@ -60,7 +60,9 @@ package struct MetadataNode: Sendable, Equatable {
             switch self {
             case .notANode: return "not a metadata node (no magic)"
             case let .checksumMismatch(block): return "metadata block \(block) is corrupt (checksum mismatch)"
-            case let .misplaced(expected, found): return "metadata block \(expected) holds the node written for block \(found) (misdirected or stale write)"
+            case let .misplaced(expected, found):
+                return
+                    "metadata block \(expected) holds the node written for block \(found) (misdirected or stale write)"
             case let .invalid(block, reason): return "metadata block \(block) is corrupt: \(reason)"
             }
         }
@@ -88,8 +90,9 @@ package struct MetadataNode: Sendable, Equatable {
         for index in keys.indices.dropFirst() where keys[index - 1] >= keys[index] {
             throw .invalid(block: block, reason: "keys out of order at entry \(index)")
         }
-        return MetadataNode(level: Int(get(UInt16.self, 12)), keys: keys, values: values, block: block,
-                            transaction: get(UInt64.self, 24))
+        return MetadataNode(
+            level: Int(get(UInt16.self, 12)), keys: keys, values: values, block: block,
+            transaction: get(UInt64.self, 24))
     }
 }
 
@@ -142,13 +145,16 @@ package enum MetadataBTree {
             guard let index = childIndex(for: key, in: node) else { return nil }
             node = try await store.node(at: node.values[index])
         }
-        guard let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key else { return nil }
+        guard let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key else {
+            return nil
+        }
         return node.values[index]
     }
 
     /// Sets `key` to `value`; returns the new root.
     package static func insert(
-        _ key: UInt64, value: UInt64, root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil
+        _ key: UInt64, value: UInt64, root: UInt64, in store: some MetadataNodeStore,
+        values: (any MetadataValueReferences)? = nil
     ) async throws -> UInt64 {
         var top = try await shadow(root, in: store, values: values)
         if let split = try await insert(key, value, into: &top, store: store, values: values) {
@@ -203,7 +209,9 @@ package enum MetadataBTree {
     }
 
     /// The value for `key` and whether any node on the way to it is shared with another tree.
-    package static func lookupSharing(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (value: UInt64, shared: Bool)? {
+    package static func lookupSharing(_ key: UInt64, root: UInt64, in store: some MetadataNodeStore) async throws -> (
+        value: UInt64, shared: Bool
+    )? {
         var node = try await store.node(at: root)
         var shared = store.referenceCount(of: root) > 1
         while !node.isLeaf {
@@ -212,14 +220,18 @@ package enum MetadataBTree {
             shared = shared || store.referenceCount(of: child) > 1
             node = try await store.node(at: child)
         }
-        guard let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key else { return nil }
+        guard let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key else {
+            return nil
+        }
         return (node.values[index], shared)
     }
 
     /// Drops the tree's reference to its root; every node no other tree shares is released, and the
     /// values of released leaves are released through `values`. Time is proportional to the part of
     /// the tree the caller owned alone.
-    package static func release(tree root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil) async throws {
+    package static func release(
+        tree root: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)? = nil
+    ) async throws {
         var pending = [root]
         while let block = pending.popLast() {
             guard store.referenceCount(of: block) == 1 else {
@@ -273,7 +285,9 @@ package enum MetadataBTree {
     /// this transaction, else a copy at a new block (the old block released).
     /// A shared node is copied: its children (or, for a leaf, its values) gain the copy as a second
     /// referrer, and the original keeps its other referrers.
-    static func shadow(_ block: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)?) async throws -> MetadataNode {
+    static func shadow(_ block: UInt64, in store: some MetadataNodeStore, values: (any MetadataValueReferences)?)
+        async throws -> MetadataNode
+    {
         var node = try await store.node(at: block)
         let references = store.referenceCount(of: block)
         if node.transaction == store.transaction && references == 1 { return node }
@@ -328,7 +342,8 @@ package enum MetadataBTree {
 
     /// Removes below `node` (already shadowed); returns whether `node` is now empty.
     private static func remove(
-        _ key: UInt64, from node: inout MetadataNode, store: some MetadataNodeStore, values: (any MetadataValueReferences)?
+        _ key: UInt64, from node: inout MetadataNode, store: some MetadataNodeStore,
+        values: (any MetadataValueReferences)?
     ) async throws -> Bool {
         if node.isLeaf {
             if let index = position(of: key, in: node.keys), index < node.keys.count, node.keys[index] == key {

@@ -17,16 +17,20 @@ extension PoolState {
         if count >= 2 && after < 2 { sharedChunks -= 1 }
         if delta > 0 {
             if count == 0 { usedChunks += 1 }
-            area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(chunk, value: count + UInt64(delta), root: root, in: area)
+            area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(
+                chunk, value: count + UInt64(delta), root: root, in: area)
             return
         }
         precondition(count >= UInt64(-delta), "pool chunk \(chunk) released more often than referenced")
         if count == UInt64(-delta) {
-            area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.remove(chunk, root: root, in: area).root
+            area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.remove(
+                chunk, root: root, in: area
+            ).root
             usedChunks -= 1
             pendingFree.insert(chunk)
         } else {
-            area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(chunk, value: count - UInt64(-delta), root: root, in: area)
+            area.roots[ThinPool.Root.referenceCounts.rawValue] = try await MetadataBTree.insert(
+                chunk, value: count - UInt64(-delta), root: root, in: area)
         }
     }
 

@@ -12,7 +12,9 @@ extension PoolState {
     /// The pool chunk a volume's chunk maps to, and whether a write must copy it: a node on its
     /// path is shared with another volume, the chunk has another referrer, or it had one when the
     /// open transaction began. Nil when the chunk is not mapped.
-    func lookup(volume id: UInt64, name volumeName: String, chunk: UInt64) async throws -> (physical: UInt64, shared: Bool)? {
+    func lookup(volume id: UInt64, name volumeName: String, chunk: UInt64) async throws -> (
+        physical: UInt64, shared: Bool
+    )? {
         let record = try requireRecord(id, name: volumeName)
         guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: area) else { return nil }
         // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
@@ -23,7 +25,9 @@ extension PoolState {
     /// Looks up a volume's chunk for its I/O: where it is and, for a write, whether it must be
     /// copied (a read does not ask, and gets `shared`). Enters the in-flight epoch that keeps the
     /// chunk from reuse until the caller leaves it.
-    func findChunk(volume: ThinVolume, chunk: UInt64, writing: Bool) async throws -> (mapped: ThinPool.MappedChunk, epoch: Int)? {
+    func findChunk(volume: ThinVolume, chunk: UInt64, writing: Bool) async throws -> (
+        mapped: ThinPool.MappedChunk, epoch: Int
+    )? {
         let found: (physical: UInt64, shared: Bool)?
         if writing {
             found = try await lookup(volume: volume.id, name: volume.volumeName, chunk: chunk)
@@ -36,13 +40,18 @@ extension PoolState {
         let location = layout.location(of: found.physical)
         // Entered last, so that a lookup that throws leaves no epoch behind.
         let epoch = inFlight.enter()
-        return (ThinPool.MappedChunk(chunk: found.physical, device: location.device, offset: location.offset, shared: found.shared), epoch)
+        return (
+            ThinPool.MappedChunk(
+                chunk: found.physical, device: location.device, offset: location.offset, shared: found.shared), epoch
+        )
     }
 
     /// Maps `chunk` of a volume to the reserved `physical`, replacing `replacing` (the chunk a
     /// copy-on-write copied from). Returns false, leaving everything as it was, when the mapping is no
     /// longer `replacing` (a concurrent write changed it first): the caller retries.
-    func map(volume id: UInt64, name volumeName: String, chunk: UInt64, to physical: UInt64, replacing: UInt64?) async throws -> Bool {
+    func map(volume id: UInt64, name volumeName: String, chunk: UInt64, to physical: UInt64, replacing: UInt64?)
+        async throws -> Bool
+    {
         var record = try requireRecord(id, name: volumeName)
         let current = try await MetadataBTree.lookup(chunk, root: record.root, in: area)
         guard current == replacing else { return false }
@@ -82,7 +91,9 @@ extension PoolState {
     }
 
     /// The mapped chunks of a volume in `chunks`, in order.
-    func mappedChunks(volume id: UInt64, name volumeName: String, in chunks: ClosedRange<UInt64>) async throws -> [UInt64] {
+    func mappedChunks(volume id: UInt64, name volumeName: String, in chunks: ClosedRange<UInt64>) async throws
+        -> [UInt64]
+    {
         let record = try requireRecord(id, name: volumeName)
         var result: [UInt64] = []
         try await MetadataBTree.forEach(in: chunks, root: record.root, store: area) { key, _ in

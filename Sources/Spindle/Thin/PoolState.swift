@@ -49,7 +49,9 @@ final class PoolState {
         weak var mappings: VolumeMappings?
     }
 
-    init(name: String, layout: ChunkLayout, published: Locked<ChunkLayout>, area: MetadataArea, inFlight: InFlightEpochs) {
+    init(
+        name: String, layout: ChunkLayout, published: Locked<ChunkLayout>, area: MetadataArea, inFlight: InFlightEpochs
+    ) {
         self.name = name
         self.layout = layout
         self.published = published

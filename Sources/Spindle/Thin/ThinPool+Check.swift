@@ -22,21 +22,31 @@ extension ThinPool {
     public func check() async throws -> CheckReport {
         try await withState { state in
             let (area, records, chunkCount) = (state.area, state.records, state.chunkCount)
-            var report = CheckReport(problems: [], metadataBlocks: 0, mappedChunks: 0, allocatedChunks: 0, volumes: records.count)
+            var report = CheckReport(
+                problems: [], metadataBlocks: 0, mappedChunks: 0, allocatedChunks: 0, volumes: records.count)
             report.warnings = area.openNotes
             var nodeReferences: [UInt64: UInt32] = [:]
             var leaves: [(volume: String, node: MetadataNode)] = []
             for root in [Root.volumes, .referenceCounts, .segments] {
-                await Self.walk(area.roots[root.rawValue], tree: "the \(root) tree", shareable: false, references: &nodeReferences, report: &report, in: area) { _ in }
+                await Self.walk(
+                    area.roots[root.rawValue], tree: "the \(root) tree", shareable: false, references: &nodeReferences,
+                    report: &report, in: area
+                ) { _ in }
             }
             for record in records.values.sorted(by: { $0.id < $1.id }) {
-                await Self.walk(record.root, tree: "volume \(record.name)'s mappings", shareable: true, references: &nodeReferences, report: &report, in: area) { leaf in
+                await Self.walk(
+                    record.root, tree: "volume \(record.name)'s mappings", shareable: true, references: &nodeReferences,
+                    report: &report, in: area
+                ) { leaf in
                     leaves.append((record.name, leaf))
                 }
             }
             guard report.problems.isEmpty else { return report }  // the trees cannot be read safely
-            for (block, count) in nodeReferences.sorted(by: { $0.key < $1.key }) where area.referenceCount(of: block) != count {
-                report.problems.append("metadata block \(block) is named \(count) times but counted \(area.referenceCount(of: block)) times")
+            for (block, count) in nodeReferences.sorted(by: { $0.key < $1.key })
+            where area.referenceCount(of: block) != count {
+                report.problems.append(
+                    "metadata block \(block) is named \(count) times but counted \(area.referenceCount(of: block)) times"
+                )
             }
 
             // Data chunks: references expected from the leaves against the reference-count tree.
@@ -44,7 +54,9 @@ extension ThinPool {
             for (volume, leaf) in leaves {
                 for (key, physical) in zip(leaf.keys, leaf.values) {
                     if physical >= chunkCount {
-                        report.problems.append("volume \(volume) chunk \(key) maps to chunk \(physical), past the pool's \(chunkCount) chunks (metadata block \(leaf.block))")
+                        report.problems.append(
+                            "volume \(volume) chunk \(key) maps to chunk \(physical), past the pool's \(chunkCount) chunks (metadata block \(leaf.block))"
+                        )
                     }
                     expected[physical, default: 0] += 1
                 }
@@ -59,19 +71,24 @@ extension ThinPool {
                 }
                 report.mappedChunks += mapped
                 if mapped != record.mappedChunks {
-                    report.problems.append("volume \(record.name) records \(record.mappedChunks) mapped chunks but maps \(mapped)")
+                    report.problems.append(
+                        "volume \(record.name) records \(record.mappedChunks) mapped chunks but maps \(mapped)")
                 }
                 if let pastEnd {
-                    report.problems.append("volume \(record.name) maps chunk \(pastEnd), past its end (\(record.sizeBytes) bytes)")
+                    report.problems.append(
+                        "volume \(record.name) maps chunk \(pastEnd), past its end (\(record.sizeBytes) bytes)")
                 }
             }
             var counted = Set<UInt64>()
-            try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area) { chunk, count in
+            try await MetadataBTree.forEach(
+                in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area
+            ) { chunk, count in
                 report.allocatedChunks += 1
                 counted.insert(chunk)
                 let named = expected[chunk] ?? 0
                 if named == 0 {
-                    report.problems.append("chunk \(chunk) is allocated (reference count \(count)) but nothing maps it (leaked)")
+                    report.problems.append(
+                        "chunk \(chunk) is allocated (reference count \(count)) but nothing maps it (leaked)")
                 } else if named != count {
                     report.problems.append("chunk \(chunk) has reference count \(count) but \(named) leaves name it")
                 }
@@ -82,10 +99,12 @@ extension ThinPool {
             }
             let shared = UInt64(expected.values.filter { $0 >= 2 }.count)
             if shared != state.sharedChunks {
-                report.problems.append("the pool counts \(state.sharedChunks) shared chunks but \(shared) have more than one referrer")
+                report.problems.append(
+                    "the pool counts \(state.sharedChunks) shared chunks but \(shared) have more than one referrer")
             }
             if report.allocatedChunks != state.usedChunks {
-                report.problems.append("the pool counts \(state.usedChunks) used chunks but \(report.allocatedChunks) are allocated")
+                report.problems.append(
+                    "the pool counts \(state.usedChunks) used chunks but \(report.allocatedChunks) are allocated")
             }
             return report
         }

@@ -36,7 +36,9 @@ extension ThinPool {
             defer { unpin(pinned.epoch) }
             return try await body(pinned.mapped)
         }
-        let found = try await withState { state in try await state.findChunk(volume: volume, chunk: chunk, writing: writing) }
+        let found = try await withState { state in
+            try await state.findChunk(volume: volume, chunk: chunk, writing: writing)
+        }
         guard let found else { return try await body(nil) }
         defer { inFlight.leave(found.epoch) }
         return try await body(found.mapped)
@@ -74,7 +76,8 @@ extension ThinPool {
     /// the reservation stays, to be released, and the caller looks again.
     func map(volume: ThinVolume, chunk: UInt64, to reserved: ReservedChunk, replacing: UInt64?) async throws -> Bool {
         try await withState { state in
-            try await state.map(volume: volume.id, name: volume.volumeName, chunk: chunk, to: reserved.chunk, replacing: replacing)
+            try await state.map(
+                volume: volume.id, name: volume.volumeName, chunk: chunk, to: reserved.chunk, replacing: replacing)
         }
     }
 
@@ -85,11 +88,14 @@ extension ThinPool {
 
     /// Unmaps a volume's chunks in `chunks`; those no other volume uses are free after the next commit.
     func unmap(volume: ThinVolume, chunks: ClosedRange<UInt64>) async throws {
-        try await withState { state in try await state.unmap(volume: volume.id, name: volume.volumeName, chunks: chunks) }
+        try await withState { state in try await state.unmap(volume: volume.id, name: volume.volumeName, chunks: chunks)
+        }
     }
 
     /// The mapped chunks of a volume in `chunks`, in order.
     func mappedChunks(volume: ThinVolume, in chunks: ClosedRange<UInt64>) async throws -> [UInt64] {
-        try await withState { state in try await state.mappedChunks(volume: volume.id, name: volume.volumeName, in: chunks) }
+        try await withState { state in
+            try await state.mappedChunks(volume: volume.id, name: volume.volumeName, in: chunks)
+        }
     }
 }

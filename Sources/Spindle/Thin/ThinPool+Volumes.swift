@@ -32,13 +32,15 @@ extension ThinPool {
         let (record, mappings) = try await withState { state in
             try state.requireUnused(volumeName)
             let root = try await MetadataBTree.create(in: state.area)
-            let record = VolumeRecord(id: state.nextVolumeID(), name: volumeName, sizeBytes: sizeBytes, root: root, mappedChunks: 0,
-                                      origin: 0, readOnly: false, createdSeconds: Self.now())
+            let record = VolumeRecord(
+                id: state.nextVolumeID(), name: volumeName, sizeBytes: sizeBytes, root: root, mappedChunks: 0,
+                origin: 0, readOnly: false, createdSeconds: Self.now())
             state.update(record)
             try await state.commit()
             return (record, state.mappings(opening: record))
         }
-        return ThinVolume(pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
+        return ThinVolume(
+            pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
     }
 
     /// Takes a snapshot of a volume (or of a snapshot): a new volume that shares every chunk of the
@@ -47,7 +49,9 @@ extension ThinPool {
     /// written. Writes to the origin that completed before this call are in the snapshot; writes
     /// still in flight finish first.
     @discardableResult
-    public func snapshot(volume originName: String, name snapshotName: String, readOnly: Bool = false) async throws -> VolumeInfo {
+    public func snapshot(volume originName: String, name snapshotName: String, readOnly: Bool = false) async throws
+        -> VolumeInfo
+    {
         try checkName(snapshotName)
         return try await withState { state in
             let origin = try state.requireVolume(originName)
@@ -57,8 +61,9 @@ extension ThinPool {
             state.openMappings(of: origin.id)?.forgetAll(holding: state)
             await state.inFlight.drain()
             state.area.addReference(to: origin.root)
-            let record = VolumeRecord(id: state.nextVolumeID(), name: snapshotName, sizeBytes: origin.sizeBytes, root: origin.root,
-                                      mappedChunks: origin.mappedChunks, origin: origin.id, readOnly: readOnly, createdSeconds: Self.now())
+            let record = VolumeRecord(
+                id: state.nextVolumeID(), name: snapshotName, sizeBytes: origin.sizeBytes, root: origin.root,
+                mappedChunks: origin.mappedChunks, origin: origin.id, readOnly: readOnly, createdSeconds: Self.now())
             state.update(record)
             try await state.commit()
             return state.info(record)
@@ -71,7 +76,8 @@ extension ThinPool {
             let record = try state.requireVolume(volumeName)
             return (record, state.mappings(opening: record))
         }
-        return ThinVolume(pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
+        return ThinVolume(
+            pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: record.readOnly)
     }
 
     /// Every volume, by id.
@@ -89,7 +95,8 @@ extension ThinPool {
                 try await state.forEachMapping(root: record.root) { _, physical, shared in
                     if !shared, try await state.referenceCount(of: physical) == 1 { exclusive += 1 }
                 }
-                result.append(VolumeUsage(name: record.name, mappedChunks: record.mappedChunks, exclusiveChunks: exclusive))
+                result.append(
+                    VolumeUsage(name: record.name, mappedChunks: record.mappedChunks, exclusiveChunks: exclusive))
             }
             return result
         }
@@ -127,14 +134,16 @@ extension ThinPool {
         }
         if sizeBytes < record.sizeBytes, sizeBytes % chunkBytes != 0 {
             // Through the write path, so a chunk shared with a snapshot is copied, not changed.
-            let volume = ThinVolume(pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: false)
+            let volume = ThinVolume(
+                pool: self, mappings: mappings, name: record.name, sizeBytes: record.sizeBytes, readOnly: false)
             let end = min(record.sizeBytes, (sizeBytes / chunkBytes + 1) * chunkBytes)
             try await volume.writeZeroes(offset: sizeBytes, length: end - sizeBytes)
         }
         try await withState { state in
             if try sizeBytes < state.requireRecord(record.id, name: volumeName).sizeBytes {
                 let firstWhole = (sizeBytes + chunkBytes - 1) / chunkBytes
-                try await state.unmap(volume: record.id, name: volumeName, chunks: firstWhole...(Self.maximumVolumeChunks - 1))
+                try await state.unmap(
+                    volume: record.id, name: volumeName, chunks: firstWhole...(Self.maximumVolumeChunks - 1))
             }
             var current = try state.requireRecord(record.id, name: volumeName)
             current.sizeBytes = sizeBytes
@@ -170,8 +179,11 @@ extension ThinPool {
     static func now() -> UInt64 { UInt64(max(0, time(nil))) }
 
     private func checkName(_ volumeName: String) throws(SpindleError) {
-        guard !volumeName.isEmpty, volumeName.utf8.count <= 64, !volumeName.contains("/"), !volumeName.contains(where: \.isWhitespace) else {
-            throw SpindleError(.invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/' or spaces")
+        guard !volumeName.isEmpty, volumeName.utf8.count <= 64, !volumeName.contains("/"),
+            !volumeName.contains(where: \.isWhitespace)
+        else {
+            throw SpindleError(
+                .invalidArgument, "the volume name '\(volumeName)' must be 1 to 64 bytes without '/' or spaces")
         }
     }
 
@@ -185,9 +197,10 @@ extension ThinPool {
 /// Volume records by name (callers have the state, so they hold the pool's lock).
 extension PoolState {
     func info(_ record: VolumeRecord) -> ThinPool.VolumeInfo {
-        ThinPool.VolumeInfo(id: record.id, name: record.name, sizeBytes: record.sizeBytes, mappedChunks: record.mappedChunks,
-                            origin: record.origin == 0 ? nil : records[record.origin]?.name, readOnly: record.readOnly,
-                            createdSeconds: record.createdSeconds)
+        ThinPool.VolumeInfo(
+            id: record.id, name: record.name, sizeBytes: record.sizeBytes, mappedChunks: record.mappedChunks,
+            origin: record.origin == 0 ? nil : records[record.origin]?.name, readOnly: record.readOnly,
+            createdSeconds: record.createdSeconds)
     }
 
     func nextVolumeID() -> UInt64 {
@@ -199,7 +212,10 @@ extension PoolState {
     func requireVolume(_ volumeName: String) throws(SpindleError) -> VolumeRecord {
         guard let record = records.values.first(where: { $0.name == volumeName }) else {
             let known = records.values.map(\.name).sorted()
-            throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'\(known.isEmpty ? " (it has no volumes)" : "; it has \(known.joined(separator: ", "))")")
+            throw SpindleError(
+                .notFound,
+                "pool \(name) has no volume named '\(volumeName)'\(known.isEmpty ? " (it has no volumes)" : "; it has \(known.joined(separator: ", "))")"
+            )
         }
         return record
     }

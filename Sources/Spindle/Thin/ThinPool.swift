@@ -23,7 +23,8 @@ public final class ThinPool: Sendable {
     /// Parameters in the metadata superblock.
     enum Parameter: Int {
         /// chunkBytes | deviceCount << 32.
-        case magic = 0, chunkBytesAndDevices = 1, chunkCount = 2, nextVolume = 3, dirtyBelow = 4, uuidHigh = 5, uuidLow = 6, usedChunks = 7
+        case magic = 0, chunkBytesAndDevices = 1, chunkCount = 2, nextVolume = 3, dirtyBelow = 4, uuidHigh = 5,
+            uuidLow = 6, usedChunks = 7
     }
 
     static let parameterMagic: UInt64 = 0x324C_4F50_4E49_4854  // "THINPOL2" little-endian
@@ -63,7 +64,8 @@ public final class ThinPool: Sendable {
         inFlight = InFlightEpochs()
         let published = Locked(layout)
         self.layout = published
-        state = PoolStateLock(PoolState(name: name, layout: layout, published: published, area: area, inFlight: inFlight))
+        state = PoolStateLock(
+            PoolState(name: name, layout: layout, published: published, area: area, inFlight: inFlight))
     }
 
     /// Runs `body` with the pool's state, holding the pool's lock.
@@ -96,23 +98,32 @@ public final class ThinPool: Sendable {
         try checkPoolName(name)
         guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "a pool needs at least one device") }
         guard chunkBytes >= 64 * 1024, chunkBytes <= 1 << 20, chunkBytes & (chunkBytes - 1) == 0 else {
-            throw SpindleError(.invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 64 KiB to 1 MiB", path: devices[0].name)
+            throw SpindleError(
+                .invalidArgument, "the chunk size \(chunkBytes) must be a power of two from 64 KiB to 1 MiB",
+                path: devices[0].name)
         }
         for device in devices {
-            if device.isReadOnly { throw SpindleError(.readOnly, "a pool cannot be created on a read-only device", path: device.name) }
+            if device.isReadOnly {
+                throw SpindleError(.readOnly, "a pool cannot be created on a read-only device", path: device.name)
+            }
             if !overwrite { try await DeviceSignature.refuseIfInUse(device, operation: "create pool") }
         }
         let roughChunks = devices.reduce(UInt64(0)) { $0 + $1.capacityBytes / chunkBytes }
         let blocks = metadataBlocks(chunks: roughChunks * 2)
         let metadataOffset = UInt64(ThinPoolLabel.bytes)
-        let firstDataOffset = (metadataOffset + blocks * UInt64(MetadataNode.blockBytes) + chunkBytes - 1) / chunkBytes * chunkBytes
+        let firstDataOffset =
+            (metadataOffset + blocks * UInt64(MetadataNode.blockBytes) + chunkBytes - 1) / chunkBytes * chunkBytes
         guard devices[0].capacityBytes >= firstDataOffset + chunkBytes else {
-            throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(devices[0].capacityBytes)), too small for a pool's metadata (\(ByteSize.format(firstDataOffset))) and data",
-                               operation: "create pool", path: devices[0].name)
+            throw SpindleError(
+                .invalidArgument,
+                "the device is \(ByteSize.format(devices[0].capacityBytes)), too small for a pool's metadata (\(ByteSize.format(firstDataOffset))) and data",
+                operation: "create pool", path: devices[0].name)
         }
         for device in devices.dropFirst() where device.capacityBytes < 2 * chunkBytes {
-            throw SpindleError(.invalidArgument, "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one \(ByteSize.format(chunkBytes)) chunk",
-                               operation: "create pool", path: device.name)
+            throw SpindleError(
+                .invalidArgument,
+                "the device is \(ByteSize.format(device.capacityBytes)), too small for a label and one \(ByteSize.format(chunkBytes)) chunk",
+                operation: "create pool", path: device.name)
         }
         var segments: [ChunkLayout.Segment] = []
         var total: UInt64 = 0
@@ -128,22 +139,29 @@ public final class ThinPool: Sendable {
         let zeroed = devices.allSatisfy(\.discardReadsZeroes)
         if zeroed {
             for segment in segments {
-                try await devices[segment.device].discard(offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
+                try await devices[segment.device].discard(
+                    offset: segment.deviceChunk * chunkBytes, length: segment.chunks * chunkBytes)
             }
         }
         let uuid = SpindleUUID.random()
         for (index, device) in devices.enumerated() {
-            let label = ThinPoolLabel(poolUUID: uuid, poolName: name, deviceIndex: index, chunkBytes: chunkBytes,
-                                      metadataOffset: index == 0 ? metadataOffset : 0, metadataBlocks: index == 0 ? blocks : 0)
+            let label = ThinPoolLabel(
+                poolUUID: uuid, poolName: name, deviceIndex: index, chunkBytes: chunkBytes,
+                metadataOffset: index == 0 ? metadataOffset : 0, metadataBlocks: index == 0 ? blocks : 0)
             try await label.write(to: device)
         }
         let area = try await MetadataArea.format(
             device: devices[0], offset: metadataOffset, blockCount: blocks,
-            parameters: [parameterMagic, chunkBytes | UInt64(devices.count) << 32, total, 1, zeroed ? 0 : total, uuid.high, uuid.low, 0])
+            parameters: [
+                parameterMagic, chunkBytes | UInt64(devices.count) << 32, total, 1, zeroed ? 0 : total, uuid.high,
+                uuid.low, 0,
+            ])
         area.roots[Root.volumes.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.segments.rawValue] = try await MetadataBTree.create(in: area)
-        let pool = ThinPool(name: name, uuid: uuid, layout: ChunkLayout(chunkBytes: chunkBytes, devices: devices, segments: []), area: area)
+        let pool = ThinPool(
+            name: name, uuid: uuid, layout: ChunkLayout(chunkBytes: chunkBytes, devices: devices, segments: []),
+            area: area)
         try await pool.withState { state in
             for segment in segments { try await state.recordSegment(segment) }
             try await state.commit()
@@ -159,46 +177,65 @@ public final class ThinPool: Sendable {
         var labelled: [(label: ThinPoolLabel, device: any BlockDevice)] = []
         for device in given {
             guard let label = try await ThinPoolLabel.read(from: device) else {
-                throw SpindleError(.invalidArgument, "no thin pool label at offset 0 (not a pool device)", operation: "open pool", path: device.name)
+                throw SpindleError(
+                    .invalidArgument, "no thin pool label at offset 0 (not a pool device)", operation: "open pool",
+                    path: device.name)
             }
             if let first = labelled.first, first.label.poolUUID != label.poolUUID {
-                throw SpindleError(.invalidArgument, "the device belongs to pool \(label.poolName) (\(label.poolUUID)), not to pool \(first.label.poolName) (\(first.label.poolUUID)) of \(first.device.name)",
-                                   operation: "open pool", path: device.name)
+                throw SpindleError(
+                    .invalidArgument,
+                    "the device belongs to pool \(label.poolName) (\(label.poolUUID)), not to pool \(first.label.poolName) (\(first.label.poolUUID)) of \(first.device.name)",
+                    operation: "open pool", path: device.name)
             }
             if let twin = labelled.first(where: { $0.label.deviceIndex == label.deviceIndex }) {
-                throw SpindleError(.invalidArgument, "the device and \(twin.device.name) both claim to be device \(label.deviceIndex) of pool \(label.poolName) (the same image given twice, or a copy)",
-                                   operation: "open pool", path: device.name)
+                throw SpindleError(
+                    .invalidArgument,
+                    "the device and \(twin.device.name) both claim to be device \(label.deviceIndex) of pool \(label.poolName) (the same image given twice, or a copy)",
+                    operation: "open pool", path: device.name)
             }
             labelled.append((label, device))
         }
         labelled.sort { $0.label.deviceIndex < $1.label.deviceIndex }
         let poolName = labelled[0].label.poolName
         guard labelled[0].label.deviceIndex == 0 else {
-            throw SpindleError(.invalidArgument, "pool \(poolName) cannot open without its device 0, which holds the metadata", operation: "open pool")
+            throw SpindleError(
+                .invalidArgument, "pool \(poolName) cannot open without its device 0, which holds the metadata",
+                operation: "open pool")
         }
         let first = labelled[0]
-        let area = try await MetadataArea.open(device: first.device, offset: first.label.metadataOffset,
-                                               blockCount: first.label.metadataBlocks, cacheLimit: cacheNodes)
+        let area = try await MetadataArea.open(
+            device: first.device, offset: first.label.metadataOffset,
+            blockCount: first.label.metadataBlocks, cacheLimit: cacheNodes)
         guard area.parameters[Parameter.magic.rawValue] == parameterMagic else {
-            throw SpindleError(.corrupted, "the metadata area is not a thin pool's of this format", operation: "open pool", path: first.device.name)
+            throw SpindleError(
+                .corrupted, "the metadata area is not a thin pool's of this format", operation: "open pool",
+                path: first.device.name)
         }
-        let uuid = SpindleUUID(high: area.parameters[Parameter.uuidHigh.rawValue], low: area.parameters[Parameter.uuidLow.rawValue])
+        let uuid = SpindleUUID(
+            high: area.parameters[Parameter.uuidHigh.rawValue], low: area.parameters[Parameter.uuidLow.rawValue])
         guard uuid == first.label.poolUUID else {
-            throw SpindleError(.corrupted, "the metadata belongs to pool \(uuid), the label to \(first.label.poolUUID)", operation: "open pool", path: first.device.name)
+            throw SpindleError(
+                .corrupted, "the metadata belongs to pool \(uuid), the label to \(first.label.poolUUID)",
+                operation: "open pool", path: first.device.name)
         }
         let deviceCount = Int(area.parameters[Parameter.chunkBytesAndDevices.rawValue] >> 32)
         if let stray = labelled.first(where: { $0.label.deviceIndex >= deviceCount }) {
-            throw SpindleError(.invalidArgument, "the device is labelled device \(stray.label.deviceIndex) of pool \(poolName), which has \(deviceCount) devices (an extend that did not finish)",
-                               operation: "open pool", path: stray.device.name)
+            throw SpindleError(
+                .invalidArgument,
+                "the device is labelled device \(stray.label.deviceIndex) of pool \(poolName), which has \(deviceCount) devices (an extend that did not finish)",
+                operation: "open pool", path: stray.device.name)
         }
         guard labelled.count == deviceCount else {
             let present = Set(labelled.map(\.label.deviceIndex))
             let missing = (0..<deviceCount).filter { !present.contains($0) }.map(String.init).joined(separator: ", ")
-            throw SpindleError(.notFound, "pool \(poolName) has \(deviceCount) devices; device \(missing) is missing", operation: "open pool")
+            throw SpindleError(
+                .notFound, "pool \(poolName) has \(deviceCount) devices; device \(missing) is missing",
+                operation: "open pool")
         }
         let chunkBytes = area.parameters[Parameter.chunkBytesAndDevices.rawValue] & 0xFFFF_FFFF
-        let layout = try await ChunkLayout.load(from: area, devices: labelled.map(\.device), chunkBytes: chunkBytes,
-                                                chunkCount: area.parameters[Parameter.chunkCount.rawValue], poolName: poolName)
+        let layout = try await ChunkLayout.load(
+            from: area, devices: labelled.map(\.device), chunkBytes: chunkBytes,
+            chunkCount: area.parameters[Parameter.chunkCount.rawValue], poolName: poolName)
         let pool = ThinPool(name: poolName, uuid: uuid, layout: layout, area: area)
         try await pool.withState { state in
             try await state.loadRecords()
@@ -225,7 +262,12 @@ public final class ThinPool: Sendable {
     /// `extend` on (the ownership rule in ``BlockDevice``). The devices are closed even when the
     /// commit fails; its error is thrown after. Closing twice is harmless.
     public func close() async throws {
-        guard !closed.withLock({ closed in defer { closed = true }; return closed }) else { return }
+        guard
+            !closed.withLock({ closed in
+                defer { closed = true }
+                return closed
+            })
+        else { return }
         var failure: (any Error)?
         do { try await commit() } catch { failure = error }
         for device in devices {
@@ -252,8 +294,10 @@ public final class ThinPool: Sendable {
     public var usage: Usage {
         get async {
             await withState { state in
-                Usage(chunkBytes: chunkBytes, chunks: state.chunkCount, usedChunks: state.usedChunks, metadataBlocks: state.area.blockCount,
-                      usedMetadataBlocks: UInt64(state.area.usedBlocks), devices: state.layout.devices.count)
+                Usage(
+                    chunkBytes: chunkBytes, chunks: state.chunkCount, usedChunks: state.usedChunks,
+                    metadataBlocks: state.area.blockCount,
+                    usedMetadataBlocks: UInt64(state.area.usedBlocks), devices: state.layout.devices.count)
             }
         }
     }
@@ -274,18 +318,25 @@ public final class ThinPool: Sendable {
             let (chunkCount, usedChunks) = (state.chunkCount, state.usedChunks)
             let capacity = chunkCount * chunkBytes
             if promised > capacity {
-                result.append("pool \(name) is over-provisioned: its volumes total \(ByteSize.format(promised)) on \(ByteSize.format(capacity)) of space; writes fail once the pool is full")
+                result.append(
+                    "pool \(name) is over-provisioned: its volumes total \(ByteSize.format(promised)) on \(ByteSize.format(capacity)) of space; writes fail once the pool is full"
+                )
             }
             if chunkCount > 0 && usedChunks * 100 >= percent * chunkCount {
-                result.append("pool \(name) is \(usedChunks * 100 / chunkCount)% full (\(usedChunks) of \(chunkCount) chunks); discard or delete data, or extend the pool")
+                result.append(
+                    "pool \(name) is \(usedChunks * 100 / chunkCount)% full (\(usedChunks) of \(chunkCount) chunks); discard or delete data, or extend the pool"
+                )
             }
             return result
         }
     }
 
     static func checkPoolName(_ poolName: String) throws(SpindleError) {
-        guard !poolName.isEmpty, poolName.utf8.count <= 64, !poolName.contains("/"), !poolName.contains(where: \.isWhitespace) else {
-            throw SpindleError(.invalidArgument, "the pool name '\(poolName)' must be 1 to 64 bytes without '/' or spaces")
+        guard !poolName.isEmpty, poolName.utf8.count <= 64, !poolName.contains("/"),
+            !poolName.contains(where: \.isWhitespace)
+        else {
+            throw SpindleError(
+                .invalidArgument, "the pool name '\(poolName)' must be 1 to 64 bytes without '/' or spaces")
         }
     }
 }

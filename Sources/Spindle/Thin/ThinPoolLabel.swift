@@ -45,7 +45,9 @@ public struct ThinPoolLabel: Sendable, Equatable {
         public var description: String {
             switch self {
             case .notALabel: return "no thin pool label (magic SPNDLPOL) at offset 0"
-            case let .unsupportedVersion(version): return "thin pool label format version \(version) is not supported (this Spindle reads version \(ThinPoolLabel.formatVersion))"
+            case let .unsupportedVersion(version):
+                return
+                    "thin pool label format version \(version) is not supported (this Spindle reads version \(ThinPoolLabel.formatVersion))"
             case .checksumMismatch: return "the thin pool label at offset 0 is corrupt (checksum mismatch)"
             case let .invalid(reason): return "the thin pool label is invalid: \(reason)"
             }
@@ -65,7 +67,8 @@ public struct ThinPoolLabel: Sendable, Equatable {
             throw .invalid("chunk size \(chunkBytes)")
         }
         return ThinPoolLabel(
-            poolUUID: SpindleUUID(high: bytes.littleEndian(UInt64.self, at: 16), low: bytes.littleEndian(UInt64.self, at: 24)),
+            poolUUID: SpindleUUID(
+                high: bytes.littleEndian(UInt64.self, at: 16), low: bytes.littleEndian(UInt64.self, at: 24)),
             poolName: String(decoding: bytes[72..<(72 + nameLength)], as: UTF8.self),
             deviceIndex: Int(bytes.littleEndian(UInt32.self, at: 32)),
             chunkBytes: chunkBytes,
@@ -84,8 +87,10 @@ public struct ThinPoolLabel: Sendable, Equatable {
         } catch .notALabel {
             return nil
         } catch {
-            throw SpindleError(.corrupted, error.description, operation: "read pool label", path: device.name, offset: 0, length: UInt64(Self.bytes),
-                               cause: error)
+            throw SpindleError(
+                .corrupted, error.description, operation: "read pool label", path: device.name, offset: 0,
+                length: UInt64(Self.bytes),
+                cause: error)
         }
     }
 

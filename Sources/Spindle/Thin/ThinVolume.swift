@@ -40,7 +40,8 @@ public final class ThinVolume: BlockDevice {
     /// Calls `body` with each piece of a request, one per chunk: (virtual chunk, offset in the chunk,
     /// offset in the request, length).
     private func forEachPiece(
-        offset: UInt64, length: UInt64, _ body: (_ chunk: UInt64, _ within: UInt64, _ requestOffset: Int, _ length: Int) async throws -> Void
+        offset: UInt64, length: UInt64,
+        _ body: (_ chunk: UInt64, _ within: UInt64, _ requestOffset: Int, _ length: Int) async throws -> Void
     ) async throws {
         var position = offset
         while position < offset + length {
@@ -134,12 +135,16 @@ public final class ThinVolume: BlockDevice {
             case .written:
                 return
             case .unmapped:
-                if try await mapNewChunk(chunk, replacing: nil, fill: { try await writeFirst(into: $0, within: within, source: source) }) {
+                if try await mapNewChunk(
+                    chunk, replacing: nil, fill: { try await writeFirst(into: $0, within: within, source: source) })
+                {
                     return
                 }
             case let .shared(physical, whole):
                 whole.copy(from: UnsafeRawBufferPointer(source), at: Int(within))
-                if try await mapNewChunk(chunk, replacing: physical, fill: { try await $0.device.write(from: whole, at: $0.offset) }) {
+                if try await mapNewChunk(
+                    chunk, replacing: physical, fill: { try await $0.device.write(from: whole, at: $0.offset) })
+                {
                     return
                 }
             }
@@ -168,7 +173,9 @@ public final class ThinVolume: BlockDevice {
     /// is written. On devices that zero ranges without writing them (image files: a discard reads
     /// zeros) the zeroing runs alongside the data write, so a 4 KiB first write costs a 4 KiB
     /// write, not a whole chunk; elsewhere (arrays) the whole chunk is written in one request.
-    private func writeFirst(into fresh: ThinPool.ReservedChunk, within: UInt64, source: UnsafeRawBufferPointer) async throws {
+    private func writeFirst(into fresh: ThinPool.ReservedChunk, within: UInt64, source: UnsafeRawBufferPointer)
+        async throws
+    {
         let device = fresh.device
         let base = fresh.offset
         let end = within + UInt64(source.count)
@@ -180,7 +187,8 @@ public final class ThinVolume: BlockDevice {
             try await device.write(from: whole, at: base)
         } else {
             async let head: Void = within > 0 ? device.writeZeroes(offset: base, length: within) : ()
-            async let tail: Void = end < chunkBytes ? device.writeZeroes(offset: base + end, length: chunkBytes - end) : ()
+            async let tail: Void =
+                end < chunkBytes ? device.writeZeroes(offset: base + end, length: chunkBytes - end) : ()
             var dataError: (any Error)?
             do { try await device.write(from: source, at: base + within, fua: false) } catch { dataError = error }
             try await head
@@ -261,7 +269,8 @@ public final class ThinVolume: BlockDevice {
             return covering
         }
         guard let covering else { return }
-        covering.slice(offset: Int(within - coverStart), length: Int(length)).initializeMemory(as: UInt8.self, repeating: 0)
+        covering.slice(offset: Int(within - coverStart), length: Int(length)).initializeMemory(
+            as: UInt8.self, repeating: 0)
         try await writePiece(chunk: chunk, within: coverStart, source: UnsafeRawBufferPointer(covering.bytes))
         withExtendedLifetime(covering) {}
     }

@@ -53,13 +53,17 @@ extension PoolState {
         if let shared = try await MetadataBTree.lookup(0, root: area.roots[ThinPool.Root.volumes.rawValue], in: area) {
             sharedChunks = shared
         } else {
-            try await MetadataBTree.forEach(in: 0...UInt64.max, root: area.roots[ThinPool.Root.referenceCounts.rawValue], store: area) { _, count in
+            try await MetadataBTree.forEach(
+                in: 0...UInt64.max, root: area.roots[ThinPool.Root.referenceCounts.rawValue], store: area
+            ) { _, count in
                 if count >= 2 { sharedChunks += 1 }
                 return true
             }
         }
         var fields: [UInt64: [UInt64]] = [:]
-        try await MetadataBTree.forEach(in: (1 << 8)...UInt64.max, root: area.roots[ThinPool.Root.volumes.rawValue], store: area) { key, value in
+        try await MetadataBTree.forEach(
+            in: (1 << 8)...UInt64.max, root: area.roots[ThinPool.Root.volumes.rawValue], store: area
+        ) { key, value in
             let field = Int(key & 0xFF)
             guard field < VolumeRecord.fields else { return true }
             fields[key >> 8, default: [UInt64](repeating: 0, count: Int(VolumeRecord.fields))][field] = value
@@ -67,14 +71,21 @@ extension PoolState {
         }
         for (id, values) in fields {
             var bytes: [UInt8] = []
-            for word in values[1...8] { for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) } }
+            for word in values[1...8] {
+                for shift in stride(from: 0, to: 64, by: 8) {
+                    bytes.append(UInt8(truncatingIfNeeded: word >> UInt64(shift)))
+                }
+            }
             let volumeName = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
             guard values[9] >= 2, values[9] < area.blockCount, !volumeName.isEmpty else {
-                throw SpindleError(.corrupted, "pool \(name)'s record of volume \(id) is corrupt (name '\(volumeName)', mapping root \(values[9]))",
-                                   operation: "open pool", path: layout.devices[0].name)
+                throw SpindleError(
+                    .corrupted,
+                    "pool \(name)'s record of volume \(id) is corrupt (name '\(volumeName)', mapping root \(values[9]))",
+                    operation: "open pool", path: layout.devices[0].name)
             }
-            records[id] = VolumeRecord(id: id, name: volumeName, sizeBytes: values[0], root: values[9], mappedChunks: values[10],
-                                       origin: values[11], readOnly: values[12] & 1 != 0, createdSeconds: values[13])
+            records[id] = VolumeRecord(
+                id: id, name: volumeName, sizeBytes: values[0], root: values[9], mappedChunks: values[10],
+                origin: values[11], readOnly: values[12] & 1 != 0, createdSeconds: values[13])
         }
     }
 }

@@ -21,23 +21,31 @@ struct RAID0: RAIDPersonality {
         if let memberError { throw memberError }
         throw SpindleError(
             .ioFailed, "slot \(extent.member) of the RAID0 array is not available", operation: "read", path: array.name,
-            offset: geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset), length: extent.length)
+            offset: geometry.logicalOffset(member: extent.member, memberOffset: extent.memberOffset),
+            length: extent.length)
     }
 
     // MARK: Writes
 
     func write(from source: RequestBuffer, offset: UInt64, length: UInt64, fua: Bool, array: RAIDArray) async throws {
         let writable = array.writableMembers()
-        let failures = await array.concurrently(geometry.extents(offset: offset, length: length).map { extent in
-            (extent.member, {
-                guard let member = writable[extent.member] else {
-                    throw SpindleError(.ioFailed, "slot \(extent.member) of the RAID0 array is not available", operation: "write")
-                }
-                try await member.device.write(
-                    from: UnsafeRawBufferPointer(start: source.base + Int(extent.requestOffset), count: Int(extent.length)),
-                    at: RAIDArray.dataOffset + extent.memberOffset, fua: fua)
+        let failures = await array.concurrently(
+            geometry.extents(offset: offset, length: length).map { extent in
+                (
+                    extent.member,
+                    {
+                        guard let member = writable[extent.member] else {
+                            throw SpindleError(
+                                .ioFailed, "slot \(extent.member) of the RAID0 array is not available",
+                                operation: "write")
+                        }
+                        try await member.device.write(
+                            from: UnsafeRawBufferPointer(
+                                start: source.base + Int(extent.requestOffset), count: Int(extent.length)),
+                            at: RAIDArray.dataOffset + extent.memberOffset, fua: fua)
+                    }
+                )
             })
-        })
         if let failure = failures.first { throw failure.error }
     }
 
@@ -46,7 +54,8 @@ struct RAID0: RAIDPersonality {
         defer { array.gate.leave() }
         let writable = array.writableMembers()
         for extent in geometry.extents(offset: offset, length: length) {
-            try await writable[extent.member]?.device.discard(offset: RAIDArray.dataOffset + extent.memberOffset, length: extent.length)
+            try await writable[extent.member]?.device.discard(
+                offset: RAIDArray.dataOffset + extent.memberOffset, length: extent.length)
         }
     }
 
@@ -57,8 +66,11 @@ struct RAID0: RAIDPersonality {
         StripeCheck(unreadable: stripe.unreadable.sorted())
     }
 
-    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
-                 array: RAIDArray) async throws {
-        throw SpindleError(.unsupported, "RAID0 keeps no redundancy to rebuild a member from", operation: "rebuild", path: array.name)
+    func rebuild(
+        slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws {
+        throw SpindleError(
+            .unsupported, "RAID0 keeps no redundancy to rebuild a member from", operation: "rebuild", path: array.name)
     }
 }

@@ -25,7 +25,8 @@ final class RAID1: RAIDPersonality {
         array: RAIDArray
     ) async throws {
         var turn = extent
-        turn.member = Int(UInt(bitPattern: rotation.wrappingAdd(1, ordering: .relaxed).newValue) % UInt(geometry.memberCount))
+        turn.member = Int(
+            UInt(bitPattern: rotation.wrappingAdd(1, ordering: .relaxed).newValue) % UInt(geometry.memberCount))
         try await readMemberOrReconstruct(turn, into: destination, readable: readable, array: array)
     }
 
@@ -74,7 +75,8 @@ final class RAID1: RAIDPersonality {
         guard let lastError else { throw array.failedError("read", offset: extent.memberOffset, length: extent.length) }
         array.unrecoverableReads.add(1, ordering: .relaxed)
         throw SpindleError(
-            .ioFailed, "no in-sync mirror could read these bytes (last error: \(lastError)); the members stay in the array",
+            .ioFailed,
+            "no in-sync mirror could read these bytes (last error: \(lastError)); the members stay in the array",
             operation: "read", path: array.name, offset: extent.memberOffset, length: extent.length)
     }
 
@@ -131,8 +133,10 @@ final class RAID1: RAIDPersonality {
     }
 
     /// Copies any in-sync mirror; on a read error, tries the next.
-    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
-                 array: RAIDArray) async throws {
+    func rebuild(
+        slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws {
         let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
         var errors: [String] = []
         for source in sources {
@@ -145,6 +149,7 @@ final class RAID1: RAIDPersonality {
             }
         }
         if sources.isEmpty { throw array.failedError("rebuild") }
-        throw array.rebuildSourceError(slot: slot, memberOffset: memberOffset, length: UInt64(result.count), errors: errors)
+        throw array.rebuildSourceError(
+            slot: slot, memberOffset: memberOffset, length: UInt64(result.count), errors: errors)
     }
 }

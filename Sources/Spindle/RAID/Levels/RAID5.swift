@@ -36,9 +36,16 @@ struct RAID5: RAIDPersonality {
         let pooled = PooledBuffers(array.bufferPool)
         defer { pooled.giveBack() }
         let buffers = others.map { _ in pooled.take(length) }
-        let failures = await array.concurrently(zip(others, buffers).map { slot, buffer in
-            (slot, { try await readable[slot]!.device.read(into: buffer, range: 0..<length, at: RAIDArray.dataOffset + extent.memberOffset) })
-        })
+        let failures = await array.concurrently(
+            zip(others, buffers).map { slot, buffer in
+                (
+                    slot,
+                    {
+                        try await readable[slot]!.device.read(
+                            into: buffer, range: 0..<length, at: RAIDArray.dataOffset + extent.memberOffset)
+                    }
+                )
+            })
         if !failures.isEmpty {
             // A member that has gone away is failed; a read error on one that still answers only
             // costs this request (no redundancy is left to answer it from), as md fails the read
@@ -52,7 +59,8 @@ struct RAID5: RAIDPersonality {
         if rewrite, let member = readable[extent.member] {
             do {
                 try await member.device.write(
-                    from: UnsafeRawBufferPointer(destination), at: RAIDArray.dataOffset + extent.memberOffset, fua: false)
+                    from: UnsafeRawBufferPointer(destination), at: RAIDArray.dataOffset + extent.memberOffset,
+                    fua: false)
             } catch {
                 await array.failMember(slot: extent.member, because: error)
             }
@@ -102,15 +110,19 @@ struct RAID5: RAIDPersonality {
         let parityReadable = readable[parityMember] != nil
         // A missing data member can be rebuilt only from parity: two unreadable members lose the stripe.
         if !unreadable.isEmpty && (unreadable.count > 1 || !parityReadable) {
-            guard !unreadableSlots.isEmpty else { throw array.failedError("write", offset: nil, length: UInt64(length)) }
+            guard !unreadableSlots.isEmpty else {
+                throw array.failedError("write", offset: nil, length: UInt64(length))
+            }
             // Members that answer but failed a read here stay in the array; only this write fails.
             array.unrecoverableReads.add(1, ordering: .relaxed)
-            let detail = unreadableSlots.sorted { $0.key < $1.key }.map { "slot \($0.key): \($0.value)" }.joined(separator: "; ")
+            let detail = unreadableSlots.sorted { $0.key < $1.key }.map { "slot \($0.key): \($0.value)" }.joined(
+                separator: "; ")
             throw SpindleError(
                 .ioFailed,
                 "stripe \(stripe) cannot be written: its parity needs blocks that cannot be read and no redundancy is left to rebuild them (\(detail)); the members stay in the array",
                 operation: "write", path: array.name,
-                offset: geometry.logicalOffset(member: memberOf[0], memberOffset: stripe * chunk + low), length: UInt64(length))
+                offset: geometry.logicalOffset(member: memberOf[0], memberOffset: stripe * chunk + low),
+                length: UInt64(length))
         }
         // Every member request below is awaited through `concurrently`, which returns only once each
         // one has: the buffers go back to the pool after the last of them, on every path out.
@@ -121,9 +133,10 @@ struct RAID5: RAIDPersonality {
         let parity = pooled.take(length)
 
         func readMembers(_ slots: [(slot: Int, buffer: AlignedBuffer)]) async throws {
-            let failures = await array.concurrently(slots.map { slot, buffer in
-                (slot, { try await readable[slot]!.device.read(into: buffer, range: 0..<length, at: memberOffset) })
-            })
+            let failures = await array.concurrently(
+                slots.map { slot, buffer in
+                    (slot, { try await readable[slot]!.device.read(into: buffer, range: 0..<length, at: memberOffset) })
+                })
             if let failure = failures.first {
                 // The stripe cannot be computed without it. A member that is gone is failed at once
                 // (the caller retries degraded); another read error may pass: the caller retries,
@@ -137,8 +150,9 @@ struct RAID5: RAIDPersonality {
         /// Copies the caller's piece for data chunk `index` into its place in `buffer`.
         func merge(_ index: Int, into buffer: AlignedBuffer) {
             guard let piece = touched[index] else { return }
-            buffer.copy(from: UnsafeRawBufferPointer(start: source.base + Int(piece.requestOffset), count: Int(piece.length)),
-                        at: Int(piece.memberOffset - stripe * chunk - low))
+            buffer.copy(
+                from: UnsafeRawBufferPointer(start: source.base + Int(piece.requestOffset), count: Int(piece.length)),
+                at: Int(piece.memberOffset - stripe * chunk - low))
         }
 
         let touchedIndices = (0..<dataCount).filter { touched[$0] != nil }
@@ -149,7 +163,8 @@ struct RAID5: RAIDPersonality {
         } else if unreadable.isEmpty && parityReadable {
             let readModifyWriteReads = touchedIndices.count + 1
             let reconstructWriteReads = (dataCount - touchedIndices.count) + touchedIndices.filter { !covers($0) }.count
-            let method = array.partialStripeWriteOverride.withLock { $0 }
+            let method =
+                array.partialStripeWriteOverride.withLock { $0 }
                 ?? (readModifyWriteReads < reconstructWriteReads ? .readModifyWrite : .reconstructWrite)
             switch method {
             case .readModifyWrite:
@@ -161,7 +176,8 @@ struct RAID5: RAIDPersonality {
                     merge(index, into: data[index])
                 }
                 // new parity = old parity ^ old data ^ new data, over the touched members
-                XORParity.generate(sources: [oldParity] + old + touchedIndices.map { data[$0] }, into: parity, length: length)
+                XORParity.generate(
+                    sources: [oldParity] + old + touchedIndices.map { data[$0] }, into: parity, length: length)
             case .reconstructWrite:
                 let toRead = (0..<dataCount).filter { touched[$0] == nil || !covers($0) }
                 try await readMembers(toRead.map { (memberOf[$0], data[$0]) })
@@ -182,7 +198,8 @@ struct RAID5: RAIDPersonality {
             XORParity.generate(sources: data, into: parity, length: length)
         }
 
-        var writes: [(slot: Int, member: RAIDArray.Member, source: RAIDArray.MemberWriteSource, memberOffset: UInt64)] = []
+        var writes: [(slot: Int, member: RAIDArray.Member, source: RAIDArray.MemberWriteSource, memberOffset: UInt64)] =
+            []
         let indicesToWrite = fullStripe ? Array(0..<dataCount) : touchedIndices
         for index in indicesToWrite {
             if let member = writable[memberOf[index]] {
@@ -210,7 +227,9 @@ struct RAID5: RAIDPersonality {
             let good = stripe.slots.filter { !stripe.unreadable.contains($0) }.map { stripe.buffer(of: $0) }
             for slot in stripe.unreadable {
                 let buffer = stripe.buffer(of: slot)
-                XORParity.generate(sources: good, offset: stripe.within, into: buffer, parityOffset: stripe.within, length: stripe.size)
+                XORParity.generate(
+                    sources: good, offset: stripe.within, into: buffer, parityOffset: stripe.within, length: stripe.size
+                )
                 try await array.rewriteChunk(of: stripe, slot: slot, from: buffer)
                 result.readErrorsRepaired += 1
             }
@@ -230,22 +249,29 @@ struct RAID5: RAIDPersonality {
     }
 
     /// The XOR of every other member.
-    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
-                 array: RAIDArray) async throws {
+    func rebuild(
+        slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+        array: RAIDArray
+    ) async throws {
         let sources = (0..<geometry.memberCount).filter { $0 != slot && readable[$0] != nil }
         guard sources.count == geometry.memberCount - 1 else { throw array.failedError("rebuild") }
         let buffers = sources.map { _ in AlignedBuffer(count: result.count, zeroed: false) }
-        let failures = await array.concurrently(zip(sources, buffers).map { source, buffer in
-            (source, { try await readable[source]!.device.read(into: buffer, at: RAIDArray.dataOffset + memberOffset) })
-        })
+        let failures = await array.concurrently(
+            zip(sources, buffers).map { source, buffer in
+                (
+                    source,
+                    { try await readable[source]!.device.read(into: buffer, at: RAIDArray.dataOffset + memberOffset) }
+                )
+            })
         if !failures.isEmpty {
             // A source that is gone is failed (and the array with it); a read error on one that
             // answers stops the rebuild here, members untouched, to be resumed from the checkpoint.
             for failure in failures where RAIDArray.isDeviceGone(failure.error) {
                 await array.failMember(slot: failure.slot, because: failure.error)
             }
-            throw array.rebuildSourceError(slot: slot, memberOffset: memberOffset, length: UInt64(result.count),
-                                           errors: failures.map { "\(readable[$0.slot]!.name): \($0.error)" })
+            throw array.rebuildSourceError(
+                slot: slot, memberOffset: memberOffset, length: UInt64(result.count),
+                errors: failures.map { "\(readable[$0.slot]!.name): \($0.error)" })
         }
         XORParity.generate(sources: buffers, into: result, length: result.count)
     }

@@ -73,8 +73,9 @@ protocol RAIDPersonality: Sendable {
     /// `result`. The array takes the stripe locks before and writes `result` to the member after.
     /// A source that is gone is failed; a read error on one that answers stops the rebuild there
     /// (members untouched), to resume from the checkpoint.
-    func rebuild(slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
-                 array: RAIDArray) async throws
+    func rebuild(
+        slot: Int, memberOffset: UInt64, into result: AlignedBuffer, readable: [RAIDArray.Member?],
+        array: RAIDArray) async throws
 }
 
 extension RAIDPersonality {
