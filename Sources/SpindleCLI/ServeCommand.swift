@@ -193,7 +193,7 @@ struct ServeCommand: AsyncParsableCommand {
             print("\(uri)  \(ByteSize.format(export.device.capacityBytes))\(export.readOnly ? ", read-only" : "")")
         }
         print("serving; stop with Ctrl-C or SIGTERM")
-        fflush(nil)
+        ProcessControl.flushOutput()
 
         // Arrays (served directly or under a pool) are polled, so a member failure is logged when it
         // happens rather than found at the stop.
@@ -204,7 +204,7 @@ struct ServeCommand: AsyncParsableCommand {
                 watch.check()
             }
         }
-        let signalName = await Self.waitForSignal()
+        let signalName = await ProcessControl.waitForTermination()
         print("\(signalName): stopping (finishing requests in flight, flushing, closing)")
         await server.stop()
         watcher.cancel()
@@ -234,30 +234,6 @@ struct ServeCommand: AsyncParsableCommand {
         let value = String(export[export.index(after: export.firstIndex(of: ":")!)...])
         return export.hasPrefix("image:") ? (value as NSString).lastPathComponent : value
     }
-
-    /// Waits for SIGINT or SIGTERM and returns its name.
-    static func waitForSignal() async -> String {
-        signal(SIGINT, SIG_IGN)
-        signal(SIGTERM, SIG_IGN)
-        let queue = DispatchQueue(label: "spindle.signals")
-        return await withCheckedContinuation { continuation in
-            let fired = LockedValue(false)
-            var sources: [DispatchSourceSignal] = []
-            for (number, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
-                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-                source.setEventHandler {
-                    if !fired.exchange(true) { continuation.resume(returning: name) }
-                }
-                source.resume()
-                sources.append(source)
-            }
-            // The sources stay alive for the life of the process.
-            Self.keep(sources)
-        }
-    }
-
-    nonisolated(unsafe) private static var keptSources: [DispatchSourceSignal] = []
-    private static func keep(_ sources: [DispatchSourceSignal]) { keptSources += sources }
 }
 
 /// The arrays `serve` exports, watched for members that fail under them.

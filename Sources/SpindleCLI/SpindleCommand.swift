@@ -90,7 +90,7 @@ enum Terminal {
     }
 
     /// Whether progress lines should be drawn (standard error is a terminal).
-    static var showsProgress: Bool { isatty(2) == 1 }
+    static var showsProgress: Bool { ProcessControl.errorIsTerminal }
 
     static func progress(_ line: String) {
         FileHandle.standardError.write(Data("\r\u{1B}[K\(line)".utf8))

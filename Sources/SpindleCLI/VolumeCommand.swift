@@ -264,7 +264,7 @@ struct VolumeCommand: AsyncParsableCommand {
 /// Asks a person on a terminal to confirm; without a terminal, requires the flag.
 func confirm(_ consequence: String, yes: Bool, flag: String) throws {
     if yes { return }
-    guard isatty(0) == 1 else {
+    guard ProcessControl.inputIsTerminal else {
         throw SpindleError(.invalidArgument, "\(consequence) Add \(flag) to go ahead.")
     }
     FileHandle.standardError.write(Data("\(consequence) Continue? [y/N] ".utf8))
