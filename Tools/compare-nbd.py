@@ -11,6 +11,7 @@ Servers start and stop around each run; the two sides alternate; medians of seve
 
     Tools/compare-nbd.py                  # 1 GiB image, 3 rounds of 4 s
     Tools/compare-nbd.py --rounds 5 --runtime 5
+    Tools/compare-nbd.py --baseline OLD/spindle   # also run an older build in the same rounds (a regression check)
 """
 import argparse
 import json
@@ -52,6 +53,16 @@ class Server:
         self.process.wait(timeout=60)
 
 
+def drop_cached_pages(path):
+    """Every run starts with none of the image in the page cache, whichever server ran before it."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
 def fio(uri, rw, bs, depth, runtime=None, io_size=None):
     command = ["fio", "--name=compare", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}",
                "--numjobs=1", "--output-format=json", "--randrepeat=0"]
@@ -71,6 +82,7 @@ def main():
     parser.add_argument("--first-writes", type=int, default=32768)
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--spindle")
+    parser.add_argument("--baseline", help="an older spindle binary run alternately in the same rounds, for a regression check")
     args = parser.parse_args()
     for tool in ["fio", "nbdkit", "qemu-nbd", "qemu-img"]:
         if not shutil.which(tool):
@@ -96,6 +108,11 @@ def main():
             "spindle --no-direct": ([spindle, "serve", f"image:{image}", "--no-direct", "--socket", socket],
                                     f"nbd+unix:///disk.img?socket={socket}"),
         }
+        if args.baseline:
+            servers["baseline"] = ([args.baseline, "serve", f"image:{image}", "--socket", socket],
+                                   f"nbd+unix:///disk.img?socket={socket}")
+            servers["baseline --no-direct"] = ([args.baseline, "serve", f"image:{image}", "--no-direct", "--socket", socket],
+                                               f"nbd+unix:///disk.img?socket={socket}")
         loads = [("randread 4K depth 32", "randread", "4k", 32, 0, 1.0), ("randwrite 4K depth 32", "randwrite", "4k", 32, 0, 1.0),
                  ("read 1M depth 8", "read", "1m", 8, 1, 1.0), ("write 1M depth 8", "write", "1m", 8, 1, 1.0)]
         for label, rw, bs, depth, measure, target in loads:
@@ -103,6 +120,7 @@ def main():
             for index in range(args.rounds):
                 for name in (list(servers) if index % 2 == 0 else list(reversed(list(servers)))):
                     command, uri = servers[name]
+                    drop_cached_pages(image)
                     server = Server(command, socket)
                     try:
                         values[name].append(fio(uri, rw, bs, depth, runtime=args.runtime)[measure])
@@ -110,13 +128,19 @@ def main():
                         server.stop()
                 print(f"  {label} round {index + 1}: " + ", ".join(f"{name} {values[name][-1]:.0f}" for name in servers), file=sys.stderr)
             unit = "IOPS" if measure == 0 else "MiB/s"
+            baseline = statistics.median(values["baseline"]) if args.baseline else None
             rows.append((f"raw image: {label}", "nbdkit file", unit, statistics.median(values["nbdkit"]),
-                         statistics.median(values["spindle"]), target))
+                         statistics.median(values["spindle"]), target, baseline))
+            baseline = statistics.median(values["baseline --no-direct"]) if args.baseline else None
             rows.append((f"raw image: {label}, spindle serve --no-direct (page cache, as nbdkit)", "nbdkit file", unit,
-                         statistics.median(values["nbdkit"]), statistics.median(values["spindle --no-direct"]), target))
+                         statistics.median(values["nbdkit"]), statistics.median(values["spindle --no-direct"]), target,
+                         baseline))
 
         volume_bytes = args.first_writes * 4 * 65536
-        values = {"qemu-nbd": [], "spindle": []}
+        binaries = {"spindle": spindle}
+        if args.baseline:
+            binaries["baseline"] = args.baseline
+        values = {"qemu-nbd": [], **{name: [] for name in binaries}}
         for index in range(args.rounds):
             folder = os.path.join(work, f"first{index}")
             os.makedirs(folder)
@@ -125,10 +149,15 @@ def main():
             run([spindle, "volume", "create", "tank/new", "--size", str(volume_bytes), "--dir", folder])
             qcow = os.path.join(folder, "new.qcow2")
             run(["qemu-img", "create", "-f", "qcow2", qcow, str(volume_bytes)])
-            for name in (["qemu-nbd", "spindle"] if index % 2 == 0 else ["spindle", "qemu-nbd"]):
-                if name == "spindle":
-                    server = Server([spindle, "serve", "volume:tank/new", "--socket", socket, "--dir", folder], socket)
-                    uri = f"nbd+unix:///tank/new?socket={socket}"
+            if args.baseline:
+                run([args.baseline, "volume", "create", "tank/old", "--size", str(volume_bytes), "--dir", folder])
+            order = ["qemu-nbd", *binaries]
+            for name in (order if index % 2 == 0 else list(reversed(order))):
+                if name in binaries:
+                    volume = "new" if name == "spindle" else "old"
+                    server = Server([binaries[name], "serve", f"volume:tank/{volume}", "--socket", socket, "--dir", folder],
+                                    socket)
+                    uri = f"nbd+unix:///tank/{volume}?socket={socket}"
                 else:
                     server = Server(["qemu-nbd", "--socket", socket, "--format=qcow2", "--aio=io_uring", "--cache=none",
                                      "--persistent", "--shared=8", "--export-name=new", qcow], socket)
@@ -138,23 +167,28 @@ def main():
                 finally:
                     server.stop()
             shutil.rmtree(folder)
-            print(f"  first writes round {index + 1}: qemu-nbd {values['qemu-nbd'][-1]:.0f}, spindle {values['spindle'][-1]:.0f}",
+            print(f"  first writes round {index + 1}: " + ", ".join(f"{name} {values[name][-1]:.0f}" for name in values),
                   file=sys.stderr)
         rows.append((f"new thin volume vs new qcow2: 4K randwrite depth 32 ({args.first_writes} first writes)",
                      "qemu-nbd (qcow2, io_uring, cache=none)", "IOPS", statistics.median(values["qemu-nbd"]),
-                     statistics.median(values["spindle"]), 2.0))
+                     statistics.median(values["spindle"]), 2.0,
+                     statistics.median(values["baseline"]) if args.baseline else None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"fio --ioengine=nbd over a Unix socket, one job; {args.size} filled image; {args.runtime} s per timed run; "
           f"median of {args.rounds} alternating rounds")
     print()
-    print("| load | peer | peer | spindle serve | ratio | target |")
-    print("|---|---|---|---|---|---|")
-    for label, peer, unit, peer_value, spindle_value, target in rows:
+    extra = " baseline (same rounds) | baseline ratio |" if args.baseline else ""
+    print("| load | peer | peer | spindle serve | ratio | target |" + extra)
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.baseline else ""))
+    for label, peer, unit, peer_value, spindle_value, target, baseline in rows:
         ratio = spindle_value / peer_value if peer_value else 0
-        print(f"| {label} | {peer} | {peer_value:,.0f} {unit} | {spindle_value:,.0f} {unit} | {ratio:.2f}x | "
-              f">= {target:.2f}x ({'met' if ratio >= target else 'missed'}) |")
+        line = (f"| {label} | {peer} | {peer_value:,.0f} {unit} | {spindle_value:,.0f} {unit} | {ratio:.2f}x | "
+                f">= {target:.2f}x ({'met' if ratio >= target else 'missed'}) |")
+        if baseline is not None:
+            line += f" {baseline:,.0f} {unit} | {baseline / peer_value if peer_value else 0:.2f}x |"
+        print(line)
 
 
 if __name__ == "__main__":
