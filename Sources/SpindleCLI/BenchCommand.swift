@@ -26,10 +26,8 @@ struct BenchCommand: AsyncParsableCommand {
     @Option(help: "Run on the thin volume POOL/NAME instead (the pool is found in --dir).")
     var volume: String?
 
-    @Option(
-        name: .customLong("dir"),
-        help: "Folder holding the pool of --volume (default: $SPINDLE_DIR, else the current folder).")
-    var directory: String?
+    /// The folder holding the pool of --volume, and its metadata cache.
+    @OptionGroup var folder: PoolFolder
 
     @Option(help: "Access pattern: read, write, randread, randwrite or randrw.")
     var rw: Bench.Pattern = .randread
@@ -215,10 +213,10 @@ struct BenchCommand: AsyncParsableCommand {
             throw ValidationError("--fault applies to an image or --array members, not to --volume")
         }
         let (poolName, volumeName) = try PoolStore.split(path)
-        let folder = directory ?? ProcessInfo.processInfo.environment["SPINDLE_DIR"] ?? "."
-        let found = try await Discovery.scan(folder: folder)
+        let found = try await Discovery.scan(folder: folder.path)
         let opened = try await found.open(
-            try PoolStore.find(poolName, in: found, folder: folder), engine: engine, options: PoolStore.openOptions())
+            try PoolStore.find(poolName, in: found, folder: folder.path), engine: engine,
+            options: PoolStore.openOptions(metadataCacheBytes: folder.metadataCacheBytes))
         var progress: (@Sendable (Bench.Progress) -> Void)?
         if Terminal.showsProgress && !json { progress = BenchCommand.printProgress }
         let workerEngine: IOEngine? = executor == "reactor" ? engine : nil

@@ -123,7 +123,7 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let report: StatusReport = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) {
+            let report: StatusReport = try await PoolStore.withPool(name, folder: folder, readOnly: true) {
                 pool, session in
                 let usage = await pool.usage
                 let infos = try await pool.volumes()
@@ -238,7 +238,7 @@ struct PoolCommand: AsyncParsableCommand {
 
         func run() async throws {
             let created = CreatedImages()
-            let result = try await PoolStore.withPool(name, folder: folder.path) { pool, session in
+            let result = try await PoolStore.withPool(name, folder: folder) { pool, session in
                 var added: [any BlockDevice] = []
                 let chunks: UInt64
                 do {
@@ -282,7 +282,7 @@ struct PoolCommand: AsyncParsableCommand {
         var json = false
 
         func run() async throws {
-            let report = try await PoolStore.withPool(name, folder: folder.path, readOnly: true) { pool, _ in
+            let report = try await PoolStore.withPool(name, folder: folder, readOnly: true) { pool, _ in
                 try await pool.check()
             }
             if json {

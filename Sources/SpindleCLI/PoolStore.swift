@@ -11,6 +11,14 @@ struct PoolFolder: ParsableArguments {
         help: "Folder holding the pools' images and array members (default: $SPINDLE_DIR, else the current folder).")
     var directory: String?
 
+    @Option(
+        name: .customLong("metadata-cache"),
+        help: ArgumentHelp(
+            "Memory for the pool's metadata node cache, such as 512M (default: 256M, or an eighth of the machine's memory when less).",
+            valueName: "size"),
+        transform: parseSize)
+    var metadataCacheBytes: UInt64?
+
     var path: String { directory ?? ProcessInfo.processInfo.environment["SPINDLE_DIR"] ?? "." }
 }
 
@@ -76,8 +84,11 @@ enum PoolStore {
     }
 
     /// How commands open stacks: what opening works around is printed as a warning.
-    static func openOptions(readOnly: Bool = false, quiet: Bool = false) -> Discovery.OpenOptions {
+    static func openOptions(readOnly: Bool = false, quiet: Bool = false, metadataCacheBytes: UInt64? = nil)
+        -> Discovery.OpenOptions
+    {
         var options = Discovery.OpenOptions(readOnly: readOnly)
+        if let metadataCacheBytes { options.metadataCacheBytes = metadataCacheBytes }
         if !quiet { options.notes = { Terminal.warning($0) } }
         return options
     }
@@ -108,13 +119,17 @@ enum PoolStore {
 
     /// Opens the pool, runs `body`, and closes everything (committing) whether `body` succeeds or not.
     static func withPool<Result>(
-        _ name: String, folder: String, readOnly: Bool = false, _ body: (ThinPool, PoolSession) async throws -> Result
+        _ name: String, folder pools: PoolFolder, readOnly: Bool = false,
+        _ body: (ThinPool, PoolSession) async throws -> Result
     ) async throws -> Result {
         let engine = try IOEngine()
         defer { engine.shutdown() }
+        let folder = pools.path
         let discovery = try await Discovery.scan(folder: folder)
         let found = try find(name, in: discovery, folder: folder)
-        let opened = try await discovery.open(found, engine: engine, options: openOptions(readOnly: readOnly))
+        let opened = try await discovery.open(
+            found, engine: engine,
+            options: openOptions(readOnly: readOnly, metadataCacheBytes: pools.metadataCacheBytes))
         let session = PoolSession(discovery: discovery, found: found, opened: opened, engine: engine)
         let result: Result
         do {

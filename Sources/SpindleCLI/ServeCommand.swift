@@ -88,7 +88,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         // A fault names an export, or an array member image (applied as its array assembles).
         let exportNames = exports.map { Self.exportName($0) }
-        var options = PoolStore.openOptions(readOnly: readOnly)
+        var options = PoolStore.openOptions(readOnly: readOnly, metadataCacheBytes: folder.metadataCacheBytes)
         var exportFaults: [(name: String, spec: FaultSpec)] = []
         for text in fault {
             guard let colon = text.lastIndex(of: ":"), colon != text.startIndex else {

@@ -30,7 +30,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let warnings = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
+            let warnings = try await PoolStore.withPool(poolName, folder: folder) { pool, _ in
                 _ = try await pool.createVolume(name: volumeName, sizeBytes: size)
                 return try await pool.warnings()
             }
@@ -61,7 +61,7 @@ struct VolumeCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            let entries = try await PoolStore.withPool(pool, folder: folder.path, readOnly: true) { pool, _ in
+            let entries = try await PoolStore.withPool(pool, folder: folder, readOnly: true) { pool, _ in
                 try await pool.volumes().map {
                     Entry(
                         name: $0.name, sizeBytes: $0.sizeBytes, mappedBytes: $0.mappedChunks * pool.chunkBytes,
@@ -109,7 +109,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let old = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
+            let old = try await PoolStore.withPool(poolName, folder: folder) { pool, _ in
                 let current = try await pool.openVolume(name: volumeName).capacityBytes
                 if size < current {
                     try confirm(
@@ -136,7 +136,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
+            try await PoolStore.withPool(poolName, folder: folder) { pool, _ in
                 try await pool.renameVolume(name: volumeName, to: newName)
             }
             print("renamed volume \(volume) to \(poolName)/\(newName)")
@@ -158,7 +158,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let freed = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
+            let freed = try await PoolStore.withPool(poolName, folder: folder) { pool, _ in
                 let info = try await pool.openVolume(name: volumeName)
                 try confirm(
                     "Deleting \(volume) (\(ByteSize.format(info.capacityBytes))) destroys its data.", yes: yes,
@@ -190,7 +190,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let (info, elapsed) = try await PoolStore.withPool(poolName, folder: folder.path) { pool, _ in
+            let (info, elapsed) = try await PoolStore.withPool(poolName, folder: folder) { pool, _ in
                 let started = ContinuousClock.now
                 let info = try await pool.snapshot(volume: volumeName, name: snapshotName, readOnly: readOnly)
                 return (info, ContinuousClock.now - started)
@@ -222,7 +222,7 @@ struct VolumeCommand: AsyncParsableCommand {
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
             let progress = ProgressLine(label: "importing \(file) into \(volume)")
-            let result = try await PoolStore.withPool(poolName, folder: folder.path) { pool, session in
+            let result = try await PoolStore.withPool(poolName, folder: folder) { pool, session in
                 try await pool.importImage(
                     at: file, into: volumeName, sizeBytes: size, engine: session.engine,
                     progress: { progress.update($0) })
@@ -249,7 +249,7 @@ struct VolumeCommand: AsyncParsableCommand {
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
             let progress = ProgressLine(label: "exporting \(volume) to \(file)")
-            let result = try await PoolStore.withPool(poolName, folder: folder.path, readOnly: true) { pool, session in
+            let result = try await PoolStore.withPool(poolName, folder: folder, readOnly: true) { pool, session in
                 try await pool.exportVolume(
                     volumeName, toImageAt: file, engine: session.engine, progress: { progress.update($0) })
             }

@@ -15,8 +15,8 @@ extension Discovery {
         public var faults: [String: FaultSpec] = [:]
         /// Seed of the injected faults' randomness.
         public var faultSeed: UInt64 = 1
-        /// Metadata nodes a pool keeps cached.
-        public var cacheNodes = 4096
+        /// Memory for a pool's metadata node cache (see ``ThinPool/defaultMetadataCacheBytes``).
+        public var metadataCacheBytes = ThinPool.defaultMetadataCacheBytes
         /// Receives what opening worked around, one line each, naming its subject: members an
         /// assembly left out or resynced, a pool's damaged metadata copy, an image without direct I/O.
         public var notes: (@Sendable (String) -> Void)?
@@ -151,7 +151,7 @@ extension Discovery {
                     devices.append(file)
                 }
             }
-            let opened = try await ThinPool.open(devices: devices, cacheNodes: options.cacheNodes)
+            let opened = try await ThinPool.open(devices: devices, metadataCacheBytes: options.metadataCacheBytes)
             for note in opened.openNotes { options.notes?("pool \(pool.name): \(note)") }
             return OpenedPool(pool: opened, arrays: assembled)
         } catch {

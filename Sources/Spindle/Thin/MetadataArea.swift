@@ -1,3 +1,5 @@
+import Foundation
+
 /// A transactional store of metadata nodes in a region of a block device: the persistence under
 /// the thin pool's B-trees (see docs/THIN-DESIGN.md).
 ///
@@ -9,6 +11,9 @@
 ///
 /// Not safe for concurrent use: callers serialize access (the pool holds a lock around changes).
 package final class MetadataArea: MetadataNodeStore {
+    /// The node cache's memory budget unless the owner gives another: 256 MiB, or an eighth of
+    /// the machine's memory when that is less (see ``NodeCache/bytesPerNode``).
+    package static let defaultCacheBytes: UInt64 = min(256 << 20, ProcessInfo.processInfo.physicalMemory / 8)
     package static let rootCount = 8
     static let magic: UInt64 = 0x4154_4D4C_444E_5053  // "SPNDLMTA" little-endian
     static let formatVersion: UInt32 = 1
@@ -33,8 +38,8 @@ package final class MetadataArea: MetadataNodeStore {
     package var hasChanges: Bool {
         !pending.isEmpty || !releasedNow.isEmpty || roots != committedRoots || parameters != committedParameters
     }
-    /// Nodes kept in memory besides those of the open transaction.
-    package let cacheLimit: Int
+    /// Most nodes kept in memory besides those of the open transaction.
+    package var cacheCapacity: Int { cache.capacity }
 
     private var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
     /// References to each block in the open transaction: parents in trees, plus one per tree root.
@@ -43,24 +48,19 @@ package final class MetadataArea: MetadataNodeStore {
     private var allocatedNow: Set<UInt64> = []
     private var releasedNow: [UInt64] = []
     private var pending: [UInt64: MetadataNode] = [:]
-    private struct CachedNode {
-        var node: MetadataNode
-        var lastUse: UInt64
-    }
-    private var cache: [UInt64: CachedNode] = [:]
-    private var useClock: UInt64 = 0
+    private var cache: NodeCache
     private var cursor: UInt64 = 2
 
     private init(
         device: any BlockDevice, offset: UInt64, blockCount: UInt64, roots: [UInt64], transaction: UInt64,
-        cacheLimit: Int
+        cacheBytes: UInt64
     ) {
         self.device = device
         self.offset = offset
         self.blockCount = blockCount
         self.roots = roots
         self.transaction = transaction
-        self.cacheLimit = cacheLimit
+        cache = NodeCache(budgetBytes: cacheBytes)
         used = [UInt64](repeating: 0, count: Int((blockCount + 63) / 64))
         references = [UInt32](repeating: 0, count: Int(blockCount))
         markUsed(0)
@@ -69,13 +69,14 @@ package final class MetadataArea: MetadataNodeStore {
 
     /// Writes an empty area (both superblocks at transaction 0, no roots).
     package static func format(
-        device: any BlockDevice, offset: UInt64, blockCount: UInt64, parameters: [UInt64] = [], cacheLimit: Int = 4096
+        device: any BlockDevice, offset: UInt64, blockCount: UInt64, parameters: [UInt64] = [],
+        cacheBytes: UInt64 = defaultCacheBytes
     ) async throws -> MetadataArea {
         try validate(device: device, offset: offset, blockCount: blockCount)
         precondition(parameters.count <= 8)
         let area = MetadataArea(
             device: device, offset: offset, blockCount: blockCount,
-            roots: [UInt64](repeating: 0, count: rootCount), transaction: 1, cacheLimit: cacheLimit)
+            roots: [UInt64](repeating: 0, count: rootCount), transaction: 1, cacheBytes: cacheBytes)
         area.parameters = parameters + [UInt64](repeating: 0, count: 8 - parameters.count)
         try await area.writeSuperblock(transaction: 0, fua: false)
         try await area.writeSuperblock(transaction: 1, fua: false)
@@ -86,9 +87,9 @@ package final class MetadataArea: MetadataNodeStore {
 
     /// Opens an area: takes the newest valid superblock and marks every block its trees use.
     /// - Throws: ``SpindleError`` when neither superblock is valid, or a node is corrupt.
-    package static func open(device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheLimit: Int = 4096)
-        async throws -> MetadataArea
-    {
+    package static func open(
+        device: any BlockDevice, offset: UInt64, blockCount: UInt64, cacheBytes: UInt64 = defaultCacheBytes
+    ) async throws -> MetadataArea {
         try validate(device: device, offset: offset, blockCount: blockCount)
         let buffer = AlignedBuffer(count: 2 * MetadataNode.blockBytes, zeroed: false)
         try await device.read(into: buffer, at: offset)
@@ -111,7 +112,7 @@ package final class MetadataArea: MetadataNodeStore {
         }
         let area = MetadataArea(
             device: device, offset: offset, blockCount: blockCount, roots: best.roots,
-            transaction: best.transaction + 1, cacheLimit: cacheLimit)
+            transaction: best.transaction + 1, cacheBytes: cacheBytes)
         area.parameters = best.parameters
         if !problems.isEmpty {
             area.openNotes.append(
@@ -164,11 +165,7 @@ package final class MetadataArea: MetadataNodeStore {
 
     package func node(at block: UInt64) async throws -> MetadataNode {
         if let node = pending[block] { return node }
-        if let cached = cache[block] {
-            useClock += 1
-            cache[block]!.lastUse = useClock
-            return cached.node
-        }
+        if let cached = cache.node(at: block) { return cached }
         guard block >= 2 && block < blockCount else {
             throw SpindleError(
                 .corrupted, "metadata block \(block) is outside the area (\(blockCount) blocks)",
@@ -186,6 +183,59 @@ package final class MetadataArea: MetadataNodeStore {
         }
         remember(node)
         return node
+    }
+
+    /// Reads into the cache, many at once, the nodes of `blocks` it does not hold (runs of adjacent
+    /// blocks in one read each): what a walk calls with an internal node's children before visiting
+    /// them, so a walk of metadata on disk costs a read per run of children, not per node. Nodes of
+    /// the open transaction and blocks outside the area are left to ``node(at:)``.
+    package func prefetch(_ blocks: [UInt64]) async throws {
+        let missing = blocks.filter { $0 >= 2 && $0 < blockCount && pending[$0] == nil && !cache.contains($0) }.sorted()
+        guard missing.count > 1 else { return }
+        var runs: [(first: UInt64, count: Int)] = []
+        for block in missing {
+            if let last = runs.last, last.first + UInt64(last.count) == block, last.count < 64 {
+                runs[runs.count - 1].count += 1
+            } else if runs.last.map({ $0.first + UInt64($0.count) > block }) != true {
+                runs.append((block, 1))
+            }
+        }
+        let blockBytes = MetadataNode.blockBytes
+        let buffer = AlignedBuffer(count: missing.count * blockBytes, zeroed: false)
+        var starts: [Int] = []
+        var position = 0
+        for run in runs {
+            starts.append(position)
+            position += run.count * blockBytes
+        }
+        let device = self.device
+        let reads = zip(runs, starts).map { run, start in
+            (range: start..<(start + run.count * blockBytes), offset: byteOffset(run.first))
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var next = 0
+            func addRead() {
+                let read = reads[next]
+                group.addTask { try await device.read(into: buffer, range: read.range, at: read.offset) }
+                next += 1
+            }
+            while next < runs.count && next < 32 { addRead() }
+            while try await group.next() != nil {
+                if next < runs.count { addRead() }
+            }
+        }
+        for (run, start) in zip(runs, starts) {
+            for index in 0..<run.count {
+                let block = run.first + UInt64(index)
+                // A node that does not decode is left out: reading it on its own reports the error.
+                guard pending[block] == nil, !cache.contains(block),
+                    let node = try? MetadataNode.decode(
+                        Array(buffer.slice(offset: start + index * blockBytes, length: blockBytes)),
+                        expectedBlock: block)
+                else { continue }
+                remember(node)
+            }
+        }
     }
 
     package func store(_ node: MetadataNode) async throws {
@@ -228,7 +278,7 @@ package final class MetadataArea: MetadataNodeStore {
         } else {
             releasedNow.append(block)
         }
-        cache[block] = nil
+        cache.remove(block)
     }
 
     // MARK: Transactions
@@ -264,18 +314,13 @@ package final class MetadataArea: MetadataNodeStore {
     private func markUsed(_ block: UInt64) { used[Int(block / 64)] |= 1 << (block % 64) }
     private func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
 
-    /// Keeps a node in the cache; when full, drops the least recently used eighth.
-    private func remember(_ node: MetadataNode) {
-        if cache.count >= cacheLimit {
-            let victims = cache.sorted { $0.value.lastUse < $1.value.lastUse }.prefix(max(1, cacheLimit / 8))
-            for victim in victims { cache[victim.key] = nil }
-        }
-        useClock += 1
-        cache[node.block] = CachedNode(node: node, lastUse: useClock)
-    }
+    private func remember(_ node: MetadataNode) { cache.insert(node) }
 
-    /// Nodes read since open and kept (bounded by ``cacheLimit``), for tests and status.
+    /// Nodes read since open and kept (bounded by ``cacheCapacity``), for tests and status.
     package var cachedNodes: Int { cache.count }
+    /// Nodes the cache dropped to make room since open: above zero, the metadata in use is larger
+    /// than the cache.
+    package var cacheEvictions: UInt64 { cache.evictions }
     /// Nodes written in the open transaction, not yet committed.
     package var pendingNodes: Int { pending.count }
 

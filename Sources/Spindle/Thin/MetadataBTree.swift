@@ -108,6 +108,9 @@ package protocol MetadataNodeStore: AnyObject {
     var transaction: UInt64 { get }
     /// Reads a node.
     func node(at block: UInt64) async throws -> MetadataNode
+    /// Reads ahead the nodes of `blocks`, which are about to be read (a store without a cache
+    /// ignores it).
+    func prefetch(_ blocks: [UInt64]) async throws
     /// Stores a node written in this transaction, at `node.block`.
     func store(_ node: MetadataNode) async throws
     /// A block for a new node in this transaction, with one reference.
@@ -119,6 +122,10 @@ package protocol MetadataNodeStore: AnyObject {
     func addReference(to block: UInt64)
     /// Drops one reference; at zero the block is unused, reusable once the transaction commits.
     func releaseBlock(_ block: UInt64)
+}
+
+extension MetadataNodeStore {
+    package func prefetch(_ blocks: [UInt64]) async throws {}
 }
 
 /// What the values in a tree's leaves refer to, when they are references (a thin volume's mappings
@@ -200,12 +207,13 @@ package enum MetadataBTree {
     }
 
     /// Calls `body` with every (key, value) whose key is in `range`, in key order; `body` returns
-    /// false to stop.
+    /// false to stop. With `prefetch`, each internal node's children in the range are read at once
+    /// before they are visited (for walks that visit most of them).
     package static func forEach(
-        in range: ClosedRange<UInt64>, root: UInt64, store: some MetadataNodeStore,
+        in range: ClosedRange<UInt64>, root: UInt64, store: some MetadataNodeStore, prefetch: Bool = false,
         _ body: (UInt64, UInt64) async throws -> Bool
     ) async throws {
-        _ = try await visit(range, block: root, store: store, body)
+        _ = try await visit(range, block: root, store: store, prefetch: prefetch, body)
     }
 
     /// The value for `key` and whether any node on the way to it is shared with another tree.
@@ -367,7 +375,7 @@ package enum MetadataBTree {
     }
 
     private static func visit(
-        _ range: ClosedRange<UInt64>, block: UInt64, store: some MetadataNodeStore,
+        _ range: ClosedRange<UInt64>, block: UInt64, store: some MetadataNodeStore, prefetch: Bool,
         _ body: (UInt64, UInt64) async throws -> Bool
     ) async throws -> Bool {
         let node = try await store.node(at: block)
@@ -377,12 +385,17 @@ package enum MetadataBTree {
             }
             return true
         }
+        var children: [UInt64] = []
         for index in node.keys.indices {
             let low = node.keys[index]
             let next = index + 1 < node.keys.count ? node.keys[index + 1] : nil
             if let next, next <= range.lowerBound { continue }
             if low > range.upperBound && index > 0 { break }
-            if try await !visit(range, block: node.values[index], store: store, body) { return false }
+            children.append(node.values[index])
+        }
+        if prefetch { try await store.prefetch(children) }
+        for child in children {
+            if try await !visit(range, block: child, store: store, prefetch: prefetch, body) { return false }
         }
         return true
     }

@@ -95,6 +95,42 @@ extension PoolState {
         throw SpindleError(.noSpace, "pool \(name) has no free chunk", operation: "allocate", path: name)
     }
 
+    /// Chunks each volume uses alone, by volume id: mapped through no node shared with another
+    /// volume, and with one referrer. Chunks with one referrer come from one ordered walk of the
+    /// reference-count tree (as a bitmap over the pool's chunks); then each volume's tree is walked
+    /// skipping shared nodes, which hold none of the volume's own chunks.
+    func exclusiveChunks() async throws -> [UInt64: UInt64] {
+        let chunkCount = self.chunkCount
+        var single = [UInt64](repeating: 0, count: Int((chunkCount + 63) / 64))
+        try await MetadataBTree.forEach(
+            in: 0...UInt64.max, root: area.roots[ThinPool.Root.referenceCounts.rawValue], store: area, prefetch: true
+        ) { chunk, count in
+            if count == 1 && chunk < chunkCount { single[Int(chunk / 64)] |= 1 << (chunk % 64) }
+            return true
+        }
+        var result: [UInt64: UInt64] = [:]
+        for record in records.values {
+            var exclusive: UInt64 = 0
+            var pending = [record.root]
+            while let block = pending.popLast() {
+                guard area.referenceCount(of: block) <= 1 else { continue }
+                let node = try await area.node(at: block)
+                if node.isLeaf {
+                    for chunk in node.values
+                    where chunk < chunkCount && single[Int(chunk / 64)] & (1 << (chunk % 64)) != 0 {
+                        exclusive += 1
+                    }
+                } else {
+                    let unshared = node.values.filter { area.referenceCount(of: $0) <= 1 }
+                    try await area.prefetch(unshared)
+                    pending.append(contentsOf: unshared)
+                }
+            }
+            result[record.id] = exclusive
+        }
+        return result
+    }
+
     /// Gives back a reserved chunk that ended up unused.
     func returnChunk(_ chunk: UInt64) {
         reserved.remove(chunk)

@@ -102,18 +102,4 @@ extension PoolState {
         }
         return result
     }
-
-    /// Calls `body` with each (virtual chunk, pool chunk, whether a node on its path is shared).
-    func forEachMapping(root: UInt64, _ body: (UInt64, UInt64, Bool) async throws -> Void) async throws {
-        var pending: [(block: UInt64, shared: Bool)] = [(root, false)]
-        while let (block, parentShared) = pending.popLast() {
-            let shared = parentShared || area.referenceCount(of: block) > 1
-            let node = try await area.node(at: block)
-            if node.isLeaf {
-                for (key, value) in zip(node.keys, node.values) { try await body(key, value, shared) }
-            } else {
-                for child in node.values.reversed() { pending.append((child, shared)) }
-            }
-        }
-    }
 }

@@ -64,7 +64,8 @@ extension ThinPool {
             for record in records.values.sorted(by: { $0.id < $1.id }) {
                 var mapped: UInt64 = 0
                 var pastEnd: UInt64?
-                try await MetadataBTree.forEach(in: 0...UInt64.max, root: record.root, store: area) { key, _ in
+                try await MetadataBTree.forEach(in: 0...UInt64.max, root: record.root, store: area, prefetch: true) {
+                    key, _ in
                     mapped += 1
                     if key * chunkBytes >= record.sizeBytes && pastEnd == nil { pastEnd = key }
                     return true
@@ -81,7 +82,7 @@ extension ThinPool {
             }
             var counted = Set<UInt64>()
             try await MetadataBTree.forEach(
-                in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area
+                in: 0...UInt64.max, root: area.roots[Root.referenceCounts.rawValue], store: area, prefetch: true
             ) { chunk, count in
                 report.allocatedChunks += 1
                 counted.insert(chunk)
@@ -126,7 +127,13 @@ extension ThinPool {
             do {
                 let node = try await area.node(at: block)
                 report.metadataBlocks += 1
-                if node.isLeaf { leaf(node) } else { pending.append(contentsOf: node.values) }
+                if node.isLeaf {
+                    leaf(node)
+                } else {
+                    // Children many at once; one that cannot be read is reported when visited.
+                    try? await area.prefetch(node.values.filter { references[$0] == nil })
+                    pending.append(contentsOf: node.values)
+                }
             } catch {
                 report.problems.append("\(tree): \(error)")
             }

@@ -29,6 +29,11 @@ public final class ThinPool: Sendable {
 
     static let parameterMagic: UInt64 = 0x324C_4F50_4E49_4854  // "THINPOL2" little-endian
     public static let defaultChunkBytes: UInt64 = 64 * 1024
+    /// The memory a pool's metadata node cache may use unless told otherwise: 256 MiB, or an eighth
+    /// of the machine's memory when that is less. A pool's memory beyond its cache is small (the
+    /// open volumes' mapping tables, at most 1 MiB each, and one transaction's changed nodes, about
+    /// 8 MiB), so the cache budget plus 64 MiB bounds a pool's resident memory.
+    public static let defaultMetadataCacheBytes: UInt64 = MetadataArea.defaultCacheBytes
     /// Largest virtual size of a volume, in chunks.
     static let maximumVolumeChunks: UInt64 = 1 << 40
 
@@ -92,8 +97,10 @@ public final class ThinPool: Sendable {
     ///     file system, any data), destroying it.
     /// - Throws: ``SpindleError`` for a bad name or chunk size, a device too small, or a device that
     ///   belongs to a pool already.
+    ///   - metadataCacheBytes: memory for the metadata node cache (see ``defaultMetadataCacheBytes``).
     public static func create(
-        name: String, devices: [any BlockDevice], chunkBytes: UInt64 = defaultChunkBytes, overwrite: Bool = false
+        name: String, devices: [any BlockDevice], chunkBytes: UInt64 = defaultChunkBytes, overwrite: Bool = false,
+        metadataCacheBytes: UInt64 = defaultMetadataCacheBytes
     ) async throws -> ThinPool {
         try checkPoolName(name)
         guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "a pool needs at least one device") }
@@ -155,7 +162,7 @@ public final class ThinPool: Sendable {
             parameters: [
                 parameterMagic, chunkBytes | UInt64(devices.count) << 32, total, 1, zeroed ? 0 : total, uuid.high,
                 uuid.low, 0,
-            ])
+            ], cacheBytes: metadataCacheBytes)
         area.roots[Root.volumes.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.referenceCounts.rawValue] = try await MetadataBTree.create(in: area)
         area.roots[Root.segments.rawValue] = try await MetadataBTree.create(in: area)
@@ -169,10 +176,14 @@ public final class ThinPool: Sendable {
         return pool
     }
 
-    /// Opens the pool whose devices are given, in any order.
+    /// Opens the pool whose devices are given, in any order, with `metadataCacheBytes` of memory for
+    /// its metadata node cache (see ``defaultMetadataCacheBytes``): metadata larger than the cache is
+    /// read again as it is needed.
     /// - Throws: ``SpindleError`` when a device has no label or another pool's, a device is missing
     ///   or given twice, or the metadata is corrupt.
-    public static func open(devices given: [any BlockDevice], cacheNodes: Int = 4096) async throws -> ThinPool {
+    public static func open(
+        devices given: [any BlockDevice], metadataCacheBytes: UInt64 = defaultMetadataCacheBytes
+    ) async throws -> ThinPool {
         guard !given.isEmpty else { throw SpindleError(.invalidArgument, "no devices to open a pool from") }
         var labelled: [(label: ThinPoolLabel, device: any BlockDevice)] = []
         for device in given {
@@ -205,7 +216,7 @@ public final class ThinPool: Sendable {
         let first = labelled[0]
         let area = try await MetadataArea.open(
             device: first.device, offset: first.label.metadataOffset,
-            blockCount: first.label.metadataBlocks, cacheLimit: cacheNodes)
+            blockCount: first.label.metadataBlocks, cacheBytes: metadataCacheBytes)
         guard area.parameters[Parameter.magic.rawValue] == parameterMagic else {
             throw SpindleError(
                 .corrupted, "the metadata area is not a thin pool's of this format", operation: "open pool",
