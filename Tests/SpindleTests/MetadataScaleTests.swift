@@ -99,4 +99,96 @@ struct MetadataScaleTests {
         }
         #expect(usage.allSatisfy { $0.exclusiveChunks > 0 && $0.sharedChunks > 0 })
     }
+
+    @Test(
+        "concurrent first writes and flushes with metadata many times the cache: every write reads back, the pool checks clean"
+    )
+    func concurrentWritesReadingMetadataOutsideTheLock() async throws {
+        let memory = try MemoryDevice(capacityBytes: 1 << 30, logicalBlockBytes: 4096)
+        // Reads and writes that take time, so reads made outside the lock overlap commits.
+        let device = FaultyDevice(wrapping: memory, seed: 5)
+        device.addLatency(nanoseconds: 50_000, jitterNanoseconds: 200_000)
+        let pool = try await ThinPool.create(name: "busy", devices: [device], metadataCacheBytes: 64 << 10)
+        let volumeBytes: UInt64 = 2 << 30
+        let volumes = [
+            try await pool.createVolume(name: "a", sizeBytes: volumeBytes),
+            try await pool.createVolume(name: "b", sizeBytes: volumeBytes),
+        ]
+        // 16 writers, each its own blocks (block % 16 == writer), so every block has one last write.
+        let written = try await withThrowingTaskGroup(of: [(Int, UInt64, UInt64)].self) { group in
+            for writer in 0..<16 {
+                group.addTask {
+                    var random = SeededRandom(seed: UInt64(100 + writer))
+                    let buffer = AlignedBuffer(count: 4096)
+                    var done: [(Int, UInt64, UInt64)] = []
+                    for step in 0..<250 {
+                        let volume = writer % 2
+                        let index = random.below(volumeBytes / 4096 / 16) * 16 + UInt64(writer)
+                        let seed = random.next()
+                        fillRandom(buffer.bytes, seed: seed)
+                        try await volumes[volume].write(from: buffer, at: index * 4096)
+                        done.append((volume, index, seed))
+                        if step % 50 == 49 { try await volumes[volume].flush() }
+                        if writer == 0 && step == 120 { try await pool.snapshot(volume: "a", name: "a-snap") }
+                    }
+                    return done
+                }
+            }
+            var all: [(Int, UInt64, UInt64)] = []
+            for try await part in group { all += part }
+            return all
+        }
+        var last: [String: UInt64] = [:]
+        for (volume, index, seed) in written { last["\(volume):\(index)"] = seed }
+        try await pool.commit()
+        let evictions = await pool.withState { $0.area.cacheEvictions }
+        #expect(evictions > 100, "the metadata did not fit the cache, as this test needs")
+        device.clearFaults()
+        let reopened = try await ThinPool.open(devices: [device], metadataCacheBytes: 64 << 10)
+        let buffer = AlignedBuffer(count: 4096)
+        let wanted = AlignedBuffer(count: 4096)
+        for (key, seed) in last {
+            let parts = key.split(separator: ":")
+            let volume = try await reopened.openVolume(name: parts[0] == "0" ? "a" : "b")
+            try await volume.read(into: buffer, at: UInt64(parts[1])! * 4096)
+            fillRandom(wanted.bytes, seed: seed)
+            #expect(buffer.array == wanted.array, "volume \(parts[0]) block \(parts[1])")
+        }
+        let report = try await reopened.check()
+        #expect(report.isClean, "\(report.problems)")
+    }
+
+    @Test("a node read outside the lock is kept when no commit came between, and dropped when one did")
+    func readsAcrossACommitAreDropped() async throws {
+        let device = FaultyDevice(wrapping: try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096))
+        let cacheBytes = UInt64(64 * NodeCache.bytesPerNode)
+        let area = try await MetadataArea.format(device: device, offset: 0, blockCount: 2048, cacheBytes: cacheBytes)
+        var root = try await MetadataBTree.create(in: area)
+        for key in UInt64(0)..<20_000 {
+            root = try await MetadataBTree.insert(key * 4, value: key, root: root, in: area)
+        }
+        area.roots[0] = root
+        try await area.commit()
+        // Opening reads the internal nodes only: the leaves are missing.
+        let opened = try await MetadataArea.open(device: device, offset: 0, blockCount: 2048, cacheBytes: cacheBytes)
+        let first = try #require(opened.missingNode(onPathTo: 0, root: opened.roots[0]))
+        let second = try #require(opened.missingNode(onPathTo: 79_000, root: opened.roots[0]))
+        #expect(first.block != second.block)
+
+        // No commit meanwhile: kept, and the path is then in memory.
+        await first.load()
+        #expect(opened.nodeInMemory(at: first.block) != nil)
+        #expect(opened.missingNode(onPathTo: 0, root: opened.roots[0]) == nil)
+
+        // A commit while the read is in flight (the read waits 200 ms; the commit runs meanwhile).
+        device.addLatency(nanoseconds: 200_000_000)
+        async let loading: Void = second.load()
+        try await Task.sleep(nanoseconds: 20_000_000)
+        device.clearFaults()
+        opened.roots[0] = try await MetadataBTree.insert(41_001, value: 1, root: opened.roots[0], in: opened)
+        try await opened.commit()
+        await loading
+        #expect(opened.nodeInMemory(at: second.block) == nil, "a node read across a commit must not be kept")
+        #expect(try await MetadataBTree.lookup(79_000, root: opened.roots[0], in: opened) == 19_750)
+    }
 }

@@ -39,7 +39,7 @@ package final class MetadataArea: MetadataNodeStore {
         !pending.isEmpty || !releasedNow.isEmpty || roots != committedRoots || parameters != committedParameters
     }
     /// Most nodes kept in memory besides those of the open transaction.
-    package var cacheCapacity: Int { cache.capacity }
+    package var cacheCapacity: Int { cache.withLock { $0.nodes.capacity } }
 
     private var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
     /// References to each block in the open transaction: parents in trees, plus one per tree root.
@@ -47,8 +47,10 @@ package final class MetadataArea: MetadataNodeStore {
     private var references: [UInt32]
     private var allocatedNow: Set<UInt64> = []
     private var releasedNow: [UInt64] = []
-    private var pending: [UInt64: MetadataNode] = [:]
-    private var cache: NodeCache
+    private(set) var pending: [UInt64: MetadataNode] = [:]
+    /// Committed nodes kept in memory, and the commit epoch that tells a read made outside the
+    /// owner's lock whether what it read may still go in (see ``MissingNode``).
+    let cache: Locked<(nodes: NodeCache, epoch: UInt64)>
     private var cursor: UInt64 = 2
 
     private init(
@@ -60,7 +62,7 @@ package final class MetadataArea: MetadataNodeStore {
         self.blockCount = blockCount
         self.roots = roots
         self.transaction = transaction
-        cache = NodeCache(budgetBytes: cacheBytes)
+        cache = Locked((NodeCache(budgetBytes: cacheBytes), 0))
         used = [UInt64](repeating: 0, count: Int((blockCount + 63) / 64))
         references = [UInt32](repeating: 0, count: Int(blockCount))
         markUsed(0)
@@ -165,7 +167,7 @@ package final class MetadataArea: MetadataNodeStore {
 
     package func node(at block: UInt64) async throws -> MetadataNode {
         if let node = pending[block] { return node }
-        if let cached = cache.node(at: block) { return cached }
+        if let cached = cache.withLock({ $0.nodes.node(at: block) }) { return cached }
         guard block >= 2 && block < blockCount else {
             throw SpindleError(
                 .corrupted, "metadata block \(block) is outside the area (\(blockCount) blocks)",
@@ -183,59 +185,6 @@ package final class MetadataArea: MetadataNodeStore {
         }
         remember(node)
         return node
-    }
-
-    /// Reads into the cache, many at once, the nodes of `blocks` it does not hold (runs of adjacent
-    /// blocks in one read each): what a walk calls with an internal node's children before visiting
-    /// them, so a walk of metadata on disk costs a read per run of children, not per node. Nodes of
-    /// the open transaction and blocks outside the area are left to ``node(at:)``.
-    package func prefetch(_ blocks: [UInt64]) async throws {
-        let missing = blocks.filter { $0 >= 2 && $0 < blockCount && pending[$0] == nil && !cache.contains($0) }.sorted()
-        guard missing.count > 1 else { return }
-        var runs: [(first: UInt64, count: Int)] = []
-        for block in missing {
-            if let last = runs.last, last.first + UInt64(last.count) == block, last.count < 64 {
-                runs[runs.count - 1].count += 1
-            } else if runs.last.map({ $0.first + UInt64($0.count) > block }) != true {
-                runs.append((block, 1))
-            }
-        }
-        let blockBytes = MetadataNode.blockBytes
-        let buffer = AlignedBuffer(count: missing.count * blockBytes, zeroed: false)
-        var starts: [Int] = []
-        var position = 0
-        for run in runs {
-            starts.append(position)
-            position += run.count * blockBytes
-        }
-        let device = self.device
-        let reads = zip(runs, starts).map { run, start in
-            (range: start..<(start + run.count * blockBytes), offset: byteOffset(run.first))
-        }
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            var next = 0
-            func addRead() {
-                let read = reads[next]
-                group.addTask { try await device.read(into: buffer, range: read.range, at: read.offset) }
-                next += 1
-            }
-            while next < runs.count && next < 32 { addRead() }
-            while try await group.next() != nil {
-                if next < runs.count { addRead() }
-            }
-        }
-        for (run, start) in zip(runs, starts) {
-            for index in 0..<run.count {
-                let block = run.first + UInt64(index)
-                // A node that does not decode is left out: reading it on its own reports the error.
-                guard pending[block] == nil, !cache.contains(block),
-                    let node = try? MetadataNode.decode(
-                        Array(buffer.slice(offset: start + index * blockBytes, length: blockBytes)),
-                        expectedBlock: block)
-                else { continue }
-                remember(node)
-            }
-        }
     }
 
     package func store(_ node: MetadataNode) async throws {
@@ -278,7 +227,7 @@ package final class MetadataArea: MetadataNodeStore {
         } else {
             releasedNow.append(block)
         }
-        cache.remove(block)
+        cache.withLock { $0.nodes.remove(block) }
     }
 
     // MARK: Transactions
@@ -293,7 +242,12 @@ package final class MetadataArea: MetadataNodeStore {
         }
         try await device.flush()
         try await writeSuperblock(transaction: transaction, fua: true)
-        for node in nodes { remember(node) }
+        cache.withLock { cache in
+            for node in nodes { cache.nodes.insert(node) }
+            // Blocks released in this transaction may be reused from now on: a node read outside
+            // the lock before this point may be stale and is not kept.
+            cache.epoch += 1
+        }
         for block in releasedNow { markFree(block) }
         committedRoots = roots
         committedParameters = parameters
@@ -308,21 +262,19 @@ package final class MetadataArea: MetadataNodeStore {
 
     // MARK: Internals
 
-    private func byteOffset(_ block: UInt64) -> UInt64 { offset + block * UInt64(MetadataNode.blockBytes) }
+    func byteOffset(_ block: UInt64) -> UInt64 { offset + block * UInt64(MetadataNode.blockBytes) }
 
     func isUsed(_ block: UInt64) -> Bool { used[Int(block / 64)] & (1 << (block % 64)) != 0 }
     private func markUsed(_ block: UInt64) { used[Int(block / 64)] |= 1 << (block % 64) }
     private func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
 
-    private func remember(_ node: MetadataNode) { cache.insert(node) }
+    func remember(_ node: MetadataNode) { cache.withLock { $0.nodes.insert(node) } }
 
     /// Nodes read since open and kept (bounded by ``cacheCapacity``), for tests and status.
-    package var cachedNodes: Int { cache.count }
+    package var cachedNodes: Int { cache.withLock { $0.nodes.count } }
     /// Nodes the cache dropped to make room since open: above zero, the metadata in use is larger
     /// than the cache.
-    package var cacheEvictions: UInt64 { cache.evictions }
-    /// Nodes written in the open transaction, not yet committed.
-    package var pendingNodes: Int { pending.count }
+    package var cacheEvictions: UInt64 { cache.withLock { $0.nodes.evictions } }
 
     private func writeSuperblock(transaction: UInt64, fua: Bool) async throws {
         var bytes = [UInt8](repeating: 0, count: MetadataNode.blockBytes)

@@ -22,6 +22,26 @@ extension PoolState {
         return (found.value, found.shared || !alone || unsharedSinceCommit.contains(found.value))
     }
 
+    /// The first metadata node that looking up `chunk` of a volume for a write (or mapping it to
+    /// the pool chunks `poolChunks`) would read from the device, or nil when all are in memory:
+    /// the path in the volume's tree, then the reference-count tree's paths to the pool chunk it
+    /// maps (when chunks are shared anywhere, a write asks its count) and to `poolChunks`.
+    func missingMetadata(volume id: UInt64, chunk: UInt64, writing: Bool, poolChunks: [UInt64] = [])
+        -> MetadataArea.MissingNode?
+    {
+        guard let record = records[id] else { return nil }
+        if let missing = area.missingNode(onPathTo: chunk, root: record.root) { return missing }
+        let counts = area.roots[ThinPool.Root.referenceCounts.rawValue]
+        var chunks = poolChunks
+        if writing && sharedChunks != 0, let mapped = area.valueInMemory(for: chunk, root: record.root) {
+            chunks.append(mapped)
+        }
+        for poolChunk in chunks {
+            if let missing = area.missingNode(onPathTo: poolChunk, root: counts) { return missing }
+        }
+        return nil
+    }
+
     /// Looks up a volume's chunk for its I/O: where it is and, for a write, whether it must be
     /// copied (a read does not ask, and gets `shared`). Enters the in-flight epoch that keeps the
     /// chunk from reuse until the caller leaves it.

@@ -36,7 +36,9 @@ extension ThinPool {
             defer { unpin(pinned.epoch) }
             return try await body(pinned.mapped)
         }
-        let found = try await withState { state in
+        let found = try await withMetadataInMemory({
+            $0.missingMetadata(volume: volume.id, chunk: chunk, writing: writing)
+        }) { state in
             try await state.findChunk(volume: volume, chunk: chunk, writing: writing)
         }
         guard let found else { return try await body(nil) }
@@ -61,6 +63,28 @@ extension ThinPool {
     @inline(__always)
     func unpin(_ epoch: Int) { inFlight.leave(epoch) }
 
+    /// Runs `body` under the pool's lock once the metadata nodes it will read are in memory: while
+    /// `missing` names one that is not, the lock is let go, that node (and the rest of its path) is
+    /// read, and the lock is taken again. So a request that needs metadata from the device waits
+    /// for it without holding up the pool's other requests, which is what keeps first writes fast
+    /// when the metadata is larger than the cache. After a few rounds (a commit between each, or a
+    /// node that cannot be read), `body` reads what it still lacks under the lock.
+    func withMetadataInMemory<Result: Sendable>(
+        _ missing: (PoolState) -> MetadataArea.MissingNode?, _ body: (PoolState) async throws -> Result
+    ) async throws -> Result {
+        for _ in 0..<4 {
+            let outcome = try await withState { state -> MetadataOutcome<Result> in
+                if let node = missing(state) { return .read(node) }
+                return .done(try await body(state))
+            }
+            switch outcome {
+            case let .done(result): return result
+            case let .read(node): await node.load()
+            }
+        }
+        return try await withState(body)
+    }
+
     /// Reserves a free chunk for a write into an unmapped or shared chunk.
     func reserveChunk() async throws -> ReservedChunk {
         try await withState { state in
@@ -75,7 +99,11 @@ extension ThinPool {
     /// nothing, when the mapping is not `replacing` any more (a concurrent write got there first):
     /// the reservation stays, to be released, and the caller looks again.
     func map(volume: ThinVolume, chunk: UInt64, to reserved: ReservedChunk, replacing: UInt64?) async throws -> Bool {
-        try await withState { state in
+        try await withMetadataInMemory({
+            $0.missingMetadata(
+                volume: volume.id, chunk: chunk, writing: false,
+                poolChunks: [reserved.chunk] + (replacing.map { [$0] } ?? []))
+        }) { state in
             try await state.map(
                 volume: volume.id, name: volume.volumeName, chunk: chunk, to: reserved.chunk, replacing: replacing)
         }
@@ -98,4 +126,11 @@ extension ThinPool {
             try await state.mappedChunks(volume: volume.id, name: volume.volumeName, in: chunks)
         }
     }
+}
+
+/// What a round of ``ThinPool/withMetadataInMemory(_:_:)`` came to: the body's result, or a node to
+/// read first.
+enum MetadataOutcome<Result: Sendable>: Sendable {
+    case done(Result)
+    case read(MetadataArea.MissingNode)
 }
