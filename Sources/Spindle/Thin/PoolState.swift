@@ -21,6 +21,9 @@ final class PoolState {
     private let published: Locked<ChunkLayout>
 
     var records: [UInt64: VolumeRecord] = [:]
+    /// Deleted volumes whose mappings are still being freed (``ThinPool/deleteVolume(name:)``):
+    /// no longer volumes, but their trees hold chunks until they are gone.
+    var deleting: [UInt64: VolumeRecord] = [:]
     /// Volumes whose mapping tree could not be read on open, with the error.
     var damagedVolumes: [UInt64: String] = [:]
     var dirtyRecords: Set<UInt64> = []
@@ -71,7 +74,7 @@ final class PoolState {
     /// them have finished.
     func commit() async throws {
         for id in dirtyRecords {
-            if let record = records[id] { try await storeRecord(record) }
+            if let record = records[id] ?? deleting[id] { try await storeRecord(record) }
         }
         dirtyRecords.removeAll()
         if sharedChunks != storedSharedChunks && !isReadOnly {

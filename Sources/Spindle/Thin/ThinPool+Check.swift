@@ -33,7 +33,8 @@ extension ThinPool {
                     report: &report, in: area
                 ) { _ in }
             }
-            for record in records.values.sorted(by: { $0.id < $1.id }) {
+            let deleting = state.deleting.values.sorted(by: { $0.id < $1.id })
+            for record in records.values.sorted(by: { $0.id < $1.id }) + deleting {
                 await Self.walk(
                     record.root, tree: "volume \(record.name)'s mappings", shareable: true, references: &nodeReferences,
                     report: &report, in: area
@@ -61,7 +62,7 @@ extension ThinPool {
                     expected[physical, default: 0] += 1
                 }
             }
-            for record in records.values.sorted(by: { $0.id < $1.id }) {
+            for record in records.values.sorted(by: { $0.id < $1.id }) + deleting {
                 var mapped: UInt64 = 0
                 var pastEnd: UInt64?
                 try await MetadataBTree.forEach(in: 0...UInt64.max, root: record.root, store: area, prefetch: true) {

@@ -98,27 +98,6 @@ extension ThinPool {
         }
     }
 
-    /// Deletes a volume or snapshot, in any order: chunks no other volume shares return to the pool
-    /// when the deletion commits (it does, before this returns). Time grows with what the volume
-    /// owned alone, not with what it shared.
-    public func deleteVolume(name volumeName: String) async throws {
-        try await withState { state in
-            let record = try state.requireVolume(volumeName)
-            if state.damagedVolumes[record.id] == nil {
-                try await MetadataBTree.release(tree: record.root, in: state.area, values: state)
-            }
-            // A damaged tree cannot be walked: the volume goes, and `check` reports the chunks it
-            // held as leaked rather than guessing which are free.
-            state.damagedVolumes[record.id] = nil
-            state.openMappings(of: record.id)?.forgetAll(holding: state)
-            state.openMappingTables[record.id] = nil
-            try await state.removeRecord(record.id)
-            state.records[record.id] = nil
-            state.dirtyRecords.remove(record.id)
-            try await state.commit()
-        }
-    }
-
     /// Changes a volume's size. Growing adds unwritten (zero) space; shrinking frees the chunks past
     /// the new end and zeroes the rest of the chunk the new end cuts, so a later grow reads zeros.
     /// Open ``ThinVolume`` objects keep the size they were opened with: open the volume again.

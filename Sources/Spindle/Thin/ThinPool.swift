@@ -54,6 +54,10 @@ public final class ThinPool: Sendable {
     private let warningPercent = Atomic<UInt64>(80)
     /// Whether ``close()`` ran.
     private let closed = Locked(false)
+    /// Deletions carried on after open (see ``finishInterruptedDeletions()``); close stops them.
+    let deletions = Locked<Task<Void, Never>?>(nil)
+    /// Mappings a deletion frees per step (``deletionBatch``; tests make it smaller).
+    let deletionStep = Atomic<Int>(ThinPool.deletionBatch)
 
     /// Chunks in the pool.
     public var chunkCount: UInt64 { layout.withLock { $0.chunkCount } }
@@ -260,6 +264,20 @@ public final class ThinPool: Sendable {
                     state.damagedVolumes[record.id] = "\(error)"
                 }
             }
+            for record in state.deleting.values.sorted(by: { $0.id < $1.id }) {
+                do {
+                    try await area.countReferences(tree: record.root)
+                } catch {
+                    // A deleted volume whose tree cannot be read: its chunks cannot be found, so
+                    // they stay allocated (`check` reports them as leaked) and the record goes.
+                    state.deleting[record.id] = nil
+                    if !state.isReadOnly { try await state.removeRecord(record.id) }
+                }
+            }
+        }
+        // A deletion that a crash or a close interrupted carries on in the background.
+        if !pool.isReadOnly, await pool.withState({ !$0.deleting.isEmpty }) {
+            pool.deletions.withLock { $0 = Task { try? await pool.finishInterruptedDeletions() } }
         }
         return pool
     }
@@ -279,6 +297,10 @@ public final class ThinPool: Sendable {
                 return closed
             })
         else { return }
+        // A deletion still going on stops after its current step; the next open carries on.
+        let deletion = deletions.withLock { $0 }
+        deletion?.cancel()
+        await deletion?.value
         var failure: (any Error)?
         do { try await commit() } catch { failure = error }
         for device in devices {

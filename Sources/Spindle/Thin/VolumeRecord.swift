@@ -8,6 +8,9 @@ struct VolumeRecord: Sendable {
     var origin: UInt64
     var readOnly: Bool
     var createdSeconds: UInt64
+    /// Deleted, its mappings being freed in steps (flag 2): not a volume any more, only chunks to
+    /// give back (see ``ThinPool/deleteVolume(name:)``).
+    var deleting = false
 
     /// Fields per record in the volumes tree (keys `id << 8 | field`).
     static let fields: UInt64 = 14
@@ -16,7 +19,7 @@ struct VolumeRecord: Sendable {
 /// The record codec: volume records and the pool's own fields, as entries of the volumes tree.
 extension PoolState {
     /// Writes a record as the fields of the volumes tree: 0 size, 1–8 name, 9 mapping root,
-    /// 10 mapped chunks, 11 origin id, 12 flags (1 = read-only), 13 creation time.
+    /// 10 mapped chunks, 11 origin id, 12 flags (1 = read-only, 2 = deleted, being freed), 13 creation time.
     func storeRecord(_ record: VolumeRecord) async throws {
         var root = area.roots[ThinPool.Root.volumes.rawValue]
         var nameBytes = Array(record.name.utf8)
@@ -25,7 +28,10 @@ extension PoolState {
         for word in 0..<8 {
             fields.append(nameBytes[(word * 8)..<(word * 8 + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
         }
-        fields += [record.root, record.mappedChunks, record.origin, record.readOnly ? 1 : 0, record.createdSeconds]
+        fields += [
+            record.root, record.mappedChunks, record.origin, (record.readOnly ? 1 : 0) | (record.deleting ? 2 : 0),
+            record.createdSeconds,
+        ]
         for (field, value) in fields.enumerated() {
             root = try await MetadataBTree.insert(record.id << 8 | UInt64(field), value: value, root: root, in: area)
         }
@@ -83,9 +89,11 @@ extension PoolState {
                     "pool \(name)'s record of volume \(id) is corrupt (name '\(volumeName)', mapping root \(values[9]))",
                     operation: "open pool", path: layout.devices[0].name)
             }
-            records[id] = VolumeRecord(
+            let record = VolumeRecord(
                 id: id, name: volumeName, sizeBytes: values[0], root: values[9], mappedChunks: values[10],
-                origin: values[11], readOnly: values[12] & 1 != 0, createdSeconds: values[13])
+                origin: values[11], readOnly: values[12] & 1 != 0, createdSeconds: values[13],
+                deleting: values[12] & 2 != 0)
+            if record.deleting { deleting[id] = record } else { records[id] = record }
         }
     }
 }
