@@ -83,7 +83,7 @@ def measure(spindle, size, work, on, cache):
              "--seed", "7"]
     print(f"  {size}: first writes...", file=sys.stderr)
     output, seconds, rss = spindle_run(*bench, "--rw", "randwrite", "--ops", str(size))
-    report = json.loads(output)["write"]
+    report = json.loads(output)["report"]["write"]
     row["first_iops"] = report["iops"]
     row["first_p99_ms"] = report["latencyNanosP99"] / 1e6
     row["first_p999_ms"] = report["latencyNanosP999"] / 1e6
@@ -92,9 +92,9 @@ def measure(spindle, size, work, on, cache):
     again = min(size, 200_000)
     print(f"  {size}: overwrites and reads...", file=sys.stderr)
     output, _, _ = spindle_run(*bench, "--rw", "randwrite", "--ops", str(again))
-    row["overwrite_iops"] = json.loads(output)["write"]["iops"]
+    row["overwrite_iops"] = json.loads(output)["report"]["write"]["iops"]
     output, _, _ = spindle_run(*bench, "--rw", "randread", "--ops", str(again))
-    row["read_iops"] = json.loads(output)["read"]["iops"]
+    row["read_iops"] = json.loads(output)["report"]["read"]["iops"]
 
     drop_cached_pages(folder)
     _, row["open_s"], _ = spindle_run("volume", "list", "big")
@@ -109,8 +109,8 @@ def measure(spindle, size, work, on, cache):
     if check.get("problems"):
         sys.exit(f"pool check found problems at {size}: {check['problems'][:3]}")
     row["check_mappings"] = check.get("mappedChunks", 0)
-    _, row["delete_snapshot_s"], _ = spindle_run("volume", "delete", "big/s")
-    _, row["delete_volume_s"], _ = spindle_run("volume", "delete", "big/v")
+    _, row["delete_snapshot_s"], _ = spindle_run("volume", "delete", "big/s", "--yes")
+    _, row["delete_volume_s"], _ = spindle_run("volume", "delete", "big/v", "--yes")
 
     spindle_run("volume", "create", "big/sparse", "--size", str(volume_bytes), pool_option=False)
     spindle_run("bench", "--volume", "big/sparse", "--bs", "4K", "--iodepth", "8", "--size", str(volume_bytes),
