@@ -7,51 +7,57 @@ extension MetadataArea {
     /// the open transaction and blocks outside the area are left to ``node(at:)``.
     package func prefetch(_ blocks: [UInt64]) async throws {
         let missing = cache.withLock { cache in
-            blocks.filter { $0 >= 2 && $0 < blockCount && pending[$0] == nil && !cache.nodes.contains($0) }.sorted()
+            Array(
+                Set(blocks.filter { $0 >= 2 && $0 < blockCount && pending[$0] == nil && !cache.nodes.contains($0) })
+            ).sorted()
         }
         guard missing.count > 1 else { return }
-        var runs: [(first: UInt64, count: Int)] = []
-        for block in missing {
-            if let last = runs.last, last.first + UInt64(last.count) == block, last.count < 64 {
-                runs[runs.count - 1].count += 1
-            } else if runs.last.map({ $0.first + UInt64($0.count) > block }) != true {
-                runs.append((block, 1))
-            }
-        }
         let blockBytes = MetadataNode.blockBytes
         let buffer = AlignedBuffer(count: missing.count * blockBytes, zeroed: false)
-        var starts: [Int] = []
-        var position = 0
-        for run in runs {
-            starts.append(position)
-            position += run.count * blockBytes
+        try await transferRuns(of: missing) { device, range, offset in
+            try await device.read(into: buffer, range: range, at: offset)
+        }
+        for (index, block) in missing.enumerated() {
+            // A node that does not decode is left out: reading it on its own reports the error.
+            guard pending[block] == nil, !cache.withLock({ $0.nodes.contains(block) }),
+                let node = try? MetadataNode.decode(
+                    Array(buffer.slice(offset: index * blockBytes, length: blockBytes)), expectedBlock: block)
+            else { continue }
+            remember(node)
+        }
+    }
+
+    /// Moves the blocks `sorted` (distinct, in order) between the device and a buffer holding them
+    /// in that order: one request per run of adjacent blocks (up to 64 blocks, 256 KiB), up to 32
+    /// requests in flight. How walks read children and commits write nodes.
+    func transferRuns(
+        of sorted: [UInt64],
+        _ transfer: @escaping @Sendable (any BlockDevice, Range<Int>, UInt64) async throws -> Void
+    ) async throws {
+        let blockBytes = MetadataNode.blockBytes
+        var runs: [(range: Range<Int>, offset: UInt64)] = []
+        var runFirst = 0
+        for index in sorted.indices {
+            let next = index + 1
+            let runEnds =
+                next == sorted.count || sorted[next] != sorted[index] + 1 || next - runFirst == 64
+            if runEnds {
+                runs.append(
+                    (runFirst * blockBytes..<next * blockBytes, byteOffset(sorted[runFirst])))
+                runFirst = next
+            }
         }
         let device = self.device
-        let reads = zip(runs, starts).map { run, start in
-            (range: start..<(start + run.count * blockBytes), offset: byteOffset(run.first))
-        }
         try await withThrowingTaskGroup(of: Void.self) { group in
             var next = 0
-            func addRead() {
-                let read = reads[next]
-                group.addTask { try await device.read(into: buffer, range: read.range, at: read.offset) }
+            func start() {
+                let run = runs[next]
+                group.addTask { try await transfer(device, run.range, run.offset) }
                 next += 1
             }
-            while next < runs.count && next < 32 { addRead() }
+            while next < runs.count && next < 32 { start() }
             while try await group.next() != nil {
-                if next < runs.count { addRead() }
-            }
-        }
-        for (run, start) in zip(runs, starts) {
-            for index in 0..<run.count {
-                let block = run.first + UInt64(index)
-                // A node that does not decode is left out: reading it on its own reports the error.
-                guard pending[block] == nil, !cache.withLock({ $0.nodes.contains(block) }),
-                    let node = try? MetadataNode.decode(
-                        Array(buffer.slice(offset: start + index * blockBytes, length: blockBytes)),
-                        expectedBlock: block)
-                else { continue }
-                remember(node)
+                if next < runs.count { start() }
             }
         }
     }

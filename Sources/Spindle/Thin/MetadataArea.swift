@@ -234,11 +234,17 @@ package final class MetadataArea: MetadataNodeStore {
 
     /// Makes the open transaction durable: its nodes, a flush, then the superblock with ``roots``.
     package func commit() async throws {
-        let nodes = Array(pending.values)
-        let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
-        for node in nodes {
-            node.encoded().withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
-            try await device.write(from: buffer, at: byteOffset(node.block))
+        // The nodes in block order, written many at once (runs of adjacent blocks in one write).
+        let nodes = pending.values.sorted { $0.block < $1.block }
+        let blockBytes = MetadataNode.blockBytes
+        let buffer = AlignedBuffer(count: max(1, nodes.count) * blockBytes, zeroed: false)
+        for (index, node) in nodes.enumerated() {
+            node.encoded().withUnsafeBytes {
+                buffer.slice(offset: index * blockBytes, length: blockBytes).copyMemory(from: $0)
+            }
+        }
+        try await transferRuns(of: nodes.map(\.block)) { device, range, offset in
+            try await device.write(from: buffer, range: range, at: offset)
         }
         try await device.flush()
         try await writeSuperblock(transaction: transaction, fua: true)
