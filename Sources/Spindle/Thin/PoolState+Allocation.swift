@@ -49,10 +49,16 @@ extension PoolState {
                 operation: "allocate", path: name)
         }
         if cleanNext < chunkCount {
-            if cleanNext >= dirtyBelow {
+            let batch = max(1024, chunkCount / 64)
+            if cleanNext >= committedDirtyBelow {
                 // Record first that the next batch may be written, so a crash leaves it counted dirty.
-                dirtyBelow = min(chunkCount, cleanNext + max(1024, chunkCount / 64))
+                if dirtyBelow <= cleanNext { dirtyBelow = min(chunkCount, cleanNext + batch) }
                 try await commit()
+            } else if committedDirtyBelow - cleanNext <= batch / 2 && dirtyBelow == committedDirtyBelow {
+                // Half a batch ahead, raise it and have the caller commit after letting the lock go
+                // (see ThinPool.commit()), so writes rarely wait for the commit above.
+                dirtyBelow = min(chunkCount, committedDirtyBelow + batch)
+                commitDue = true
             }
             let chunk = cleanNext
             cleanNext += 1

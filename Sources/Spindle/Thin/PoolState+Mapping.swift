@@ -1,7 +1,8 @@
 /// Volumes' mappings (virtual chunk → pool chunk) in their trees: look up, insert, remove.
 extension PoolState {
-    /// Metadata nodes changed in one transaction above which a write commits on its own (bounding
-    /// the memory of a workload that never flushes; committing early is always allowed).
+    /// Metadata nodes changed in one transaction above which the pool commits on its own (bounding
+    /// the memory of a workload that never flushes; committing early is always allowed): the write
+    /// that crosses it commits after its mapping, outside the lock (see ``ThinPool/commit()``).
     static let automaticCommitNodes = 2048
 
     func requireRecord(_ id: UInt64, name volumeName: String) throws(SpindleError) -> VolumeRecord {
@@ -87,7 +88,7 @@ extension PoolState {
         dirtyRecords.insert(id)
         // A new chunk on a path this transaction copied: the volume's alone.
         openMappings(of: id)?.remember(chunk, as: physical, shared: false, holding: self)
-        if area.pendingNodes > Self.automaticCommitNodes { try await commit() }
+        if area.pendingNodes > Self.automaticCommitNodes && !commitDue { commitDue = true }
         return true
     }
 

@@ -43,10 +43,16 @@ final class PoolState {
     /// in batches, always ahead of ``cleanNext``, so that after a crash every chunk that may have
     /// been written counts as dirty.
     var dirtyBelow: UInt64
+    /// ``dirtyBelow`` as the last commit recorded it: chunks from here on may not be handed out
+    /// before a commit records more.
+    var committedDirtyBelow: UInt64
     /// The next never-used chunk to hand out (in memory; reopening starts at ``dirtyBelow``).
     var cleanNext: UInt64
     /// The mapping tables of open volumes (see ``VolumeMappings``), by volume id.
     var openMappingTables: [UInt64: WeakMappings] = [:]
+    /// The open transaction has grown past ``automaticCommitNodes`` and a commit is on its way
+    /// (one writer claims it; ``commit()`` clears it).
+    var commitDue = false
 
     struct WeakMappings {
         weak var mappings: VolumeMappings?
@@ -65,6 +71,7 @@ final class PoolState {
         usedChunks = area.parameters[ThinPool.Parameter.usedChunks.rawValue]
         dirtyBelow = area.parameters[ThinPool.Parameter.dirtyBelow.rawValue]
         cleanNext = dirtyBelow
+        committedDirtyBelow = dirtyBelow
     }
 
     var chunkCount: UInt64 { layout.chunkCount }
@@ -73,6 +80,7 @@ final class PoolState {
     /// durable and mapped. Freed chunks become reusable once the requests that might still use
     /// them have finished.
     func commit() async throws {
+        commitDue = false
         for id in dirtyRecords {
             if let record = records[id] ?? deleting[id] { try await storeRecord(record) }
         }
@@ -99,6 +107,7 @@ final class PoolState {
         }
         // Requests that looked up a mapping before the chunks in `pendingFree` were unmapped must
         // finish before those chunks can be handed out again.
+        committedDirtyBelow = dirtyBelow
         await inFlight.drain()
         pendingFree.removeAll()
         unsharedSinceCommit.removeAll()

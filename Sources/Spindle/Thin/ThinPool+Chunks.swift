@@ -87,11 +87,24 @@ extension ThinPool {
 
     /// Reserves a free chunk for a write into an unmapped or shared chunk.
     func reserveChunk() async throws -> ReservedChunk {
-        try await withState { state in
+        let (reserved, commitNow) = try await withState { state in
+            let wasDue = state.commitDue
             let (chunk, clean) = try await state.allocateChunk()
             let location = state.layout.location(of: chunk)
-            return ReservedChunk(chunk: chunk, clean: clean, device: location.device, offset: location.offset)
+            return (
+                ReservedChunk(chunk: chunk, clean: clean, device: location.device, offset: location.offset),
+                !wasDue && state.commitDue
+            )
         }
+        if commitNow {
+            do {
+                try await commit()
+            } catch {
+                await release(reserved: reserved)
+                throw error
+            }
+        }
+        return reserved
     }
 
     /// Maps `chunk` of a volume to a reserved chunk whose data is written, replacing the pool chunk
@@ -99,14 +112,19 @@ extension ThinPool {
     /// nothing, when the mapping is not `replacing` any more (a concurrent write got there first):
     /// the reservation stays, to be released, and the caller looks again.
     func map(volume: ThinVolume, chunk: UInt64, to reserved: ReservedChunk, replacing: UInt64?) async throws -> Bool {
-        try await withMetadataInMemory({
+        let outcome = try await withMetadataInMemory({
             $0.missingMetadata(
                 volume: volume.id, chunk: chunk, writing: false,
                 poolChunks: [reserved.chunk] + (replacing.map { [$0] } ?? []))
-        }) { state in
-            try await state.map(
+        }) { state -> (mapped: Bool, commit: Bool) in
+            let wasDue = state.commitDue
+            let mapped = try await state.map(
                 volume: volume.id, name: volume.volumeName, chunk: chunk, to: reserved.chunk, replacing: replacing)
+            return (mapped, !wasDue && state.commitDue)
         }
+        // The write that pushed the transaction past its bound commits it, after letting the lock go.
+        if outcome.commit { try await commit() }
+        return outcome.mapped
     }
 
     /// Gives back a reserved chunk that was not mapped.
