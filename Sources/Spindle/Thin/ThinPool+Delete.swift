@@ -34,17 +34,20 @@ extension ThinPool {
             deleted.deleting = true
             state.deleting[record.id] = deleted
             state.dirtyRecords.insert(record.id)
-            return try await state.freeDeleted(record.id, limit: deletionStep.load(ordering: .relaxed))
-                ? nil : record.id
+            return record.id
         }
         guard let remaining else { return }
         try await finishDeletion(of: remaining)
     }
 
-    /// Frees a deleted volume's mappings a batch at a time, letting other requests in between.
+    /// Frees a deleted volume's mappings a batch at a time, committing each (after letting the
+    /// lock go: see ``commit()``), other requests going on in between.
     func finishDeletion(of id: UInt64) async throws {
-        while try await !withState({ try await $0.freeDeleted(id, limit: deletionStep.load(ordering: .relaxed)) }) {
-            await Task.yield()
+        while true {
+            let limit = deletionStep.load(ordering: .relaxed)
+            let done = try await withState { try await $0.freeDeleted(id, limit: limit) }
+            try await commit()
+            if done { return }
         }
     }
 
@@ -53,9 +56,11 @@ extension ThinPool {
     func finishInterruptedDeletions() async throws {
         let pending = await withState { state in state.deleting.keys.sorted() }
         for id in pending {
-            while try await !withState({ try await $0.freeDeleted(id, limit: deletionStep.load(ordering: .relaxed)) }) {
-                if Task.isCancelled { return }
-                await Task.yield()
+            while !Task.isCancelled {
+                let limit = deletionStep.load(ordering: .relaxed)
+                let done = try await withState { try await $0.freeDeleted(id, limit: limit) }
+                try await commit()
+                if done { break }
             }
         }
     }
@@ -63,7 +68,7 @@ extension ThinPool {
 
 extension PoolState {
     /// One step of a deletion: removes up to `limit` of the deleted volume's mappings (dropping a
-    /// reference to each chunk) and commits; when few enough are left, or the volume's tree is
+    /// reference to each chunk), for the caller to commit; when few enough are left, or the volume's tree is
     /// shared (a snapshot's, or an origin's with snapshots: one reference is dropped, in constant
     /// time), the whole tree and the record go. Returns whether the volume is gone.
     func freeDeleted(_ id: UInt64, limit: Int) async throws -> Bool {
@@ -73,7 +78,6 @@ extension PoolState {
             try await removeRecord(id)
             deleting[id] = nil
             dirtyRecords.remove(id)
-            try await commit()
             return true
         }
         var found: [(chunk: UInt64, physical: UInt64)] = []
@@ -89,7 +93,6 @@ extension PoolState {
         record.mappedChunks -= UInt64(found.count)
         deleting[id] = record
         dirtyRecords.insert(id)
-        try await commit()
         return false
     }
 }
