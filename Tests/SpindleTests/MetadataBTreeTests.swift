@@ -207,4 +207,34 @@ struct MetadataBTreeTests {
         #expect(last.isLeaf && last.keys.isEmpty)
         #expect(store.liveBlocks == 1)
     }
+
+    @Test("keys inserted in order fill their nodes; inserts in the middle still split in halves and read back")
+    func appendsFillNodes() async throws {
+        let store = MemoryNodeStore()
+        var root = try await MetadataBTree.create(in: store)
+        let count = 100 * MetadataNode.capacity
+        for key in 0..<UInt64(count) {
+            root = try await MetadataBTree.insert(key * 2, value: key, root: root, in: store)
+        }
+        var leaves = 0
+        for block in try await MetadataBTree.blocks(root: root, store: store)
+        where try await store.node(at: block).isLeaf {
+            leaves += 1
+        }
+        // Half-full leaves (the split in halves) would make about 200.
+        #expect(leaves <= 101, "\(leaves) leaves for \(count) keys appended")
+        // Keys between the appended ones land in full nodes, which split in halves.
+        for key in stride(from: UInt64(1), to: UInt64(count * 2), by: 10) {
+            root = try await MetadataBTree.insert(key, value: key, root: root, in: store)
+        }
+        var expected: [(UInt64, UInt64)] = (0..<UInt64(count)).map { ($0 * 2, $0) }
+        expected += stride(from: UInt64(1), to: UInt64(count * 2), by: 10).map { ($0, $0) }
+        expected.sort { $0.0 < $1.0 }
+        var found: [(UInt64, UInt64)] = []
+        try await MetadataBTree.forEach(in: 0...UInt64.max, root: root, store: store) { key, value in
+            found.append((key, value))
+            return true
+        }
+        #expect(found.map(\.0) == expected.map(\.0) && found.map(\.1) == expected.map(\.1))
+    }
 }

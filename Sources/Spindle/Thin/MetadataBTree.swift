@@ -164,7 +164,7 @@ package enum MetadataBTree {
         values: (any MetadataValueReferences)? = nil
     ) async throws -> UInt64 {
         var top = try await shadow(root, in: store, values: values)
-        if let split = try await insert(key, value, into: &top, store: store, values: values) {
+        if let split = try await insert(key, value, into: &top, rightmost: true, store: store, values: values) {
             // The root split: a new root above the two halves.
             let block = try store.allocateBlock()
             let newRoot = MetadataNode(
@@ -313,10 +313,15 @@ package enum MetadataBTree {
     }
 
     /// Inserts below `node` (already shadowed); returns the right half if `node` had to split.
+    /// `rightmost`: the node is the last of its level (the root, or the last child of a rightmost
+    /// node). An entry added at the end of such a node is an append (keys handed out in order, as
+    /// chunk numbers are): its split leaves the left node full and starts the right one with the
+    /// new entry, so trees that grow by appending are full, not half full. Other splits halve.
     private static func insert(
-        _ key: UInt64, _ value: UInt64, into node: inout MetadataNode, store: some MetadataNodeStore,
+        _ key: UInt64, _ value: UInt64, into node: inout MetadataNode, rightmost: Bool, store: some MetadataNodeStore,
         values: (any MetadataValueReferences)?
     ) async throws -> (key: UInt64, block: UInt64)? {
+        let appended: Bool
         if node.isLeaf {
             let index = position(of: key, in: node.keys)!
             if index < node.keys.count && node.keys[index] == key {
@@ -325,10 +330,13 @@ package enum MetadataBTree {
             }
             node.keys.insert(key, at: index)
             node.values.insert(value, at: index)
+            appended = index == node.keys.count - 1
         } else {
             let index = childIndex(for: key, in: node)!
             var child = try await shadow(node.values[index], in: store, values: values)
-            let split = try await insert(key, value, into: &child, store: store, values: values)
+            let split = try await insert(
+                key, value, into: &child, rightmost: rightmost && index == node.keys.count - 1, store: store,
+                values: values)
             try await store.store(child)
             node.values[index] = child.block
             node.keys[index] = min(node.keys[index], child.keys.first ?? node.keys[index])
@@ -336,9 +344,10 @@ package enum MetadataBTree {
                 node.keys.insert(split.key, at: index + 1)
                 node.values.insert(split.block, at: index + 1)
             }
+            appended = split != nil && index + 1 == node.keys.count - 1
         }
         guard node.keys.count > MetadataNode.capacity else { return nil }
-        let half = node.keys.count / 2
+        let half = rightmost && appended ? node.keys.count - 1 : node.keys.count / 2
         let right = MetadataNode(
             level: node.level, keys: Array(node.keys[half...]), values: Array(node.values[half...]),
             block: try store.allocateBlock(), transaction: store.transaction)
