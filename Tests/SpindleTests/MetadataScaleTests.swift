@@ -2,62 +2,6 @@ import Testing
 
 @testable import Spindle
 
-/// A device whose read at one offset waits, once it has arrived, until the test lets it go.
-private final class HeldReadDevice: BlockDevice, @unchecked Sendable {
-    // @unchecked Sendable: `held` is touched only under its lock.
-    let inner: MemoryDevice
-    private let held = Locked<(offset: UInt64?, arrived: Bool, waiter: CheckedContinuation<Void, Never>?)>(
-        (nil, false, nil))
-
-    init(_ inner: MemoryDevice) { self.inner = inner }
-
-    var logicalBlockBytes: Int { inner.logicalBlockBytes }
-    var capacityBytes: UInt64 { inner.capacityBytes }
-    var isReadOnly: Bool { inner.isReadOnly }
-    var discardReadsZeroes: Bool { inner.discardReadsZeroes }
-    var name: String { "held(\(inner.name))" }
-
-    /// The next read at `offset` waits for ``release()``.
-    func hold(readAt offset: UInt64) { held.withLock { $0 = (offset, false, nil) } }
-    var readArrived: Bool { held.withLock { $0.arrived } }
-    func release() {
-        let waiter = held.withLock { held in
-            defer { held = (nil, held.arrived, nil) }
-            return held.waiter
-        }
-        waiter?.resume()
-    }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
-        if held.withLock({ $0.offset == offset }) {
-            await withCheckedContinuation { continuation in
-                held.withLock { held in
-                    held.arrived = true
-                    held.waiter = continuation
-                }
-            }
-        }
-        try await inner.read(into: buffer, at: offset)
-    }
-    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
-        try await inner.write(from: buffer, at: offset, fua: fua)
-    }
-    func flush() async throws { try await inner.flush() }
-    func discard(offset: UInt64, length: UInt64) async throws {
-        try await inner.discard(offset: offset, length: length)
-    }
-    func writeZeroes(offset: UInt64, length: UInt64) async throws {
-        try await inner.writeZeroes(offset: offset, length: length)
-    }
-    func discardBytes(offset: UInt64, length: UInt64) async throws {
-        try await inner.discardBytes(offset: offset, length: length)
-    }
-    func zeroBytes(offset: UInt64, length: UInt64) async throws {
-        try await inner.zeroBytes(offset: offset, length: length)
-    }
-    func close() async throws { try await inner.close() }
-}
-
 private func leaf(_ block: UInt64) -> MetadataNode {
     MetadataNode(level: 0, keys: [block], values: [block * 2], block: block, transaction: 1)
 }
@@ -216,7 +160,7 @@ struct MetadataScaleTests {
 
     @Test("a node read outside the lock is kept when no commit came between, and dropped when one did")
     func readsAcrossACommitAreDropped() async throws {
-        let device = HeldReadDevice(try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096))
+        let device = HoldingDevice(wrapping: try MemoryDevice(capacityBytes: 8 << 20, logicalBlockBytes: 4096))
         let cacheBytes = UInt64(64 * NodeCache.bytesPerNode)
         let area = try await MetadataArea.format(device: device, offset: 0, blockCount: 2048, cacheBytes: cacheBytes)
         var root = try await MetadataBTree.create(in: area)
@@ -237,9 +181,10 @@ struct MetadataScaleTests {
         #expect(opened.missingNode(onPathTo: 0, root: opened.roots[0]) == nil)
 
         // A commit while the read is in flight: the read is held until the commit is done.
-        device.hold(readAt: second.block * UInt64(MetadataNode.blockBytes))
+        let held = second.block * UInt64(MetadataNode.blockBytes)
+        device.hold(held..<(held + UInt64(MetadataNode.blockBytes)))
         async let loading: Void = second.load()
-        while !device.readArrived { try await Task.sleep(nanoseconds: 1_000_000) }
+        await device.waitUntilParked()
         opened.roots[0] = try await MetadataBTree.insert(41_001, value: 1, root: opened.roots[0], in: opened)
         try await opened.commit()
         device.release()

@@ -182,3 +182,79 @@ func patchFile(_ path: String, at offset: UInt64, with bytes: [UInt8]) throws {
     try handle.seek(toOffset: offset)
     try handle.write(contentsOf: bytes)
 }
+
+/// A memory device that can hold reads and writes touching a byte range until ``release()``.
+final class HoldingDevice: BlockDevice {
+    let inner: MemoryDevice
+    private struct State {
+        var range: Range<UInt64>?
+        var parked: [UnsafeContinuation<Void, Never>] = []
+        var watchers: [UnsafeContinuation<Void, Never>] = []
+    }
+    private let state = Locked(State())
+
+    init(wrapping inner: MemoryDevice) { self.inner = inner }
+
+    var logicalBlockBytes: Int { inner.logicalBlockBytes }
+    var capacityBytes: UInt64 { inner.capacityBytes }
+    var isReadOnly: Bool { false }
+    var discardReadsZeroes: Bool { inner.discardReadsZeroes }
+    var name: String { "held" }
+
+    /// Holds requests touching `range` from now on.
+    func hold(_ range: Range<UInt64>) { state.withLock { $0.range = range } }
+
+    /// Lets held requests go, and holds no more.
+    func release() {
+        let parked = state.withLock { state in
+            state.range = nil
+            defer { state.parked = [] }
+            return state.parked
+        }
+        for continuation in parked { continuation.resume() }
+    }
+
+    /// Returns once a request is held.
+    func waitUntilParked() async {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                if !state.parked.isEmpty { return true }
+                state.watchers.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    private func admit(_ offset: UInt64, _ length: Int) async {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            let watchers = state.withLock { state -> [UnsafeContinuation<Void, Never>]? in
+                guard let range = state.range, range.overlaps(offset..<(offset + UInt64(length))) else { return nil }
+                state.parked.append(continuation)
+                defer { state.watchers = [] }
+                return state.watchers
+            }
+            guard let watchers else { return continuation.resume() }
+            for watcher in watchers { watcher.resume() }
+        }
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
+        await admit(offset, buffer.count)
+        try await inner.read(into: buffer, at: offset)
+    }
+
+    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        await admit(offset, buffer.count)
+        try await inner.write(from: buffer, at: offset, fua: fua)
+    }
+
+    func flush() async throws { try await inner.flush() }
+    func discard(offset: UInt64, length: UInt64) async throws {
+        try await inner.discard(offset: offset, length: length)
+    }
+    func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try await inner.writeZeroes(offset: offset, length: length)
+    }
+    func close() async throws {}
+}
