@@ -192,4 +192,80 @@ struct MetadataScaleTests {
         #expect(opened.nodeInMemory(at: second.block) == nil, "a node read across a commit must not be kept")
         #expect(try await MetadataBTree.lookup(79_000, root: opened.roots[0], in: opened) == 19_750)
     }
+
+    @Test("requests go on while a commit is written, and a flush covers what completed before it")
+    func requestsDuringACommit() async throws {
+        let memory = try MemoryDevice(capacityBytes: 64 << 20, logicalBlockBytes: 4096)
+        let device = HoldingDevice(wrapping: memory)
+        let pool = try await ThinPool.create(name: "busy", devices: [device])
+        let volume = try await pool.createVolume(name: "v", sizeBytes: 16 << 20)
+        let first = AlignedBuffer(count: 4096)
+        fillRandom(first.bytes, seed: 1)
+        try await volume.write(from: first, at: 0)
+        let superblocks = await pool.withState { $0.area.offset }
+        device.hold(superblocks..<(superblocks + 2 * UInt64(MetadataNode.blockBytes)))
+        async let committing: Void = pool.commit()
+        await device.waitUntilParked()
+        // The commit is stuck writing its superblock: the pool's lock is free, so a first write
+        // into a new chunk and a read complete meanwhile (waited for 20 s at most, then the
+        // commit is let go so that a failure here does not hang).
+        let second = AlignedBuffer(count: 4096)
+        fillRandom(second.bytes, seed: 2)
+        let read = AlignedBuffer(count: 4096)
+        let done = Locked(false)
+        let requests = Task {
+            try await volume.write(from: second, at: 5 * pool.chunkBytes)
+            try await volume.read(into: read, at: 0)
+            done.withLock { $0 = true }
+        }
+        let deadline = monotonicNanos() + 20_000_000_000
+        while !done.withLock({ $0 }) && monotonicNanos() < deadline { try await Task.sleep(nanoseconds: 5_000_000) }
+        #expect(done.withLock { $0 }, "a write and a read waited for the commit being written")
+        device.release()
+        try await requests.value
+        #expect(read.array == first.array)
+        try await committing
+        try await volume.flush()
+        let reopened = try await ThinPool.open(devices: [memory])
+        let again = try await reopened.openVolume(name: "v")
+        try await again.read(into: read, at: 0)
+        #expect(read.array == first.array)
+        try await again.read(into: read, at: 5 * pool.chunkBytes)
+        #expect(read.array == second.array, "the write made during the commit is durable after the flush")
+        #expect(try await reopened.check().isClean)
+    }
+
+    @Test(
+        "a metadata commit that cannot be written fails every later commit, naming why; reopening returns to the last durable one"
+    )
+    func failedCommitFailsThePool() async throws {
+        let memory = try MemoryDevice(capacityBytes: 64 << 20, logicalBlockBytes: 4096)
+        let device = FaultyDevice(wrapping: memory)
+        let pool = try await ThinPool.create(name: "fail", devices: [device])
+        let volume = try await pool.createVolume(name: "v", sizeBytes: 16 << 20)
+        let block = AlignedBuffer(count: 4096)
+        fillRandom(block.bytes, seed: 3)
+        try await volume.write(from: block, at: 0)
+        try await volume.flush()
+        let superblocks = await pool.withState { $0.area.offset }
+        device.failWrites(in: superblocks..<(superblocks + 2 * UInt64(MetadataNode.blockBytes)))
+        let other = AlignedBuffer(count: 4096)
+        fillRandom(other.bytes, seed: 4)
+        try await volume.write(from: other, at: 3 * pool.chunkBytes)
+        await #expect(throws: SpindleError.self) { try await volume.flush() }
+        device.clearFaults()
+        try await volume.write(from: other, at: 4 * pool.chunkBytes)
+        let later = await spindleError { try await volume.flush() }
+        expectError(later, .ioFailed, ["metadata commit failed", "open the pool again"])
+        let reopened = try await ThinPool.open(devices: [memory])
+        let again = try await reopened.openVolume(name: "v")
+        let read = AlignedBuffer(count: 4096)
+        try await again.read(into: read, at: 0)
+        #expect(read.array == block.array, "the last durable commit is there")
+        for chunk: UInt64 in [3, 4] {
+            try await again.read(into: read, at: chunk * pool.chunkBytes)
+            #expect(read.array == [UInt8](repeating: 0, count: 4096), "chunk \(chunk) was never committed")
+        }
+        #expect(try await reopened.check().isClean)
+    }
 }

@@ -8,7 +8,11 @@ extension MetadataArea {
     package func prefetch(_ blocks: [UInt64]) async throws {
         let missing = cache.withLock { cache in
             Array(
-                Set(blocks.filter { $0 >= 2 && $0 < blockCount && pending[$0] == nil && !cache.nodes.contains($0) })
+                Set(
+                    blocks.filter {
+                        $0 >= 2 && $0 < blockCount && pending[$0] == nil && cache.sealed[$0] == nil
+                            && !cache.nodes.contains($0)
+                    })
             ).sorted()
         }
         guard missing.count > 1 else { return }
@@ -19,7 +23,7 @@ extension MetadataArea {
         }
         for (index, block) in missing.enumerated() {
             // A node that does not decode is left out: reading it on its own reports the error.
-            guard pending[block] == nil, !cache.withLock({ $0.nodes.contains(block) }),
+            guard pending[block] == nil, !cache.withLock({ $0.sealed[block] != nil || $0.nodes.contains(block) }),
                 let node = try? MetadataNode.decode(
                     Array(buffer.slice(offset: index * blockBytes, length: blockBytes)), expectedBlock: block)
             else { continue }
@@ -34,6 +38,13 @@ extension MetadataArea {
         of sorted: [UInt64],
         _ transfer: @escaping @Sendable (any BlockDevice, Range<Int>, UInt64) async throws -> Void
     ) async throws {
+        try await Self.transferRuns(of: sorted, device: device, offset: offset, transfer)
+    }
+
+    static func transferRuns(
+        of sorted: [UInt64], device: any BlockDevice, offset areaOffset: UInt64,
+        _ transfer: @escaping @Sendable (any BlockDevice, Range<Int>, UInt64) async throws -> Void
+    ) async throws {
         let blockBytes = MetadataNode.blockBytes
         var runs: [(range: Range<Int>, offset: UInt64)] = []
         var runFirst = 0
@@ -43,11 +54,10 @@ extension MetadataArea {
                 next == sorted.count || sorted[next] != sorted[index] + 1 || next - runFirst == 64
             if runEnds {
                 runs.append(
-                    (runFirst * blockBytes..<next * blockBytes, byteOffset(sorted[runFirst])))
+                    (runFirst * blockBytes..<next * blockBytes, areaOffset + sorted[runFirst] * UInt64(blockBytes)))
                 runFirst = next
             }
         }
-        let device = self.device
         try await withThrowingTaskGroup(of: Void.self) { group in
             var next = 0
             func start() {
@@ -66,7 +76,7 @@ extension MetadataArea {
 
     /// The node at `block` if it is in memory (written in the open transaction, or cached).
     func nodeInMemory(at block: UInt64) -> MetadataNode? {
-        pending[block] ?? cache.withLock { $0.nodes.node(at: block) }
+        pending[block] ?? cache.withLock { $0.sealed[block] ?? $0.nodes.node(at: block) }
     }
 
     /// The first node on the path from `root` to `key` that is not in memory, as a read that can be
@@ -111,7 +121,7 @@ extension MetadataArea {
         let device: any BlockDevice
         let offset: UInt64
         let blockCount: UInt64
-        let cache: Locked<(nodes: NodeCache, epoch: UInt64)>
+        let cache: Locked<SharedNodes>
         let epoch: UInt64
 
         /// Reads the node and those below it on the path to the key, keeping them while no commit

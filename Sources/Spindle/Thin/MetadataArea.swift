@@ -30,9 +30,9 @@ package final class MetadataArea: MetadataNodeStore {
     /// What opening found wrong but could work around (a damaged superblock copy), for the owner
     /// to report.
     package private(set) var openNotes: [String] = []
-    package private(set) var transaction: UInt64
-    private var committedRoots: [UInt64] = []
-    private var committedParameters: [UInt64] = []
+    package internal(set) var transaction: UInt64
+    var committedRoots: [UInt64] = []
+    var committedParameters: [UInt64] = []
 
     /// Whether the open transaction changed anything (a commit without changes writes nothing).
     package var hasChanges: Bool {
@@ -41,16 +41,17 @@ package final class MetadataArea: MetadataNodeStore {
     /// Most nodes kept in memory besides those of the open transaction.
     package var cacheCapacity: Int { cache.withLock { $0.nodes.capacity } }
 
-    private var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
+    var used: [UInt64]  // bitmap: committed blocks and blocks allocated in this transaction
     /// References to each block in the open transaction: parents in trees, plus one per tree root.
     /// Shared subtrees (snapshots) have counts above one. Rebuilt by walking the trees on open.
     private var references: [UInt32]
-    private var allocatedNow: Set<UInt64> = []
-    private var releasedNow: [UInt64] = []
-    private(set) var pending: [UInt64: MetadataNode] = [:]
-    /// Committed nodes kept in memory, and the commit epoch that tells a read made outside the
-    /// owner's lock whether what it read may still go in (see ``MissingNode``).
-    let cache: Locked<(nodes: NodeCache, epoch: UInt64)>
+    var allocatedNow: Set<UInt64> = []
+    var releasedNow: [UInt64] = []
+    var pending: [UInt64: MetadataNode] = [:]
+    /// What is shared with work done outside the owner's lock (see ``SharedNodes``).
+    let cache: Locked<SharedNodes>
+    /// Blocks released by sealed transactions and not yet marked free (``reclaimReleased()``).
+    var sealedReleased = 0
     private var cursor: UInt64 = 2
 
     private init(
@@ -62,7 +63,7 @@ package final class MetadataArea: MetadataNodeStore {
         self.blockCount = blockCount
         self.roots = roots
         self.transaction = transaction
-        cache = Locked((NodeCache(budgetBytes: cacheBytes), 0))
+        cache = Locked(SharedNodes(nodes: NodeCache(budgetBytes: cacheBytes)))
         used = [UInt64](repeating: 0, count: Int((blockCount + 63) / 64))
         references = [UInt32](repeating: 0, count: Int(blockCount))
         markUsed(0)
@@ -167,7 +168,7 @@ package final class MetadataArea: MetadataNodeStore {
 
     package func node(at block: UInt64) async throws -> MetadataNode {
         if let node = pending[block] { return node }
-        if let cached = cache.withLock({ $0.nodes.node(at: block) }) { return cached }
+        if let cached = cache.withLock({ $0.sealed[block] ?? $0.nodes.node(at: block) }) { return cached }
         guard block >= 2 && block < blockCount else {
             throw SpindleError(
                 .corrupted, "metadata block \(block) is outside the area (\(blockCount) blocks)",
@@ -194,6 +195,7 @@ package final class MetadataArea: MetadataNodeStore {
     }
 
     package func allocateBlock() throws -> UInt64 {
+        reclaimReleased()
         for _ in 0..<blockCount {
             let block = cursor
             cursor = cursor + 1 >= blockCount ? 2 : cursor + 1
@@ -232,39 +234,11 @@ package final class MetadataArea: MetadataNodeStore {
 
     // MARK: Transactions
 
-    /// Makes the open transaction durable: its nodes, a flush, then the superblock with ``roots``.
-    package func commit() async throws {
-        // The nodes in block order, written many at once (runs of adjacent blocks in one write).
-        let nodes = pending.values.sorted { $0.block < $1.block }
-        let blockBytes = MetadataNode.blockBytes
-        let buffer = AlignedBuffer(count: max(1, nodes.count) * blockBytes, zeroed: false)
-        for (index, node) in nodes.enumerated() {
-            node.encoded().withUnsafeBytes {
-                buffer.slice(offset: index * blockBytes, length: blockBytes).copyMemory(from: $0)
-            }
-        }
-        try await transferRuns(of: nodes.map(\.block)) { device, range, offset in
-            try await device.write(from: buffer, range: range, at: offset)
-        }
-        try await device.flush()
-        try await writeSuperblock(transaction: transaction, fua: true)
-        cache.withLock { cache in
-            for node in nodes { cache.nodes.insert(node) }
-            // Blocks released in this transaction may be reused from now on: a node read outside
-            // the lock before this point may be stale and is not kept.
-            cache.epoch += 1
-        }
-        for block in releasedNow { markFree(block) }
-        committedRoots = roots
-        committedParameters = parameters
-        pending = [:]
-        releasedNow = []
-        allocatedNow = []
-        transaction += 1
-    }
-
     /// Blocks in use after the open transaction would commit.
-    package var usedBlocks: Int { used.reduce(0) { $0 + $1.nonzeroBitCount } - releasedNow.count }
+    package var usedBlocks: Int {
+        reclaimReleased()
+        return used.reduce(0) { $0 + $1.nonzeroBitCount } - releasedNow.count - sealedReleased
+    }
 
     // MARK: Internals
 
@@ -272,7 +246,7 @@ package final class MetadataArea: MetadataNodeStore {
 
     func isUsed(_ block: UInt64) -> Bool { used[Int(block / 64)] & (1 << (block % 64)) != 0 }
     private func markUsed(_ block: UInt64) { used[Int(block / 64)] |= 1 << (block % 64) }
-    private func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
+    func markFree(_ block: UInt64) { used[Int(block / 64)] &= ~(1 << (block % 64)) }
 
     func remember(_ node: MetadataNode) { cache.withLock { $0.nodes.insert(node) } }
 
@@ -281,23 +255,6 @@ package final class MetadataArea: MetadataNodeStore {
     /// Nodes the cache dropped to make room since open: above zero, the metadata in use is larger
     /// than the cache.
     package var cacheEvictions: UInt64 { cache.withLock { $0.nodes.evictions } }
-
-    private func writeSuperblock(transaction: UInt64, fua: Bool) async throws {
-        var bytes = [UInt8](repeating: 0, count: MetadataNode.blockBytes)
-        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) { bytes.putLittleEndian(value, at: offset) }
-        put(Self.magic, at: 0)
-        put(Self.formatVersion, at: 8)
-        put(transaction, at: 16)
-        put(blockCount, at: 24)
-        put(UInt32(Self.rootCount), at: 32)
-        for (index, root) in roots.enumerated() { put(root, at: 64 + index * 8) }
-        for (index, value) in parameters.enumerated() { put(value, at: 128 + index * 8) }
-        let checksum = bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<4092])) }
-        put(checksum, at: 4092)
-        let buffer = AlignedBuffer(count: MetadataNode.blockBytes, zeroed: false)
-        bytes.withUnsafeBytes { buffer.bytes.copyMemory(from: $0) }
-        try await device.write(from: buffer, at: byteOffset(transaction % 2), fua: fua)
-    }
 
     /// The area size recorded by whichever superblock copy (of the first 8 KiB) is valid, or nil.
     static func decodeSuperblockBlockCount(_ bytes: [UInt8]) -> UInt64? {

@@ -40,9 +40,9 @@ extension PoolState {
     /// reserved.
     func allocateChunk() async throws -> (chunk: UInt64, clean: Bool) {
         let chunkCount = self.chunkCount
-        guard usedChunks + UInt64(pendingFree.count + reserved.count) < chunkCount else {
+        guard usedChunks + UInt64(freedSinceCommitCount + reserved.count) < chunkCount else {
             let percent = chunkCount == 0 ? 100 : usedChunks * 100 / chunkCount
-            let waiting = pendingFree.count
+            let waiting = freedSinceCommitCount
             throw SpindleError(
                 .noSpace,
                 "pool \(name) is full: \(usedChunks) of \(chunkCount) chunks used (\(percent)% of \(ByteSize.format(chunkCount * chunkBytes)))\(waiting == 0 ? "" : "; \(waiting) chunks freed since the last flush come back after it")",
@@ -66,7 +66,7 @@ extension PoolState {
             return (chunk, true)
         }
         let root = area.roots[ThinPool.Root.referenceCounts.rawValue]
-        func available(_ chunk: UInt64) -> Bool { !pendingFree.contains(chunk) && !reserved.contains(chunk) }
+        func available(_ chunk: UInt64) -> Bool { !freedSinceCommit(chunk) && !reserved.contains(chunk) }
         // The first gap in the reference-count keys from the cursor on, then from the start.
         let limit = cleanNext
         for start in [min(cursor, limit), 0] {

@@ -20,7 +20,7 @@ extension PoolState {
         guard let found = try await MetadataBTree.lookupSharing(chunk, root: record.root, in: area) else { return nil }
         // With no chunk shared anywhere, a chunk on an unshared path is this volume's alone.
         let alone = try await sharedChunks == 0 ? true : referenceCount(of: found.value) == 1
-        return (found.value, found.shared || !alone || unsharedSinceCommit.contains(found.value))
+        return (found.value, found.shared || !alone || unsharedSinceCommitted(found.value))
     }
 
     /// The first metadata node that looking up `chunk` of a volume for a write (or mapping it to

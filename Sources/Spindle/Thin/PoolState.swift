@@ -53,6 +53,12 @@ final class PoolState {
     /// The open transaction has grown past ``automaticCommitNodes`` and a commit is on its way
     /// (one writer claims it; ``commit()`` clears it).
     var commitDue = false
+    /// Held from sealing a transaction until it is durable: one sealed transaction at a time. Taken
+    /// only by a holder of the pool's lock, and let go without needing it, so never a deadlock.
+    let commitGate = AsyncMutex()
+    /// Commits sealed and not yet completed (see PoolState+Commit.swift).
+    var sealedCommits: [SealedCommitState] = []
+    var commitSequence: UInt64 = 0
 
     struct WeakMappings {
         weak var mappings: VolumeMappings?
@@ -75,43 +81,6 @@ final class PoolState {
     }
 
     var chunkCount: UInt64 { layout.chunkCount }
-
-    /// Flushes the data of every device, then commits the metadata: every completed write becomes
-    /// durable and mapped. Freed chunks become reusable once the requests that might still use
-    /// them have finished.
-    func commit() async throws {
-        commitDue = false
-        for id in dirtyRecords {
-            if let record = records[id] ?? deleting[id] { try await storeRecord(record) }
-        }
-        dirtyRecords.removeAll()
-        if sharedChunks != storedSharedChunks && !isReadOnly {
-            try await storePoolFields()
-            storedSharedChunks = sharedChunks
-        }
-        area.parameters[ThinPool.Parameter.usedChunks.rawValue] = usedChunks
-        area.parameters[ThinPool.Parameter.chunkCount.rawValue] = chunkCount
-        area.parameters[ThinPool.Parameter.dirtyBelow.rawValue] = dirtyBelow
-        if isReadOnly {
-            guard !area.hasChanges else {
-                throw SpindleError(.readOnly, "pool \(name) is open read-only", operation: "commit", path: name)
-            }
-            return
-        }
-        // Data on every device first; the metadata commit flushes device 0 before its superblock.
-        if area.hasChanges {
-            for device in layout.devices.dropFirst() { try await device.flush() }
-            try await area.commit()
-        } else {
-            for device in layout.devices { try await device.flush() }
-        }
-        // Requests that looked up a mapping before the chunks in `pendingFree` were unmapped must
-        // finish before those chunks can be handed out again.
-        committedDirtyBelow = dirtyBelow
-        await inFlight.drain()
-        pendingFree.removeAll()
-        unsharedSinceCommit.removeAll()
-    }
 
     func deletedError(_ volumeName: String) -> SpindleError {
         SpindleError(.notFound, "volume \(volumeName) of pool \(name) was deleted", path: "\(name)/\(volumeName)")

@@ -284,18 +284,22 @@ public final class ThinPool: Sendable {
 
     /// Makes every completed write durable and mapped: flushes the data, then commits the metadata.
     ///
-    /// The devices are flushed once before the pool's lock is taken, so the slow part of a flush
-    /// (on an image file, the file system's record of blocks first written since the last one) is
-    /// paid while other requests go on; the commit under the lock flushes again, which then covers
-    /// only what completed in between (flushing ahead again while one takes long).
+    /// Only sealing the metadata transaction (and, after, making freed chunks reusable) happens
+    /// under the pool's lock: the flushes and the metadata writes (on an image file, the file
+    /// system's sync of blocks written since the last flush is the slow part) go on while other
+    /// requests do. One sealed commit is written at a time; a commit that finds one being written
+    /// waits for it. If the metadata cannot be written, the pool commits nothing more until it is
+    /// opened again (see ``MetadataArea/SealedTransaction/fail(_:)``).
     public func commit() async throws {
-        // Again while a flush takes long (others kept writing meanwhile), a few times at most.
-        for _ in 0..<3 {
-            let start = monotonicNanos()
-            for device in devices { try await device.flush() }
-            if monotonicNanos() - start < 5_000_000 { break }
+        guard let sealed = try await withState({ try await $0.beginCommit() }) else { return }
+        do {
+            try await sealed.write()
+        } catch {
+            sealed.gate.unlock()
+            throw error
         }
-        try await withState { try await $0.commit() }
+        sealed.gate.unlock()
+        await withState { await $0.completeCommit(sealed.sequence) }
     }
 
     /// Commits, then closes the pool's devices: the pool owns them from `create`, `open` or
