@@ -37,6 +37,15 @@ package final class AsyncMutex: Sendable {
         state.withLock { _ in }
     }
 
+    /// Takes the lock if it is free, without waiting.
+    package func tryLock() -> Bool {
+        state.withLock { state in
+            if state.locked { return false }
+            state.locked = true
+            return true
+        }
+    }
+
     /// Hands the lock to the next waiter, or frees it.
     package func unlock() {
         let next = state.withLock { state -> UnsafeContinuation<Void, Never>? in

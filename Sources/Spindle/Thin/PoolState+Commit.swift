@@ -28,22 +28,31 @@ extension PoolState {
         await completeCommit(commit.sequence)
     }
 
-    /// The first half of a commit made with the lock let go: takes the commit gate (waiting for a
-    /// sealed commit still being written) and seals. The caller writes the result with the lock
-    /// let go, lets the gate go, and calls ``completeCommit(_:)`` under the lock. Nil when there is
-    /// nothing to write (a read-only pool).
-    func beginCommit() async throws -> ThinPool.SealedCommit? {
-        await commitGate.lock()
+    /// The first half of a commit made with the lock let go: takes the commit gate and seals. The
+    /// caller writes the result with the lock let go, lets the gate go, and calls
+    /// ``completeCommit(_:)`` under the lock. When another sealed commit is still being written,
+    /// returns `.busy` at once rather than wait for it holding the lock: the caller waits for the
+    /// gate with the lock let go, and tries again.
+    func beginCommit() async throws -> CommitStart {
+        guard commitGate.tryLock() else { return .busy(commitGate) }
         do {
             guard let commit = try await seal() else {
                 commitGate.unlock()
-                return nil
+                return .nothingToWrite
             }
-            return commit
+            return .sealed(commit)
         } catch {
             commitGate.unlock()
             throw error
         }
+    }
+
+    enum CommitStart: Sendable {
+        case sealed(ThinPool.SealedCommit)
+        /// A read-only pool.
+        case nothingToWrite
+        /// Another sealed commit is being written: wait for this gate, then try again.
+        case busy(AsyncMutex)
     }
 
     /// Makes the chunks freed by sealed commits up to `sequence` (durable now) reusable, once the

@@ -288,10 +288,16 @@ public final class ThinPool: Sendable {
     /// under the pool's lock: the flushes and the metadata writes (on an image file, the file
     /// system's sync of blocks written since the last flush is the slow part) go on while other
     /// requests do. One sealed commit is written at a time; a commit that finds one being written
-    /// waits for it. If the metadata cannot be written, the pool commits nothing more until it is
+    /// waits for it with the lock let go. If the metadata cannot be written, the pool commits nothing more until it is
     /// opened again (see ``MetadataArea/SealedTransaction/fail(_:)``).
     public func commit() async throws {
-        guard let sealed = try await withState({ try await $0.beginCommit() }) else { return }
+        var start = try await withState { try await $0.beginCommit() }
+        while case let .busy(gate) = start {
+            await gate.lock()
+            gate.unlock()
+            start = try await withState { try await $0.beginCommit() }
+        }
+        guard case let .sealed(sealed) = start else { return }
         do {
             try await sealed.write()
         } catch {
