@@ -17,6 +17,8 @@ final class InFlightEpochs: Sendable {
     /// The drain waiting for an epoch to empty, if any (only drains and the last request of the
     /// epoch it waits for take this lock).
     private let waiter = Locked<(epoch: Int, continuation: UnsafeContinuation<Void, Never>)?>(nil)
+    /// Drains run one at a time (each flips the epoch and waits for the old one).
+    private let drains = AsyncMutex()
 
     private func count(_ epoch: Int) -> Int {
         epoch == 0 ? count0.load(ordering: .sequentiallyConsistent) : count1.load(ordering: .sequentiallyConsistent)
@@ -55,9 +57,11 @@ final class InFlightEpochs: Sendable {
     /// Whether a drain is waiting for requests to leave.
     var isDraining: Bool { waiter.withLock { $0 != nil } }
 
-    /// Waits until every request that entered before this call has left. Callers serialize drains
-    /// (the pool calls it holding its lock).
+    /// Waits until every request that entered before this call has left. Drains run one at a time;
+    /// the pool calls it with or without its lock (a drain never needs the lock).
     func drain() async {
+        await drains.lock()
+        defer { drains.unlock() }
         let old = current.load(ordering: .sequentiallyConsistent)
         current.store(1 - old, ordering: .sequentiallyConsistent)
         if count(old) == 0 { return }

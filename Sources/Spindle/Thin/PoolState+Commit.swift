@@ -56,11 +56,12 @@ extension PoolState {
     }
 
     /// Makes the chunks freed by sealed commits up to `sequence` (durable now) reusable, once the
-    /// requests that looked them up before they were unmapped have finished.
-    func completeCommit(_ sequence: UInt64) async {
+    /// requests that looked them up before they were unmapped have finished: `drained` says the
+    /// caller waited for them already, with the lock let go (any time after the seal will do).
+    func completeCommit(_ sequence: UInt64, drained: Bool = false) async {
         area.reclaimReleased()
         guard sealedCommits.contains(where: { $0.sequence <= sequence }) else { return }
-        await inFlight.drain()
+        if !drained { await inFlight.drain() }
         for done in sealedCommits where done.sequence <= sequence {
             committedDirtyBelow = max(committedDirtyBelow, done.dirtyBelow)
         }

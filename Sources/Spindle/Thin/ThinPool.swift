@@ -305,7 +305,9 @@ public final class ThinPool: Sendable {
             throw error
         }
         sealed.gate.unlock()
-        await withState { await $0.completeCommit(sealed.sequence) }
+        // Requests still using chunks the commit freed: waited for here, not under the lock.
+        await inFlight.drain()
+        await withState { await $0.completeCommit(sealed.sequence, drained: true) }
     }
 
     /// Commits, then closes the pool's devices: the pool owns them from `create`, `open` or
