@@ -549,6 +549,27 @@ struct RAIDArrayTests {
         #expect(await RAIDArray.inspect(memory).dirty == false)
     }
 
+    @Test(
+        "idle cleaning turned off right after assembly stays off: the cleaner's first round uses the delay as it is when it wakes, not as it was at assembly"
+    )
+    func idleCleanOffAfterAssembly() async throws {
+        let memory = try memoryMembers(3)
+        let array = try await RAIDArray.create(
+            name: "stay", level: .raid5, chunkBytes: 4096, members: memory.map { Reopenable($0) })
+        array.setIdleCleanDelay(nanoseconds: 0)
+        _ = try await randomFill(array, seed: 14)
+        try await array.flush()  // the bitmap clears: assembly has nothing to resync, so writes nothing
+        // No close: dirty on disk, as after a crash. The assembled array is dirty and has written
+        // nothing (its resync found nothing to repair), so an idle test with the delay its cleaner
+        // started with (the default, 2 s) passes at once.
+        let report = try await RAIDArray.assemble(members: memory.map { Reopenable($0) })
+        try await Task.sleep(nanoseconds: 100_000_000)  // the cleaner's first round has begun
+        report.array.setIdleCleanDelay(nanoseconds: 0)
+        try await Task.sleep(nanoseconds: 700_000_000)  // past that round (a quarter of the default delay)
+        #expect(await RAIDArray.inspect(memory).dirty == true, "the array marked itself clean with cleaning off")
+        try await report.array.close()
+    }
+
     @Test("creation checks its arguments")
     func createValidation() async throws {
         let memory = try memoryMembers(2)

@@ -121,9 +121,12 @@ extension RAIDArray {
         let task = Task { [weak self] in
             while !Task.isCancelled {
                 let delay = self?.idleCleanNanos.load(ordering: .relaxed) ?? 0
-                try? await Task.sleep(nanoseconds: max(delay / 4, 10_000_000))
+                try? await Task.sleep(nanoseconds: max(min(delay, RAIDArray.defaultIdleCleanNanos) / 4, 10_000_000))
                 guard let self, !Task.isCancelled else { return }
-                if delay > 0 { await self.markCleanIfIdle(idleNanos: delay) }
+                // The delay as it is now: one set while this task slept (an owner that turns idle
+                // cleaning off right after assembly) counts from this round on, not the next.
+                let current = self.idleCleanNanos.load(ordering: .relaxed)
+                if current > 0 && current != .max { await self.markCleanIfIdle(idleNanos: current) }
             }
         }
         cleaner.withLock { $0 = task }
