@@ -1,6 +1,7 @@
-/// The Network Block Device protocol's numbers and message layouts (fixed newstyle negotiation and
-/// simple replies), as the NBD project's `doc/proto.md` specifies. Pure encoding and decoding; all
-/// integers on the wire are big-endian.
+/// The Network Block Device protocol's numbers and message layouts (fixed newstyle negotiation,
+/// simple replies; structured replies and metadata contexts are in NBDProtocol+Structured.swift), as
+/// the NBD project's `doc/proto.md` specifies. Pure encoding and decoding; all integers on the wire
+/// are big-endian.
 package enum NBDProtocol {
     static let initialMagic: UInt64 = 0x4E42_444D_4147_4943  // "NBDMAGIC"
     static let optionMagic: UInt64 = 0x4948_4156_454F_5054  // "IHAVEOPT"
@@ -22,7 +23,7 @@ package enum NBDProtocol {
 
     /// Option reply types.
     enum Reply: UInt32 {
-        case ack = 1, server = 2, info = 3
+        case ack = 1, server = 2, info = 3, metaContext = 4
         case errorUnsupported = 0x8000_0001, errorPolicy = 0x8000_0002, errorInvalid = 0x8000_0003
         case errorPlatform = 0x8000_0004, errorTLSRequired = 0x8000_0005, errorUnknown = 0x8000_0006
         case errorShutdown = 0x8000_0007, errorBlockSizeRequired = 0x8000_0008, errorTooBig = 0x8000_0009

@@ -8,7 +8,13 @@ import Glibc
 /// Negotiation is the protocol's fixed newstyle (`NBD_OPT_GO`, `INFO`, `LIST`, `ABORT`,
 /// `EXPORT_NAME`), advertising block size constraints. In transmission, every request is served by
 /// its own task on the I/O engine as soon as it is read, and answered when it completes, out of
-/// order: many requests are in flight per connection. Replies are simple replies.
+/// order: many requests are in flight per connection. Replies are simple replies unless the client
+/// asks for structured ones (`NBD_OPT_STRUCTURED_REPLY`): then reads send runs of zeros as holes,
+/// errors carry a message (and a read's, its offset), and `NBD_CMD_BLOCK_STATUS` answers for the
+/// metadata contexts the client selected: `base:allocation` on every export (a thin volume's
+/// unmapped chunks and an image file's holes are holes) and, on a thin volume, one
+/// `qemu:dirty-bitmap:NAME` per other volume of its pool (what changed since snapshot NAME, as
+/// qemu names changed-block tracking); see ``NBDMetadataContext``.
 ///
 /// Bad input never crashes the server or reaches a device half-checked: malformed negotiation closes
 /// that connection; out-of-range, misaligned or oversized requests and writes to read-only exports
