@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/eventfd.h>
+#include <sys/xattr.h>
 #include <pthread.h>
 
 const int spindle_O_DIRECT = O_DIRECT;
@@ -23,6 +24,18 @@ int spindle_dio_alignment(int fd, uint32_t *memory_alignment, uint32_t *offset_a
     *memory_alignment = st.stx_dio_mem_align;
     *offset_alignment = st.stx_dio_offset_align;
     return 1;
+}
+
+long spindle_get_attribute(const char *path, const char *name, void *value, unsigned long size) {
+    return (long)getxattr(path, name, value, size);
+}
+
+int spindle_set_attribute(const char *path, const char *name, const void *value, unsigned long size) {
+    return setxattr(path, name, value, size, 0);
+}
+
+int spindle_remove_attribute(const char *path, const char *name) {
+    return removexattr(path, name);
 }
 
 int spindle_eventfd(void) {

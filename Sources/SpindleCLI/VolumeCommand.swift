@@ -12,7 +12,8 @@ struct VolumeCommand: AsyncParsableCommand {
             space until either side is written.
             """,
         subcommands: [
-            Create.self, List.self, Resize.self, Rename.self, Delete.self, Snapshot.self, Import.self, Export.self,
+            Create.self, List.self, Resize.self, Rename.self, Delete.self, Snapshot.self, Diff.self, Import.self,
+            Export.self,
         ]
     )
 
@@ -236,24 +237,53 @@ struct VolumeCommand: AsyncParsableCommand {
 
     struct Export: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Copy a volume to a file, sparse-aware: unwritten and zero ranges become holes.")
+            abstract: "Copy a volume to a file, sparse-aware: unwritten and zero ranges become holes.",
+            discussion: """
+                The file records which volume it copies (an extended attribute). With --since, FILE must be a \
+                copy of that read-only snapshot: only the ranges that changed since it are written, and FILE \
+                becomes a copy of the volume given (an incremental backup; see `volume diff`).
+                """)
 
         @Argument(help: "POOL/NAME of the volume.")
         var volume: String
 
-        @Argument(help: "The file to write (replaced if it exists).")
+        @Argument(help: "The file to write (replaced if it exists, unless --since).")
         var file: String
+
+        @Option(help: "POOL/SNAPSHOT that FILE is a copy of: write only what changed since it.")
+        var since: String?
 
         @OptionGroup var folder: PoolFolder
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            let progress = ProgressLine(label: "exporting \(volume) to \(file)")
+            var baseName: String?
+            if let since {
+                let (basePool, name) = try PoolStore.split(since)
+                guard basePool == poolName else {
+                    throw ValidationError("--since must name a volume of pool \(poolName), not of '\(basePool)'")
+                }
+                baseName = name
+            }
+            let progress = ProgressLine(
+                label: baseName == nil
+                    ? "exporting \(volume) to \(file)" : "exporting changes since \(since!) to \(file)")
             let result = try await PoolStore.withPool(poolName, folder: folder, readOnly: true) { pool, session in
-                try await pool.exportVolume(
+                if let baseName {
+                    return try await pool.exportChanges(
+                        of: volumeName, since: baseName, toImageAt: file, engine: session.engine,
+                        progress: { progress.update($0) })
+                }
+                return try await pool.exportVolume(
                     volumeName, toImageAt: file, engine: session.engine, progress: { progress.update($0) })
             }
             progress.finish()
+            if let since {
+                print(
+                    "exported changes of \(volume) since \(since) to \(file): \(ByteSize.format(result.totalBytes)) changed, \(ByteSize.format(result.writtenBytes)) of data written, \(ByteSize.format(result.skippedBytes)) left as holes; \(file) is now a copy of \(volume)"
+                )
+                return
+            }
             print(
                 "exported \(volume) to \(file): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) of data, \(ByteSize.format(result.skippedBytes)) left as holes"
             )

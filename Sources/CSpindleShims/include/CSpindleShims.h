@@ -16,6 +16,12 @@ extern const int spindle_RWF_DSYNC;
 /// (direct I/O unsupported or an older kernel), -1 with errno set on failure.
 int spindle_dio_alignment(int fd, uint32_t *memory_alignment, uint32_t *offset_alignment);
 
+/// Extended attributes of a file (getxattr(2), setxattr(2), removexattr(2)): the value's length or
+/// 0 on success, -1 with errno on failure.
+long spindle_get_attribute(const char *path, const char *name, void *value, unsigned long size);
+int spindle_set_attribute(const char *path, const char *name, const void *value, unsigned long size);
+int spindle_remove_attribute(const char *path, const char *name);
+
 /// An eventfd with close-on-exec set, or -1 with errno.
 int spindle_eventfd(void);
 /// Names the calling thread (15 characters at most are kept).

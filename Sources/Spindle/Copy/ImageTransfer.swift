@@ -91,7 +91,9 @@ extension ThinPool {
 
     /// Copies volume `volumeName` to a new image file at `path` (an existing file there is
     /// replaced), sparse-aware: unmapped and all-zero chunks become holes. The file is flushed and
-    /// closed when the call returns.
+    /// closed when the call returns, and records which volume it copies (its `user.spindle.copy-of`
+    /// attribute), so that ``exportChanges(of:since:toImageAt:engine:progress:)`` can later bring it
+    /// up to date with a newer snapshot.
     /// - Parameter progress: bytes of the volume done, and its size.
     /// - Throws: ``SpindleError`` when there is no such volume, something that is not a regular file
     ///   is at `path`, or a device fails.
@@ -113,6 +115,9 @@ extension ThinPool {
                     from: source, to: target, options: options, progress: progress)
                 try await target.close()
                 try await source.close()
+                if let info = try await volumes().first(where: { $0.id == source.id }) {
+                    Self.recordCopy(of: info, in: self, at: path)
+                }
                 return result
             } catch {
                 try? await target.close()
