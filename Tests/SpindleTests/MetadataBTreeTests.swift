@@ -14,8 +14,11 @@ final class MemoryNodeStore: MetadataNodeStore {
     private var allocatedNow: Set<UInt64> = []
     private var nextBlock: UInt64 = 10
     var overwroteCommitted = false
+    /// Nodes read so far.
+    private(set) var reads = 0
 
     func node(at block: UInt64) async throws -> MetadataNode {
+        reads += 1
         guard let bytes = pending[block] ?? committed[block] else { throw MetadataNode.Problem.notANode }
         return try MetadataNode.decode(bytes, expectedBlock: block)
     }
