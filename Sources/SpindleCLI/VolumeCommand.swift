@@ -206,31 +206,74 @@ struct VolumeCommand: AsyncParsableCommand {
     struct Import: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Copy a file into a volume, sparse-aware: runs of zeros are not allocated.",
-            discussion:
-                "The volume is created at the file's size (rounded up to 4K) when it does not exist, or at --size.")
+            discussion: """
+                The volume is created at the file's size (rounded up to 4K) when it does not exist, or at \
+                --size. With --delta, FILE is a delta (`volume export --since ... --delta`): NAME is created \
+                as a read-only copy of the delta's target, from --base, a read-only volume holding a copy of \
+                the delta's base (that snapshot itself, or a volume restored from a copy of it with \
+                `import --read-only` or an earlier delta).
+                """)
 
         @Argument(help: "POOL/NAME of the volume.")
         var volume: String
 
-        @Argument(help: "The file to copy in (a raw disk image, for example).")
+        @Argument(help: "The file to copy in (a raw disk image, for example), or a delta with --delta.")
         var file: String
 
         @Option(help: "Size of the volume to create, when larger than the file.", transform: parseSize)
         var size: UInt64?
 
+        @Flag(name: .customLong("read-only"), help: "Make the volume read-only (a restored copy deltas apply onto).")
+        var readOnly = false
+
+        @Flag(help: "FILE is a delta file: apply it onto --base into a new volume.")
+        var delta = false
+
+        @Option(help: "With --delta: POOL/VOLUME holding a copy of the delta's base.")
+        var base: String?
+
         @OptionGroup var folder: PoolFolder
+
+        func validate() throws {
+            if delta && base == nil {
+                throw ValidationError("--delta needs --base POOL/VOLUME: the copy to apply it onto")
+            }
+            if !delta && base != nil { throw ValidationError("--base goes with --delta") }
+            if delta && size != nil {
+                throw ValidationError("--size does not go with --delta: the delta gives the size")
+            }
+        }
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
+            var baseName: String?
+            if let base {
+                let (basePool, name) = try PoolStore.split(base)
+                guard basePool == poolName else {
+                    throw ValidationError("--base must name a volume of pool \(poolName), not of '\(basePool)'")
+                }
+                baseName = name
+            }
             let progress = ProgressLine(label: "importing \(file) into \(volume)")
             let result = try await PoolStore.withPool(poolName, folder: folder) { pool, session in
-                try await pool.importImage(
-                    at: file, into: volumeName, sizeBytes: size, engine: session.engine,
+                if let baseName {
+                    return try await pool.importDelta(
+                        at: file, into: volumeName, base: baseName, engine: session.engine,
+                        progress: { progress.update($0) })
+                }
+                return try await pool.importImage(
+                    at: file, into: volumeName, sizeBytes: size, readOnly: readOnly, engine: session.engine,
                     progress: { progress.update($0) })
             }
             progress.finish()
+            if let base {
+                print(
+                    "applied delta \(file) onto \(base) as read-only \(volume): \(ByteSize.format(result.writtenBytes)) of data written, \(ByteSize.format(result.skippedBytes)) of zeros"
+                )
+                return
+            }
             print(
-                "imported \(file) into \(volume): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) written, \(ByteSize.format(result.skippedBytes)) of zeros left unallocated"
+                "imported \(file) into \(volume): \(ByteSize.format(result.totalBytes)), \(ByteSize.format(result.writtenBytes)) written, \(ByteSize.format(result.skippedBytes)) of zeros left unallocated\(readOnly ? "; read-only" : "")"
             )
         }
     }
@@ -241,7 +284,8 @@ struct VolumeCommand: AsyncParsableCommand {
             discussion: """
                 The file records which volume it copies (an extended attribute). With --since, FILE must be a \
                 copy of that read-only snapshot: only the ranges that changed since it are written, and FILE \
-                becomes a copy of the volume given (an incremental backup; see `volume diff`).
+                becomes a copy of the volume given (an incremental backup; see `volume diff`). With --since \
+                and --delta, the changes go to a new delta file instead, which `volume import --delta` applies.
                 """)
 
         @Argument(help: "POOL/NAME of the volume.")
@@ -253,7 +297,14 @@ struct VolumeCommand: AsyncParsableCommand {
         @Option(help: "POOL/SNAPSHOT that FILE is a copy of: write only what changed since it.")
         var since: String?
 
+        @Flag(help: "With --since: write the changes to a new delta file FILE instead (see `volume import --delta`).")
+        var delta = false
+
         @OptionGroup var folder: PoolFolder
+
+        func validate() throws {
+            if delta && since == nil { throw ValidationError("--delta needs --since POOL/SNAPSHOT: the delta's base") }
+        }
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
@@ -269,6 +320,11 @@ struct VolumeCommand: AsyncParsableCommand {
                 label: baseName == nil
                     ? "exporting \(volume) to \(file)" : "exporting changes since \(since!) to \(file)")
             let result = try await PoolStore.withPool(poolName, folder: folder, readOnly: true) { pool, session in
+                if let baseName, delta {
+                    return try await pool.exportDelta(
+                        of: volumeName, since: baseName, toFileAt: file, engine: session.engine,
+                        progress: { progress.update($0) })
+                }
                 if let baseName {
                     return try await pool.exportChanges(
                         of: volumeName, since: baseName, toImageAt: file, engine: session.engine,
@@ -278,6 +334,12 @@ struct VolumeCommand: AsyncParsableCommand {
                     volumeName, toImageAt: file, engine: session.engine, progress: { progress.update($0) })
             }
             progress.finish()
+            if let since, delta {
+                print(
+                    "wrote the changes of \(volume) since \(since) to delta \(file): \(ByteSize.format(result.totalBytes)) changed, \(ByteSize.format(result.writtenBytes)) of data"
+                )
+                return
+            }
             if let since {
                 print(
                     "exported changes of \(volume) since \(since) to \(file): \(ByteSize.format(result.totalBytes)) changed, \(ByteSize.format(result.writtenBytes)) of data written, \(ByteSize.format(result.skippedBytes)) left as holes; \(file) is now a copy of \(volume)"

@@ -325,12 +325,12 @@ struct IncrementalBackupTests {
 
         // An update to s3 that was cut off: only that update may continue.
         #expect(try run(["volume", "snapshot", "tank/vm", "s3", "--read-only"]).status == 0)
-        try CopyIdentity.write(
-            CopyIdentity.updatingAttribute, "1 00000000-0000-0000-0000-000000000001 99 0 tank/s9", of: backup)
+        try CopyRecord.write(
+            CopyRecord.updatingAttribute, "1 00000000-0000-0000-0000-000000000001 99 0 tank/s9", of: backup)
         let interrupted = try run(["volume", "export", "tank/s3", backup, "--since", "tank/s2"])
         #expect(
             interrupted.errors.contains("an update of this copy to tank/s9 was interrupted"), "\(interrupted.errors)")
-        CopyIdentity.remove(CopyIdentity.updatingAttribute, of: backup)
+        CopyRecord.remove(CopyRecord.updatingAttribute, of: backup)
         #expect(try run(["volume", "export", "tank/s3", backup, "--since", "tank/s2"]).status == 0)
         #expect(try run(["volume", "diff", "tank/s2", "tank/s3"]).output.contains("0 B changed in 0 ranges"))
     }

@@ -6,13 +6,16 @@ extension ThinPool {
     /// sparse-aware: runs of zeros are discarded on the volume (which reads zeros there and
     /// allocates nothing for them), the rest is written. A missing volume is created at the file's
     /// size rounded up to 4 KiB, or `sizeBytes` when larger; an existing one must hold the file.
-    /// The volume is flushed when the call returns.
+    /// The volume is flushed when the call returns. With `readOnly`, the volume is made read-only
+    /// afterwards, and a new one made from a copy that records which volume it copies (an export)
+    /// keeps that record, so deltas taken since that volume apply onto it
+    /// (``importDelta(at:into:base:engine:progress:)``).
     /// - Parameter progress: bytes of the file done, and its size.
     /// - Throws: ``SpindleError`` when the file cannot be read or is larger than the volume, the
     ///   pool has no room, or a device fails.
     public func importImage(
-        at path: String, into volumeName: String, sizeBytes: UInt64? = nil, engine: IOEngine? = nil,
-        progress: (@Sendable (BlockCopy.Progress) -> Void)? = nil
+        at path: String, into volumeName: String, sizeBytes: UInt64? = nil, readOnly: Bool = false,
+        engine: IOEngine? = nil, progress: (@Sendable (BlockCopy.Progress) -> Void)? = nil
     ) async throws -> BlockCopy.Result {
         let fileBytes = try Self.regularFileBytes(path, operation: "import")
         // A file smaller than one block has only a tail.
@@ -22,7 +25,8 @@ extension ThinPool {
         }
         do {
             let target: ThinVolume
-            if try await volumes().contains(where: { $0.name == volumeName }) {
+            let exists = try await volumes().contains(where: { $0.name == volumeName })
+            if exists {
                 target = try await openVolume(name: volumeName)
                 guard target.capacityBytes >= fileBytes else {
                     try? await target.close()
@@ -40,6 +44,14 @@ extension ThinPool {
                     image, fileBytes: fileBytes, path: path, into: target, engine: engine, progress: progress)
                 try await target.close()
                 try await image?.close()
+                if readOnly {
+                    // Only a volume that holds the file and nothing else is a copy of what the file copies.
+                    if !exists, target.capacityBytes == fileBytes, let source = CopyRecord.copyOf(path) {
+                        try await recordCopy(source, in: volumeName)
+                    } else {
+                        try await setReadOnly(name: volumeName, true)
+                    }
+                }
                 return result
             } catch {
                 try? await target.close()
@@ -116,7 +128,7 @@ extension ThinPool {
                 try await target.close()
                 try await source.close()
                 if let info = try await volumes().first(where: { $0.id == source.id }) {
-                    Self.recordCopy(of: info, in: self, at: path)
+                    try await recordCopy(of: info, at: path)
                 }
                 return result
             } catch {

@@ -1,47 +1,14 @@
 internal import CSpindleShims
 import Glibc
 
-/// Which volume an image file is a copy of, kept with the file itself in the extended attribute
-/// `user.spindle.copy-of` (see docs/FORMATS.md): set by ``ThinPool/exportVolume(_:toImageAt:engine:progress:)``
-/// and by ``ThinPool/exportChanges(of:since:toImageAt:engine:progress:)``, and checked by the
-/// latter, so that changes are never applied onto a copy of another volume.
-struct CopyIdentity: Equatable, CustomStringConvertible {
+/// The record an image file keeps of which volume it copies: the extended attribute
+/// `user.spindle.copy-of` holding a ``VolumeIdentity`` as text, and `user.spindle.updating-to` while
+/// changes are being applied (see docs/FORMATS.md). Set by ``ThinPool/exportVolume(_:toImageAt:engine:progress:)``
+/// and ``ThinPool/exportChanges(of:since:toImageAt:engine:progress:)``, checked by the latter, so that
+/// changes are never applied onto a copy of another volume.
+enum CopyRecord {
     static let attribute = "user.spindle.copy-of"
-    /// Set while changes are being applied: the identity the copy is becoming.
     static let updatingAttribute = "user.spindle.updating-to"
-
-    var poolUUID: SpindleUUID
-    var volumeID: UInt64
-    var createdSeconds: UInt64
-    /// POOL/VOLUME when the copy was made (for messages; a rename does not change the identity).
-    var name: String
-
-    var encoded: String { "1 \(poolUUID) \(volumeID) \(createdSeconds) \(name)" }
-    var description: String { "\(name) (volume \(volumeID) of pool \(poolUUID))" }
-
-    init(pool: ThinPool, volume: ThinPool.VolumeInfo) {
-        poolUUID = pool.uuid
-        volumeID = volume.id
-        createdSeconds = volume.createdSeconds
-        name = "\(pool.name)/\(volume.name)"
-    }
-
-    init?(decoding text: String) {
-        let fields = text.split(separator: " ", maxSplits: 4).map(String.init)
-        let hex = fields.count == 5 ? fields[1].replacingOccurrences(of: "-", with: "") : ""
-        guard fields.count == 5, fields[0] == "1", hex.count == 32, let high = UInt64(hex.prefix(16), radix: 16),
-            let low = UInt64(hex.suffix(16), radix: 16), let id = UInt64(fields[2]), let created = UInt64(fields[3])
-        else { return nil }
-        poolUUID = SpindleUUID(high: high, low: low)
-        volumeID = id
-        createdSeconds = created
-        name = fields[4]
-    }
-
-    /// Whether two identities name the same volume (the name may differ after a rename).
-    func sameVolume(as other: CopyIdentity) -> Bool {
-        poolUUID == other.poolUUID && volumeID == other.volumeID && createdSeconds == other.createdSeconds
-    }
 
     /// The attribute `name` of the file at `path`: nil when it has none or the file system keeps none.
     static func read(_ name: String, of path: String) -> String? {
@@ -60,6 +27,11 @@ struct CopyIdentity: Equatable, CustomStringConvertible {
 
     static func remove(_ name: String, of path: String) {
         _ = spindle_remove_attribute(path, name)
+    }
+
+    /// What the file at `path` is a copy of, when it says.
+    static func copyOf(_ path: String) -> VolumeIdentity? {
+        read(attribute, of: path).flatMap(VolumeIdentity.init(decoding:))
     }
 }
 
@@ -91,34 +63,33 @@ extension ThinPool {
         guard let target = volumes.first(where: { $0.name == volumeName }) else {
             throw SpindleError(.notFound, "pool \(name) has no volume named '\(volumeName)'", operation: operation)
         }
-        guard base.readOnly else {
+        guard let baseIdentity = try await contentIdentity(of: base.name) else {
             throw SpindleError(
                 .invalidArgument,
                 "\(name)/\(baseName) is writable, so it may have changed since it was copied; take copies of read-only snapshots and give one as the base",
                 operation: operation, path: path)
         }
         _ = try Self.regularFileBytes(path, operation: operation)
-        let baseIdentity = CopyIdentity(pool: self, volume: base)
-        let targetIdentity = CopyIdentity(pool: self, volume: target)
-        let recorded = CopyIdentity.read(CopyIdentity.attribute, of: path)
-        guard let recorded, let copyOf = CopyIdentity(decoding: recorded), copyOf.sameVolume(as: baseIdentity) else {
+        let targetIdentity = try await contentIdentity(of: target.name) ?? VolumeIdentity(pool: self, volume: target)
+        let recorded = CopyRecord.read(CopyRecord.attribute, of: path)
+        guard let recorded, let copyOf = VolumeIdentity(decoding: recorded), copyOf.sameVolume(as: baseIdentity) else {
             let what =
-                recorded.map { CopyIdentity(decoding: $0).map { "a copy of \($0)" } ?? "an unreadable copy record" }
+                recorded.map { VolumeIdentity(decoding: $0).map { "a copy of \($0)" } ?? "an unreadable copy record" }
                 ?? "no record of what it copies (export \(name)/\(baseName) to it first)"
             throw SpindleError(
                 .invalidArgument, "the file is not a copy of \(name)/\(baseName): it holds \(what)",
                 operation: operation, path: path)
         }
-        if let updating = CopyIdentity.read(CopyIdentity.updatingAttribute, of: path),
-            CopyIdentity(decoding: updating).map({ !$0.sameVolume(as: targetIdentity) }) ?? true
+        if let updating = CopyRecord.read(CopyRecord.updatingAttribute, of: path),
+            VolumeIdentity(decoding: updating).map({ !$0.sameVolume(as: targetIdentity) }) ?? true
         {
             throw SpindleError(
                 .invalidArgument,
-                "an update of this copy to \(CopyIdentity(decoding: updating)?.name ?? "another volume") was interrupted; run that export again first",
+                "an update of this copy to \(VolumeIdentity(decoding: updating)?.name ?? "another volume") was interrupted; run that export again first",
                 operation: operation, path: path)
         }
         let difference = try await difference(from: baseName, to: volumeName)
-        try CopyIdentity.write(CopyIdentity.updatingAttribute, targetIdentity.encoded, of: path)
+        try CopyRecord.write(CopyRecord.updatingAttribute, targetIdentity.encoded, of: path)
         guard truncate(path, off_t(difference.sizeBytes)) == 0 else {
             throw SpindleError.system(errno, operation: "resize the copy", path: path)
         }
@@ -158,18 +129,20 @@ extension ThinPool {
             try? await source.close()
             throw error
         }
-        try CopyIdentity.write(CopyIdentity.attribute, targetIdentity.encoded, of: path)
-        CopyIdentity.remove(CopyIdentity.updatingAttribute, of: path)
+        try CopyRecord.write(CopyRecord.attribute, targetIdentity.encoded, of: path)
+        CopyRecord.remove(CopyRecord.updatingAttribute, of: path)
         try Self.syncFile(path)
         return result
     }
 
-    /// Records on a new full copy which volume it copies (a file system without extended attributes
-    /// keeps no record; such a copy cannot take changes later).
-    static func recordCopy(of volume: VolumeInfo, in pool: ThinPool, at path: String) {
-        CopyIdentity.remove(CopyIdentity.updatingAttribute, of: path)
-        try? CopyIdentity.write(CopyIdentity.attribute, CopyIdentity(pool: pool, volume: volume).encoded, of: path)
-        try? syncFile(path)
+    /// Records on a new full copy of a volume which volume it copies (for a volume restored from a
+    /// copy, the volume that copy was of). A file system without extended attributes keeps no
+    /// record; such a copy cannot take changes later.
+    func recordCopy(of volume: VolumeInfo, at path: String) async throws {
+        let identity = try await contentIdentity(of: volume.name) ?? VolumeIdentity(pool: self, volume: volume)
+        CopyRecord.remove(CopyRecord.updatingAttribute, of: path)
+        try? CopyRecord.write(CopyRecord.attribute, identity.encoded, of: path)
+        try? Self.syncFile(path)
     }
 
     /// Makes the file's data and attributes durable.

@@ -122,6 +122,7 @@ extension ThinPool {
             }
             var current = try state.requireRecord(record.id, name: volumeName)
             current.sizeBytes = sizeBytes
+            current.copyOf = nil  // its contents are no longer the copy's
             state.update(current)
             try await state.commit()
         }
@@ -139,11 +140,39 @@ extension ThinPool {
         }
     }
 
-    /// Marks a volume read-only or writable.
+    /// Marks a volume read-only or writable (which forgets that it holds a copy of another volume,
+    /// see ``contentIdentity(of:)``).
     public func setReadOnly(name volumeName: String, _ readOnly: Bool) async throws {
         try await withState { state in
             var record = try state.requireVolume(volumeName)
             record.readOnly = readOnly
+            // A writable volume may change: it holds no copy any more.
+            if !readOnly { record.copyOf = nil }
+            state.update(record)
+            try await state.commit()
+        }
+    }
+
+    /// What a volume's contents are a copy of: the volume it was restored from
+    /// (``importImage(at:into:sizeBytes:readOnly:engine:progress:)``, ``importDelta(at:into:base:engine:progress:)``), or for a
+    /// read-only volume, itself; nil for a writable one (its contents may change).
+    func contentIdentity(of volumeName: String) async throws -> VolumeIdentity? {
+        try await withState { state in
+            let record = try state.requireVolume(volumeName)
+            guard record.readOnly else { return nil }
+            return record.copyOf
+                ?? VolumeIdentity(
+                    poolUUID: uuid, volumeID: record.id, createdSeconds: record.createdSeconds,
+                    name: "\(name)/\(record.name)")
+        }
+    }
+
+    /// Records that read-only volume `volumeName` holds a copy of `identity`.
+    func recordCopy(_ identity: VolumeIdentity, in volumeName: String) async throws {
+        try await withState { state in
+            var record = try state.requireVolume(volumeName)
+            record.readOnly = true
+            record.copyOf = identity
             state.update(record)
             try await state.commit()
         }

@@ -11,15 +11,20 @@ struct VolumeRecord: Sendable {
     /// Deleted, its mappings being freed in steps (flag 2): not a volume any more, only chunks to
     /// give back (see ``ThinPool/deleteVolume(name:)``).
     var deleting = false
+    /// For a read-only volume restored from a copy (an image file or a delta), the volume that copy
+    /// was of: what changes taken since that volume may be applied onto (fields 14-17; nil: none).
+    var copyOf: VolumeIdentity?
 
     /// Fields per record in the volumes tree (keys `id << 8 | field`).
-    static let fields: UInt64 = 14
+    static let fields: UInt64 = 18
 }
 
 /// The record codec: volume records and the pool's own fields, as entries of the volumes tree.
 extension PoolState {
     /// Writes a record as the fields of the volumes tree: 0 size, 1–8 name, 9 mapping root,
-    /// 10 mapped chunks, 11 origin id, 12 flags (1 = read-only, 2 = deleted, being freed), 13 creation time.
+    /// 10 mapped chunks, 11 origin id, 12 flags (1 = read-only, 2 = deleted, being freed), 13 creation
+    /// time, 14–17 the volume it is a copy of (pool UUID high and low, volume id, creation time; all
+    /// zero for none).
     func storeRecord(_ record: VolumeRecord) async throws {
         var root = area.roots[ThinPool.Root.volumes.rawValue]
         var nameBytes = Array(record.name.utf8)
@@ -30,7 +35,8 @@ extension PoolState {
         }
         fields += [
             record.root, record.mappedChunks, record.origin, (record.readOnly ? 1 : 0) | (record.deleting ? 2 : 0),
-            record.createdSeconds,
+            record.createdSeconds, record.copyOf?.poolUUID.high ?? 0, record.copyOf?.poolUUID.low ?? 0,
+            record.copyOf?.volumeID ?? 0, record.copyOf?.createdSeconds ?? 0,
         ]
         for (field, value) in fields.enumerated() {
             root = try await MetadataBTree.insert(record.id << 8 | UInt64(field), value: value, root: root, in: area)
@@ -89,10 +95,15 @@ extension PoolState {
                     "pool \(name)'s record of volume \(id) is corrupt (name '\(volumeName)', mapping root \(values[9]))",
                     operation: "open pool", path: layout.devices[0].name)
             }
+            // Records written before fields 14-17 existed read them as zeros: no copy.
+            let copyUUID = SpindleUUID(high: values[14], low: values[15])
             let record = VolumeRecord(
                 id: id, name: volumeName, sizeBytes: values[0], root: values[9], mappedChunks: values[10],
                 origin: values[11], readOnly: values[12] & 1 != 0, createdSeconds: values[13],
-                deleting: values[12] & 2 != 0)
+                deleting: values[12] & 2 != 0,
+                copyOf: copyUUID == .zero
+                    ? nil
+                    : VolumeIdentity(poolUUID: copyUUID, volumeID: values[16], createdSeconds: values[17], name: ""))
             if record.deleting { deleting[id] = record } else { records[id] = record }
         }
     }
