@@ -135,6 +135,13 @@ struct FormatMutationTests {
                 #expect(decoded.name.utf8.count <= 4096)
             }
         }
+        let metaContexts = NBDProtocol.metaContextRequest(name: "tank/vm1", queries: ["base:allocation", "qemu:"])
+        #expect(NBDProtocol.decodeMetaContextRequest(metaContexts)?.queries == ["base:allocation", "qemu:"])
+        for bytes in mutations(of: metaContexts, seed: seed &+ 5, count: 2000) {
+            if let decoded = NBDProtocol.decodeMetaContextRequest(bytes) {
+                #expect(decoded.queries.count <= bytes.count / 4)
+            }
+        }
         let alphabet = Array(
             "read-error,write-error,range=0-64M,probability=0.5,latency=2ms,vanish-after=10,=,-:KMGT 0123456789xyz")
         for _ in 0..<2000 {
@@ -142,6 +149,61 @@ struct FormatMutationTests {
                 (0..<Int(random.below(40))).map { _ in alphabet[Int(random.below(UInt64(alphabet.count)))] })
             _ = try? FaultSpec.parse(text)
             _ = try? ByteSize.parse(text)
+        }
+    }
+
+    @Test(
+        "delta files: mutated headers and tables are refused, or decode to the original (bytes no field uses)",
+        arguments: [UInt64(1), 2])
+    func deltaHeader(seed: UInt64) throws {
+        let uuid = SpindleUUID(high: 0x1234, low: 0x5678)
+        var delta = VolumeDelta(
+            base: VolumeIdentity(poolUUID: uuid, volumeID: 2, createdSeconds: 1_700_000_000, name: "tank/s1"),
+            target: VolumeIdentity(poolUUID: uuid, volumeID: 3, createdSeconds: 1_700_000_100, name: "tank/s2"),
+            targetBytes: 64 << 20, chunkBytes: 65536,
+            extents: [
+                .init(offset: 0, length: 65536, kind: .data, checksum: 7),
+                .init(offset: 65536, length: 1 << 20, kind: .zeros),
+                .init(offset: 4 << 20, length: 1 << 20, kind: .data, checksum: 9),
+            ])
+        delta.placeData()
+        let (header, table) = delta.encoded()
+        #expect(try VolumeDelta.decode(header: header, table: table, fileBytes: delta.fileBytes) == delta)
+        var refused = 0
+        for bytes in mutations(of: header + table, seed: seed, count: 2000) {
+            let padded = bytes.count < 8192 ? bytes + [UInt8](repeating: 0, count: 8192 - bytes.count) : bytes
+            let mutatedHeader = Array(padded[0..<4096])
+            guard let tableBytes = try? VolumeDelta.tableBytes(header: mutatedHeader), tableBytes <= padded.count - 4096
+            else {
+                refused += 1
+                continue
+            }
+            let mutatedTable = Array(padded[4096..<(4096 + tableBytes)])
+            if let decoded = try? VolumeDelta.decode(
+                header: mutatedHeader, table: mutatedTable, fileBytes: delta.fileBytes)
+            {
+                #expect(decoded == delta, "a mutated delta decoded with different contents")
+            } else {
+                refused += 1
+            }
+        }
+        #expect(refused > 1000, "most mutations change a checksummed byte")
+        // Out-of-order and out-of-range extents are refused even with good checksums.
+        for bad in [
+            [
+                VolumeDelta.Extent(offset: 65536, length: 65536, kind: .zeros),
+                .init(offset: 0, length: 4096, kind: .zeros),
+            ],
+            [VolumeDelta.Extent(offset: 64 << 20, length: 4096, kind: .zeros)],
+            [VolumeDelta.Extent(offset: 0, length: 2 << 20, kind: .data)],
+        ] {
+            var broken = delta
+            broken.extents = bad
+            broken.placeData()
+            let (badHeader, badTable) = broken.encoded()
+            #expect(throws: VolumeDelta.Problem.self) {
+                try VolumeDelta.decode(header: badHeader, table: badTable, fileBytes: broken.fileBytes)
+            }
         }
     }
 }
