@@ -117,6 +117,15 @@ enum PoolStore {
         return (String(parts[0]), String(parts[1]))
     }
 
+    /// The volume name of `path` (POOL/NAME), which an option names and which must be in `pool`.
+    static func volume(_ path: String, inPool pool: String, option: String) throws -> String {
+        let (otherPool, name) = try split(path)
+        guard otherPool == pool else {
+            throw ValidationError("\(option) must name a volume of pool \(pool), not of '\(otherPool)'")
+        }
+        return name
+    }
+
     /// Opens the pool, runs `body`, and closes everything (committing) whether `body` succeeds or not.
     static func withPool<Result>(
         _ name: String, folder pools: PoolFolder, readOnly: Bool = false,

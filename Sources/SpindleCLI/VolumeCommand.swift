@@ -246,14 +246,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            var baseName: String?
-            if let base {
-                let (basePool, name) = try PoolStore.split(base)
-                guard basePool == poolName else {
-                    throw ValidationError("--base must name a volume of pool \(poolName), not of '\(basePool)'")
-                }
-                baseName = name
-            }
+            let baseName = try base.map { try PoolStore.volume($0, inPool: poolName, option: "--base") }
             let progress = ProgressLine(label: "importing \(file) into \(volume)")
             let result = try await PoolStore.withPool(poolName, folder: folder) { pool, session in
                 if let baseName {
@@ -308,14 +301,7 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let (poolName, volumeName) = try PoolStore.split(volume)
-            var baseName: String?
-            if let since {
-                let (basePool, name) = try PoolStore.split(since)
-                guard basePool == poolName else {
-                    throw ValidationError("--since must name a volume of pool \(poolName), not of '\(basePool)'")
-                }
-                baseName = name
-            }
+            let baseName = try since.map { try PoolStore.volume($0, inPool: poolName, option: "--since") }
             let progress = ProgressLine(
                 label: baseName == nil
                     ? "exporting \(volume) to \(file)" : "exporting changes since \(since!) to \(file)")

@@ -25,10 +25,7 @@ extension VolumeCommand {
 
         func run() async throws {
             let (poolName, oldName) = try PoolStore.split(old)
-            let (newPool, newName) = try PoolStore.split(new)
-            guard newPool == poolName else {
-                throw ValidationError("both volumes must be in one pool ('\(poolName)' and '\(newPool)')")
-            }
+            let newName = try PoolStore.volume(new, inPool: poolName, option: "POOL/NEW")
             let difference = try await PoolStore.withPool(poolName, folder: folder, readOnly: true) { pool, _ in
                 try await pool.difference(from: oldName, to: newName)
             }
