@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Spindle's main demo: the whole story, on image files in a temporary folder.
 # A RAID5 array of four images; a thin pool on it; volumes with checksummed data; a file imported,
-# a snapshot that keeps it while the origin changes; a member failed, data read back degraded, the
-# member replaced and rebuilt with progress, a scrub; a volume grown and shrunk; everything verified.
+# a snapshot that keeps it while the origin changes, an incremental backup of what changed; a member
+# failed, data read back degraded, the member replaced and rebuilt with progress, a scrub; a volume
+# grown and shrunk; everything verified.
 # Usage: Tools/demo.sh            (SPINDLE_DEMO_SIZE=1G Tools/demo.sh for larger members)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,12 @@ run spindle volume export tank/files from-origin.bin
 cmp -s <(head -c 8M from-origin.bin) update.bin && echo "the origin holds the update"
 run spindle pool status tank
 
+step "An incremental backup: what changed since the snapshot, and its copy brought up to date with only that"
+run spindle volume snapshot tank/files after --read-only
+run spindle volume diff tank/before tank/after
+run spindle volume export tank/after from-snapshot.bin --since tank/before
+run cmp from-origin.bin from-snapshot.bin && echo "the copy of 'before' is now a copy of 'after', from 8 MiB of writes"
+
 step "A disk dies: fail m1.img. The pool keeps serving every byte from parity"
 run spindle array fail --member m1.img --scan .
 run spindle array status --scan .
@@ -79,6 +86,7 @@ run spindle bench --volume tank/vm1 --bs 4K --iodepth 32 --size 128M --verify-ex
 
 step "Delete the snapshot (its own chunks return to the pool), and check the metadata like thin_check"
 run spindle volume delete tank/before --yes
+run spindle volume delete tank/after --yes
 run spindle pool check tank
 run spindle pool status tank
 
