@@ -346,6 +346,18 @@ struct NBDStructuredTests {
         let past = try #require(client.structuredReply().first)
         #expect(past.type == 0x8002 && past.error == 22 && past.done, "an error chunk with an offset")
         #expect(RawNBDClient.read(UInt64.self, past.payload, past.payload.count - 8) == 16 << 20)
+        // Alternating data and zero blocks: at most 32 chunks, the last taking the rest as data.
+        var alternating = [UInt8](repeating: 0, count: 1 << 20)
+        for block in stride(from: 0, to: 256, by: 2) {
+            for index in (block * 4096)..<(block * 4096 + 4096) { alternating[index] = UInt8(block % 251 + 1) }
+        }
+        client.request(1, offset: 4 << 20, length: 1 << 20, cookie: 54, payload: alternating)
+        #expect(client.reply()?.error == 0)
+        client.request(0, offset: 4 << 20, length: 1 << 20, cookie: 55)
+        let capped = client.structuredReply()
+        #expect(capped.count == 32 && capped.last?.type == 1 && capped.filter { $0.type == 2 }.count == 15)
+        let reassembled = try #require(client.structuredRead(offset: 4 << 20, length: 1 << 20, cookie: 56))
+        #expect(reassembled.data == alternating)
         // Writes are answered as before.
         client.request(1, offset: 8192, length: 4096, cookie: 53, payload: [UInt8](repeating: 9, count: 4096))
         #expect(client.reply()?.error == 0)

@@ -205,48 +205,45 @@ final class NBDConnection: @unchecked Sendable {
                 replyVectors[1] = iovec(iov_base: base, iov_len: length)
                 count = 2
             } else {
-                let runs = Self.readRuns(UnsafeRawBufferPointer(start: base, count: length))
-                for (index, run) in runs.enumerated() {
-                    let header = replyHeaders + index * Self.headerSlotBytes
+                // Runs of zero units and of the rest, found and written into the reply's chunks in
+                // one pass (no allocation); the last chunk allowed takes whatever is left, as data.
+                let bytes = UnsafeRawBufferPointer(start: base, count: length)
+                func isZero(_ at: Int) -> Bool {
+                    BlockCopy.isZero(UnsafeRawBufferPointer(rebasing: bytes[at..<min(at + Self.holeUnitBytes, length)]))
+                }
+                var chunk = 0
+                var start = 0
+                while start < length {
+                    let zero = chunk < Self.maximumReadChunks - 1 && isZero(start)
+                    var end = min(start + Self.holeUnitBytes, length)
+                    if chunk == Self.maximumReadChunks - 1 {
+                        end = length
+                    } else {
+                        while end < length && isZero(end) == zero { end = min(end + Self.holeUnitBytes, length) }
+                    }
+                    let header = replyHeaders + chunk * Self.headerSlotBytes
                     let slot = UnsafeMutableRawBufferPointer(start: header, count: Self.headerSlotBytes)
-                    let flags = index == runs.count - 1 ? NBDProtocol.replyFlagDone : 0
-                    NBDProtocol.putBigEndian(offset + UInt64(run.range.lowerBound), slot, 20)
-                    if run.zero {
+                    let flags = end == length ? NBDProtocol.replyFlagDone : 0
+                    NBDProtocol.putBigEndian(offset + UInt64(start), slot, 20)
+                    if zero {
                         NBDProtocol.structuredHeader(
                             flags: flags, type: .offsetHole, cookie: cookie, payloadBytes: 12, into: slot)
-                        NBDProtocol.putBigEndian(UInt32(run.range.count), slot, 28)
+                        NBDProtocol.putBigEndian(UInt32(end - start), slot, 28)
                         replyVectors[count] = iovec(iov_base: header, iov_len: 32)
                         count += 1
                     } else {
                         NBDProtocol.structuredHeader(
-                            flags: flags, type: .offsetData, cookie: cookie, payloadBytes: 8 + run.range.count,
-                            into: slot)
+                            flags: flags, type: .offsetData, cookie: cookie, payloadBytes: 8 + end - start, into: slot)
                         replyVectors[count] = iovec(iov_base: header, iov_len: 28)
-                        replyVectors[count + 1] = iovec(iov_base: base + run.range.lowerBound, iov_len: run.range.count)
+                        replyVectors[count + 1] = iovec(iov_base: base + start, iov_len: end - start)
                         count += 2
                     }
+                    chunk += 1
+                    start = end
                 }
             }
             try await send(vectors: replyVectors, count: count)
             withExtendedLifetime(data) {}
         }
-    }
-
-    /// The chunks of a structured read reply: runs of whole zero units and of the rest, at most
-    /// ``maximumReadChunks`` (the last run takes whatever is left, as data when it is mixed).
-    static func readRuns(_ bytes: UnsafeRawBufferPointer) -> [(range: Range<Int>, zero: Bool)] {
-        var runs: [(range: Range<Int>, zero: Bool)] = []
-        var start = 0
-        while start < bytes.count {
-            let end = min(start + holeUnitBytes, bytes.count)
-            let zero = BlockCopy.isZero(UnsafeRawBufferPointer(rebasing: bytes[start..<end]))
-            if let last = runs.last, last.zero == zero || runs.count == maximumReadChunks {
-                runs[runs.count - 1] = (last.range.lowerBound..<end, last.zero && zero)
-            } else {
-                runs.append((start..<end, zero))
-            }
-            start = end
-        }
-        return runs
     }
 }
