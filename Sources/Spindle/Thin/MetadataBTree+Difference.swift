@@ -22,8 +22,10 @@ extension MetadataBTree {
                 left.removeLast()
                 right.removeLast()
             case .expandLeft:
+                try await walk.prefetchPair(left.last, right.last, store: store)
                 try await walk.expand(&left, store: store)
             case .expandRight:
+                try await walk.prefetchPair(right.last, left.last, store: store)
                 try await walk.expand(&right, store: store)
             case .changedLeft(let key):
                 walk.record(key)
@@ -136,6 +138,22 @@ struct DifferenceWalk {
             }
         }
         frontier.append(contentsOf: items.reversed())
+    }
+
+    /// Before a node is expanded, when the other frontier stands at an internal node of the same
+    /// level and first key (its counterpart, to be expanded next): reads both, then reads ahead at
+    /// once the children that are not in both (those in both are shared subtrees, skipped unread).
+    /// So a walk from a cold cache reads each level's changed nodes in one batch, not one by one.
+    func prefetchPair(_ node: Item?, _ counterpart: Item?, store: some MetadataNodeStore) async throws {
+        guard case let .node(block, level, low, _)? = node, level > 0,
+            case let .node(otherBlock, otherLevel, otherLow, _)? = counterpart, otherLevel == level, otherLow == low,
+            otherBlock != block
+        else { return }
+        try await store.prefetch([block, otherBlock])
+        let children = try await store.node(at: block).values
+        let otherChildren = try await store.node(at: otherBlock).values
+        let shared = Set(children).intersection(otherChildren)
+        try await store.prefetch((children + otherChildren).filter { !shared.contains($0) })
     }
 
     /// Adds a changed key (keys arrive in order).
