@@ -16,16 +16,26 @@ extension MetadataBTree {
         let secondRoot = try await store.node(at: second)
         var left: [DifferenceWalk.Item] = [.node(block: first, level: firstRoot.level, low: 0, high: .max)]
         var right: [DifferenceWalk.Item] = [.node(block: second, level: secondRoot.level, low: 0, high: .max)]
+        try await walk.readAhead(left, right, store: store)
         while !left.isEmpty || !right.isEmpty {
+            // Two different leaves over the same keys (a leaf and its copy, as after a write since a
+            // snapshot): every key they may hold is in them, so compare them directly.
+            if case let .node(leftBlock, 0, low, high)? = left.last,
+                case let .node(rightBlock, 0, low2, high2)? =
+                    right.last, leftBlock != rightBlock, low == low2, high == high2
+            {
+                walk.compare(try await store.node(at: leftBlock), try await store.node(at: rightBlock))
+                left.removeLast()
+                right.removeLast()
+                continue
+            }
             switch walk.step(left.last, right.last) {
             case .skipBoth:
                 left.removeLast()
                 right.removeLast()
             case .expandLeft:
-                try await walk.prefetchPair(left.last, right.last, store: store)
                 try await walk.expand(&left, store: store)
             case .expandRight:
-                try await walk.prefetchPair(right.last, left.last, store: store)
                 try await walk.expand(&right, store: store)
             case .changedLeft(let key):
                 walk.record(key)
@@ -140,20 +150,63 @@ struct DifferenceWalk {
         frontier.append(contentsOf: items.reversed())
     }
 
-    /// Before a node is expanded, when the other frontier stands at an internal node of the same
-    /// level and first key (its counterpart, to be expanded next): reads both, then reads ahead at
-    /// once the children that are not in both (those in both are shared subtrees, skipped unread).
-    /// So a walk from a cold cache reads each level's changed nodes in one batch, not one by one.
-    func prefetchPair(_ node: Item?, _ counterpart: Item?, store: some MetadataNodeStore) async throws {
-        guard case let .node(block, level, low, _)? = node, level > 0,
-            case let .node(otherBlock, otherLevel, otherLow, _)? = counterpart, otherLevel == level, otherLow == low,
-            otherBlock != block
-        else { return }
-        try await store.prefetch([block, otherBlock])
-        let children = try await store.node(at: block).values
-        let otherChildren = try await store.node(at: otherBlock).values
-        let shared = Set(children).intersection(otherChildren)
-        try await store.prefetch((children + otherChildren).filter { !shared.contains($0) })
+    /// Reads ahead, one level at a time and each level in one batch, the nodes the walk will read:
+    /// from the two roots down, every child (in `range`) of a node read so far that the other tree
+    /// does not also have among that level's children. So a walk from a cold cache waits for the
+    /// device once per level, not once per node. Shared children are left out whatever their place,
+    /// which is only a guess for reading ahead (the walk itself decides by place as well). A level
+    /// of more than ``readAheadLimit`` nodes is not read ahead (the walk reads what it needs).
+    func readAhead(_ first: [Item], _ second: [Item], store: some MetadataNodeStore) async throws {
+        var levels = (first, second)
+        while true {
+            var children: ([Item], [Item]) = ([], [])
+            for (items, side) in [(levels.0, 0), (levels.1, 1)] {
+                for case let .node(block, level, low, high) in items where level > 0 {
+                    var expanded: [Item] = [.node(block: block, level: level, low: low, high: high)]
+                    try await expand(&expanded, store: store)
+                    if side == 0 { children.0 += expanded } else { children.1 += expanded }
+                }
+            }
+            func blocks(_ items: [Item]) -> Set<UInt64> {
+                Set(items.compactMap { if case let .node(block, _, _, _) = $0 { return block } else { return nil } })
+            }
+            let shared = blocks(children.0).intersection(blocks(children.1))
+            levels = (
+                children.0.filter { if case let .node(block, _, _, _) = $0 { !shared.contains(block) } else { false } },
+                children.1.filter { if case let .node(block, _, _, _) = $0 { !shared.contains(block) } else { false } }
+            )
+            let next = Array(blocks(levels.0).union(blocks(levels.1)))
+            guard !next.isEmpty, next.count <= Self.readAheadLimit else { return }
+            try await store.prefetch(next)
+        }
+    }
+
+    /// Nodes of one level read ahead at most (64 MiB).
+    static let readAheadLimit = 16384
+
+    /// Records the keys in `range` whose entries differ between two leaves, merging their sorted
+    /// entries.
+    mutating func compare(_ left: MetadataNode, _ right: MetadataNode) {
+        var leftIndex = 0
+        var rightIndex = 0
+        while leftIndex < left.keys.count || rightIndex < right.keys.count {
+            let leftKey = leftIndex < left.keys.count ? left.keys[leftIndex] : nil
+            let rightKey = rightIndex < right.keys.count ? right.keys[rightIndex] : nil
+            let key: UInt64
+            let differs: Bool
+            if let leftKey, rightKey == nil || leftKey < rightKey! {
+                (key, differs) = (leftKey, true)
+                leftIndex += 1
+            } else if let rightKey, leftKey == nil || rightKey < leftKey! {
+                (key, differs) = (rightKey, true)
+                rightIndex += 1
+            } else {
+                (key, differs) = (leftKey!, left.values[leftIndex] != right.values[rightIndex])
+                leftIndex += 1
+                rightIndex += 1
+            }
+            if differs && range.contains(key) { record(key) }
+        }
     }
 
     /// Adds a changed key (keys arrive in order).
