@@ -13,6 +13,16 @@ package enum CRC32C {
         return UInt32(raw) ^ 0xFFFF_FFFF
     }
 
+    /// The CRC32C of the bytes that gave `previous` followed by `bytes` (chaining, as for one buffer).
+    package static func checksum(_ bytes: UnsafeRawBufferPointer, continuing previous: UInt32) -> UInt32 {
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return previous }
+        precondition(bytes.count <= Int(Int32.max))
+        let raw = crc32_iscsi(
+            UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: UInt8.self)),
+            Int32(bytes.count), previous ^ 0xFFFF_FFFF)
+        return UInt32(raw) ^ 0xFFFF_FFFF
+    }
+
     package static func checksum(_ bytes: [UInt8]) -> UInt32 {
         bytes.withUnsafeBytes { checksum($0) }
     }

@@ -1,0 +1,586 @@
+import Glibc
+import Synchronization
+
+/// A block device that checks every block it returns: a CRC32C per 4 KiB block (ISA-L), seeded with
+/// the device's UUID and the block's address, kept in a checksum area on the device underneath (as
+/// dm-integrity does under LVM's `--raidintegrity`). A read whose data does not match fails with
+/// ``SpindleError/Code/corrupted`` naming the device and the offset: nothing wrong is returned as
+/// data. Under a RAID array that error is a member read error, which the array answers from the
+/// mirror or parity and rewrites; a pool on a plain image reports it.
+///
+/// What it catches: bits flipped at rest or on the way up, writes that landed at another offset
+/// (the address is in the checksum), writes acknowledged but never stored (the checksum says what
+/// should be there). The layout is ``IntegritySuperblock``'s; `docs/FORMATS.md` documents it.
+///
+/// ## Crashes
+/// Data and checksums are written separately, so a power cut can leave them apart. Before the
+/// first write into a region (``IntegritySuperblock/regionBytes``) since the device was last clean,
+/// its bit is set in the on-disk bitmap (a FUA write); an idle device (no writes for
+/// ``defaultIdleCleanNanos``) flushes and clears the bitmap, as md's write-intent bitmap does. The
+/// regions a crash leaves marked are *suspect*: a block there whose data does not match its
+/// checksum holds its old or its new contents (the block device contract), so
+/// - with ``IntegritySuperblock/CrashPolicy/standalone`` (no redundancy above) it keeps its data and
+///   gets a new checksum, at open;
+/// - with ``IntegritySuperblock/CrashPolicy/redundant`` (under RAID) it reads as corrupted, so that
+///   the array's resync rewrites it from the mirror or parity, and only what redundancy could not
+///   answer is accepted afterwards (``resolveSuspects(acceptingRemaining:)``). A bad block that a
+///   good copy could repair is never blessed (dm-integrity's bitmap mode recomputes checksums over
+///   whatever the data is).
+/// Blocks outside suspect regions always fail as corrupted when they do not match: a flushed block
+/// reads back correct or fails, never silently wrong.
+///
+/// ## Ownership
+/// The integrity device owns the device underneath: closing it flushes, marks it clean and closes
+/// that device. Its ``name`` is the underlying device's, so array members keep their paths.
+public final class IntegrityDevice: BlockDevice {
+    /// What the layer has seen, for status and scrub reports.
+    public struct Statistics: Sendable, Equatable, Codable {
+        /// 4 KiB blocks read and checked.
+        public var blocksVerified: UInt64 = 0
+        /// Distinct blocks found not matching their checksums (each counted once, until rewritten).
+        public var corruptBlocksFound: UInt64 = 0
+        /// Of those, blocks written again since (repaired by the layer above, or overwritten).
+        public var corruptBlocksRewritten: UInt64 = 0
+        /// Blocks in regions a crash left suspect whose data was kept and checksummed afresh.
+        public var blocksAcceptedAfterCrash: UInt64 = 0
+        /// Regions a crash left suspect and not yet resolved.
+        public var suspectRegions: Int = 0
+        /// Checksum blocks (4 KiB, 1024 checksums each) held in memory.
+        public var cachedChecksumBlocks: Int = 0
+    }
+
+    public let superblock: IntegritySuperblock
+    let inner: any BlockDevice
+    let checksum: BlockChecksum
+    public var logicalBlockBytes: Int { IntegritySuperblock.blockBytes }
+    public var capacityBytes: UInt64 { superblock.dataBytes }
+    public var isReadOnly: Bool { inner.isReadOnly }
+    public var discardReadsZeroes: Bool { inner.discardReadsZeroes }
+    public var name: String { inner.name }
+
+    /// Default memory for cached checksums: 64 MiB, the checksums of 64 GiB of data.
+    public static let defaultChecksumCacheBytes = 64 << 20
+    /// An integrity device with no writes for this long flushes and marks itself clean.
+    public static let defaultIdleCleanNanos: UInt64 = 2_000_000_000
+    /// Writes lock 64 KiB units against overlapping writes (so data and checksum land in one order).
+    static let lockUnitShift: UInt64 = 16
+
+    struct CachedChecksums {
+        var entries: [UInt32]
+        var dirty = false
+        /// Being written back (not to be evicted until the write has landed).
+        var writing = false
+        var referenced = true
+    }
+
+    struct State {
+        var cache: [UInt64: CachedChecksums] = [:]
+        var clock: [UInt64] = []
+        var hand = 0
+        /// Per hash slot of checksum block indices, the eviction count at the last eviction there:
+        /// a load that began before it may have read what a since-evicted dirty copy replaced.
+        var evictedAt = [UInt64](repeating: 0, count: 4096)
+        var evictions: UInt64 = 0
+        /// Writes in flight: their first block and new checksums (a read that races one may see
+        /// the new data before the new checksum).
+        var pending: [UInt64: (firstBlock: UInt64, checksums: [UInt32])] = [:]
+        var nextPendingID: UInt64 = 0
+        /// Blocks whose write failed: their data may be old or new, so either checksum is accepted.
+        var alternates: [UInt64: UInt32] = [:]
+        /// Blocks found corrupt and not written since (bounded).
+        var knownBad: Set<UInt64> = []
+        /// Regions written since the device was last clean; suspect regions; what the disk has.
+        var written: [UInt8]
+        var suspect: [UInt8]
+        var onDisk: [UInt8]
+        /// Whether `onDisk` may be trusted by the fast path (false while the cleaner works).
+        var bitmapValid = true
+        var statistics = Statistics()
+    }
+
+    let state: Locked<State>
+    let cacheCapacityBlocks: Int
+    let gate = RequestGate()
+    let unitLocks = StripeLocks()
+    /// Serializes bitmap writes.
+    let bitmapLock = AsyncMutex()
+    /// Serializes write-backs of checksum blocks (so no two writes of one block are in flight).
+    let writebackLock = AsyncMutex()
+    /// Taken by suspect resolution, and by writes into suspect regions while it runs.
+    let resolveLock = AsyncMutex()
+    let writesInFlight = Atomic<Int>(0)
+    let writeGeneration = Atomic<UInt64>(0)
+    let lastWriteNanos = Atomic<UInt64>(0)
+    let idleCleanNanos = Atomic<UInt64>(IntegrityDevice.defaultIdleCleanNanos)
+    let cleaner = Locked<Task<Void, Never>?>(nil)
+
+    init(inner: any BlockDevice, superblock: IntegritySuperblock, bitmap: [UInt8], checksumCacheBytes: Int) {
+        self.inner = inner
+        self.superblock = superblock
+        checksum = BlockChecksum(uuid: superblock.uuid)
+        cacheCapacityBlocks = max(16, checksumCacheBytes / IntegritySuperblock.blockBytes)
+        var initial = State(written: [UInt8](repeating: 0, count: IntegritySuperblock.bitmapBytes), suspect: bitmap,
+            onDisk: bitmap)
+        initial.statistics.suspectRegions = bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
+        state = Locked(initial)
+    }
+
+    // MARK: Format and open
+
+    /// Formats `device` for the integrity layer: zeroes it (zeros match a checksum area of zeros, so
+    /// this costs little on a sparse image), then writes the superblocks. Takes ownership of
+    /// `device` when it returns.
+    /// - Parameters:
+    ///   - policy: how a crash that leaves data and checksums apart is resolved (see the type).
+    ///   - selfCheckedBytes: the first bytes of the data that the owner checks itself (RAID
+    ///     superblocks): after a crash they keep their data whatever the policy.
+    ///   - overwrite: destroy what the device holds; otherwise a device with a Spindle header,
+    ///     another format or any data is refused.
+    /// - Throws: ``SpindleError`` for a device too small, read-only or in use.
+    public static func format(
+        _ device: any BlockDevice, policy: IntegritySuperblock.CrashPolicy = .standalone,
+        selfCheckedBytes: UInt64 = 0, overwrite: Bool = false,
+        checksumCacheBytes: Int = defaultChecksumCacheBytes
+    ) async throws -> IntegrityDevice {
+        guard !device.isReadOnly else {
+            throw SpindleError(.readOnly, "the device is open read-only", operation: "format integrity", path: device.name)
+        }
+        guard IntegritySuperblock.blockBytes % device.logicalBlockBytes == 0 else {
+            throw SpindleError(
+                .invalidArgument,
+                "the device's \(device.logicalBlockBytes)-byte blocks are larger than the 4 KiB blocks the integrity layer checks",
+                operation: "format integrity", path: device.name)
+        }
+        guard
+            let superblock = IntegritySuperblock.layout(
+                underlyingBytes: device.capacityBytes, uuid: .random(), policy: policy,
+                selfCheckedBytes: selfCheckedBytes, createdSeconds: UInt64(max(0, time(nil))))
+        else {
+            throw SpindleError(
+                .invalidArgument,
+                "the device is \(device.capacityBytes) bytes; the integrity layer needs at least 2 MiB",
+                operation: "format integrity", path: device.name)
+        }
+        if !overwrite {
+            if let found = try await DeviceSignature.inspect(device) {
+                throw SpindleError(
+                    .alreadyExists,
+                    "the device holds \(found); refusing to overwrite it (to destroy it, \(DeviceSignature.overwriteHint))",
+                    operation: "format integrity", path: device.name)
+            }
+        }
+        // Everything but the superblocks first, durable, then the superblocks: an interrupted format
+        // leaves no label that promises checksums the device does not have.
+        let rest = IntegritySuperblock.bitmapOffset
+        try await device.writeZeroes(offset: rest, length: superblock.dataOffset + superblock.dataBytes - rest)
+        try await device.flush()
+        let label = AlignedBuffer(count: IntegritySuperblock.headerBytes)
+        superblock.encoded().withUnsafeBytes { label.bytes.copyMemory(from: $0) }
+        for copy in IntegritySuperblock.copyOffsets { try await device.write(from: label, at: copy, fua: true) }
+        let opened = IntegrityDevice(
+            inner: device, superblock: superblock,
+            bitmap: [UInt8](repeating: 0, count: IntegritySuperblock.bitmapBytes),
+            checksumCacheBytes: checksumCacheBytes)
+        opened.startIdleCleaner()
+        return opened
+    }
+
+    /// Reads the integrity superblock of `device`: the first valid copy, or why there is none
+    /// (``IntegritySuperblock/Problem/notFormatted`` when neither copy has the magic).
+    public static func readSuperblock(of device: any BlockDevice) async throws -> Result<
+        IntegritySuperblock, IntegritySuperblock.Problem
+    > {
+        guard device.capacityBytes >= 8192, IntegritySuperblock.blockBytes % device.logicalBlockBytes == 0 else {
+            return .failure(.notFormatted)
+        }
+        var problems: [IntegritySuperblock.Problem] = []
+        let buffer = AlignedBuffer(count: IntegritySuperblock.headerBytes, zeroed: false)
+        for copy in IntegritySuperblock.copyOffsets {
+            do {
+                try await device.read(into: buffer, at: copy)
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                problems.append(.invalid("superblock copy at \(copy) cannot be read: \(error)"))
+                continue
+            }
+            do {
+                return .success(
+                    try IntegritySuperblock.decode(buffer.readOnlyBytes, underlyingBytes: device.capacityBytes))
+            } catch {
+                problems.append(error)
+            }
+        }
+        return .failure(problems.first { $0 != .notFormatted } ?? .notFormatted)
+    }
+
+    /// Opens an integrity device over `device` (formatted by ``format(_:policy:selfCheckedBytes:overwrite:checksumCacheBytes:)``).
+    /// A writable device whose bitmap shows an unclean shutdown resolves the suspect regions the
+    /// policy lets it resolve alone (all of them when standalone; the self-checked prefix when
+    /// redundant) before it returns; a read-only one applies the same rule as it reads. Takes
+    /// ownership of `device` when it returns.
+    /// - Throws: ``SpindleError/Code/corrupted`` for a damaged superblock, ``SpindleError/Code/invalidArgument``
+    ///   for a device with none.
+    public static func open(
+        _ device: any BlockDevice, checksumCacheBytes: Int = defaultChecksumCacheBytes
+    ) async throws -> IntegrityDevice {
+        let superblock: IntegritySuperblock
+        switch try await readSuperblock(of: device) {
+        case let .success(found):
+            superblock = found
+        case .failure(.notFormatted):
+            throw SpindleError(
+                .invalidArgument, "the device has no Spindle integrity superblock", operation: "open integrity",
+                path: device.name)
+        case let .failure(problem):
+            throw SpindleError(
+                .corrupted, problem.description, operation: "open integrity", path: device.name, cause: problem)
+        }
+        let bitmap = AlignedBuffer(count: IntegritySuperblock.bitmapBytes, zeroed: false)
+        try await device.read(into: bitmap, at: IntegritySuperblock.bitmapOffset)
+        var bits = bitmap.array
+        // Bits past the last region mean nothing; a damaged bitmap marks too much, never too little.
+        for region in superblock.regionCount..<(IntegritySuperblock.bitmapBytes * 8) {
+            bits[region / 8] &= ~(1 << UInt8(region % 8))
+        }
+        let opened = IntegrityDevice(
+            inner: device, superblock: superblock, bitmap: bits, checksumCacheBytes: checksumCacheBytes)
+        if !device.isReadOnly {
+            if opened.hasSuspects { _ = try await opened.resolveSuspects(acceptingRemaining: false) }
+            opened.startIdleCleaner()
+        }
+        return opened
+    }
+
+    /// Opens the integrity layer over `device` when it is formatted for one, else returns `device`.
+    public static func openIfFormatted(
+        _ device: any BlockDevice, checksumCacheBytes: Int = defaultChecksumCacheBytes
+    ) async throws -> any BlockDevice {
+        if case .failure(.notFormatted) = try await readSuperblock(of: device) { return device }
+        return try await open(device, checksumCacheBytes: checksumCacheBytes)
+    }
+
+    /// Counts so far.
+    public var statistics: Statistics {
+        state.withLock { state in
+            var statistics = state.statistics
+            statistics.cachedChecksumBlocks = state.cache.count
+            statistics.suspectRegions = state.suspect.reduce(0) { $0 + $1.nonzeroBitCount }
+            return statistics
+        }
+    }
+
+    // MARK: Reads
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
+        try validate(offset: offset, length: buffer.count, operation: "read")
+        try gate.enter(operation: "read", name: name)
+        defer { gate.leave() }
+        let firstBlock = offset / UInt64(IntegritySuperblock.blockBytes)
+        let blockCount = buffer.count / IntegritySuperblock.blockBytes
+        let generation = writeGeneration.load(ordering: .acquiring)
+        let checksumBlocks = Self.checksumBlocks(firstBlock: firstBlock, count: blockCount)
+        if state.withLock({ state in checksumBlocks.allSatisfy { state.cache[$0] != nil } }) {
+            try await inner.read(into: buffer, at: superblock.dataOffset + offset)
+        } else {
+            // The checksums come in beside the data, not after it.
+            async let loaded: Void = loadChecksums(checksumBlocks)
+            try await inner.read(into: buffer, at: superblock.dataOffset + offset)
+            try await loaded
+        }
+        try await verify(buffer, firstBlock: firstBlock, generation: generation)
+    }
+
+    /// The checksum blocks that hold the checksums of `count` blocks from `firstBlock`.
+    static func checksumBlocks(firstBlock: UInt64, count: Int) -> ClosedRange<UInt64> {
+        let perBlock = UInt64(IntegritySuperblock.checksumsPerBlock)
+        return (firstBlock / perBlock)...((firstBlock + UInt64(count) - 1) / perBlock)
+    }
+
+    /// Checks the blocks of `buffer` (read from block `firstBlock`) against their checksums; on a
+    /// mismatch, tells a race with a write, a suspect block and real corruption apart.
+    func verify(_ buffer: UnsafeMutableRawBufferPointer, firstBlock: UInt64, generation: UInt64) async throws {
+        let blockBytes = IntegritySuperblock.blockBytes
+        let blockCount = buffer.count / blockBytes
+        var mismatched: [Int] = []
+        var retries = 0
+        while true {
+            let result = withUnsafeTemporaryAllocation(of: UInt32.self, capacity: blockCount) { computed -> [Int]? in
+                for index in 0..<blockCount {
+                    computed[index] = checksum.stored(
+                        for: UnsafeRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
+                        index: firstBlock + UInt64(index))
+                }
+                return state.withLock { state -> [Int]? in
+                    var bad: [Int] = []
+                    let perBlock = UInt64(IntegritySuperblock.checksumsPerBlock)
+                    for index in 0..<blockCount {
+                        let block = firstBlock + UInt64(index)
+                        guard let cached = state.cache[block / perBlock] else { return nil }
+                        if cached.entries[Int(block % perBlock)] != computed[index] { bad.append(index) }
+                    }
+                    state.statistics.blocksVerified += UInt64(blockCount)
+                    for index in bad where explained(block: firstBlock + UInt64(index), computed: computed[index], state)
+                    {
+                        bad.removeAll { $0 == index }
+                    }
+                    return bad
+                }
+            }
+            guard let result else {
+                // A checksum block was evicted between the load and the check: load it again.
+                try await loadChecksums(Self.checksumBlocks(firstBlock: firstBlock, count: blockCount))
+                continue
+            }
+            mismatched = result
+            if mismatched.isEmpty { return }
+            // A write that completed after the data was read but before the check changed the
+            // checksum under it: read the blocks again (the newer version is as good an answer).
+            guard writeGeneration.load(ordering: .acquiring) != generation, retries < 4 else { break }
+            retries += 1
+            for index in mismatched {
+                let block = firstBlock + UInt64(index)
+                try await inner.read(
+                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
+                    at: superblock.dataOffset + block * UInt64(blockBytes))
+            }
+        }
+        try resolveMismatches(mismatched, in: buffer, firstBlock: firstBlock)
+    }
+
+    /// Whether a block whose data gives `computed` instead of its stored checksum is explained by a
+    /// write in flight or a failed write (either version is a valid answer).
+    private func explained(block: UInt64, computed: UInt32, _ state: State) -> Bool {
+        if state.alternates[block] == computed { return true }
+        for pending in state.pending.values where block >= pending.firstBlock {
+            let index = Int(block - pending.firstBlock)
+            if index < pending.checksums.count && pending.checksums[index] == computed { return true }
+        }
+        return false
+    }
+
+    /// Blocks that fail their checksums: accepted when a crash left them suspect and the policy
+    /// lets this layer decide, otherwise corruption.
+    private func resolveMismatches(_ mismatched: [Int], in buffer: UnsafeMutableRawBufferPointer, firstBlock: UInt64)
+        throws
+    {
+        let blockBytes = IntegritySuperblock.blockBytes
+        let corrupt = state.withLock { state -> [UInt64] in
+            var corrupt: [UInt64] = []
+            for index in mismatched {
+                let block = firstBlock + UInt64(index)
+                let data = UnsafeRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)])
+                if isSuspect(block: block, state) && acceptsAlone(block: block) {
+                    setEntry(block: block, to: checksum.stored(for: data, index: block), &state)
+                    state.statistics.blocksAcceptedAfterCrash += 1
+                    continue
+                }
+                corrupt.append(block)
+                if state.knownBad.count < 1 << 20, state.knownBad.insert(block).inserted {
+                    state.statistics.corruptBlocksFound += 1
+                }
+            }
+            return corrupt
+        }
+        guard let first = corrupt.first else { return }
+        let suspect = state.withLock { isSuspect(block: first, $0) }
+        let offset = first * UInt64(blockBytes)
+        throw SpindleError(
+            .corrupted,
+            "\(corrupt.count) of \(buffer.count / blockBytes) blocks do not match their checksums, the first at offset \(offset) (data at \(superblock.dataOffset + offset) of the device underneath): what is stored there is not what was written"
+                + (suspect
+                    ? "; it was being written when the device last stopped uncleanly, and a resync from redundancy repairs it"
+                    : ""),
+            operation: "read", path: name, offset: offset, length: UInt64(blockBytes))
+    }
+
+    // MARK: Writes
+
+    public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
+        try checkWritable(operation: "write", offset: offset, length: UInt64(buffer.count))
+        try validate(offset: offset, length: buffer.count, operation: "write")
+        try gate.enter(operation: "write", name: name)
+        defer { gate.leave() }
+        let blockBytes = IntegritySuperblock.blockBytes
+        let firstBlock = offset / UInt64(blockBytes)
+        let blockCount = buffer.count / blockBytes
+        let checksums = (0..<blockCount).map { index in
+            checksum.stored(
+                for: UnsafeRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
+                index: firstBlock + UInt64(index))
+        }
+        try await changeBlocks(offset: offset, length: UInt64(buffer.count), checksums: checksums, fua: fua) {
+            try await self.inner.write(from: buffer, at: self.superblock.dataOffset + offset, fua: fua)
+        }
+    }
+
+    /// The frame of every change to data: counts the write in flight, marks its regions in the
+    /// bitmap, locks its units, loads its checksums, runs `body` (which writes the data whose blocks
+    /// have `checksums`), then records them (with FUA, durably).
+    func changeBlocks(
+        offset: UInt64, length: UInt64, checksums: [UInt32], fua: Bool, _ body: () async throws -> Void
+    ) async throws {
+        writesInFlight.add(1, ordering: .sequentiallyConsistent)
+        defer {
+            lastWriteNanos.store(monotonicNanos(), ordering: .relaxed)
+            writesInFlight.subtract(1, ordering: .sequentiallyConsistent)
+        }
+        try await markWritten(offset: offset, length: length)
+        let blockBytes = UInt64(IntegritySuperblock.blockBytes)
+        let firstBlock = offset / blockBytes
+        let blockCount = Int(length / blockBytes)
+        let units = (offset >> Self.lockUnitShift)...((offset + length - 1) >> Self.lockUnitShift)
+        await unitLocks.lock(units)
+        defer { unitLocks.unlock(units) }
+        // While suspect regions are being resolved, a write there waits, so that resolution never
+        // checksums data this write is replacing.
+        let intoSuspect = state.withLock { state in
+            (firstBlock..<(firstBlock + UInt64(blockCount))).contains { isSuspect(block: $0, state) }
+        }
+        if intoSuspect { await resolveLock.lock() }
+        defer { if intoSuspect { resolveLock.unlock() } }
+        let checksumBlocks = Self.checksumBlocks(firstBlock: firstBlock, count: blockCount)
+        try await loadChecksums(checksumBlocks)
+        let id = state.withLock { state -> UInt64 in
+            state.nextPendingID += 1
+            state.pending[state.nextPendingID] = (firstBlock, checksums)
+            return state.nextPendingID
+        }
+        defer { _ = state.withLock { $0.pending.removeValue(forKey: id) } }
+        do {
+            try await body()
+        } catch {
+            // Each block holds its old or its new data now: accept either until it is written again.
+            state.withLock { state in
+                for (index, value) in checksums.enumerated() { state.alternates[firstBlock + UInt64(index)] = value }
+            }
+            throw error
+        }
+        try await record(checksums, firstBlock: firstBlock)
+        writeGeneration.add(1, ordering: .releasing)
+        if fua { try await writeBack(Array(checksumBlocks), fua: true) }
+    }
+
+    /// Records the new checksums of blocks from `firstBlock` (loading any checksum block evicted
+    /// meanwhile) and counts the known-bad blocks they replace.
+    func record(_ checksums: [UInt32], firstBlock: UInt64) async throws {
+        let checksumBlocks = Self.checksumBlocks(firstBlock: firstBlock, count: checksums.count)
+        while true {
+            let done = state.withLock { state -> Bool in
+                guard checksumBlocks.allSatisfy({ state.cache[$0] != nil }) else { return false }
+                for (index, value) in checksums.enumerated() {
+                    let block = firstBlock + UInt64(index)
+                    setEntry(block: block, to: value, &state)
+                    state.alternates.removeValue(forKey: block)
+                    if state.knownBad.remove(block) != nil { state.statistics.corruptBlocksRewritten += 1 }
+                }
+                return true
+            }
+            if done { return }
+            try await loadChecksums(checksumBlocks)
+        }
+    }
+
+    /// Sets a cached checksum (the checksum block must be cached) and marks its block dirty.
+    func setEntry(block: UInt64, to value: UInt32, _ state: inout State) {
+        let perBlock = UInt64(IntegritySuperblock.checksumsPerBlock)
+        state.cache[block / perBlock]!.entries[Int(block % perBlock)] = value
+        // A read-only device keeps what it accepts in memory only (see ``resolveMismatches``).
+        if !inner.isReadOnly { state.cache[block / perBlock]!.dirty = true }
+        state.cache[block / perBlock]!.referenced = true
+    }
+
+    public func flush() async throws {
+        try gate.enter(operation: "flush", name: name)
+        defer { gate.leave() }
+        try await flushChecksumsAndData()
+    }
+
+    /// Writes every dirty checksum block, then flushes the device underneath.
+    func flushChecksumsAndData() async throws {
+        if inner.isReadOnly { return }
+        try await writeBack(nil, fua: false)
+        try await inner.flush()
+    }
+
+    /// A discard reaches the device underneath only when it then reads zeros (so the checksums can
+    /// say zeros); otherwise it is dropped, as discards may be.
+    public func discard(offset: UInt64, length: UInt64) async throws {
+        try checkWritable(operation: "discard", offset: offset, length: length)
+        try validate(offset: offset, length: length, operation: "discard")
+        guard inner.discardReadsZeroes else { return }
+        try gate.enter(operation: "discard", name: name)
+        defer { gate.leave() }
+        try await zeroRange(offset: offset, length: length) { offset, length in
+            try await self.inner.discard(offset: offset, length: length)
+        }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64) async throws {
+        try checkWritable(operation: "write-zeroes", offset: offset, length: length)
+        try validate(offset: offset, length: length, operation: "write-zeroes")
+        try gate.enter(operation: "write-zeroes", name: name)
+        defer { gate.leave() }
+        try await zeroRange(offset: offset, length: length) { offset, length in
+            try await self.inner.writeZeroes(offset: offset, length: length)
+        }
+    }
+
+    /// Zeroes (or discards) data range `offset ..< offset + length` through `zero` in pieces of 64
+    /// MiB, and sets the checksums of its blocks to zero.
+    private func zeroRange(
+        offset: UInt64, length: UInt64, _ zero: @escaping (UInt64, UInt64) async throws -> Void
+    ) async throws {
+        let pieceBytes: UInt64 = 64 << 20
+        var position = offset
+        while position < offset + length {
+            let piece = min(pieceBytes - position % pieceBytes, offset + length - position)
+            let start = position
+            let zeros = [UInt32](repeating: 0, count: Int(piece / UInt64(IntegritySuperblock.blockBytes)))
+            try await changeBlocks(offset: start, length: piece, checksums: zeros, fua: false) {
+                try await zero(self.superblock.dataOffset + start, piece)
+            }
+            position += piece
+        }
+    }
+
+    /// Waits for requests in flight, flushes, marks the device clean and closes the device
+    /// underneath. Closing twice is harmless.
+    public func close() async throws {
+        guard await gate.close() else { return }
+        cleaner.withLock { $0?.cancel() }
+        if !inner.isReadOnly {
+            await bitmapLock.lock()
+            var failure: (any Error)?
+            do {
+                try await flushChecksumsAndData()
+                let clean = state.withLock { $0.suspect }
+                try await writeBitmap(clean)
+                state.withLock { state in
+                    state.onDisk = clean
+                    state.written = [UInt8](repeating: 0, count: IntegritySuperblock.bitmapBytes)
+                }
+            } catch {
+                failure = error
+            }
+            bitmapLock.unlock()
+            try? await inner.close()
+            if let failure { throw failure }
+            return
+        }
+        try await inner.close()
+    }
+}
+
+/// A device that checks what it returns against checksums (``IntegrityDevice``): what a RAID array
+/// asks of members that have one, without knowing their type.
+public protocol IntegrityChecking: BlockDevice {
+    /// Counts of verified, corrupt and repaired blocks.
+    var statistics: IntegrityDevice.Statistics { get }
+    /// Whether regions a crash left suspect are still unresolved.
+    var hasSuspects: Bool { get }
+    /// Resolves suspect regions (see ``IntegrityDevice/resolveSuspects(acceptingRemaining:)``).
+    func resolveSuspects(acceptingRemaining: Bool) async throws -> IntegrityDevice.SuspectResolution
+}
+
+extension IntegrityDevice: IntegrityChecking {}
