@@ -77,6 +77,7 @@ struct ImageCommand: AsyncParsableCommand {
             print("direct I/O:   \(info.directIO ? "yes" : "no, \(info.directIONote ?? "not in use")")")
             print("write lock:   \(info.lockHolder.map { "held by \($0)" } ?? "free")")
             print("contents:     \(info.contents)")
+            if let integrity = info.integrity { print("integrity:    checksummed 4 KiB blocks (layer \(integrity))") }
         }
     }
 }
@@ -105,6 +106,8 @@ struct ImageInfo: Codable {
     var poolDeviceIndex: Int?
     /// A format other than Spindle's, such as "an ext2/ext3/ext4 file system".
     var format: String?
+    /// The UUID of the integrity layer the contents lie under, when the image has one.
+    var integrity: String?
 
     var allocatedPercent: Int { sizeBytes == 0 ? 0 : Int(allocatedBytes * 100 / sizeBytes) }
 
@@ -118,7 +121,18 @@ struct ImageInfo: Codable {
         directIONote = device.directIONote
         lockHolder = nil
         do {
-            switch try await DeviceSignature.find(device) {
+            var finding = try await DeviceSignature.find(device)
+            if case let .integrityDevice(superblock, inside)? = finding {
+                integrity = superblock.uuid.description
+                finding = inside
+            }
+            switch finding {
+            case let .integrityDevice(_, inside)?:
+                contentsKind = "integrity"
+                contents = "a Spindle integrity layer" + (inside.map { " holding \($0)" } ?? "")
+            case let .damagedIntegritySuperblock(problem)?:
+                contentsKind = "damagedIntegritySuperblock"
+                contents = "a damaged Spindle integrity superblock: \(problem)"
             case let .arrayMember(superblock)?:
                 arrayName = superblock.name
                 arrayUUID = superblock.arrayUUID.description

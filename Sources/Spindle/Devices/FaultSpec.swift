@@ -1,10 +1,13 @@
 import Glibc
 
-/// Faults written as text, for command lines: `read-error`, `write-error`, `flush-error`,
+/// Faults written as text, for command lines: `read-error`, `write-error`, `flush-error`, the silent
+/// faults `corrupt-read`, `corrupt-write`, `misdirect-write`, `lose-write` (``FaultyDevice/Silent``),
 /// `range=START-END`, `probability=P`, `errno=N`, `fail-after=N`, `vanish-after=N`, `latency=D`,
-/// `jitter=D`, separated by commas. Sizes take K/M/G suffixes; durations take ns, us, ms or s.
+/// `jitter=D`, separated by commas. `range=` and `probability=` apply to every fault named in the
+/// spec. Sizes take K/M/G suffixes; durations take ns, us, ms or s.
 ///
-/// Examples: `read-error,range=0-64M,probability=0.01` · `vanish-after=100000` · `latency=2ms,jitter=1ms`
+/// Examples: `read-error,range=0-64M,probability=0.01` · `vanish-after=100000` · `latency=2ms,jitter=1ms` ·
+/// `corrupt-write,misdirect-write,probability=0.001`
 public struct FaultSpec: Sendable, Equatable {
     public var faults: [FaultyDevice.Fault] = []
     public var failAfterOperations: UInt64?
@@ -19,6 +22,7 @@ public struct FaultSpec: Sendable, Equatable {
     public static func parse(_ text: String) throws(SpindleError) -> FaultSpec {
         var spec = FaultSpec()
         var kinds: FaultyDevice.Kinds = []
+        var silent: [FaultyDevice.Silent] = []
         var range: Range<UInt64>?
         var probability = 1.0
         var errorNumber = EIO
@@ -35,6 +39,10 @@ public struct FaultSpec: Sendable, Equatable {
             case "read-error": kinds.insert(.reads)
             case "write-error": kinds.insert(.writes)
             case "flush-error": kinds.insert(.flushes)
+            case let name where FaultyDevice.Silent(rawValue: name) != nil:
+                if !silent.contains(FaultyDevice.Silent(rawValue: name)!) {
+                    silent.append(FaultyDevice.Silent(rawValue: name)!)
+                }
             case "range":
                 let bounds = try need().split(separator: "-").map(String.init)
                 guard bounds.count == 2 else { throw invalid(text, "range is START-END, such as 0-64M") }
@@ -67,15 +75,22 @@ public struct FaultSpec: Sendable, Equatable {
             default:
                 throw invalid(
                     text,
-                    "unknown fault '\(key)'; use read-error, write-error, flush-error, range=, probability=, errno=, fail-after=, vanish-after=, latency= or jitter="
+                    "unknown fault '\(key)'; use read-error, write-error, flush-error, corrupt-read, corrupt-write, misdirect-write, lose-write, range=, probability=, errno=, fail-after=, vanish-after=, latency= or jitter="
                 )
             }
         }
         if !kinds.isEmpty {
             spec.faults.append(
                 FaultyDevice.Fault(kinds: kinds, range: range, probability: probability, errno: errorNumber))
-        } else if range != nil || probability != 1 {
-            throw invalid(text, "range= and probability= go with read-error, write-error or flush-error")
+        }
+        for kind in silent {
+            spec.faults.append(FaultyDevice.Fault(kind, range: range, probability: probability))
+        }
+        if kinds.isEmpty && silent.isEmpty && (range != nil || probability != 1) {
+            throw invalid(
+                text,
+                "range= and probability= go with read-error, write-error, flush-error or a silent fault (corrupt-read, corrupt-write, misdirect-write, lose-write)"
+            )
         }
         if spec == FaultSpec() { throw invalid(text, "it names no fault") }
         return spec

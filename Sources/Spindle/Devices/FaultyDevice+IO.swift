@@ -5,17 +5,40 @@ import Glibc
 extension FaultyDevice {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) async throws {
         try validate(offset: offset, length: buffer.count, operation: "read")
-        try await perform(.reads, "read", offset: offset, length: UInt64(buffer.count)) { _ in
+        try await perform(.reads, "read", offset: offset, length: UInt64(buffer.count)) { key, silent in
             try await self.inner.read(into: buffer, at: offset)
-            guard self.volatileCache else { return }
-            self.overlayCache(on: buffer, at: offset)
+            if self.volatileCache { self.overlayCache(on: buffer, at: offset) }
+            if silent == .corruptOnRead {
+                Self.flipBit(in: buffer, key: key)
+                self.state.withLock { $0.statistics.corruptedReads += 1 }
+            }
         }
     }
 
     public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
         try checkWritable(operation: "write", offset: offset, length: UInt64(buffer.count))
         try validate(offset: offset, length: buffer.count, operation: "write")
-        try await perform(.writes, "write", offset: offset, length: UInt64(buffer.count)) { key in
+        try await perform(.writes, "write", offset: offset, length: UInt64(buffer.count)) { key, silent in
+            var buffer = buffer
+            var offset = offset
+            var altered: AlignedBuffer?
+            switch silent {
+            case .lose?:
+                self.state.withLock { $0.statistics.lostWrites += 1 }
+                return
+            case .corruptAtRest?:
+                let copy = Self.copy(buffer)
+                Self.flipBit(in: copy.bytes, key: key)
+                altered = copy
+                buffer = copy.readOnlyBytes
+                self.state.withLock { $0.statistics.corruptedWrites += 1 }
+            case .misdirect?:
+                offset = self.misdirected(offset, length: UInt64(buffer.count), key: key)
+                self.state.withLock { $0.statistics.misdirectedWrites += 1 }
+            default:
+                break
+            }
+            defer { withExtendedLifetime(altered) {} }
             if self.volatileCache && !fua {
                 self.cacheWrite(
                     CachedWrite(
@@ -28,7 +51,7 @@ extension FaultyDevice {
     }
 
     public func flush() async throws {
-        try await perform(.flushes, "flush", offset: nil, length: nil) { _ in
+        try await perform(.flushes, "flush", offset: nil, length: nil) { _, _ in
             guard self.volatileCache else {
                 try await self.inner.flush()
                 return
@@ -55,7 +78,7 @@ extension FaultyDevice {
     public func discard(offset: UInt64, length: UInt64) async throws {
         try checkWritable(operation: "discard", offset: offset, length: length)
         try validate(offset: offset, length: length, operation: "discard")
-        try await perform(.writes, "discard", offset: offset, length: length) { key in
+        try await perform(.writes, "discard", offset: offset, length: length) { key, _ in
             if self.volatileCache {
                 self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .discard, key: key))
             } else {
@@ -67,7 +90,7 @@ extension FaultyDevice {
     public func writeZeroes(offset: UInt64, length: UInt64) async throws {
         try checkWritable(operation: "write-zeroes", offset: offset, length: length)
         try validate(offset: offset, length: length, operation: "write-zeroes")
-        try await perform(.writes, "write-zeroes", offset: offset, length: length) { key in
+        try await perform(.writes, "write-zeroes", offset: offset, length: length) { key, _ in
             if self.volatileCache {
                 self.cacheWrite(CachedWrite(offset: offset, length: length, kind: .zeroes, key: key))
             } else {
@@ -87,7 +110,7 @@ extension FaultyDevice {
     /// Names the jitter draw (fault draws are named by the fault's index).
     private static let jitterSalt: UInt64 = 0x4A17_7E50
     private enum Verdict {
-        case proceed(delayNanos: UInt64, key: UInt64)
+        case proceed(delayNanos: UInt64, key: UInt64, silent: Silent?)
         case fail(SpindleError)
     }
 
@@ -95,17 +118,19 @@ extension FaultyDevice {
     /// latency, runs it (with the key, which a cached write keeps).
     private func perform(
         _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?,
-        _ body: (_ key: UInt64) async throws -> Void
+        _ body: (_ key: UInt64, _ silent: Silent?) async throws -> Void
     ) async throws {
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
         let verdict = decide(kind, operation, offset: offset, length: length)
         let key: UInt64
+        let silent: Silent?
         switch verdict {
         case let .fail(error):
             throw error
-        case let .proceed(delayNanos, decided):
+        case let .proceed(delayNanos, decided, decidedSilent):
             key = decided
+            silent = decidedSilent
             // A disk does not answer faster because its caller gave up: the delay ignores cancellation.
             if delayNanos > 0 { await Self.sleepIgnoringCancellation(nanoseconds: delayNanos) }
         }
@@ -113,9 +138,9 @@ extension FaultyDevice {
             await serial.lock()
             defer { serial.unlock() }
             try checkPower(operation: operation, offset: offset, length: length)
-            try await body(key)
+            try await body(key, silent)
         } else {
-            try await body(key)
+            try await body(key, silent)
         }
     }
 
@@ -171,21 +196,27 @@ extension FaultyDevice {
                     return injected(kind, EIO, &state, operation, offset, length)
                 }
             }
+            var silent: Silent?
             for (index, fault) in state.faults.enumerated() where fault.kinds.contains(kind) {
                 if let range = fault.range {
                     guard let offset, let length, offset < range.upperBound, range.lowerBound < offset + length else {
                         continue
                     }
                 }
+                // Silent faults touch data: reads and writes, not discards or write-zeroes.
+                if fault.silent != nil && operation != "read" && operation != "write" { continue }
                 if FaultDecisions.chance(fault.probability, key: key, salt: UInt64(index)) {
-                    return injected(kind, fault.errno, &state, operation, offset, length)
+                    guard let kindOfSilence = fault.silent else {
+                        return injected(kind, fault.errno, &state, operation, offset, length)
+                    }
+                    silent = silent ?? kindOfSilence
                 }
             }
             var delay = state.latencyNanos
             if state.jitterNanos > 0 {
                 delay += FaultDecisions.below(state.jitterNanos + 1, key: key, salt: Self.jitterSalt)
             }
-            return .proceed(delayNanos: delay, key: key)
+            return .proceed(delayNanos: delay, key: key, silent: silent)
         }
     }
 
@@ -199,6 +230,60 @@ extension FaultyDevice {
             SpindleError(
                 .injectedFault, "injected \(operation) error: \(String(cString: strerror(errno))) (errno \(errno))",
                 errno: errno, operation: operation, path: name, offset: offset, length: length))
+    }
+
+    // MARK: Silent faults
+
+    private static let bitSalt: UInt64 = 0xB17F_11B5
+    private static let misdirectSalt: UInt64 = 0x0FF5_E7ED
+
+    /// Flips one bit of `buffer`, chosen from `key`.
+    static func flipBit(in buffer: UnsafeMutableRawBufferPointer, key: UInt64) {
+        guard buffer.count > 0 else { return }
+        let bit = FaultDecisions.below(UInt64(buffer.count) * 8, key: key, salt: bitSalt)
+        buffer[Int(bit / 8)] ^= 1 << UInt8(bit % 8)
+    }
+
+    /// Where a misdirected write of `length` bytes meant for `offset` lands instead: another
+    /// offset, aligned as requests are, with the write inside the device.
+    func misdirected(_ offset: UInt64, length: UInt64, key: UInt64) -> UInt64 {
+        let block = UInt64(logicalBlockBytes)
+        let places = (capacityBytes - length) / block + 1
+        guard places > 1 else { return offset }
+        let choice = FaultDecisions.below(places - 1, key: key, salt: Self.misdirectSalt)
+        let target = choice * block
+        return target >= offset ? target + block : target
+    }
+
+    /// Bit rot on demand: flips one bit in each of `count` blocks of `blockBytes` in `range`
+    /// (everywhere when nil) of the wrapped device, chosen from the seed, and returns their offsets.
+    /// What is stored changes underneath every layer above, with no error anywhere.
+    @discardableResult
+    public func corruptStoredBlocks(in range: Range<UInt64>? = nil, count: Int, blockBytes: Int = 4096) async throws
+        -> [UInt64]
+    {
+        let block = UInt64(max(blockBytes, inner.logicalBlockBytes))
+        let range = range ?? 0..<capacityBytes
+        let first = (range.lowerBound + block - 1) / block
+        let end = min(range.upperBound, capacityBytes) / block
+        guard end > first else { return [] }
+        var chosen = Set<UInt64>()
+        var attempt: UInt64 = 0
+        let base = state.withLock { state in
+            state.decisions.key(kind: 0x40, offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+        }
+        while chosen.count < min(count, Int(end - first)) {
+            chosen.insert(first + FaultDecisions.below(end - first, key: FaultDecisions.mix(base, attempt), salt: 7))
+            attempt += 1
+        }
+        let buffer = AlignedBuffer(count: Int(block), zeroed: false)
+        for index in chosen.sorted() {
+            try await inner.read(into: buffer, at: index * block)
+            Self.flipBit(in: buffer.bytes, key: FaultDecisions.mix(base, index))
+            try await inner.write(from: buffer, at: index * block)
+        }
+        state.withLock { $0.statistics.rottedBlocks += UInt64(chosen.count) }
+        return chosen.sorted().map { $0 * block }
     }
 
     func checkPower(operation: String, offset: UInt64? = nil, length: UInt64? = nil) throws(SpindleError) {

@@ -48,19 +48,45 @@ public final class FaultyDevice: BlockDevice {
         public static let all: Kinds = [.reads, .writes, .flushes]
     }
 
-    /// An error fault: operations of the given kinds that touch `range` (all of them when nil) fail
-    /// with `errno`, each with the given probability.
+    /// A fault: operations of the given kinds that touch `range` (all of them when nil) fail with
+    /// `errno`, each with the given probability; or, with `silent`, succeed but do the wrong thing.
     public struct Fault: Sendable, Equatable {
         public var kinds: Kinds
         public var range: Range<UInt64>?
         public var probability: Double
         public var errno: Int32
-        public init(kinds: Kinds, range: Range<UInt64>? = nil, probability: Double = 1, errno: Int32 = EIO) {
+        /// A fault that reports success: what only a checksum catches (nil for an error fault).
+        public var silent: Silent?
+        public init(
+            kinds: Kinds, range: Range<UInt64>? = nil, probability: Double = 1, errno: Int32 = EIO,
+            silent: Silent? = nil
+        ) {
             self.kinds = kinds
             self.range = range
             self.probability = probability
             self.errno = errno
+            self.silent = silent
         }
+
+        /// A silent fault of `silent`'s kind (reads for ``Silent/corruptOnRead``, writes otherwise).
+        public init(_ silent: Silent, range: Range<UInt64>? = nil, probability: Double = 1) {
+            self.init(
+                kinds: silent == .corruptOnRead ? .reads : .writes, range: range, probability: probability,
+                silent: silent)
+        }
+    }
+
+    /// What a disk may do wrong while reporting success (TigerBeetle's simulated storage injects the
+    /// same): each choice of bit, offset and fate derives from the seed and the request.
+    public enum Silent: String, Sendable, Equatable, CaseIterable {
+        /// A read returns one bit flipped in one block; what is stored stays right.
+        case corruptOnRead = "corrupt-read"
+        /// A write stores one bit flipped in one block (corruption at rest, as bit rot leaves it).
+        case corruptAtRest = "corrupt-write"
+        /// A write lands at another offset (the same length, block-aligned) instead of its own.
+        case misdirect = "misdirect-write"
+        /// A write is acknowledged and never stored.
+        case lose = "lose-write"
     }
 
     /// What the device has done, for tests and reports.
@@ -76,6 +102,14 @@ public final class FaultyDevice: BlockDevice {
         public var droppedBlocks: UInt64 = 0
         /// Blocks of unflushed writes that a power cut let through (tearing).
         public var tornBlocksWritten: UInt64 = 0
+        /// Silent faults: reads returned with a bit flipped, writes stored with a bit flipped,
+        /// writes that landed elsewhere, writes never stored; and blocks rotted on demand
+        /// (``corruptStoredBlocks(in:count:blockBytes:)``).
+        public var corruptedReads: UInt64 = 0
+        public var corruptedWrites: UInt64 = 0
+        public var misdirectedWrites: UInt64 = 0
+        public var lostWrites: UInt64 = 0
+        public var rottedBlocks: UInt64 = 0
     }
 
     /// What a power cut did to the writes no flush covered.

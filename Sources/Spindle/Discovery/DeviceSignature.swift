@@ -3,13 +3,16 @@
 /// ``ContentSignature`` finds (another known format, or any non-zero data).
 public enum DeviceSignature {
     /// What a device holds, as ``find(_:)`` reports it; `description` reads as a noun phrase.
-    public enum Finding: Sendable, CustomStringConvertible {
+    public indirect enum Finding: Sendable, CustomStringConvertible {
         /// A Spindle array superblock: a member (``RAIDSuperblock/role`` is its slot) or a spare (role -1).
         case arrayMember(RAIDSuperblock)
         case damagedArraySuperblock(RAIDSuperblock.Problem)
         /// A Spindle thin pool label.
         case poolDevice(ThinPoolLabel)
         case damagedPoolLabel(String)
+        /// A Spindle integrity layer (``IntegrityDevice``), and what it holds, if anything.
+        case integrityDevice(IntegritySuperblock, holding: Finding?)
+        case damagedIntegritySuperblock(IntegritySuperblock.Problem)
         /// Another known format (a file system, partition table, disk image, LVM, swap, LUKS), in words.
         case format(String)
         /// Non-zero bytes in no known format, the first at `offset`.
@@ -24,6 +27,9 @@ public enum DeviceSignature {
             case let .poolDevice(label):
                 return "device \(label.deviceIndex) of pool '\(label.poolName)' (\(label.poolUUID))"
             case let .damagedPoolLabel(problem): return "a damaged Spindle pool label (\(problem))"
+            case let .integrityDevice(superblock, holding):
+                return "a Spindle integrity layer (\(superblock.uuid))" + (holding.map { " holding \($0)" } ?? "")
+            case let .damagedIntegritySuperblock(problem): return "a damaged Spindle integrity superblock (\(problem))"
             case let .format(meaning): return meaning
             case let .data(offset): return "data (a non-zero byte at offset \(offset))"
             }
@@ -48,6 +54,18 @@ public enum DeviceSignature {
     /// What the device holds, or nil when every place looked at is zero. Spindle's headers come
     /// first, then what ``ContentSignature/scan(_:)`` finds.
     public static func find(_ device: any BlockDevice) async throws -> Finding? {
+        switch try await IntegrityDevice.readSuperblock(of: device) {
+        case let .success(superblock):
+            // What lies inside, read through a view that writes nothing.
+            let view = IntegrityDevice.view(of: device, superblock: superblock)
+            defer { view.abandon() }
+            let inside = (try? await find(view)).flatMap { $0 }
+            return .integrityDevice(superblock, holding: inside)
+        case .failure(.notFormatted):
+            break
+        case let .failure(problem):
+            return .damagedIntegritySuperblock(problem)
+        }
         switch try await RAIDArray.readSuperblock(of: device) {
         case let .success(superblock):
             return .arrayMember(superblock)

@@ -69,6 +69,7 @@ extension Discovery {
         var faults: [String: FaultSpec] = [:]
         for (path, spec) in options.faults { faults[canonicalPath(path)] = spec }
         var opened: [FileDevice] = []
+        var wrappers: [IntegrityDevice] = []
         do {
             var members: [any BlockDevice] = []
             for source in sources {
@@ -82,11 +83,14 @@ extension Discovery {
                 case let .device(given):
                     device = given
                 }
-                if let spec = faults[canonicalPath(source.name)] {
-                    members.append(InjectedMember(device, spec: spec, seed: options.faultSeed))
-                } else {
-                    members.append(device)
-                }
+                // Faults go under the integrity layer, where a disk's faults happen.
+                let injected: any BlockDevice =
+                    faults[canonicalPath(source.name)].map {
+                        InjectedMember(device, spec: $0, seed: options.faultSeed)
+                    } ?? device
+                let checked = try await IntegrityDevice.openIfFormatted(injected)
+                if let checked = checked as? IntegrityDevice { wrappers.append(checked) }
+                members.append(checked)
             }
             let report = try await RAIDArray.assemble(members: members, force: options.force)
             for note in report.notes { options.notes?("\(report.array.arrayName): \(note)") }
@@ -96,6 +100,7 @@ extension Discovery {
             for file in opened where !used.contains(file.name) { try? await file.close() }
             return report.array
         } catch {
+            for wrapper in wrappers { wrapper.abandon() }
             for file in opened { try? await file.close() }
             throw error
         }
@@ -140,7 +145,7 @@ extension Discovery {
                     devices.append(opened)
                 case let .image(path):
                     if case let .device(given)? = device.source {
-                        devices.append(given)
+                        devices.append(try await IntegrityDevice.openIfFormatted(given))
                         continue
                     }
                     let file = try FileDevice.open(
@@ -148,7 +153,7 @@ extension Discovery {
                         options: FileDevice.Options(readOnly: options.readOnly, directIO: options.directIO))
                     if let note = file.directIONote { options.notes?("\(path): \(note)") }
                     files.append(file)
-                    devices.append(file)
+                    devices.append(try await IntegrityDevice.openIfFormatted(file))
                 }
             }
             let opened = try await ThinPool.open(devices: devices, metadataCacheBytes: options.metadataCacheBytes)

@@ -89,7 +89,20 @@ public struct Discovery: Sendable {
         var labelled: [(label: ThinPoolLabel, location: DiscoveredPool.Device.Location, source: DeviceSource?)] = []
         var members: [SpindleUUID: [DiscoveredArray.Member]] = [:]
         var memberDevices: [String: any BlockDevice] = [:]
-        for (device, source) in entries {
+        for (raw, source) in entries {
+            // An image with the integrity layer is read through it (writing nothing): its header
+            // lies inside.
+            let device: any BlockDevice
+            switch try await IntegrityDevice.readSuperblock(of: raw) {
+            case .failure(.notFormatted):
+                device = raw
+            case let .failure(problem):
+                damaged.append(DamagedHeader(location: .device(source.name), reason: .integritySuperblock(problem)))
+                scanned.append(ScannedDevice(name: source.name, header: .damaged(.integritySuperblock(problem)), source: source))
+                continue
+            case .success:
+                device = try await IntegrityDevice.open(raw, recover: false)
+            }
             let header = try await ScannedDevice.readHeader(of: device)
             scanned.append(ScannedDevice(name: source.name, header: header, source: source))
             switch header {
@@ -263,6 +276,7 @@ public struct DamagedHeader: Sendable, Equatable, CustomStringConvertible {
     public enum Reason: Error, Sendable, Equatable, CustomStringConvertible {
         case arraySuperblock(RAIDSuperblock.Problem)
         case poolLabel(ThinPoolLabel.Problem)
+        case integritySuperblock(IntegritySuperblock.Problem)
         /// The label's block could not be read.
         case poolLabelUnreadable(String)
 
@@ -270,6 +284,7 @@ public struct DamagedHeader: Sendable, Equatable, CustomStringConvertible {
             switch self {
             case let .arraySuperblock(problem): return problem.description
             case let .poolLabel(problem): return problem.description
+            case let .integritySuperblock(problem): return problem.description
             case let .poolLabelUnreadable(message): return message
             }
         }

@@ -221,8 +221,10 @@ public final class IntegrityDevice: BlockDevice {
     /// ownership of `device` when it returns.
     /// - Throws: ``SpindleError/Code/corrupted`` for a damaged superblock, ``SpindleError/Code/invalidArgument``
     ///   for a device with none.
+    /// - Parameter recover: resolve suspect regions at open (on a writable device); without it the
+    ///   device writes nothing until asked to, and reads suspect blocks as a read-only open does.
     public static func open(
-        _ device: any BlockDevice, checksumCacheBytes: Int = defaultChecksumCacheBytes
+        _ device: any BlockDevice, recover: Bool = true, checksumCacheBytes: Int = defaultChecksumCacheBytes
     ) async throws -> IntegrityDevice {
         let superblock: IntegritySuperblock
         switch try await readSuperblock(of: device) {
@@ -245,19 +247,28 @@ public final class IntegrityDevice: BlockDevice {
         }
         let opened = IntegrityDevice(
             inner: device, superblock: superblock, bitmap: bits, checksumCacheBytes: checksumCacheBytes)
-        if !device.isReadOnly {
+        if !device.isReadOnly && recover {
             if opened.hasSuspects { _ = try await opened.resolveSuspects(acceptingRemaining: false) }
             opened.startIdleCleaner()
         }
         return opened
     }
 
+    /// A view for looking inside without writing (what ``DeviceSignature`` reads): every region
+    /// counts as suspect, so a header a crash left apart from its checksum still shows what it is.
+    /// It never flushes; let go of it with ``abandon()``, which leaves `device` open.
+    static func view(of device: any BlockDevice, superblock: IntegritySuperblock) -> IntegrityDevice {
+        IntegrityDevice(
+            inner: device, superblock: superblock,
+            bitmap: [UInt8](repeating: 0xFF, count: IntegritySuperblock.bitmapBytes), checksumCacheBytes: 1 << 20)
+    }
+
     /// Opens the integrity layer over `device` when it is formatted for one, else returns `device`.
     public static func openIfFormatted(
-        _ device: any BlockDevice, checksumCacheBytes: Int = defaultChecksumCacheBytes
+        _ device: any BlockDevice, recover: Bool = true, checksumCacheBytes: Int = defaultChecksumCacheBytes
     ) async throws -> any BlockDevice {
         if case .failure(.notFormatted) = try await readSuperblock(of: device) { return device }
-        return try await open(device, checksumCacheBytes: checksumCacheBytes)
+        return try await open(device, recover: recover, checksumCacheBytes: checksumCacheBytes)
     }
 
     /// Counts so far.
@@ -542,6 +553,13 @@ public final class IntegrityDevice: BlockDevice {
             }
             position += piece
         }
+    }
+
+    /// Lets go of the device without closing what is underneath (a build that failed hands the
+    /// device back to its caller): stops the idle cleaner. Unflushed checksums are dropped, as a
+    /// crash would drop them.
+    func abandon() {
+        cleaner.withLock { $0?.cancel() }
     }
 
     /// Waits for requests in flight, flushes, marks the device clean and closes the device

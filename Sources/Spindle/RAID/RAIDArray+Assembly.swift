@@ -192,10 +192,36 @@ extension RAIDArray {
                 "the array was not shut down cleanly; resynced \(ByteSize.format(resyncedBytes)) of regions being written"
             )
         }
+        notes += try await array.resolveMemberSuspects(resyncAgain: latest.dirty)
         try await array.commitSuperblocks()
         await array.activateSpareIfPossible()
         array.startIdleCleaner()
         return AssemblyReport(array: array, notes: notes, resyncedBytes: resyncedBytes)
+    }
+
+    /// After a crash, members with the integrity layer hold suspect regions: blocks whose data and
+    /// checksum a power cut left apart. The resync above rewrote from redundancy those it could
+    /// (they read as corrupted, as any bad block); what is left had no good copy (a stripe torn on
+    /// two members, a degraded array), so each keeps its data, which is its old or its new
+    /// contents. Then parity is made to agree with it again.
+    func resolveMemberSuspects(resyncAgain: Bool) async throws -> [String] {
+        let members = state.withLock { state in (state.slots.compactMap { $0 } + state.spares) }
+        var notes: [String] = []
+        var accepted: UInt64 = 0
+        for member in members {
+            guard let checked = member.device as? any IntegrityChecking, checked.hasSuspects, !checked.isReadOnly else {
+                continue
+            }
+            let resolution = try await checked.resolveSuspects(acceptingRemaining: true)
+            accepted += resolution.blocksAccepted
+            if resolution.blocksAccepted > 0 {
+                notes.append(
+                    "\(member.name): \(resolution.blocksAccepted) blocks written at the crash had no good copy left and keep their contents"
+                )
+            }
+        }
+        if accepted > 0 && resyncAgain { _ = try await resyncDirtyRegions() }
+        return notes
     }
 
     /// An assembled array and what assembly found.

@@ -103,18 +103,55 @@ extension RAIDArray {
     /// ``rebuild(rateBytesPerSecond:checkpointBytes:stopAtBytes:progress:)``), or becomes a spare when no slot needs it.
     /// - Parameter overwrite: take a device that holds something else (a member of another array,
     ///   a pool, a file system, data), destroying it. A former member of this array is always taken.
+    ///
+    /// In an array with the integrity layer (``usesIntegrity``), a device without one is formatted
+    /// for it first (a former member that has one keeps it).
     public func add(_ device: any BlockDevice, overwrite: Bool = false) async throws {
+        var device = device
+        var formattedHere: IntegrityDevice?
+        if usesIntegrity && !(device is any IntegrityChecking) {
+            if case .success = try await IntegrityDevice.readSuperblock(of: device) {
+                // Formatted already: a former member, or something else the checks below refuse.
+                let opened = try await IntegrityDevice.open(device)
+                formattedHere = opened
+                device = opened
+            }
+        }
+        do {
+            try await add(checking: device, overwrite: overwrite, formatting: usesIntegrity && formattedHere == nil && !(device is any IntegrityChecking))
+        } catch {
+            // Nothing changed hands: the caller keeps the device it passed.
+            formattedHere?.abandon()
+            throw error
+        }
+    }
+
+    private func add(checking device: any BlockDevice, overwrite: Bool, formatting: Bool) async throws {
+        var device = device
         if !overwrite { try await refuseIfInUse(device, operation: "add") }
+        let usableBytes: UInt64
+        if formatting {
+            usableBytes =
+                IntegritySuperblock.layout(
+                    underlyingBytes: device.capacityBytes, uuid: .zero, policy: .redundant,
+                    selfCheckedBytes: Self.dataOffset, createdSeconds: 0)?.dataBytes ?? 0
+        } else {
+            usableBytes = device.capacityBytes
+        }
         guard geometry.redundancy > 0 else {
             throw SpindleError(
                 .unsupported, "RAID\(geometry.level.rawValue) arrays have no redundancy to rebuild onto a new member",
                 operation: "add", path: device.name)
         }
-        guard device.capacityBytes >= Self.dataOffset + geometry.memberDataBytes else {
+        guard usableBytes >= Self.dataOffset + geometry.memberDataBytes else {
             throw SpindleError(
                 .invalidArgument,
-                "the device is \(device.capacityBytes) bytes; members of \(name) need \(Self.dataOffset + geometry.memberDataBytes)",
+                "the device is \(device.capacityBytes) bytes\(formatting ? " (\(usableBytes) under the integrity layer)" : ""); members of \(name) need \(Self.dataOffset + geometry.memberDataBytes)",
                 operation: "add", path: device.name)
+        }
+        if formatting {
+            device = try await IntegrityDevice.format(
+                device, policy: .redundant, selfCheckedBytes: Self.dataOffset, overwrite: true)
         }
         guard device.logicalBlockBytes <= logicalBlockBytes else {
             throw SpindleError(

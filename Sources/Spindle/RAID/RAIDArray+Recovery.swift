@@ -66,6 +66,17 @@ extension RAIDArray {
             public var member: String
             public var memberOffset: UInt64
         }
+
+        /// Per member with the integrity layer: blocks the scrub found failing their checksums, and
+        /// those rewritten from redundancy.
+        public var integrity: [MemberIntegrity] = []
+
+        public struct MemberIntegrity: Sendable, Codable, Equatable {
+            public var slot: Int
+            public var member: String
+            public var corruptBlocksFound: UInt64
+            public var corruptBlocksRepaired: UInt64
+        }
     }
 
     /// Progress of a long operation (rebuild, scrub).
@@ -92,8 +103,18 @@ extension RAIDArray {
         }
         try gate.enter(operation: "scrub", name: name)
         defer { gate.leave() }
-        return try await checkRange(
+        let checked = readableMembers().enumerated().compactMap { slot, member in
+            (member?.device as? any IntegrityChecking).map { (slot, member!.name, $0, $0.statistics) }
+        }
+        var report = try await checkRange(
             memberStart: 0, memberEnd: geometry.memberDataBytes, repair: repair, progress: progress)
+        report.integrity = checked.map { slot, name, device, before in
+            let after = device.statistics
+            return ScrubReport.MemberIntegrity(
+                slot: slot, member: name, corruptBlocksFound: after.corruptBlocksFound - before.corruptBlocksFound,
+                corruptBlocksRepaired: after.corruptBlocksRewritten - before.corruptBlocksRewritten)
+        }
+        return report
     }
 
     /// Checks (and repairs) member data range `memberStart ..< memberEnd`, stripe group by stripe group.

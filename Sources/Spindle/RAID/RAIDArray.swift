@@ -113,9 +113,37 @@ public final class RAIDArray: BlockDevice {
     /// data areas so that parity starts consistent. Members may differ in size; the smallest sets the
     /// array's size.
     /// - Throws: ``SpindleError`` for a bad member count or chunk size, or a member too small.
+    /// - Parameter integrity: put the integrity layer (``IntegrityDevice``, crash policy
+    ///   ``IntegritySuperblock/CrashPolicy/redundant``) under each member, so that a block a member
+    ///   returns wrong fails its checksum and is rebuilt from the others instead of served.
     public static func create(
         name: String, level: RAIDLevel, chunkBytes: UInt64 = defaultChunkBytes, members devices: [any BlockDevice],
-        overwrite: Bool = false
+        overwrite: Bool = false, integrity: Bool = false
+    ) async throws -> RAIDArray {
+        guard integrity else {
+            return try await create(name: name, level: level, chunkBytes: chunkBytes, members: devices, overwrite: overwrite)
+        }
+        var names = Set<String>()
+        for device in devices where !names.insert(device.name).inserted {
+            throw SpindleError(.invalidArgument, "\(device.name) is given twice", path: device.name)
+        }
+        var checked: [IntegrityDevice] = []
+        do {
+            for device in devices {
+                checked.append(
+                    try await IntegrityDevice.format(
+                        device, policy: .redundant, selfCheckedBytes: dataOffset, overwrite: overwrite))
+            }
+            return try await create(name: name, level: level, chunkBytes: chunkBytes, members: checked, overwrite: true)
+        } catch {
+            // Nothing changed hands: the caller keeps (and closes) the devices it passed.
+            for device in checked { device.abandon() }
+            throw error
+        }
+    }
+
+    private static func create(
+        name: String, level: RAIDLevel, chunkBytes: UInt64, members devices: [any BlockDevice], overwrite: Bool
     ) async throws -> RAIDArray {
         guard !name.isEmpty, name.utf8.count <= 63, !name.contains("/") else {
             throw SpindleError(.invalidArgument, "the array name '\(name)' must be 1 to 63 bytes without '/'")
@@ -205,6 +233,8 @@ public final class RAIDArray: BlockDevice {
         /// The file name the slot's member last had (from the superblocks), also when it is missing.
         public var lastKnownName: String?
         public var state: RAIDMemberState
+        /// What the member's integrity layer has seen (nil for a member without one).
+        public var integrity: IntegrityDevice.Statistics? = nil
     }
 
     /// A snapshot of the array's state, for status displays.
@@ -264,13 +294,21 @@ public final class RAIDArray: BlockDevice {
                         memberUUID: (member?.uuid ?? state.recordedSlots[index].member).nonZero,
                         lastKnownName: member.map { RAIDSuperblock.Slot.shortened($0.name) }
                             ?? state.recordedSlots[index].lastKnownName.nonEmpty,
-                        state: state.slotStates[index])
+                        state: state.slotStates[index],
+                        integrity: (member?.device as? any IntegrityChecking)?.statistics)
                 },
                 spares: state.spares.map(\.name),
                 rebuildSlot: state.rebuildSlot >= 0 ? state.rebuildSlot : nil,
                 rebuildDoneBytes: state.rebuildSlot >= 0 ? state.rebuildCheckpointBytes : nil,
                 dirtyRegions: state.bitmap.reduce(0) { $0 + $1.nonzeroBitCount },
                 unrecoverableReads: unrecoverableReads.load(ordering: .relaxed))
+        }
+    }
+
+    /// Whether the members have the integrity layer under them (arrays made with `integrity: true`).
+    public var usesIntegrity: Bool {
+        state.withLock { state in
+            (state.slots.compactMap { $0 } + state.spares).contains { $0.device is any IntegrityChecking }
         }
     }
 
