@@ -69,7 +69,6 @@ extension Discovery {
         var faults: [String: FaultSpec] = [:]
         for (path, spec) in options.faults { faults[canonicalPath(path)] = spec }
         var opened: [FileDevice] = []
-        var wrappers: [IntegrityDevice] = []
         do {
             var members: [any BlockDevice] = []
             for source in sources {
@@ -83,14 +82,12 @@ extension Discovery {
                 case let .device(given):
                     device = given
                 }
-                // Faults go under the integrity layer, where a disk's faults happen.
+                // Faults go under the integrity layer (which assembly opens), where a disk's faults happen.
                 let injected: any BlockDevice =
                     faults[canonicalPath(source.name)].map {
                         InjectedMember(device, spec: $0, seed: options.faultSeed)
                     } ?? device
-                let checked = try await IntegrityDevice.openIfFormatted(injected)
-                if let checked = checked as? IntegrityDevice { wrappers.append(checked) }
-                members.append(checked)
+                members.append(injected)
             }
             let report = try await RAIDArray.assemble(members: members, force: options.force)
             for note in report.notes { options.notes?("\(report.array.arrayName): \(note)") }
@@ -100,7 +97,6 @@ extension Discovery {
             for file in opened where !used.contains(file.name) { try? await file.close() }
             return report.array
         } catch {
-            for wrapper in wrappers { wrapper.abandon() }
             for file in opened { try? await file.close() }
             throw error
         }

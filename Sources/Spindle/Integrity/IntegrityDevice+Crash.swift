@@ -36,11 +36,19 @@ extension IntegrityDevice {
     /// from redundancy first); regions with nothing left unresolved stop being suspect, durably.
     @discardableResult
     public func resolveSuspects(acceptingRemaining: Bool) async throws -> SuspectResolution {
+        try await resolveSuspects(acceptingRemaining: acceptingRemaining, below: nil)
+    }
+
+    /// Resolves the suspect regions that start below `limit` (all of them when nil).
+    func resolveSuspects(acceptingRemaining: Bool, below limit: UInt64?) async throws -> SuspectResolution {
         try checkWritable(operation: "resolve suspect regions")
         await resolveLock.lock()
         defer { resolveLock.unlock() }
         let regions = state.withLock { state in
-            (0..<superblock.regionCount).filter { state.suspect[$0 / 8] & (1 << UInt8($0 % 8)) != 0 }
+            (0..<superblock.regionCount).filter { region in
+                let start = UInt64(region) * superblock.regionBytes
+                return state.suspect[region / 8] & (1 << UInt8(region % 8)) != 0 && start < (limit ?? .max)
+            }
         }
         var result = SuspectResolution()
         var resolved: [Int] = []

@@ -248,7 +248,13 @@ public final class IntegrityDevice: BlockDevice {
         let opened = IntegrityDevice(
             inner: device, superblock: superblock, bitmap: bits, checksumCacheBytes: checksumCacheBytes)
         if !device.isReadOnly && recover {
-            if opened.hasSuspects { _ = try await opened.resolveSuspects(acceptingRemaining: false) }
+            // What this layer may decide alone: everything when standalone; when redundant, only
+            // the owner's headers (the rest waits for the owner's resync from redundancy).
+            if opened.hasSuspects {
+                _ = try await opened.resolveSuspects(
+                    acceptingRemaining: false,
+                    below: superblock.policy == .standalone ? nil : superblock.selfCheckedBytes)
+            }
             opened.startIdleCleaner()
         }
         return opened

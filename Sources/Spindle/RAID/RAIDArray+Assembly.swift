@@ -43,8 +43,32 @@ extension RAIDArray {
     /// left out, and the array runs degraded; ``AssemblyReport/notes`` says which and why. Devices left
     /// out stay open: they remain the caller's to close. Devices in the array are the array's. A dirty
     /// array resyncs the regions its write-intent bitmap marks before returning.
+    ///
+    /// Members with the integrity layer (arrays made with `integrity: true`) are opened through it.
     public static func assemble(members devices: [any BlockDevice], force: Bool = false) async throws -> AssemblyReport
     {
+        var wrappers: [IntegrityDevice] = []
+        do {
+            var members: [any BlockDevice] = []
+            for device in devices {
+                let member = try await IntegrityDevice.openIfFormatted(device)
+                if let wrapper = member as? IntegrityDevice, wrapper !== device { wrappers.append(wrapper) }
+                members.append(member)
+            }
+            let report = try await assembleMembers(members, force: force)
+            // A member left out is the caller's again, without the layer this call put over it.
+            let used = report.array.state.withLock { state in
+                Set((state.slots.compactMap { $0 } + state.spares).map { ObjectIdentifier($0.device) })
+            }
+            for wrapper in wrappers where !used.contains(ObjectIdentifier(wrapper)) { wrapper.abandon() }
+            return report
+        } catch {
+            for wrapper in wrappers { wrapper.abandon() }
+            throw error
+        }
+    }
+
+    private static func assembleMembers(_ devices: [any BlockDevice], force: Bool) async throws -> AssemblyReport {
         guard !devices.isEmpty else { throw SpindleError(.invalidArgument, "no member devices given") }
         var found: [(device: any BlockDevice, superblock: RAIDSuperblock)] = []
         var unreadable: [String] = []
@@ -267,9 +291,14 @@ extension RAIDArray {
         var entries: [Inspection.Device] = []
         var newest: RAIDSuperblock?
         var byMember: [SpindleUUID: (String, UInt64)] = [:]
-        for device in devices {
-            var entry = Inspection.Device(path: device.name)
+        for raw in devices {
+            var entry = Inspection.Device(path: raw.name)
             do {
+                // Through the integrity layer when the device has one, writing nothing.
+                var device = raw
+                if case let .success(superblock) = try await IntegrityDevice.readSuperblock(of: raw) {
+                    device = IntegrityDevice.view(of: raw, superblock: superblock)
+                }
                 switch try await readSuperblock(of: device) {
                 case let .success(block):
                     entry.arrayName = block.name
