@@ -51,6 +51,9 @@ extension ArrayCommand {
                 print("  slot \(slot.index): \(slot.state)\(holder)")
             }
             for spare in array.spares { print("  spare: \(spare)") }
+            if report.integrity == true {
+                print("  integrity: every member checks a CRC32C per 4 KiB block (bad blocks are rebuilt from redundancy)")
+            }
             if let rebuild = array.rebuild {
                 let total = array.memberDataBytes
                 print(
@@ -110,6 +113,8 @@ extension ArrayCommand {
             var memberDataBytes: UInt64?
             var state: String?
             var notes: [String] = []
+            /// Whether the members lie under the integrity layer (checksums per 4 KiB block).
+            var integrity: Bool?
 
             /// The array itself, for printing (not encoded).
             var array: DiscoveredArray?
@@ -117,7 +122,7 @@ extension ArrayCommand {
             enum CodingKeys: String, CodingKey {
                 case devices, name, uuid, level, chunkBytes, memberCount, capacityBytes, events, dirty, slots,
                     rebuildSlot,
-                    rebuildDoneBytes, memberDataBytes, state, notes
+                    rebuildDoneBytes, memberDataBytes, state, notes, integrity
             }
 
             init(array: DiscoveredArray?, devices: [Device]) {
@@ -142,6 +147,7 @@ extension ArrayCommand {
                 memberDataBytes = array.memberDataBytes
                 state = Self.words(array.state)
                 notes = array.notes.map(\.description)
+                integrity = !array.members.isEmpty && array.members.allSatisfy(\.checksummed)
             }
 
             /// The state as status has always printed it.

@@ -40,12 +40,22 @@ struct PoolCommand: AsyncParsableCommand {
 
         @OptionGroup var folder: PoolFolder
 
+        @Flag(
+            help:
+                "Put the integrity layer under each image: a CRC32C per 4 KiB block, so a volume reports a block the disk returns wrong instead of serving it (arrays take it from `array create --integrity`, which also repairs)."
+        )
+        var integrity = false
+
         @Flag(help: "Print the result as JSON.")
         var json = false
 
         func validate() throws {
             guard !devices.isEmpty else {
                 throw ValidationError("give at least one device: an image file or array:NAME")
+            }
+            if integrity && devices.allSatisfy({ $0.hasPrefix("array:") }) {
+                throw ValidationError(
+                    "--integrity applies to image files; for an array, create it with `spindle array create --integrity`")
             }
         }
 
@@ -59,6 +69,7 @@ struct PoolCommand: AsyncParsableCommand {
                     path: folder.path)
             }
             var opened: [any BlockDevice] = []
+            var formatted: [IntegrityDevice] = []
             let created = CreatedImages()
             do {
                 for spec in devices {
@@ -67,7 +78,16 @@ struct PoolCommand: AsyncParsableCommand {
                             spec: spec, discovery: discovery, folder: folder.path, engine: engine, size: size,
                             created: created))
                 }
-                let pool = try await ThinPool.create(name: name, devices: opened, chunkBytes: chunk, overwrite: force)
+                var poolDevices = opened
+                if integrity {
+                    for (index, device) in opened.enumerated() where device is FileDevice {
+                        let checked = try await IntegrityDevice.format(device, policy: .standalone, overwrite: force)
+                        formatted.append(checked)
+                        poolDevices[index] = checked
+                    }
+                }
+                let pool = try await ThinPool.create(
+                    name: name, devices: poolDevices, chunkBytes: chunk, overwrite: force || integrity)
                 let usage = await pool.usage
                 try await pool.close()
                 if json {
@@ -79,6 +99,7 @@ struct PoolCommand: AsyncParsableCommand {
                 }
             } catch {
                 // Refused or failed: the devices are still this command's to close.
+                for device in formatted { device.abandon() }
                 for device in opened { try? await device.close() }
                 created.removeIfRefused(by: error)
                 throw error

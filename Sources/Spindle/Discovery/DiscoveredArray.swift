@@ -7,6 +7,8 @@ public struct DiscoveredArray: Sendable {
         public var device: String
         public var superblock: RAIDSuperblock
         let source: DeviceSource
+        /// Whether the member lies under the integrity layer (an array made with `integrity: true`).
+        public var checksummed = false
 
         /// The slot it was written for, or -1 for a spare.
         public var role: Int { superblock.role }

@@ -108,7 +108,9 @@ public struct Discovery: Sendable {
             switch header {
             case let .arrayMember(superblock):
                 members[superblock.arrayUUID, default: []].append(
-                    DiscoveredArray.Member(device: source.name, superblock: superblock, source: source))
+                    DiscoveredArray.Member(
+                        device: source.name, superblock: superblock, source: source,
+                        checksummed: device is IntegrityDevice))
                 memberDevices[source.name] = device
             case let .poolDevice(label):
                 labelled.append((label, .image(source.name), source))

@@ -564,7 +564,7 @@ public final class IntegrityDevice: BlockDevice {
     /// Lets go of the device without closing what is underneath (a build that failed hands the
     /// device back to its caller): stops the idle cleaner. Unflushed checksums are dropped, as a
     /// crash would drop them.
-    func abandon() {
+    public func abandon() {
         cleaner.withLock { $0?.cancel() }
     }
 

@@ -109,6 +109,21 @@ public struct IntegritySuperblock: Sendable, Equatable {
             selfCheckedBytes: min(selfCheckedBytes, dataBytes), createdSeconds: createdSeconds)
     }
 
+    /// The smallest underlying size (a multiple of 4 KiB) whose layout holds `dataBytes` of data.
+    public static func underlyingBytes(forDataBytes dataBytes: UInt64) -> UInt64 {
+        let block = UInt64(blockBytes)
+        var size = max(2 << 20, alignUp(dataBytes + dataBytes / 1024 + (2 << 20), to: block))
+        // Step down while a smaller size still fits (the estimate is generous by up to a MiB or so).
+        while size > 2 << 20,
+            let smaller = layout(
+                underlyingBytes: size - block, uuid: .zero, policy: .standalone, selfCheckedBytes: 0, createdSeconds: 0),
+            smaller.dataBytes >= dataBytes
+        {
+            size -= block
+        }
+        return size
+    }
+
     static func alignUp(_ value: UInt64, to alignment: UInt64) -> UInt64 {
         (value + alignment - 1) / alignment * alignment
     }
