@@ -32,6 +32,12 @@ struct SimulateCommand: AsyncParsableCommand {
     @Option(help: "RAID levels to alternate, comma-separated: 0, 1, 5.")
     var levels: String = "5,1,0"
 
+    @Flag(
+        help:
+            "Put the integrity layer under every member and add silent faults (corrupt-read, corrupt-write, misdirect-write, lose-write, bit rot) on one member at a time: every read must still return the model's data, and a scrub with repair must leave the members right."
+    )
+    var integrity = false
+
     @Flag(help: "Print the totals as JSON.")
     var json = false
 
@@ -61,6 +67,13 @@ struct SimulateCommand: AsyncParsableCommand {
         var chunkSizes: [UInt64] = []
         var runsWithPool = 0
         var runsOnArray = 0
+        /// With --integrity: silent fault episodes and the member requests they hit, by kind; blocks
+        /// found failing their checksums, rewritten after that, and kept after a crash.
+        var silentFaultEpisodes: [String: Int] = [:]
+        var silentFaultsInjected: [String: Int] = [:]
+        var corruptBlocksFound = 0
+        var corruptBlocksRepaired = 0
+        var blocksAcceptedAfterCrash = 0
 
         mutating func count(_ configuration: StackSimulation.Configuration) {
             let level = "raid\(configuration.level.rawValue)"
@@ -98,7 +111,13 @@ struct SimulateCommand: AsyncParsableCommand {
             for level in levelList {
                 var options = StackSimulation.Options(seed: next, level: level)
                 options.operations = operations
+                options.integrity = integrity
                 let report = await StackSimulation.run(options)
+                for (kind, count) in report.silentFaultEpisodes { totals.silentFaultEpisodes[kind, default: 0] += count }
+                for (kind, count) in report.silentFaultsInjected { totals.silentFaultsInjected[kind, default: 0] += count }
+                totals.corruptBlocksFound += report.corruptBlocksFound
+                totals.corruptBlocksRepaired += report.corruptBlocksRepaired
+                totals.blocksAcceptedAfterCrash += report.blocksAcceptedAfterCrash
                 totals.runs += 1
                 totals.operations += report.operations
                 totals.reads += report.reads
@@ -152,7 +171,7 @@ struct SimulateCommand: AsyncParsableCommand {
                   reads \(totals.reads), writes \(totals.writes), flushes \(totals.flushes), discards/zeroes \(totals.discards), snapshots \(totals.snapshots), volume creates/deletes/resizes \(totals.volumeChanges)
                   configurations: \(totals.coverage)
                   faults: read-error episodes \(totals.injectedReadErrors) (reads failed where no redundancy was left: \(totals.unrecoverableReads)), write errors \(totals.injectedWriteErrors), member failures \(totals.memberFailures) (rebuilds \(totals.rebuilds), paused part way \(totals.pausedRebuilds)), power cuts \(totals.powerCuts), idle cleans \(totals.idleCleans), writes refused by a full pool \(totals.poolFullErrors)
-                  mismatches \(totals.mismatches), failed runs \(totals.failedSeeds.count)\(totals.failedSeeds.isEmpty ? "" : ": " + totals.failedSeeds.joined(separator: ", "))
+                \(integrity ? "  silent faults: " + totals.silentFaultEpisodes.keys.sorted().map { "\($0) \(totals.silentFaultEpisodes[$0]!) episodes (\(totals.silentFaultsInjected[$0] ?? 0) hits)" }.joined(separator: ", ") + "; blocks failing checksums \(totals.corruptBlocksFound), rewritten from redundancy \(totals.corruptBlocksRepaired), kept after a crash \(totals.blocksAcceptedAfterCrash)\n" : "")  mismatches (wrong data read) \(totals.mismatches), failed runs \(totals.failedSeeds.count)\(totals.failedSeeds.isEmpty ? "" : ": " + totals.failedSeeds.joined(separator: ", "))
                 """)
         }
         if !totals.failedSeeds.isEmpty { throw ExitCode(1) }

@@ -8,7 +8,7 @@ extension FaultyDevice {
         try await perform(.reads, "read", offset: offset, length: UInt64(buffer.count)) { key, silent in
             try await self.inner.read(into: buffer, at: offset)
             if self.volatileCache { self.overlayCache(on: buffer, at: offset) }
-            if silent == .corruptOnRead {
+            if silent?.kind == .corruptOnRead {
                 Self.flipBit(in: buffer, key: key)
                 self.state.withLock { $0.statistics.corruptedReads += 1 }
             }
@@ -22,7 +22,7 @@ extension FaultyDevice {
             var buffer = buffer
             var offset = offset
             var altered: AlignedBuffer?
-            switch silent {
+            switch silent?.kind {
             case .lose?:
                 self.state.withLock { $0.statistics.lostWrites += 1 }
                 return
@@ -33,7 +33,7 @@ extension FaultyDevice {
                 buffer = copy.readOnlyBytes
                 self.state.withLock { $0.statistics.corruptedWrites += 1 }
             case .misdirect?:
-                offset = self.misdirected(offset, length: UInt64(buffer.count), key: key)
+                offset = self.misdirected(offset, length: UInt64(buffer.count), within: silent?.within, key: key)
                 self.state.withLock { $0.statistics.misdirectedWrites += 1 }
             default:
                 break
@@ -110,7 +110,7 @@ extension FaultyDevice {
     /// Names the jitter draw (fault draws are named by the fault's index).
     private static let jitterSalt: UInt64 = 0x4A17_7E50
     private enum Verdict {
-        case proceed(delayNanos: UInt64, key: UInt64, silent: Silent?)
+        case proceed(delayNanos: UInt64, key: UInt64, silent: Silent?, within: Range<UInt64>?)
         case fail(SpindleError)
     }
 
@@ -118,19 +118,19 @@ extension FaultyDevice {
     /// latency, runs it (with the key, which a cached write keeps).
     private func perform(
         _ kind: Kinds, _ operation: String, offset: UInt64?, length: UInt64?,
-        _ body: (_ key: UInt64, _ silent: Silent?) async throws -> Void
+        _ body: (_ key: UInt64, _ silent: (kind: Silent, within: Range<UInt64>?)?) async throws -> Void
     ) async throws {
         try gate.enter(operation: operation, name: name)
         defer { gate.leave() }
         let verdict = decide(kind, operation, offset: offset, length: length)
         let key: UInt64
-        let silent: Silent?
+        let silent: (kind: Silent, within: Range<UInt64>?)?
         switch verdict {
         case let .fail(error):
             throw error
-        case let .proceed(delayNanos, decided, decidedSilent):
+        case let .proceed(delayNanos, decided, decidedSilent, within):
             key = decided
-            silent = decidedSilent
+            silent = decidedSilent.map { ($0, within) }
             // A disk does not answer faster because its caller gave up: the delay ignores cancellation.
             if delayNanos > 0 { await Self.sleepIgnoringCancellation(nanoseconds: delayNanos) }
         }
@@ -197,6 +197,7 @@ extension FaultyDevice {
                 }
             }
             var silent: Silent?
+            var within: Range<UInt64>?
             for (index, fault) in state.faults.enumerated() where fault.kinds.contains(kind) {
                 if let range = fault.range {
                     guard let offset, let length, offset < range.upperBound, range.lowerBound < offset + length else {
@@ -209,14 +210,17 @@ extension FaultyDevice {
                     guard let kindOfSilence = fault.silent else {
                         return injected(kind, fault.errno, &state, operation, offset, length)
                     }
-                    silent = silent ?? kindOfSilence
+                    if silent == nil {
+                        silent = kindOfSilence
+                        within = fault.range
+                    }
                 }
             }
             var delay = state.latencyNanos
             if state.jitterNanos > 0 {
                 delay += FaultDecisions.below(state.jitterNanos + 1, key: key, salt: Self.jitterSalt)
             }
-            return .proceed(delayNanos: delay, key: key, silent: silent)
+            return .proceed(delayNanos: delay, key: key, silent: silent, within: within)
         }
     }
 
@@ -245,14 +249,17 @@ extension FaultyDevice {
     }
 
     /// Where a misdirected write of `length` bytes meant for `offset` lands instead: another
-    /// offset, aligned as requests are, with the write inside the device.
-    func misdirected(_ offset: UInt64, length: UInt64, key: UInt64) -> UInt64 {
+    /// offset, aligned as requests are, with the write inside the fault's range (the device when
+    /// it has none).
+    func misdirected(_ offset: UInt64, length: UInt64, within range: Range<UInt64>?, key: UInt64) -> UInt64 {
         let block = UInt64(logicalBlockBytes)
-        let places = (capacityBytes - length) / block + 1
+        let start = ((range?.lowerBound ?? 0) + block - 1) / block * block
+        let end = min(range?.upperBound ?? capacityBytes, capacityBytes)
+        guard end >= start + length else { return offset }
+        let places = (end - start - length) / block + 1
         guard places > 1 else { return offset }
-        let choice = FaultDecisions.below(places - 1, key: key, salt: Self.misdirectSalt)
-        let target = choice * block
-        return target >= offset ? target + block : target
+        let target = start + FaultDecisions.below(places, key: key, salt: Self.misdirectSalt) * block
+        return target == offset ? (target + block + length <= end ? target + block : start) : target
     }
 
     /// Bit rot on demand: flips one bit in each of `count` blocks of `blockBytes` in `range`

@@ -210,13 +210,18 @@ extension RAIDArray {
                 bitmap: [UInt8](repeating: 0, count: bitmapBytes), failed: false, recordedSlots: latest.slots),
             logicalBlockBytes: blockBytes)
         var resyncedBytes: UInt64 = 0
+        if latest.dirty && array.membersHaveSuspects {
+            // Members with the integrity layer first take what redundancy can give them; what is
+            // left keeps its contents; then the resync below makes parity agree with that.
+            _ = try await array.resyncDirtyRegions(rebuildingMember: false)
+        }
+        notes += try await array.resolveMemberSuspects()
         if latest.dirty {
             resyncedBytes = try await array.resyncDirtyRegions()
             notes.append(
                 "the array was not shut down cleanly; resynced \(ByteSize.format(resyncedBytes)) of regions being written"
             )
         }
-        notes += try await array.resolveMemberSuspects(resyncAgain: latest.dirty)
         try await array.commitSuperblocks()
         await array.activateSpareIfPossible()
         array.startIdleCleaner()
@@ -227,24 +232,26 @@ extension RAIDArray {
     /// checksum a power cut left apart. The resync above rewrote from redundancy those it could
     /// (they read as corrupted, as any bad block); what is left had no good copy (a stripe torn on
     /// two members, a degraded array), so each keeps its data, which is its old or its new
-    /// contents. Then parity is made to agree with it again.
-    func resolveMemberSuspects(resyncAgain: Bool) async throws -> [String] {
+    /// contents. The resync after this makes parity agree with it again.
+    var membersHaveSuspects: Bool {
+        let members = state.withLock { state in (state.slots.compactMap { $0 } + state.spares) }
+        return members.contains { ($0.device as? any IntegrityChecking)?.hasSuspects == true }
+    }
+
+    func resolveMemberSuspects() async throws -> [String] {
         let members = state.withLock { state in (state.slots.compactMap { $0 } + state.spares) }
         var notes: [String] = []
-        var accepted: UInt64 = 0
         for member in members {
             guard let checked = member.device as? any IntegrityChecking, checked.hasSuspects, !checked.isReadOnly else {
                 continue
             }
             let resolution = try await checked.resolveSuspects(acceptingRemaining: true)
-            accepted += resolution.blocksAccepted
             if resolution.blocksAccepted > 0 {
                 notes.append(
                     "\(member.name): \(resolution.blocksAccepted) blocks written at the crash had no good copy left and keep their contents"
                 )
             }
         }
-        if accepted > 0 && resyncAgain { _ = try await resyncDirtyRegions() }
         return notes
     }
 

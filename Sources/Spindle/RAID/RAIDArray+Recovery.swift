@@ -2,7 +2,10 @@ extension RAIDArray {
     /// After an unclean shutdown: makes mirrors or parity agree again in the regions the write-intent
     /// bitmap marks (all of the array when no member's bitmap can be read). Keeps the dirty state, so
     /// a crash during resync leads to another.
-    func resyncDirtyRegions() async throws -> UInt64 {
+    ///
+    /// Without `rebuildingMember`, the member being rebuilt is left as it is (a first pass that
+    /// repairs members with the integrity layer from redundancy, before their suspects are resolved).
+    func resyncDirtyRegions(rebuildingMember: Bool = true) async throws -> UInt64 {
         guard geometry.redundancy > 0 else { return 0 }
         let readable = readableMembers()
         // The union of every member's bitmap: a member added or rebuilt since the bits were set
@@ -30,7 +33,7 @@ extension RAIDArray {
             let start = UInt64(region) * regionBytes
             let end = min(start + regionBytes, geometry.memberDataBytes)
             _ = try await checkRange(memberStart: start, memberEnd: end, repair: true, progress: nil)
-            if rebuildSlot >= 0 {
+            if rebuildSlot >= 0 && rebuildingMember {
                 var position = start
                 while position < min(end, checkpoint) {
                     let length = min(step, min(end, checkpoint) - position)

@@ -13,6 +13,10 @@ extension StackSimulation.Run {
                 record.report.idleCleans += 1
             }
         }
+        // The cut is a fault on every member: one member's silent faults end (and are repaired)
+        // first, so that no stripe meets two at once.
+        if silentEpisode != nil { try await endFaultEpisode() }
+        collectIntegrityCounts()
         log("power cut")
         for device in members {
             device.clearFaults()
@@ -23,6 +27,13 @@ extension StackSimulation.Run {
         let assembly = try await RAIDArray.assemble(members: members)
         array = assembly.array
         array.setIdleCleanDelay(nanoseconds: .max)
+        quietIntegrity()
+        for member in array.writableMembers() + array.readableMembers() {
+            if let checked = member?.device as? IntegrityDevice, checked.hasSuspects {
+                throw Mismatch(
+                    message: "seed \(options.seed): after reassembly \(checked.name) still has suspect regions (\(checked.statistics))")
+            }
+        }
         if config.withPool {
             let reopened = try await ThinPool.open(devices: [array])
             pool = reopened
@@ -68,6 +79,7 @@ extension StackSimulation.Run {
     /// The end of a run: faults cleared and a degraded array made whole, then the pool checked, every
     /// byte read back against the model, and mirrors and parity scrubbed.
     func finish() async throws {
+        if silentEpisode != nil { try await endFaultEpisode() }
         for device in members { device.clearFaults() }
         if extended && !isWhole() {
             // Finish what is pending so the scrub below sees every member.
@@ -103,7 +115,14 @@ extension StackSimulation.Run {
                         "seed \(options.seed): scrub found \(scrub.mismatches) stripes whose parity disagrees with the data"
                 )
             }
+            guard scrub.integrity.allSatisfy({ $0.corruptBlocksFound == 0 }) else {
+                throw Mismatch(
+                    message:
+                        "seed \(options.seed): at the end, \(scrub.integrity.map(\.corruptBlocksFound).reduce(0, +)) blocks fail their checksums"
+                )
+            }
         }
+        collectIntegrityCounts()
         try await array.close()
     }
 }

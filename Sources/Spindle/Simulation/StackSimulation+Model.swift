@@ -95,6 +95,13 @@ extension StackSimulation {
                 report.memberWritesFailed += Int(statistics.injectedWriteErrors)
                 report.powerCutBlocksDropped += Int(statistics.droppedBlocks)
                 report.powerCutBlocksWritten += Int(statistics.tornBlocksWritten)
+                for (kind, count) in [
+                    ("corrupt-read", statistics.corruptedReads), ("corrupt-write", statistics.corruptedWrites),
+                    ("misdirect-write", statistics.misdirectedWrites), ("lose-write", statistics.lostWrites),
+                    ("rot", statistics.rottedBlocks),
+                ] where count > 0 {
+                    report.silentFaultsInjected[kind, default: 0] += Int(count)
+                }
             }
             report.trace = (fullTrace ? steps[...] : steps.suffix(30)).map(\.text)
             return report

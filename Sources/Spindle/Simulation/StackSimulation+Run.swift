@@ -24,8 +24,10 @@ extension StackSimulation {
         var models: [String: VolumeModel]
         /// The number of the current operation.
         var counter = 0
-        /// 1 while read errors injected on a member are active.
+        /// 1 while read errors (or silent faults) injected on a member are active.
         var readErrorsActive = 0
+        /// The kind of the silent fault episode under way, if one is.
+        var silentEpisode: String?
 
         var memberBytes: UInt64 { config.memberBytes }
         /// The smallest request: the members' logical block.
@@ -43,13 +45,19 @@ extension StackSimulation {
             self.tight = tight
             let widened = extended && options.widened
             self.widened = widened
-            let config =
+            var config =
                 widened
                 ? Configuration.drawn(seed: options.seed, level: options.level, tight: tight)
                 : Configuration(
                     level: options.level, members: options.members, chunkBytes: 16384, withPool: true,
                     memberBytes: tight ? (options.level == .raid5 ? 4 << 20 : 5 << 20) : options.memberBytes,
                     blockBytes: 4096)
+            if options.integrity {
+                // The layer takes about 0.1% and its own MiB: members grow by that, and take 4 KiB requests.
+                config.memberBytes = IntegritySuperblock.underlyingBytes(forDataBytes: config.memberBytes)
+                config.blockBytes = 4096
+                config.integrity = true
+            }
             self.config = config
             record.report.configuration = config
             let members = try (1...config.members).map { try Self.member($0, options: options, config: config) }
@@ -57,7 +65,9 @@ extension StackSimulation {
             self.members = members
             record.devices = members
             array = try await RAIDArray.create(
-                name: "sim", level: config.level, chunkBytes: config.chunkBytes, members: members)
+                name: "sim", level: config.level, chunkBytes: config.chunkBytes, members: members,
+                integrity: options.integrity)
+            Self.quietIntegrity(of: array)
             // Wall-clock behaviour (marking an idle array clean) would make runs differ by timing; the
             // simulation makes its own idle moments.
             array.setIdleCleanDelay(nanoseconds: .max)
@@ -89,6 +99,27 @@ extension StackSimulation {
             let member = try Self.member(memberCounter, options: options, config: config)
             record.devices.append(member)
             return member
+        }
+
+        /// Turns off the members' integrity layers' idle cleaning (wall-clock behaviour would make
+        /// runs differ by timing), for members added or reassembled too.
+        func quietIntegrity() { Self.quietIntegrity(of: array) }
+
+        static func quietIntegrity(of array: RAIDArray) {
+            for member in array.readableMembers() + array.writableMembers() {
+                (member?.device as? IntegrityDevice)?.setIdleCleanDelay(nanoseconds: 0)
+            }
+        }
+
+        /// Where the array's data lies on a member's disk: under the integrity layer, past its
+        /// checksums and the array's metadata (silent faults hit there, so that each of them is one
+        /// a checksum must catch, and none lands on a header that carries its own).
+        var memberDataRange: Range<UInt64> {
+            let layout = IntegritySuperblock.layout(
+                underlyingBytes: config.memberBytes, uuid: .zero, policy: .redundant,
+                selfCheckedBytes: RAIDArray.dataOffset, createdSeconds: 0)!
+            let start = layout.dataOffset + RAIDArray.dataOffset
+            return start..<(start + array.geometry.memberDataBytes)
         }
 
         /// Starts epoch `epoch` on every member: from here on, which requests meet faults depends only
@@ -226,6 +257,7 @@ extension StackSimulation {
             }
             let replacement = try newMember()
             try await array.replace(memberNamed: victim.name, with: replacement)
+            quietIntegrity()
             members[members.firstIndex { $0 === victim }!] = replacement
             record.report.memberFailures += 1
             if extended && random.chance(0.4) {

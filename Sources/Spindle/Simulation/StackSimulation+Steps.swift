@@ -182,9 +182,9 @@ extension StackSimulation.Run {
         // Read errors on one member: the array answers from redundancy and repairs.
         let member = members[Int(random.below(UInt64(members.count)))]
         if readErrorsActive > 0 {
-            log("read errors stop")
-            for device in members { device.clearFaults() }
-            readErrorsActive = 0
+            try await endFaultEpisode()
+        } else if mayFault() && options.integrity && random.chance(0.75) {
+            try await startSilentEpisode(on: member)
         } else if mayFault() {
             log("read errors on \(member.name)")
             member.failReads(probability: 0.05)
@@ -216,6 +216,69 @@ extension StackSimulation.Run {
                         "seed \(options.seed): read errors while degraded changed the members' states from \(before) to \(array.status.slots.map(\.state))"
                 )
             }
+        }
+    }
+
+    /// Silent faults on one member (the level tolerates one): what only a checksum catches. Reads
+    /// must still return the model's data, the array rebuilding what the member returns wrong.
+    private func startSilentEpisode(on member: FaultyDevice) async throws {
+        let kinds: [FaultyDevice.Silent?] = [.corruptOnRead, .corruptAtRest, .misdirect, .lose, nil]
+        let kind = kinds[Int(random.below(UInt64(kinds.count)))]
+        let name = kind?.rawValue ?? "rot"
+        readErrorsActive = 1
+        silentEpisode = name
+        record.report.silentFaultEpisodes[name, default: 0] += 1
+        if let kind {
+            log("silent faults on \(member.name): \(name)")
+            member.inject(FaultyDevice.Fault(kind, range: memberDataRange, probability: 0.1))
+        } else {
+            let count = 1 + Int(random.below(8))
+            log("bit rot on \(member.name): \(count) blocks")
+            try await member.corruptStoredBlocks(in: memberDataRange, count: count)
+        }
+    }
+
+    /// Ends read errors or silent faults; after silent ones, a scrub that repairs must leave every
+    /// member right (no stripe that disagrees, nothing unreadable), as the checksums tell it which
+    /// copy is wrong, and the repairs are flushed.
+    func endFaultEpisode() async throws {
+        for device in members { device.clearFaults() }
+        readErrorsActive = 0
+        guard let kind = silentEpisode else {
+            log("read errors stop")
+            return
+        }
+        silentEpisode = nil
+        log("\(kind) stops; scrub and repair")
+        let scrub = try await array.scrub(repair: true)
+        guard scrub.mismatches == 0, scrub.unreadable.isEmpty else {
+            throw Mismatch(
+                message:
+                    "seed \(options.seed): after \(kind) on one member, a scrub found \(scrub.mismatches) stripes that disagree and \(scrub.unreadable.count) unreadable chunks; the checksums should have told the wrong member"
+            )
+        }
+        // The repairs reach the disks: else a power cut could drop them from a member's cache and
+        // tear the same stripe on another member, two faults in one stripe.
+        if let pool { try await pool.commit() } else { try await array.flush() }
+        commitAll()
+        let again = try await array.scrub(repair: false)
+        guard again.integrity.allSatisfy({ $0.corruptBlocksFound == 0 }), again.mismatches == 0 else {
+            throw Mismatch(
+                message:
+                    "seed \(options.seed): after a scrub with repair, \(again.integrity.map(\.corruptBlocksFound).reduce(0, +)) blocks still fail their checksums"
+            )
+        }
+    }
+
+    /// Adds what the members' integrity layers counted to the report (before they are replaced by
+    /// a reassembly, and at the end).
+    func collectIntegrityCounts() {
+        for member in array.readableMembers() + array.writableMembers() {
+            guard let checked = member?.device as? IntegrityDevice else { continue }
+            let statistics = checked.statistics
+            record.report.corruptBlocksFound += Int(statistics.corruptBlocksFound)
+            record.report.corruptBlocksRepaired += Int(statistics.corruptBlocksRewritten)
+            record.report.blocksAcceptedAfterCrash += Int(statistics.blocksAcceptedAfterCrash)
         }
     }
 

@@ -39,6 +39,12 @@ public enum StackSimulation {
         /// redundancy and read errors while degraded. Off (or without the extended faults), the run
         /// uses ``members`` members, 16 KiB chunks and a pool, as earlier versions did for the seed.
         public var widened = true
+        /// The integrity layer under every member (``RAIDArray/create(name:level:chunkBytes:members:overwrite:integrity:)``),
+        /// and silent faults among the member faults: corruption at rest and on reads, misdirected
+        /// and lost writes, bit rot. Each read must then return the model's data: the array rebuilds
+        /// what a member returns wrong. An episode of faults ends with a scrub that repairs, after
+        /// which the members agree again.
+        public var integrity = false
 
         /// A run on a level drawn from the seed (RAID0, RAID1 or RAID5).
         public init(seed: UInt64) {
@@ -67,6 +73,8 @@ public enum StackSimulation {
         public var memberBytes: UInt64
         /// The members' logical block size (the smallest request).
         public var blockBytes: Int
+        /// The integrity layer under every member.
+        public var integrity = false
 
         /// Member counts RAID1 2-4, RAID5 3-8, RAID0 2-8; chunks 4 KiB to 1 MiB; a pool in two runs
         /// of three. Members are sized so the array holds about 20 MiB with a pool (9 MiB, or 4 for
@@ -90,7 +98,7 @@ public enum StackSimulation {
         }
 
         public var description: String {
-            "raid\(level.rawValue), \(members) members, \(ByteSize.format(chunkBytes)) chunks, \(withPool ? "thin volumes in a pool" : "the array itself, \(blockBytes)-byte blocks")"
+            "raid\(level.rawValue), \(members) members, \(ByteSize.format(chunkBytes)) chunks\(integrity ? ", checksummed members" : ""), \(withPool ? "thin volumes in a pool" : "the array itself, \(blockBytes)-byte blocks")"
         }
     }
 
@@ -126,6 +134,16 @@ public enum StackSimulation {
         public var powerCutBlocksDropped = 0
         /// Blocks of unflushed member writes that power cuts let through (torn writes).
         public var powerCutBlocksWritten = 0
+        /// With ``Options/integrity``: silent fault episodes started, by kind (`corrupt-read`,
+        /// `corrupt-write`, `misdirect-write`, `lose-write`, `rot`).
+        public var silentFaultEpisodes: [String: Int] = [:]
+        /// Member requests the silent faults hit, by kind, over every member (blocks for `rot`).
+        public var silentFaultsInjected: [String: Int] = [:]
+        /// Blocks that failed their checksums on a member, and blocks rewritten after that.
+        public var corruptBlocksFound = 0
+        public var corruptBlocksRepaired = 0
+        /// Blocks that a crash left apart from their checksums and that kept their contents.
+        public var blocksAcceptedAfterCrash = 0
         /// What went wrong, when something did.
         public var failure: String?
         /// The last operations before the failure (or the end).
