@@ -166,6 +166,35 @@ struct IntegrityDeviceTests {
         try await device.close()
     }
 
+    @Test("a lost write of a block that ends with its own CRC32C (as every Spindle header does) is caught")
+    func selfChecksummedBlocks() async throws {
+        #expect(CRC32.checksum(UnsafeRawBufferPointer(start: "123456789", count: 9)) == 0xCBF4_3926)
+        let memory = try MemoryDevice(capacityBytes: 4 << 20, name: "headers.img")
+        let faulty = FaultyDevice(wrapping: memory, seed: 2, name: "headers.img")
+        let device = try await IntegrityDevice.format(faulty)
+        func header(_ sequence: UInt8) -> AlignedBuffer {
+            let block = AlignedBuffer(count: 4096)
+            block.bytes[0] = 0x53
+            block.bytes[16] = sequence
+            let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: block.bytes[0..<4092]))
+            block.bytes.storeBytes(of: crc.littleEndian, toByteOffset: 4092, as: UInt32.self)
+            return block
+        }
+        // Two versions of a self-checked block have the same CRC32C over their 4 KiB (the residue).
+        let first = header(1)
+        let second = header(2)
+        #expect(CRC32C.checksum(first.readOnlyBytes) == CRC32C.checksum(second.readOnlyBytes))
+        try await device.write(from: first, at: 8192)
+        try await device.flush()
+        faulty.inject(FaultyDevice.Fault(.lose))
+        try await device.write(from: second, at: 8192)
+        faulty.clearFaults()
+        #expect(faulty.statistics.lostWrites == 1)
+        let back = AlignedBuffer(count: 4096)
+        expectError(await spindleError { try await device.read(into: back, at: 8192) }, .corrupted, ["offset 8192"])
+        try await device.close()
+    }
+
     @Test("a block copied from another integrity device, at the same offset, fails its check")
     func blocksCarryTheirDevice() async throws {
         let first = try MemoryDevice(capacityBytes: 4 << 20, name: "a.img")

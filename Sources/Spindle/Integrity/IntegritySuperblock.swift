@@ -210,9 +210,13 @@ public struct IntegritySuperblock: Sendable, Equatable {
 /// The checksum of a data block as the integrity layer stores it. Pure.
 ///
 /// CRC32C (ISA-L) of the device UUID, the block's index (little-endian UInt64) and its 4 KiB, so that
-/// a block written to the wrong place, or copied from another device, fails its check. A block of
-/// zeros stores 0, so a checksum area of zeros (a new, sparse device) describes a data area of zeros;
-/// any other block stores its CRC, with 0 mapped to 1.
+/// a block written to the wrong place, or copied from another device, fails its check; XORed with the
+/// CRC32 (IEEE) of the 4 KiB. The second CRC is needed: a block that ends with the CRC32C of what
+/// precedes it (every Spindle header, and many other formats' blocks) has a CRC32C that does not
+/// depend on its contents (the CRC "residue"), so CRC32C alone could not tell an old version of such a
+/// block from a new one; a CRC of another polynomial can. A block of zeros stores 0, so a checksum
+/// area of zeros (a new, sparse device) describes a data area of zeros; any other block stores its
+/// checksum, with 0 mapped to 1.
 package struct BlockChecksum: Sendable {
     /// CRC32C of the device UUID: the start every block's checksum continues from.
     let deviceSeed: UInt32
@@ -239,7 +243,7 @@ package struct BlockChecksum: Sendable {
     private func crc(_ data: UnsafeRawBufferPointer, index: UInt64) -> UInt32 {
         var indexBytes = index.littleEndian
         let seeded = withUnsafeBytes(of: &indexBytes) { CRC32C.checksum($0, continuing: deviceSeed) }
-        let value = CRC32C.checksum(data, continuing: seeded)
+        let value = CRC32C.checksum(data, continuing: seeded) ^ CRC32.checksum(data)
         return value == 0 ? 1 : value
     }
 

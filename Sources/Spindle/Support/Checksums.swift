@@ -28,6 +28,16 @@ package enum CRC32C {
     }
 }
 
+/// CRC32 (IEEE 802.3, reflected: zlib's, gzip's and PNG's), computed by ISA-L. The integrity layer
+/// mixes it into its block checksums (see ``BlockChecksum``).
+package enum CRC32 {
+    /// zlib's `crc32(0, bytes, count)`: "123456789" gives 0xCBF43926.
+    package static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
+        return UInt32(crc32_gzip_refl(0, base.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count)))
+    }
+}
+
 /// A checksum as 0x and eight hex digits, for messages.
 func hex(_ value: UInt32) -> String {
     let text = String(value, radix: 16)

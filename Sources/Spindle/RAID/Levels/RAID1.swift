@@ -33,10 +33,18 @@ final class RAID1: RAIDPersonality {
     /// Reads the mirrors after `extent.member` in turn until one answers, then copies its answer over
     /// the mirrors that answered with an error (the member too, with `rewrite`). A mirror that is
     /// gone is failed.
+    ///
+    /// Holds the extent's stripe locks throughout, as writes do: else a write landing between the
+    /// read of the good mirror and the rewrite would be undone on the bad one by the older copy
+    /// (the mirrors would then disagree, each one passing its checks).
     func reconstruct(
         _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool,
         memberError: (any Error)?, array: RAIDArray
     ) async throws {
+        let stripes = (extent.memberOffset / geometry.chunkBytes)...((extent.memberOffset + extent.length - 1)
+            / geometry.chunkBytes)
+        await array.stripeLocks.lock(stripes)
+        defer { array.stripeLocks.unlock(stripes) }
         let readable = array.readableMembers()
         let offset = RAIDArray.dataOffset + extent.memberOffset
         var bad: [Int] = []
