@@ -8,6 +8,11 @@ against fio reading one member sequentially.
 
     Tools/compare-raid.py                    # 1 GiB members, 3 rounds of 5 s
     Tools/compare-raid.py --member-size 512M --rounds 5
+    Tools/compare-raid.py --integrity        # RAID5 x4 with the integrity layer against without it
+
+With --integrity, two RAID5 arrays of four members are made side by side, one with
+`array create --integrity`; spindle bench runs the same loads on each, alternately, and the rebuild
+of one member is timed on each; the ISA-L checksum rates are printed beside memcpy's.
 """
 import argparse
 import json
@@ -51,6 +56,66 @@ def spindle_bench(spindle, members, rw, bs, depth, runtime, extra=()):
     return report["iops"], report["mebibytesPerSecond"]
 
 
+def compare_integrity(spindle, args, work):
+    """RAID5 x4 with the integrity layer under each member against the same array without it."""
+    member_bytes = size_bytes(args.member_size) + (1 << 20)
+    arrays = {}
+    for kind, extra in (("plain", []), ("integrity", ["--integrity"])):
+        folder = os.path.join(work, kind)
+        os.makedirs(folder)
+        members = [os.path.join(folder, f"m{i}.img") for i in range(4)]
+        # The integrity layer takes 0.1% and a MiB of each image: grow those so both arrays hold the same data.
+        size = member_bytes + (member_bytes // 1024 + (2 << 20) if extra else 0)
+        run([spindle, "array", "create", kind, "--level", "5", "--size", str(size), *members, *extra])
+        capacity = json.loads(run([spindle, "array", "status", "--json", *members]))["capacityBytes"]
+        print(f"filling the {kind} array ({capacity >> 20} MiB)...", file=sys.stderr)
+        run([spindle, "bench", "--array", *members, "--rw", "write", "--bs", "768K", "--iodepth", "8",
+             "--ops", str(capacity // (768 << 10)), "--json"])
+        arrays[kind] = (folder, members)
+    rows = []
+    loads = [("randread 4K depth 32", "randread", "4k", 32, 0, 0.85),
+             ("randwrite 4K depth 32", "randwrite", "4k", 32, 0, 0.70),
+             ("full-stripe write 768K depth 8", "write", "768k", 8, 1, 0.80)]
+    for label, rw, bs, depth, measure, target in loads:
+        values = {"plain": [], "integrity": []}
+        for index in range(args.rounds):
+            for kind in (["plain", "integrity"] if index % 2 == 0 else ["integrity", "plain"]):
+                values[kind].append(spindle_bench(spindle, arrays[kind][1], rw, bs, depth, args.runtime)[measure])
+            print(f"  {label} round {index + 1}: plain {values['plain'][-1]:.0f}, integrity {values['integrity'][-1]:.0f}",
+                  file=sys.stderr)
+        rows.append((label, "IOPS" if measure == 0 else "MiB/s", statistics.median(values["plain"]),
+                     statistics.median(values["integrity"]), target))
+    rebuilds = {"plain": [], "integrity": []}
+    for index in range(args.rounds):
+        for kind in (["plain", "integrity"] if index % 2 == 0 else ["integrity", "plain"]):
+            folder, members = arrays[kind]
+            run([spindle, "array", "fail", "--member", members[1], *members])
+            replacement = os.path.join(folder, f"r{index}.img")
+            started = time.monotonic()
+            run([spindle, "array", "replace", "--old", members[1], "--new", replacement, *members],
+                stderr=subprocess.DEVNULL)
+            rebuilds[kind].append(size_bytes(args.member_size) / 1048576 / (time.monotonic() - started))
+            os.replace(replacement, members[1])
+        print(f"  rebuild round {index + 1}: plain {rebuilds['plain'][-1]:.0f} MiB/s, "
+              f"integrity {rebuilds['integrity'][-1]:.0f} MiB/s", file=sys.stderr)
+    rows.append((f"rebuild one {args.member_size} member", "MiB/s", statistics.median(rebuilds["plain"]),
+                 statistics.median(rebuilds["integrity"]), 0.80))
+    rates = json.loads(run([spindle, "bench", "--checksum-rate", "--json"]))
+    print(f"RAID5, 4 members of {args.member_size}, 64 KiB chunks, O_DIRECT, {args.runtime} s per run, median of "
+          f"{args.rounds} alternating rounds; the same loads on an array with the integrity layer and on one without")
+    print()
+    print("| load | without | with integrity | ratio | target |")
+    print("|---|---|---|---|---|")
+    for label, unit, plain, checked, target in rows:
+        ratio = checked / plain if plain else 0
+        print(f"| {label} | {plain:,.0f} {unit} | {checked:,.0f} {unit} | {ratio:.2f}x | "
+              f">= {target:.2f}x ({'met' if ratio >= target else 'missed'}) |")
+    print()
+    print(f"Checksums of 4 KiB blocks in memory, one core: the integrity layer's block checksum (CRC32C and CRC32) "
+          f"{rates['blockChecksumMiBPerSecond']:,.0f} MiB/s, CRC32C alone {rates['crc32cMiBPerSecond']:,.0f} MiB/s, "
+          f"memcpy {rates['memcpyMiBPerSecond']:,.0f} MiB/s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -59,6 +124,8 @@ def main():
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--spindle")
     parser.add_argument("--levels", default="raid0,raid1,raid5", help="comma-separated: raid0, raid1, raid5")
+    parser.add_argument("--integrity", action="store_true",
+                        help="compare RAID5 x4 with the integrity layer against the same array without it")
     args = parser.parse_args()
     if not shutil.which("fio"):
         sys.exit("fio is missing: install it with 'apt-get install fio'")
@@ -67,6 +134,13 @@ def main():
         subprocess.run(["swift", "build", "-c", "release", "--product", "spindle"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         spindle = os.path.join(run(["swift", "build", "-c", "release", "--show-bin-path"], cwd=ROOT).strip(), "spindle")
+    if args.integrity:
+        work = tempfile.mkdtemp(prefix="spindle-integrity-", dir=args.dir)
+        try:
+            compare_integrity(spindle, args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     member_bytes = size_bytes(args.member_size) + (1 << 20)  # the data area plus Spindle's 1 MiB of metadata
     rows = []
     work = tempfile.mkdtemp(prefix="spindle-raid-", dir=args.dir)

@@ -19,6 +19,26 @@ struct StackSimulationTests {
     }
 
     @Test(
+        "checksummed members under silent faults (corrupted reads and writes, misdirected and lost writes, bit rot) on one member, with power cuts: every read returns the model's data, every scrub with repair leaves the members right (seeds 11 and 12 found the CRC32C residue and a RAID1 read-repair race)",
+        arguments: [UInt64(1), 2, 11, 12])
+    func integritySeeds(seed: UInt64) async throws {
+        var silent = 0
+        for level in [RAIDLevel.raid5, .raid1] {
+            var options = StackSimulation.Options(seed: seed, level: level)
+            options.integrity = true
+            options.operations = 300
+            let report = await StackSimulation.run(options)
+            #expect(
+                report.passed,
+                "\(level) seed \(seed) (\(report.configuration.map { "\($0)" } ?? "")): \(report.failure ?? "")\n\(report.relevantTrace.joined(separator: "\n"))"
+            )
+            #expect(report.configuration?.integrity == true)
+            silent += report.silentFaultEpisodes.values.reduce(0, +)
+        }
+        #expect(silent > 0, "silent fault episodes ran")
+    }
+
+    @Test(
         "the configurations drawn cover every member count of each level, chunks from 4 KiB to 1 MiB, and both stacks")
     func configurationsCoverTheSpace() {
         var members: [RAIDLevel: Set<Int>] = [:]

@@ -159,6 +159,14 @@ struct FaultSpecTests {
         #expect(timing.latencyNanos == 2_000_000 && timing.jitterNanos == 500_000)
         #expect(timing.vanishAfterOperations == 100 && timing.failAfterOperations == 7)
         #expect(try FaultSpec.parse("write-error,flush-error").faults.first?.kinds == [.writes, .flushes])
+        let silent = try FaultSpec.parse("corrupt-write,misdirect-write,range=1M-2M,probability=0.25")
+        #expect(
+            silent.faults == [
+                FaultyDevice.Fault(.corruptAtRest, range: (1 << 20)..<(2 << 20), probability: 0.25),
+                FaultyDevice.Fault(.misdirect, range: (1 << 20)..<(2 << 20), probability: 0.25),
+            ])
+        #expect(try FaultSpec.parse("corrupt-read").faults == [FaultyDevice.Fault(.corruptOnRead)])
+        #expect(try FaultSpec.parse("lose-write").faults.first?.kinds == .writes)
     }
 
     @Test(
@@ -166,7 +174,7 @@ struct FaultSpecTests {
         arguments: [
             ("nonsense", "unknown fault 'nonsense'"), ("read-error,range=5", "range is START-END"),
             ("read-error,probability=2", "probability is a number"), ("latency=fast", "not a duration"),
-            ("range=0-1M", "go with read-error"), ("", "names no fault"), ("vanish-after", "needs a value"),
+            ("range=0-1M", "go with read-error"), ("probability=0.5", "or a silent fault"), ("", "names no fault"), ("vanish-after", "needs a value"),
         ])
     func rejects(text: String, fragment: String) async {
         let error = await spindleError { _ = try FaultSpec.parse(text) }

@@ -411,6 +411,31 @@ public final class IntegrityDevice: BlockDevice {
             operation: "read", path: name, offset: offset, length: UInt64(blockBytes))
     }
 
+    public func matchesChecksums(_ data: UnsafeRawBufferPointer, at offset: UInt64) async throws -> Bool {
+        try validate(offset: offset, length: data.count, operation: "check against checksums")
+        let blockBytes = IntegritySuperblock.blockBytes
+        let firstBlock = offset / UInt64(blockBytes)
+        let count = data.count / blockBytes
+        let computed = (0..<count).map { index in
+            checksum.stored(
+                for: UnsafeRawBufferPointer(rebasing: data[(index * blockBytes)..<((index + 1) * blockBytes)]),
+                index: firstBlock + UInt64(index))
+        }
+        while true {
+            try await loadChecksums(Self.checksumBlocks(firstBlock: firstBlock, count: count))
+            let result = state.withLock { state -> Bool? in
+                let perBlock = UInt64(IntegritySuperblock.checksumsPerBlock)
+                for (index, value) in computed.enumerated() {
+                    let block = firstBlock + UInt64(index)
+                    guard let cached = state.cache[block / perBlock] else { return nil }
+                    if cached.entries[Int(block % perBlock)] != value { return false }
+                }
+                return true
+            }
+            if let result { return result }
+        }
+    }
+
     // MARK: Writes
 
     public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) async throws {
@@ -605,6 +630,19 @@ public protocol IntegrityChecking: BlockDevice {
     var hasSuspects: Bool { get }
     /// Resolves suspect regions (see ``IntegrityDevice/resolveSuspects(acceptingRemaining:)``).
     func resolveSuspects(acceptingRemaining: Bool) async throws -> IntegrityDevice.SuspectResolution
+    /// Whether `data` is what the checksums stored for `offset ..< offset + data.count` describe
+    /// (without reading the data there): how a layer above checks a block it rebuilt from
+    /// redundancy before it writes it back or returns it.
+    func matchesChecksums(_ data: UnsafeRawBufferPointer, at offset: UInt64) async throws -> Bool
+}
+
+extension IntegrityChecking {
+    /// ``matchesChecksums(_:at:)`` for `range` of an aligned buffer, kept alive until done.
+    public func matchesChecksums(_ buffer: AlignedBuffer, range: Range<Int>, at offset: UInt64) async throws -> Bool {
+        defer { withExtendedLifetime(buffer) {} }  // the pointer below is good only while the owner lives
+        return try await matchesChecksums(
+            UnsafeRawBufferPointer(buffer.slice(offset: range.lowerBound, length: range.count)), at: offset)
+    }
 }
 
 extension IntegrityDevice: IntegrityChecking {}

@@ -56,6 +56,26 @@ struct RAID5: RAIDPersonality {
             throw array.unreadable(extent, because: failures)
         }
         XORParity.generate(sources: buffers, into: destination)
+        // A member with the integrity layer says whether what parity gives is what it last stored:
+        // after a crash parity itself may be stale (the write hole), and then the rebuilt block
+        // is neither its old nor its new contents, so it is neither returned nor written.
+        if memberError != nil, let checked = readable[extent.member]?.device as? any IntegrityChecking,
+            !(try await checked.matchesChecksums(
+                UnsafeRawBufferPointer(destination), at: RAIDArray.dataOffset + extent.memberOffset))
+        {
+            throw array.unreadable(
+                extent,
+                because: [
+                    (
+                        extent.member,
+                        SpindleError(
+                            .corrupted,
+                            "the block fails its checksum, and what parity rebuilds does not match it either",
+                            operation: "read", path: checked.name,
+                            offset: RAIDArray.dataOffset + extent.memberOffset, length: extent.length)
+                    )
+                ])
+        }
         if rewrite, let member = readable[extent.member] {
             do {
                 try await member.device.write(
@@ -230,6 +250,16 @@ struct RAID5: RAIDPersonality {
                 XORParity.generate(
                     sources: good, offset: stripe.within, into: buffer, parityOffset: stripe.within, length: stripe.size
                 )
+                // With the integrity layer the rebuilt chunk must be what the member last stored:
+                // in a stripe a crash left with stale parity it is not, and writing it would put
+                // garbage where the member holds its old or its new data. It stays as it is (a
+                // crash's suspect blocks then keep their contents, and parity follows them).
+                if let checked = stripe.readable[slot]?.device as? any IntegrityChecking,
+                    !(try await checked.matchesChecksums(buffer, range: stripe.range, at: stripe.memberOffset))
+                {
+                    result.unreadable = [slot]
+                    return result
+                }
                 try await array.rewriteChunk(of: stripe, slot: slot, from: buffer)
                 result.readErrorsRepaired += 1
             }
