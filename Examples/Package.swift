@@ -28,6 +28,7 @@ let examples: [(product: String, target: String)] = [
     ("thin-snapshots", "ThinSnapshots"),
     ("scratch-disk", "ScratchDisk"),
     ("open-by-name", "OpenByName"),
+    ("silent-corruption", "SilentCorruption"),
 ]
 
 let package = Package(
