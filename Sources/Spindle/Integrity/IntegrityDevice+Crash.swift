@@ -59,7 +59,10 @@ extension IntegrityDevice {
             result.regionsChecked += 1
             var left: UInt64 = 0
             let start = UInt64(region) * superblock.regionBytes
-            let end = min(start + superblock.regionBytes, superblock.dataBytes)
+            let regionEnd = min(start + superblock.regionBytes, superblock.dataBytes)
+            // With a limit, only the part below it is read, and a region past it stays suspect.
+            let end = min(regionEnd, limit ?? regionEnd)
+            if end < regionEnd { left += 1 }
             var position = start
             while position < end {
                 let length = min(stepBytes, end - position)
@@ -95,7 +98,7 @@ extension IntegrityDevice {
                 left += outcome.left
                 position += length
             }
-            result.blocksLeft += left
+            result.blocksLeft += left - (end < regionEnd ? 1 : 0)
             if left == 0 { resolved.append(region) }
         }
         withExtendedLifetime(buffer) {}

@@ -62,6 +62,8 @@ public final class IntegrityDevice: BlockDevice {
     public static let defaultChecksumCacheBytes = 64 << 20
     /// An integrity device with no writes for this long flushes and marks itself clean.
     public static let defaultIdleCleanNanos: UInt64 = 2_000_000_000
+    /// Writes of this size or more compute their checksums off the calling executor.
+    static let offloadedChecksumBytes = 128 << 10
     /// Writes lock 64 KiB units against overlapping writes (so data and checksum land in one order).
     static let lockUnitShift: UInt64 = 16
 
@@ -443,13 +445,18 @@ public final class IntegrityDevice: BlockDevice {
         try validate(offset: offset, length: buffer.count, operation: "write")
         try gate.enter(operation: "write", name: name)
         defer { gate.leave() }
-        let blockBytes = IntegritySuperblock.blockBytes
-        let firstBlock = offset / UInt64(blockBytes)
-        let blockCount = buffer.count / blockBytes
-        let checksums = (0..<blockCount).map { index in
-            checksum.stored(
-                for: UnsafeRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
-                index: firstBlock + UInt64(index))
+        let firstBlock = offset / UInt64(IntegritySuperblock.blockBytes)
+        let checksums: [UInt32]
+        if buffer.count >= Self.offloadedChecksumBytes {
+            // A large write's checksums are computed on the global executor, so that the engine's
+            // reactor (where requests usually run) goes on submitting meanwhile: one core computes
+            // while the other submits (this took full-stripe RAID5 writes from 0.6x to … of an
+            // array without the layer).
+            let borrowed = BorrowedBytes(bytes: buffer)
+            let checksum = self.checksum
+            checksums = await Task.detached { checksum.stored(forBlocksOf: borrowed.bytes, firstIndex: firstBlock) }.value
+        } else {
+            checksums = checksum.stored(forBlocksOf: buffer, firstIndex: firstBlock)
         }
         try await changeBlocks(offset: offset, length: UInt64(buffer.count), checksums: checksums, fua: fua) {
             try await self.inner.write(from: buffer, at: self.superblock.dataOffset + offset, fua: fua)
@@ -619,6 +626,14 @@ public final class IntegrityDevice: BlockDevice {
         }
         try await inner.close()
     }
+}
+
+/// A caller's buffer lent to a task that computes its checksums.
+///
+/// @unchecked Sendable: the buffer is borrowed for the whole request (the block device contract),
+/// and the request awaits the task before it returns; the task only reads it.
+struct BorrowedBytes: @unchecked Sendable {
+    let bytes: UnsafeRawBufferPointer
 }
 
 /// A device that checks what it returns against checksums (``IntegrityDevice``): what a RAID array
