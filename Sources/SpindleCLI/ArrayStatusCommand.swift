@@ -52,7 +52,9 @@ extension ArrayCommand {
             }
             for spare in array.spares { print("  spare: \(spare)") }
             if report.integrity == true {
-                print("  integrity: every member checks a CRC32C per 4 KiB block (bad blocks are rebuilt from redundancy)")
+                print(
+                    "  integrity: every member checks a CRC32C per 4 KiB block (bad blocks are rebuilt from redundancy)"
+                )
             }
             if let rebuild = array.rebuild {
                 let total = array.memberDataBytes

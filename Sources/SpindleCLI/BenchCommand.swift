@@ -409,7 +409,8 @@ struct ChecksumRates: Codable {
             var folded: UInt32 = 0
             for offset in stride(from: 0, to: bytes, by: block) {
                 folded ^= checksum.stored(
-                    for: UnsafeRawBufferPointer(source.slice(offset: offset, length: block)), index: UInt64(offset / block))
+                    for: UnsafeRawBufferPointer(source.slice(offset: offset, length: block)),
+                    index: UInt64(offset / block))
             }
             return folded
         }

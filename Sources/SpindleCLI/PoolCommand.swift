@@ -55,7 +55,8 @@ struct PoolCommand: AsyncParsableCommand {
             }
             if integrity && devices.allSatisfy({ $0.hasPrefix("array:") }) {
                 throw ValidationError(
-                    "--integrity applies to image files; for an array, create it with `spindle array create --integrity`")
+                    "--integrity applies to image files; for an array, create it with `spindle array create --integrity`"
+                )
             }
         }
 

@@ -113,8 +113,12 @@ struct SimulateCommand: AsyncParsableCommand {
                 options.operations = operations
                 options.integrity = integrity
                 let report = await StackSimulation.run(options)
-                for (kind, count) in report.silentFaultEpisodes { totals.silentFaultEpisodes[kind, default: 0] += count }
-                for (kind, count) in report.silentFaultsInjected { totals.silentFaultsInjected[kind, default: 0] += count }
+                for (kind, count) in report.silentFaultEpisodes {
+                    totals.silentFaultEpisodes[kind, default: 0] += count
+                }
+                for (kind, count) in report.silentFaultsInjected {
+                    totals.silentFaultsInjected[kind, default: 0] += count
+                }
                 totals.corruptBlocksFound += report.corruptBlocksFound
                 totals.corruptBlocksRepaired += report.corruptBlocksRepaired
                 totals.blocksAcceptedAfterCrash += report.blocksAcceptedAfterCrash

@@ -48,7 +48,11 @@ struct IntegrityCLITests {
         var rotted = 0
         for (index, block) in [0, 300, 700].enumerated() {
             let data = Array(bytes[(block * 4096)..<((block + 1) * 4096)])
-            if try members.contains(where: { try rot(data, in: $0) }) { rotted += 1 } else { Issue.record("block \(index) not found") }
+            if try members.contains(where: { try rot(data, in: $0) }) {
+                rotted += 1
+            } else {
+                Issue.record("block \(index) not found")
+            }
         }
         #expect(rotted == 3)
         let exported = folder.file("out.bin")

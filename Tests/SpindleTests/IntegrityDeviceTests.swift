@@ -29,7 +29,8 @@ private struct Runs {
     /// What each write that covered `block` (a 4 KiB range) put there.
     func versions(of block: Range<Int>) -> [[UInt8]] {
         writes.filter { $0.range.contains(block.lowerBound) }.map { write in
-            Array(write.bytes[(block.lowerBound - write.range.lowerBound)..<(block.upperBound - write.range.lowerBound)])
+            Array(
+                write.bytes[(block.lowerBound - write.range.lowerBound)..<(block.upperBound - write.range.lowerBound)])
         }
     }
 }
@@ -99,7 +100,8 @@ struct IntegrityDeviceTests {
                 #expect(bytes == Array(model[(index * blockBytes)..<((index + 1) * blockBytes)]), "block \(index)")
             case let .failure(error):
                 #expect(expectedBad.contains(index), "block \(index): \(error)")
-                expectError(error, .corrupted, ["offset \(index * blockBytes)", "rot.img", "do not match their checksums"])
+                expectError(
+                    error, .corrupted, ["offset \(index * blockBytes)", "rot.img", "do not match their checksums"])
             }
         }
         #expect(device.statistics.corruptBlocksFound == 7)
@@ -285,7 +287,9 @@ struct IntegrityDeviceTests {
         #expect(!torn.isEmpty)
         let tornBuffer = AlignedBuffer(count: blockBytes)
         for offset in torn {
-            tornBuffer.copy(from: newer.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + blockBytes)]) }, at: 0)
+            tornBuffer.copy(
+                from: newer.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + blockBytes)]) },
+                at: 0)
             try await memory.write(from: tornBuffer, at: device.superblock.dataOffset + UInt64(offset))
         }
         // The bitmap marks the regions written before the cut (FUA): they are suspect.
@@ -406,7 +410,9 @@ struct IntegrityDeviceTests {
                         let block = round % 16
                         try await device.read(into: buffer, at: 65536 + UInt64(block * blockBytes))
                         let slice = Array(buffer.array)
-                        let known = versions.contains { Array($0[(block * blockBytes)..<((block + 1) * blockBytes)]) == slice }
+                        let known = versions.contains {
+                            Array($0[(block * blockBytes)..<((block + 1) * blockBytes)]) == slice
+                        }
                         #expect(known || slice.allSatisfy { $0 == 0 }, "block \(block) read as no version written")
                     }
                 }

@@ -184,7 +184,8 @@ struct IntegrityRAIDTests {
         try await probe.close()
         #expect(signature?.contains("integrity layer") == true && signature?.contains("array 'files'") == true)
         // A new plain image replaces a member: it gets the layer, and the rebuild fills it.
-        try await opened.replace(memberNamed: paths[2], with: try FileDevice.open(path: folder.file("new.img"), engine: engine))
+        try await opened.replace(
+            memberNamed: paths[2], with: try FileDevice.open(path: folder.file("new.img"), engine: engine))
         try await opened.rebuild()
         #expect(opened.status.slots[2].integrity != nil)
         #expect(opened.status.slots[2].device == folder.file("new.img"))

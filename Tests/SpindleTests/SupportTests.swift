@@ -174,7 +174,8 @@ struct FaultSpecTests {
         arguments: [
             ("nonsense", "unknown fault 'nonsense'"), ("read-error,range=5", "range is START-END"),
             ("read-error,probability=2", "probability is a number"), ("latency=fast", "not a duration"),
-            ("range=0-1M", "go with read-error"), ("probability=0.5", "or a silent fault"), ("", "names no fault"), ("vanish-after", "needs a value"),
+            ("range=0-1M", "go with read-error"), ("probability=0.5", "or a silent fault"), ("", "names no fault"),
+            ("vanish-after", "needs a value"),
         ])
     func rejects(text: String, fragment: String) async {
         let error = await spindleError { _ = try FaultSpec.parse(text) }

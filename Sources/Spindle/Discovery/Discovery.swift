@@ -98,7 +98,8 @@ public struct Discovery: Sendable {
                 device = raw
             case let .failure(problem):
                 damaged.append(DamagedHeader(location: .device(source.name), reason: .integritySuperblock(problem)))
-                scanned.append(ScannedDevice(name: source.name, header: .damaged(.integritySuperblock(problem)), source: source))
+                scanned.append(
+                    ScannedDevice(name: source.name, header: .damaged(.integritySuperblock(problem)), source: source))
                 continue
             case .success:
                 device = try await IntegrityDevice.open(raw, recover: false)

@@ -1,5 +1,5 @@
 #if _endian(big)
-#error("the checksum area is written in memory order, which must be little-endian")
+    #error("the checksum area is written in memory order, which must be little-endian")
 #endif
 
 /// The checksum cache: 4 KiB checksum blocks held in memory up to a budget, evicted by CLOCK (clean
@@ -13,7 +13,11 @@ extension IntegrityDevice {
             let (missing, evictions) = state.withLock { state -> ([UInt64], UInt64) in
                 var missing: [UInt64] = []
                 for index in indices {
-                    if state.cache[index] == nil { missing.append(index) } else { state.cache[index]!.referenced = true }
+                    if state.cache[index] == nil {
+                        missing.append(index)
+                    } else {
+                        state.cache[index]!.referenced = true
+                    }
                 }
                 return (missing, state.evictions)
             }
@@ -46,7 +50,8 @@ extension IntegrityDevice {
             if inserted && state.withLock({ state in indices.allSatisfy { state.cache[$0] != nil } }) { return }
         }
         throw SpindleError(
-            .ioFailed, "the checksums of blocks \(indices) could not be kept in memory (the checksum cache is too small)",
+            .ioFailed,
+            "the checksums of blocks \(indices) could not be kept in memory (the checksum cache is too small)",
             operation: "read checksums", path: name)
     }
 
@@ -138,7 +143,9 @@ extension IntegrityDevice {
         // What did not reach the device stays dirty, to be written by the next flush.
         state.withLock { state in
             for (number, _) in failures {
-                for block in runs[number] where state.cache[block.index] != nil { state.cache[block.index]!.dirty = true }
+                for block in runs[number] where state.cache[block.index] != nil {
+                    state.cache[block.index]!.dirty = true
+                }
             }
         }
         throw failure.1

@@ -121,7 +121,8 @@ public final class IntegrityDevice: BlockDevice {
         self.superblock = superblock
         checksum = BlockChecksum(uuid: superblock.uuid)
         cacheCapacityBlocks = max(16, checksumCacheBytes / IntegritySuperblock.blockBytes)
-        var initial = State(written: [UInt8](repeating: 0, count: IntegritySuperblock.bitmapBytes), suspect: bitmap,
+        var initial = State(
+            written: [UInt8](repeating: 0, count: IntegritySuperblock.bitmapBytes), suspect: bitmap,
             onDisk: bitmap)
         initial.statistics.suspectRegions = bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
         state = Locked(initial)
@@ -145,7 +146,8 @@ public final class IntegrityDevice: BlockDevice {
         checksumCacheBytes: Int = defaultChecksumCacheBytes
     ) async throws -> IntegrityDevice {
         guard !device.isReadOnly else {
-            throw SpindleError(.readOnly, "the device is open read-only", operation: "format integrity", path: device.name)
+            throw SpindleError(
+                .readOnly, "the device is open read-only", operation: "format integrity", path: device.name)
         }
         guard IntegritySuperblock.blockBytes % device.logicalBlockBytes == 0 else {
             throw SpindleError(
@@ -327,7 +329,8 @@ public final class IntegrityDevice: BlockDevice {
             let result = withUnsafeTemporaryAllocation(of: UInt32.self, capacity: blockCount) { computed -> [Int]? in
                 for index in 0..<blockCount {
                     computed[index] = checksum.stored(
-                        for: UnsafeRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
+                        for: UnsafeRawBufferPointer(
+                            rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
                         index: firstBlock + UInt64(index))
                 }
                 return state.withLock { state -> [Int]? in
@@ -339,8 +342,8 @@ public final class IntegrityDevice: BlockDevice {
                         if cached.entries[Int(block % perBlock)] != computed[index] { bad.append(index) }
                     }
                     state.statistics.blocksVerified += UInt64(blockCount)
-                    for index in bad where explained(block: firstBlock + UInt64(index), computed: computed[index], state)
-                    {
+                    for index in bad
+                    where explained(block: firstBlock + UInt64(index), computed: computed[index], state) {
                         bad.removeAll { $0 == index }
                     }
                     return bad
@@ -360,7 +363,8 @@ public final class IntegrityDevice: BlockDevice {
             for index in mismatched {
                 let block = firstBlock + UInt64(index)
                 try await inner.read(
-                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
+                    into: UnsafeMutableRawBufferPointer(
+                        rebasing: buffer[(index * blockBytes)..<((index + 1) * blockBytes)]),
                     at: superblock.dataOffset + block * UInt64(blockBytes))
             }
         }
@@ -454,7 +458,8 @@ public final class IntegrityDevice: BlockDevice {
             // array without the layer).
             let borrowed = BorrowedBytes(bytes: buffer)
             let checksum = self.checksum
-            checksums = await Task.detached { checksum.stored(forBlocksOf: borrowed.bytes, firstIndex: firstBlock) }.value
+            checksums = await Task.detached { checksum.stored(forBlocksOf: borrowed.bytes, firstIndex: firstBlock) }
+                .value
         } else {
             checksums = checksum.stored(forBlocksOf: buffer, firstIndex: firstBlock)
         }

@@ -268,7 +268,9 @@ package struct BlockChecksum: Sendable {
         let lines = data.count / 64
         for line in 0..<lines {
             var accumulated: UInt64 = 0
-            for word in 0..<8 { accumulated |= base.loadUnaligned(fromByteOffset: line * 64 + word * 8, as: UInt64.self) }
+            for word in 0..<8 {
+                accumulated |= base.loadUnaligned(fromByteOffset: line * 64 + word * 8, as: UInt64.self)
+            }
             if accumulated != 0 { return false }
         }
         for byte in (lines * 64)..<data.count where data[byte] != 0 { return false }

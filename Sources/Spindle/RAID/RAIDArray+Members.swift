@@ -118,7 +118,9 @@ extension RAIDArray {
             }
         }
         do {
-            try await add(checking: device, overwrite: overwrite, formatting: usesIntegrity && formattedHere == nil && !(device is any IntegrityChecking))
+            try await add(
+                checking: device, overwrite: overwrite,
+                formatting: usesIntegrity && formattedHere == nil && !(device is any IntegrityChecking))
         } catch {
             // Nothing changed hands: the caller keeps the device it passed.
             formattedHere?.abandon()

@@ -121,7 +121,8 @@ public final class RAIDArray: BlockDevice {
         overwrite: Bool = false, integrity: Bool = false
     ) async throws -> RAIDArray {
         guard integrity else {
-            return try await create(name: name, level: level, chunkBytes: chunkBytes, members: devices, overwrite: overwrite)
+            return try await create(
+                name: name, level: level, chunkBytes: chunkBytes, members: devices, overwrite: overwrite)
         }
         var names = Set<String>()
         for device in devices where !names.insert(device.name).inserted {

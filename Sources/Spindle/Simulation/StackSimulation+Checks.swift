@@ -31,7 +31,9 @@ extension StackSimulation.Run {
         for member in array.writableMembers() + array.readableMembers() {
             if let checked = member?.device as? IntegrityDevice, checked.hasSuspects {
                 throw Mismatch(
-                    message: "seed \(options.seed): after reassembly \(checked.name) still has suspect regions (\(checked.statistics))")
+                    message:
+                        "seed \(options.seed): after reassembly \(checked.name) still has suspect regions (\(checked.statistics))"
+                )
             }
         }
         if config.withPool {

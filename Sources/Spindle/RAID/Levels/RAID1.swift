@@ -41,7 +41,9 @@ final class RAID1: RAIDPersonality {
         _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool,
         memberError: (any Error)?, array: RAIDArray
     ) async throws {
-        let stripes = (extent.memberOffset / geometry.chunkBytes)...((extent.memberOffset + extent.length - 1)
+        let stripes =
+            (extent.memberOffset / geometry.chunkBytes)
+            ...((extent.memberOffset + extent.length - 1)
             / geometry.chunkBytes)
         await array.stripeLocks.lock(stripes)
         defer { array.stripeLocks.unlock(stripes) }
