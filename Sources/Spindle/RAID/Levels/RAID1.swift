@@ -41,10 +41,9 @@ final class RAID1: RAIDPersonality {
         _ extent: RAIDGeometry.Extent, into destination: UnsafeMutableRawBufferPointer, rewrite: Bool,
         memberError: (any Error)?, array: RAIDArray
     ) async throws {
-        let stripes =
-            (extent.memberOffset / geometry.chunkBytes)
-            ...((extent.memberOffset + extent.length - 1)
-            / geometry.chunkBytes)
+        let firstStripe = extent.memberOffset / geometry.chunkBytes
+        let lastStripe = (extent.memberOffset + extent.length - 1) / geometry.chunkBytes
+        let stripes = firstStripe...lastStripe
         await array.stripeLocks.lock(stripes)
         defer { array.stripeLocks.unlock(stripes) }
         let readable = array.readableMembers()
