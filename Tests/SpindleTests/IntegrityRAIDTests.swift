@@ -158,6 +158,21 @@ struct IntegrityRAIDTests {
         try await assembled.close()
     }
 
+    @Test("a member whose integrity superblocks cannot be read is left out with a note; the array runs degraded")
+    func unreadableIntegritySuperblock() async throws {
+        let (_, faulty) = try disks(3)
+        let array = try await RAIDArray.create(
+            name: "u", level: .raid1, chunkBytes: 65536, members: faulty.map { Reopenable($0) }, integrity: true)
+        let data = try await randomFill(array, seed: 4)
+        try await array.close()
+        faulty[1].failReads(in: 0..<8192)
+        let report = try await RAIDArray.assemble(members: faulty.map { Reopenable($0) })
+        #expect(report.array.status.state == .degraded, "\(report.array.status.slots)")
+        #expect(report.notes.contains { $0.contains("d1.img") && $0.contains("cannot be read") }, "\(report.notes)")
+        #expect(try await readAll(report.array) == data)
+        try await report.array.close()
+    }
+
     @Test("image files: create with integrity, find and assemble through discovery, replace a member and rebuild")
     func filesDiscoveryAndReplace() async throws {
         let folder = TemporaryFolder("integrity-raid")

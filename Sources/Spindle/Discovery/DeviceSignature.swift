@@ -61,7 +61,7 @@ public enum DeviceSignature {
             defer { view.abandon() }
             let inside = (try? await find(view)).flatMap { $0 }
             return .integrityDevice(superblock, holding: inside)
-        case .failure(.notFormatted):
+        case .failure(.notFormatted), .failure(.unreadable):
             break
         case let .failure(problem):
             return .damagedIntegritySuperblock(problem)

@@ -94,7 +94,7 @@ public struct Discovery: Sendable {
             // lies inside.
             let device: any BlockDevice
             switch try await IntegrityDevice.readSuperblock(of: raw) {
-            case .failure(.notFormatted):
+            case .failure(.notFormatted), .failure(.unreadable):
                 device = raw
             case let .failure(problem):
                 damaged.append(DamagedHeader(location: .device(source.name), reason: .integritySuperblock(problem)))

@@ -205,7 +205,7 @@ public final class IntegrityDevice: BlockDevice {
             } catch is CancellationError {
                 throw CancellationError()
             } catch {
-                problems.append(.invalid("superblock copy at \(copy) cannot be read: \(error)"))
+                problems.append(.unreadable("the integrity superblock copy at byte \(copy) cannot be read: \(error)"))
                 continue
             }
             do {
@@ -214,6 +214,13 @@ public final class IntegrityDevice: BlockDevice {
             } catch {
                 problems.append(error)
             }
+        }
+        // A copy with the magic says more than a read error, which says more than no magic.
+        if let found = problems.first(where: {
+            if case .unreadable = $0 { return false }
+            return $0 != .notFormatted
+        }) {
+            return .failure(found)
         }
         return .failure(problems.first { $0 != .notFormatted } ?? .notFormatted)
     }
@@ -238,6 +245,8 @@ public final class IntegrityDevice: BlockDevice {
             throw SpindleError(
                 .invalidArgument, "the device has no Spindle integrity superblock", operation: "open integrity",
                 path: device.name)
+        case let .failure(.unreadable(reason)):
+            throw SpindleError(.ioFailed, reason, operation: "open integrity", path: device.name)
         case let .failure(problem):
             throw SpindleError(
                 .corrupted, problem.description, operation: "open integrity", path: device.name, cause: problem)
@@ -277,8 +286,14 @@ public final class IntegrityDevice: BlockDevice {
     public static func openIfFormatted(
         _ device: any BlockDevice, recover: Bool = true, checksumCacheBytes: Int = defaultChecksumCacheBytes
     ) async throws -> any BlockDevice {
-        if case .failure(.notFormatted) = try await readSuperblock(of: device) { return device }
-        return try await open(device, recover: recover, checksumCacheBytes: checksumCacheBytes)
+        switch try await readSuperblock(of: device) {
+        case .failure(.notFormatted), .failure(.unreadable):
+            // Not formatted, or the first blocks cannot be read: the device is passed on as it is,
+            // and the layer above says what it makes of it (an array leaves such a member out).
+            return device
+        default:
+            return try await open(device, recover: recover, checksumCacheBytes: checksumCacheBytes)
+        }
     }
 
     /// Counts so far.

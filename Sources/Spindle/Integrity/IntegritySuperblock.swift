@@ -71,10 +71,13 @@ public struct IntegritySuperblock: Sendable, Equatable {
         case unsupportedVersion(UInt32)
         case checksumMismatch(stored: UInt32, computed: UInt32)
         case invalid(String)
+        /// Neither copy could be read (read errors): whether the device has the layer is unknown.
+        case unreadable(String)
 
         public var description: String {
             switch self {
             case .notFormatted: return "no Spindle integrity superblock"
+            case let .unreadable(reason): return reason
             case let .unsupportedVersion(version):
                 return
                     "integrity superblock format version \(version) is not supported (this Spindle reads version \(IntegritySuperblock.formatVersion))"
