@@ -170,7 +170,7 @@ struct IntegrityDeviceTests {
 
     @Test("a lost write of a block that ends with its own CRC32C (as every Spindle header does) is caught")
     func selfChecksummedBlocks() async throws {
-        #expect(CRC32.checksum(UnsafeRawBufferPointer(start: "123456789", count: 9)) == 0xCBF4_3926)
+        #expect(Array("123456789".utf8).withUnsafeBytes { CRC32.checksum($0) } == 0xCBF4_3926)
         let memory = try MemoryDevice(capacityBytes: 4 << 20, name: "headers.img")
         let faulty = FaultyDevice(wrapping: memory, seed: 2, name: "headers.img")
         let device = try await IntegrityDevice.format(faulty)
@@ -287,9 +287,9 @@ struct IntegrityDeviceTests {
         #expect(!torn.isEmpty)
         let tornBuffer = AlignedBuffer(count: blockBytes)
         for offset in torn {
-            tornBuffer.copy(
-                from: newer.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + blockBytes)]) },
-                at: 0)
+            newer.withUnsafeBytes {
+                tornBuffer.copy(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + blockBytes)]), at: 0)
+            }
             try await memory.write(from: tornBuffer, at: device.superblock.dataOffset + UInt64(offset))
         }
         // The bitmap marks the regions written before the cut (FUA): they are suspect.
