@@ -335,7 +335,8 @@ public final class IntegrityDevice: BlockDevice {
 
     /// Checks the blocks of `buffer` (read from block `firstBlock`) against their checksums; on a
     /// mismatch, tells a race with a write, a suspect block and real corruption apart.
-    func verify(_ buffer: UnsafeMutableRawBufferPointer, firstBlock: UInt64, generation: UInt64) async throws {
+    func verify(_ buffer: UnsafeMutableRawBufferPointer, firstBlock: UInt64, generation start: UInt64) async throws {
+        var generation = start
         let blockBytes = IntegritySuperblock.blockBytes
         let blockCount = buffer.count / blockBytes
         var mismatched: [Int] = []
@@ -372,9 +373,24 @@ public final class IntegrityDevice: BlockDevice {
             mismatched = result
             if mismatched.isEmpty { return }
             // A write that completed after the data was read but before the check changed the
-            // checksum under it: read the blocks again (the newer version is as good an answer).
-            guard writeGeneration.load(ordering: .acquiring) != generation, retries < 4 else { break }
+            // checksum under it, or one still in flight over these blocks (the device underneath may
+            // have returned them half written): read the blocks again once it has landed (the newer
+            // version is as good an answer). Writes in flight end, so this waits a bounded time.
+            let inFlight = state.withLock { state in
+                mismatched.contains { index in
+                    let block = firstBlock + UInt64(index)
+                    return state.pending.values.contains {
+                        block >= $0.firstBlock && block < $0.firstBlock + UInt64($0.checksums.count)
+                    }
+                }
+            }
+            let now = writeGeneration.load(ordering: .acquiring)
+            guard now != generation || inFlight, retries < 1000 else { break }
             retries += 1
+            if inFlight { try await Task.sleep(nanoseconds: 20_000) }
+            // Compared with the generation before this re-read: a later mismatch counts as a race
+            // only if another write completed meanwhile.
+            generation = writeGeneration.load(ordering: .acquiring)
             for index in mismatched {
                 let block = firstBlock + UInt64(index)
                 try await inner.read(
