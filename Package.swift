@@ -25,6 +25,12 @@ let package = Package(
             pkgConfig: "libisal",
             providers: [.apt(["libisal-dev"])]
         ),
+        // GnuTLS: TLS for the NBD server (NBD_OPT_STARTTLS), with certificates or pre-shared keys.
+        .systemLibrary(
+            name: "CGnuTLS",
+            pkgConfig: "gnutls",
+            providers: [.apt(["libgnutls28-dev"])]
+        ),
         // The engine's narrow C interface to liburing; liburing's own headers stay inside it.
         .target(
             name: "CSpindleRing",
@@ -38,7 +44,7 @@ let package = Package(
         ),
         .target(
             name: "Spindle",
-            dependencies: ["CSpindleRing", "CSpindleShims", "CISAL"],
+            dependencies: ["CSpindleRing", "CSpindleShims", "CISAL", "CGnuTLS"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .executableTarget(

@@ -3,7 +3,7 @@
 # Usage: Tools/setup.sh [extra-package ...]
 set -euo pipefail
 
-packages=(liburing-dev libisal-dev pkg-config util-linux "$@")
+packages=(liburing-dev libisal-dev libgnutls28-dev pkg-config util-linux "$@")
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -15,6 +15,10 @@ struct ServeCommand: AsyncParsableCommand {
             accepting, finishes requests in flight, flushes, and closes pools and arrays cleanly. A member \
             that fails under a served array is logged on standard error when it happens, and each array's \
             state is printed at the stop.
+
+            Serving other machines: give TLS credentials (--tls-psk FILE or --tls-certificates DIR) and \
+            clients connect with nbds:// URIs (libnbd's tls-psk-file= or tls-certificates=, qemu's \
+            tls-creds). Without TLS, only loopback and Unix sockets are served unless --insecure is given.
             """)
 
     @Argument(help: "What to export: volume:POOL/NAME, array:NAME or image:PATH.")
@@ -24,8 +28,43 @@ struct ServeCommand: AsyncParsableCommand {
         help: "Listen on this Unix socket (default: spindle-nbd.sock in the current folder, unless --tcp is given).")
     var socket: String?
 
-    @Option(help: "Listen on TCP: PORT (on loopback) or HOST:PORT (0.0.0.0 serves every interface).")
+    @Option(
+        help: """
+            Listen on TCP: PORT (on loopback) or HOST:PORT. An address other machines reach (0.0.0.0 is \
+            every interface) needs --tls require, or --insecure.
+            """)
     var tcp: String?
+
+    @Option(
+        help: ArgumentHelp(
+            "TLS (NBD STARTTLS): off, on (for clients that ask) or require (nothing in plaintext). Default: require when credentials are given, else off.",
+            valueName: "off|on|require"))
+    var tls: NBDServer.TLS.Mode?
+
+    @Option(
+        name: .customLong("tls-certificates"),
+        help: ArgumentHelp(
+            "TLS with X.509 certificates from DIR: ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit and qemu lay them out; certtool makes them).",
+            valueName: "dir"))
+    var tlsCertificates: String?
+
+    @Option(
+        name: .customLong("tls-psk"),
+        help: ArgumentHelp(
+            "TLS with pre-shared keys from FILE: username:hexkey lines (psktool -u NAME -p FILE makes them).",
+            valueName: "file"))
+    var tlsPSK: String?
+
+    @Flag(
+        name: .customLong("tls-verify-peer"),
+        help: "With --tls-certificates: every client must present a certificate signed by ca-cert.pem.")
+    var tlsVerifyPeer = false
+
+    @Flag(
+        help:
+            "Allow serving an address other machines reach without TLS required: anyone who reaches it reads and overwrites the exports, with no authentication."
+    )
+    var insecure = false
 
     @Flag(name: .customLong("read-only"), help: "Export everything read-only.")
     var readOnly = false
@@ -51,9 +90,39 @@ struct ServeCommand: AsyncParsableCommand {
         where !(export.hasPrefix("volume:") || export.hasPrefix("array:") || export.hasPrefix("image:")) {
             throw ValidationError("'\(export)' is not an export: write volume:POOL/NAME, array:NAME or image:PATH")
         }
+        if tlsCertificates != nil && tlsPSK != nil {
+            throw ValidationError("give one of --tls-certificates and --tls-psk, not both")
+        }
+        if tlsVerifyPeer && tlsCertificates == nil {
+            throw ValidationError("--tls-verify-peer checks client certificates: it needs --tls-certificates DIR")
+        }
+        if let tls, tls != .off, tlsCertificates == nil && tlsPSK == nil {
+            throw ValidationError(
+                "--tls \(tls.rawValue) needs credentials: --tls-psk FILE (psktool -u NAME -p FILE makes one) or --tls-certificates DIR"
+            )
+        }
+        if tls == .off && (tlsCertificates != nil || tlsPSK != nil) {
+            throw ValidationError("--tls off with --tls-certificates or --tls-psk: leave out one or the other")
+        }
+    }
+
+    /// The TLS settings the options describe (credentials loaded and checked now, so a bad file
+    /// fails before anything is opened).
+    func tlsSettings() throws -> NBDServer.TLS {
+        let credentials: TLSCredentials? =
+            if let tlsCertificates {
+                try TLSCredentials.certificates(directory: tlsCertificates, verifyPeer: tlsVerifyPeer)
+            } else if let tlsPSK {
+                try TLSCredentials.preSharedKeys(file: tlsPSK)
+            } else {
+                nil
+            }
+        for warning in credentials?.warnings ?? [] { Terminal.warning(warning) }
+        return try NBDServer.TLS(mode: tls ?? (credentials == nil ? .off : .require), credentials: credentials)
     }
 
     func run() async throws {
+        let tlsSettings = try tlsSettings()
         let engine = try IOEngine()
         defer { engine.shutdown() }
         var pools: [String: OpenedPool] = [:]
@@ -159,10 +228,12 @@ struct ServeCommand: AsyncParsableCommand {
             throw error
         }
 
-        let server = try NBDServer(exports: list, engine: engine) { line in
+        let server = try NBDServer(exports: list, engine: engine, tls: tlsSettings) { line in
             FileHandle.standardError.write(Data("spindle serve: \(line)\n".utf8))
         }
         var uris: [String] = []
+        // Clients that must use TLS are shown the TLS URIs (libnbd's nbds://).
+        let scheme = tlsSettings.mode == .require ? "nbds" : "nbd"
         do {
             if let tcp {
                 let parts = tcp.split(separator: ":")
@@ -170,19 +241,26 @@ struct ServeCommand: AsyncParsableCommand {
                 guard let port = UInt16(parts.last ?? "") else {
                     throw ValidationError("--tcp takes PORT or HOST:PORT, such as 10809")
                 }
-                let bound = try server.listen(host: host, port: port)
+                let bound = try server.listen(host: host, port: port, allowPlaintext: insecure)
                 let shown = host == "0.0.0.0" ? ProcessInfo.processInfo.hostName : host
-                uris += list.map { "nbd://\(shown):\(bound)/\($0.name)" }
+                uris += list.map { "\(scheme)://\(shown):\(bound)/\($0.name)" }
+                let security =
+                    switch tlsSettings.mode {
+                    case .require: "TLS required"
+                    case .on: "TLS on offer, plaintext allowed"
+                    case .off: "plaintext"
+                    }
                 print(
-                    host == "127.0.0.1"
-                        ? "TCP on 127.0.0.1:\(bound) (loopback only; --tcp 0.0.0.0:\(bound) serves other machines)"
-                        : "TCP on \(host):\(bound): reachable from other machines, with no authentication")
+                    host.hasPrefix("127.")
+                        ? "TCP on \(host):\(bound), \(security) (loopback only; --tcp 0.0.0.0:\(bound) serves other machines)"
+                        : "TCP on \(host):\(bound), \(security): reachable from other machines\(tlsSettings.mode == .require ? "" : ", with no authentication")"
+                )
             }
             if socket != nil || tcp == nil {
                 let path = (socket ?? "spindle-nbd.sock")
                 let absolute = URL(fileURLWithPath: path).path
                 try server.listen(unixSocket: absolute)
-                uris += list.map { "nbd+unix:///\($0.name)?socket=\(absolute)" }
+                uris += list.map { "\(scheme)+unix:///\($0.name)?socket=\(absolute)" }
             }
         } catch {
             await server.stop()
@@ -192,6 +270,9 @@ struct ServeCommand: AsyncParsableCommand {
         for (export, uri) in zip(list + list, uris) {
             print("\(uri)  \(ByteSize.format(export.device.capacityBytes))\(export.readOnly ? ", read-only" : "")")
         }
+        // Caught from before the line that says the server is ready: a signal sent the moment a
+        // script reads it still stops the server.
+        let termination = ProcessControl.watchForTermination()
         print("serving; stop with Ctrl-C or SIGTERM")
         ProcessControl.flushOutput()
 
@@ -204,7 +285,7 @@ struct ServeCommand: AsyncParsableCommand {
                 watch.check()
             }
         }
-        let signalName = await ProcessControl.waitForTermination()
+        let signalName = await termination.wait()
         print("\(signalName): stopping (finishing requests in flight, flushing, closing)")
         await server.stop()
         watcher.cancel()
@@ -235,6 +316,8 @@ struct ServeCommand: AsyncParsableCommand {
         return export.hasPrefix("image:") ? (value as NSString).lastPathComponent : value
     }
 }
+
+extension NBDServer.TLS.Mode: ExpressibleByArgument {}
 
 /// The arrays `serve` exports, watched for members that fail under them.
 final class ArrayWatch: Sendable {

@@ -167,10 +167,12 @@ final class TestServer {
     let socketPath: String
     let logLines = Locked([String]())
 
-    init(_ exports: [NBDServer.Export]) throws {
+    init(_ exports: [NBDServer.Export], tls: NBDServer.TLS = .off) throws {
         engine = try IOEngine()
         let lines = logLines
-        server = try NBDServer(exports: exports, engine: engine) { line in lines.withLock { $0.append(line) } }
+        server = try NBDServer(exports: exports, engine: engine, tls: tls) { line in
+            lines.withLock { $0.append(line) }
+        }
         socketPath = folder.file("nbd.sock")
         try server.listen(unixSocket: socketPath)
     }

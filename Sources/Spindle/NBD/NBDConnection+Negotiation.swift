@@ -24,6 +24,7 @@ extension NBDConnection {
             let contexts = selected.flatMap { server.export(named: $0.export)?.name == export.name ? $0.contexts : nil }
             return Session(export: export, structuredReplies: structuredReplies, contexts: contexts ?? [])
         }
+        var refusedWithoutTLS = false
         for _ in 0..<256 {
             let header = try await receive(16)
             guard NBDProtocol.bigEndian(UInt64.self, header, 0) == NBDProtocol.optionMagic else {
@@ -48,7 +49,25 @@ extension NBDConnection {
                 server.log("\(label): option \(optionCode): \(message)")
                 try await reply(type, Array(message.utf8))
             }
-            switch NBDProtocol.Option(rawValue: optionCode) {
+            let option = NBDProtocol.Option(rawValue: optionCode)
+            // FORCEDTLS: before the upgrade, nothing but STARTTLS and ABORT is answered.
+            if server.tls.mode == .require && tls == nil && option != .startTLS && option != .abort {
+                if option == .exportName {
+                    server.log(
+                        "\(label): refused: NBD_OPT_EXPORT_NAME without TLS, which this server requires (the option cannot be answered with an error, so the connection is closed)"
+                    )
+                    return nil
+                }
+                let message = "this server requires TLS: send NBD_OPT_STARTTLS first"
+                if !refusedWithoutTLS {
+                    // Logged once: a client without TLS usually tries a few options before giving up.
+                    server.log("\(label): refused option \(optionCode) (\(option.map { "\($0)" } ?? "unknown")): \(message)")
+                    refusedWithoutTLS = true
+                }
+                try await reply(.errorTLSRequired, Array(message.utf8))
+                continue
+            }
+            switch option {
             case .exportName:
                 let name = String(decoding: data, as: UTF8.self)
                 guard let export = server.export(named: name) else {
@@ -138,7 +157,33 @@ extension NBDConnection {
                 try await reply(.ack)
                 if setting { selected = (request.name, found) }
             case .startTLS:
-                try await refuse(.errorPolicy, "TLS is not offered by this server")
+                guard let credentials = server.tls.credentials else {
+                    try await refuse(.errorPolicy, "this server does not offer TLS")
+                    continue
+                }
+                guard tls == nil else {
+                    try await refuse(.errorInvalid, "TLS is already running on this connection")
+                    continue
+                }
+                guard data.isEmpty else {
+                    try await refuse(.errorInvalid, "NBD_OPT_STARTTLS takes no data")
+                    continue
+                }
+                try await reply(.ack)
+                let session = try TLSSession(
+                    socket: socket, engine: server.engine, credentials: credentials, buffered: takeBuffered())
+                tls = session
+                do {
+                    try await session.handshake()
+                } catch {
+                    server.log("\(label): refused: \((error as? SpindleError)?.message ?? "\(error)")")
+                    tls = nil
+                    return nil
+                }
+                server.log("\(label): TLS started (\(session.summary))")
+                // Nothing negotiated before the upgrade carries over (the protocol's rule).
+                structuredReplies = false
+                selected = nil
             default:
                 try await refuse(.errorUnsupported, "option \(optionCode) is not supported")
             }

@@ -10,6 +10,11 @@ final class NBDConnection: @unchecked Sendable {
     unowned let server: NBDServer
     private let replyLock = AsyncMutex()
     var label = ""
+    /// Who the client is: its address, or the socket it came in on.
+    let peer: String
+    /// The TLS session once the client has upgraded (`NBD_OPT_STARTTLS`): set during negotiation,
+    /// before any request is served concurrently; from then on every byte goes through it.
+    var tls: TLSSession?
 
     /// The end of the client's stream (or the server stopping it); not an error.
     struct EndOfStream: Error {}
@@ -41,9 +46,10 @@ final class NBDConnection: @unchecked Sendable {
         byteCount: NBDConnection.maximumReadChunks * NBDConnection.headerSlotBytes, alignment: 16)
     private let replyVectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2 * NBDConnection.maximumReadChunks)
 
-    init(socket: Int32, server: NBDServer) {
+    init(socket: Int32, server: NBDServer, peer: String) {
         self.socket = socket
         self.server = server
+        self.peer = peer
     }
 
     deinit {
@@ -53,13 +59,17 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     func run(id: Int) async {
-        label = "connection \(id)"
+        label = "connection \(id) \(peer)"
         defer { Glibc.close(socket) }
         do {
-            guard let session = try await negotiate() else { return }
-            label = "connection \(id) (export '\(session.export.name)')"
+            guard let session = try await negotiate() else {
+                await tls?.close()
+                return
+            }
+            label = "connection \(id) \(peer) (export '\(session.export.name)'\(tls == nil ? "" : ", TLS"))"
             server.log("\(label): transmission started")
             try await transmit(session)
+            await tls?.close()
             server.log("\(label): closed")
         } catch is EndOfStream {
             server.log("\(label): the client went away")
@@ -85,9 +95,14 @@ final class NBDConnection: @unchecked Sendable {
             let direct = count - done >= Self.inboxBytes / 4
             let target = direct ? buffer + done : inbox
             let room = direct ? count - done : Self.inboxBytes
-            let result = try await socketOperation(
-                .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max),
-                operation: "receive")
+            let result =
+                if let tls {
+                    try await tls.receive(into: target, count: min(room, 1 << 30))
+                } else {
+                    try await socketOperation(
+                        .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max),
+                        operation: "receive")
+                }
             if result == 0 { throw EndOfStream() }
             if direct {
                 done += result
@@ -98,6 +113,13 @@ final class NBDConnection: @unchecked Sendable {
         }
     }
 
+    /// The bytes read from the socket and not consumed yet, taken out of the inbox (at
+    /// `NBD_OPT_STARTTLS`, they are the start of the TLS stream).
+    func takeBuffered() -> [UInt8] {
+        defer { inboxStart = inboxEnd }
+        return Array(UnsafeRawBufferPointer(start: inbox + inboxStart, count: inboxEnd - inboxStart))
+    }
+
     func receive(_ count: Int) async throws -> [UInt8] {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 16)
         defer { buffer.deallocate() }
@@ -106,6 +128,11 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     private func send(_ buffer: UnsafeRawPointer, _ count: Int) async throws {
+        if let tls {
+            var vector = iovec(iov_base: UnsafeMutableRawPointer(mutating: buffer), iov_len: count)
+            try await tls.send(vectors: &vector, count: 1)
+            return
+        }
         var done = 0
         while done < count {
             done += try await socketOperation(
@@ -119,6 +146,10 @@ final class NBDConnection: @unchecked Sendable {
     /// Sends the buffers of `vectors` in order: one writev, finished by plain sends when the socket
     /// takes less.
     private func send(vectors: UnsafeMutablePointer<iovec>, count: Int) async throws {
+        if let tls {
+            try await tls.send(vectors: vectors, count: count)
+            return
+        }
         var total = 0
         for index in 0..<count { total += vectors[index].iov_len }
         let sent = try await socketOperation(

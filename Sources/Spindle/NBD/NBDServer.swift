@@ -52,10 +52,43 @@ public final class NBDServer: @unchecked Sendable {
         var preferredBlockBytes: UInt32 { UInt32(max(4096, device.logicalBlockBytes)) }
     }
 
+    /// Whether clients upgrade their connections to TLS (`NBD_OPT_STARTTLS`), and with what.
+    public struct TLS: Sendable {
+        public enum Mode: String, Sendable, CaseIterable {
+            /// No TLS: `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+            case off
+            /// TLS for the clients that ask for it; others are served in plaintext.
+            case on
+            /// Only TLS: every option before `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_TLS_REQD`
+            /// (the protocol's FORCEDTLS mode), and nothing is served in plaintext.
+            case require
+        }
+
+        public let mode: Mode
+        public let credentials: TLSCredentials?
+
+        public static let off = TLS(checked: .off, credentials: nil)
+
+        /// - Throws: `invalidArgument` when `mode` is `on` or `require` with no credentials.
+        public init(mode: Mode, credentials: TLSCredentials?) throws(SpindleError) {
+            guard mode == .off || credentials != nil else {
+                throw SpindleError(
+                    .invalidArgument, "TLS \(mode.rawValue) needs credentials: certificates or pre-shared keys")
+            }
+            self.init(checked: mode, credentials: mode == .off ? nil : credentials)
+        }
+
+        private init(checked mode: Mode, credentials: TLSCredentials?) {
+            self.mode = mode
+            self.credentials = credentials
+        }
+    }
+
     /// Largest read or write a client may send (`NBD_INFO_BLOCK_SIZE` maximum).
     public static let maximumRequestBytes: UInt32 = 32 << 20
 
     public let exports: [Export]
+    public let tls: TLS
     let engine: IOEngine
     let log: @Sendable (String) -> Void
 
@@ -78,10 +111,11 @@ public final class NBDServer: @unchecked Sendable {
     /// - Parameters:
     ///   - exports: the devices to offer; names must be unique. With one export, the empty name (a
     ///     client's default) reaches it too.
+    ///   - tls: whether connections may or must be upgraded to TLS, and the credentials.
     ///   - log: receives one line per connection, refusal and protocol error.
-    public init(exports: [Export], engine: IOEngine, log: @escaping @Sendable (String) -> Void = { _ in })
-        throws(SpindleError)
-    {
+    public init(
+        exports: [Export], engine: IOEngine, tls: TLS = .off, log: @escaping @Sendable (String) -> Void = { _ in }
+    ) throws(SpindleError) {
         guard !exports.isEmpty else { throw SpindleError(.invalidArgument, "an NBD server needs at least one export") }
         var seen = Set<String>()
         for export in exports where !seen.insert(export.name).inserted {
@@ -92,6 +126,7 @@ public final class NBDServer: @unchecked Sendable {
         for export in exports { locks[ObjectIdentifier(export.device)] = AsyncMutex() }
         unalignedLocks = locks
         self.engine = engine
+        self.tls = tls
         self.log = log
         // A reply to a client that has gone away must fail with EPIPE, not kill the process: the
         // engine writes to sockets with write(2), which raises SIGPIPE. Process-wide, as servers do.
@@ -147,13 +182,33 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Listens on TCP at `host` (an IPv4 address; loopback unless told otherwise) and `port` (0 picks
     /// a free one). Returns the port.
+    ///
+    /// An address other machines can reach is refused unless TLS is required
+    /// (``TLS/Mode/require``) or `allowPlaintext` says plaintext is meant (then a warning is logged):
+    /// in plaintext, anyone who reaches the port reads and overwrites the exports.
     @discardableResult
-    public func listen(host: String = "127.0.0.1", port: UInt16) throws(SpindleError) -> UInt16 {
+    public func listen(host: String = "127.0.0.1", port: UInt16, allowPlaintext: Bool = false) throws(SpindleError)
+        -> UInt16
+    {
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = port.bigEndian
         guard inet_pton(AF_INET, host, &address.sin_addr) == 1 else {
             throw SpindleError(.invalidArgument, "'\(host)' is not an IPv4 address", operation: "listen")
+        }
+        let loopback = UInt32(bigEndian: address.sin_addr.s_addr) >> 24 == 127
+        if !loopback && tls.mode != .require {
+            let plaintext =
+                tls.mode == .on ? "with TLS only on offer (clients may still connect in plaintext)" : "in plaintext"
+            guard allowPlaintext else {
+                throw SpindleError(
+                    .invalidArgument,
+                    "serving \(host):\(port) \(plaintext) would let anyone who reaches it read and overwrite every export, with no authentication: require TLS, or allow plaintext explicitly (spindle serve --insecure)",
+                    operation: "listen")
+            }
+            log(
+                "warning: listening on \(host):\(port) \(plaintext), with no authentication: anyone who reaches it can read and overwrite the exports"
+            )
         }
         let socketDescriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard socketDescriptor >= 0 else { throw SpindleError.system(errno, operation: "socket") }
@@ -186,7 +241,11 @@ public final class NBDServer: @unchecked Sendable {
             // failure (the listener closed by stop()) ends the loop.
             var failuresInARow = 0
             while true {
-                let client = accept(listener, nil, nil)
+                var peer = sockaddr_storage()
+                var peerLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
+                let client = withUnsafeMutablePointer(to: &peer) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept(listener, $0, &peerLength) }
+                }
                 if client < 0 {
                     failuresInARow += 1
                     if (errno == EINTR || errno == ECONNABORTED) && failuresInARow < 1000 { continue }
@@ -204,13 +263,28 @@ public final class NBDServer: @unchecked Sendable {
                 var bufferBytes: Int32 = 4 << 20
                 setsockopt(client, SOL_SOCKET, SO_SNDBUF, &bufferBytes, socklen_t(MemoryLayout<Int32>.size))
                 setsockopt(client, SOL_SOCKET, SO_RCVBUF, &bufferBytes, socklen_t(MemoryLayout<Int32>.size))
-                self.serve(client, from: label)
+                self.serve(client, peer: Self.describe(peer, listener: label))
             }
         }
     }
 
-    private func serve(_ client: Int32, from label: String) {
-        let connection = NBDConnection(socket: client, server: self)
+    /// Who a connection is from, for the log: `127.0.0.1:40222`, or the Unix socket it came in on.
+    private static func describe(_ peer: sockaddr_storage, listener: String) -> String {
+        guard peer.ss_family == sa_family_t(AF_INET) else { return "on \(listener)" }
+        var address = peer
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { inet in
+                var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+                var bytes = inet.pointee.sin_addr
+                inet_ntop(AF_INET, &bytes, &text, socklen_t(text.count))
+                let host = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                return "from \(host):\(UInt16(bigEndian: inet.pointee.sin_port))"
+            }
+        }
+    }
+
+    private func serve(_ client: Int32, peer: String) {
+        let connection = NBDConnection(socket: client, server: self, peer: peer)
         let table = state
         table.withLock { current in
             guard !current.stopping else {

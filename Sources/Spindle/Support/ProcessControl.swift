@@ -8,26 +8,59 @@ public enum ProcessControl {
     /// Waits until the process receives SIGINT or SIGTERM, and returns the signal's name ("SIGINT"
     /// or "SIGTERM"). From the first call on, these signals no longer end the process by themselves:
     /// the caller decides (for a server, finish the requests in flight, flush, close, then exit).
+    /// A program that tells others it is ready (prints "serving") calls ``watchForTermination()``
+    /// before it does, so a signal sent the moment it is ready is not lost.
     public static func waitForTermination() async -> String {
-        signal(SIGINT, SIG_IGN)
-        signal(SIGTERM, SIG_IGN)
-        return await withCheckedContinuation { continuation in
-            let fired = Locked(false)
-            var sources: [DispatchSourceSignal] = []
-            for (number, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
-                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-                source.setEventHandler {
-                    let first = fired.withLock { fired in
-                        defer { fired = true }
-                        return !fired
-                    }
-                    if first { continuation.resume(returning: name) }
-                }
-                source.resume()
-                sources.append(source)
+        await watchForTermination().wait()
+    }
+
+    /// Starts catching SIGINT and SIGTERM now; ``TerminationWatch/wait()`` returns the first one
+    /// caught, whether it came before the wait or during it.
+    public static func watchForTermination() -> TerminationWatch {
+        let watch = TerminationWatch()
+        var sources: [DispatchSourceSignal] = []
+        for (number, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+            source.setEventHandler { watch.fire(name) }
+            source.resume()
+            sources.append(source)
+        }
+        // The sources stay alive for the life of the process.
+        kept.withLock { $0 += sources }
+        return watch
+    }
+
+    /// The stop signals caught since ``ProcessControl/watchForTermination()``.
+    public final class TerminationWatch: Sendable {
+        private struct State {
+            var fired: String?
+            var waiter: CheckedContinuation<String, Never>?
+        }
+        private let state = Locked(State())
+
+        fileprivate init() {}
+
+        fileprivate func fire(_ name: String) {
+            let waiter = state.withLock { state -> CheckedContinuation<String, Never>? in
+                guard state.fired == nil else { return nil }
+                state.fired = name
+                defer { state.waiter = nil }
+                return state.waiter
             }
-            // The sources stay alive for the life of the process.
-            kept.withLock { $0 += sources }
+            waiter?.resume(returning: name)
+        }
+
+        /// The name of the first stop signal caught, waiting for one if none has come yet.
+        public func wait() async -> String {
+            await withCheckedContinuation { continuation in
+                let fired = state.withLock { state -> String? in
+                    if let fired = state.fired { return fired }
+                    state.waiter = continuation
+                    return nil
+                }
+                if let fired { continuation.resume(returning: fired) }
+            }
         }
     }
 

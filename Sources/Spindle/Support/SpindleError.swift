@@ -53,6 +53,9 @@ public struct SpindleError: Error, Sendable, CustomStringConvertible, Equatable 
         /// The I/O engine has more operations waiting than its configuration allows
         /// (``IOEngine/Configuration/maximumWaiting``); nothing was submitted.
         public static let overloaded = Code(rawValue: "overloaded")
+        /// A TLS session could not be set up or broke: a failed handshake (wrong key, refused
+        /// certificate), a peer that skipped or cut off TLS.
+        public static let tlsFailed = Code(rawValue: "tlsFailed")
     }
 
     public var code: Code
