@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The NBD tests drive real clients: fio, qemu-img, nbdkit, libnbd (nbdinfo, nbdcopy, nbdfuse, and its Python
 # bindings for Tools/incremental-backup.py), ext4 tools.
-Tools/setup.sh fio qemu-utils nbdkit libnbd-bin python3-libnbd fuse3 fuse2fs e2fsprogs python3
+Tools/setup.sh fio qemu-utils nbdkit libnbd-bin python3-libnbd fuse3 fuse2fs e2fsprogs python3 gnutls-bin
 # The sources are formatted as .swift-format says (Tools/format.sh rewrites them).
 Tools/format.sh --check
 swift build --build-tests

@@ -105,7 +105,9 @@ struct NBDTLSTests {
             viaQemu,
         ])
         #expect(qemu.status == 0, "\(qemu.errors)")
-        #expect(try Data(contentsOf: URL(fileURLWithPath: viaQemu)).prefix(24 << 20) == Data(contentsOf: URL(fileURLWithPath: source)))
+        #expect(
+            try Data(contentsOf: URL(fileURLWithPath: viaQemu)).prefix(24 << 20)
+                == Data(contentsOf: URL(fileURLWithPath: source)))
 
         let anonymous = try tool([
             "nbdinfo", TLSFixture.certificateURI(port: port, export: "disk.img", directory: tls.anonymousClient),
@@ -145,7 +147,9 @@ struct NBDTLSTests {
         #expect(stopped.errors.contains("after this server's hello"), "\(stopped.errors)")
     }
 
-    @Test("Bad input: wrong key, unknown user, no STARTTLS, data with STARTTLS, a cut-off handshake, garbage; a live client is unaffected")
+    @Test(
+        "Bad input: wrong key, unknown user, no STARTTLS, data with STARTTLS, a cut-off handshake, garbage; a live client is unaffected"
+    )
     func badInput() async throws {
         let tls = try TLSFixture()
         defer { tls.remove() }
@@ -153,7 +157,8 @@ struct NBDTLSTests {
         let credentials = try TLSCredentials.preSharedKeys(file: tls.keys)
         #expect(credentials.warnings.isEmpty)
         let test = try TestServer(
-            [NBDServer.Export(name: "mem", device: device)], tls: try NBDServer.TLS(mode: .require, credentials: credentials))
+            [NBDServer.Export(name: "mem", device: device)],
+            tls: try NBDServer.TLS(mode: .require, credentials: credentials))
         let port = try test.server.listen(host: "127.0.0.1", port: 0)
         let live = try LongLivedNBDClient(uri: TLSFixture.pskURI(port: port, export: "mem", keys: tls.keys))
 
@@ -228,7 +233,9 @@ struct NBDTLSTests {
     func startTLSPolicies() async throws {
         let tls = try TLSFixture()
         defer { tls.remove() }
-        let plainServer = try TestServer([NBDServer.Export(name: "mem", device: try MemoryDevice(capacityBytes: 1 << 20))])
+        let plainServer = try TestServer([
+            NBDServer.Export(name: "mem", device: try MemoryDevice(capacityBytes: 1 << 20))
+        ])
         let plainPort = try plainServer.server.listen(host: "127.0.0.1", port: 0)
         let refused = try tool(["nbdinfo", TLSFixture.pskURI(port: plainPort, export: "mem", keys: tls.keys)])
         #expect(refused.status != 0)
@@ -243,8 +250,9 @@ struct NBDTLSTests {
         let port = try optional.server.listen(host: "127.0.0.1", port: 0)
         #expect(try tool(["nbdinfo", "--size", "nbd://127.0.0.1:\(port)/mem"]).output.contains("\(1 << 20)"))
         #expect(
-            try tool(["nbdinfo", "--size", TLSFixture.pskURI(port: port, export: "mem", keys: tls.keys)]).output.contains(
-                "\(1 << 20)"))
+            try tool(["nbdinfo", "--size", TLSFixture.pskURI(port: port, export: "mem", keys: tls.keys)]).output
+                .contains(
+                    "\(1 << 20)"))
         await optional.stop()
         #expect(optional.log.contains { $0.contains("TLS started") })
     }
@@ -258,7 +266,8 @@ struct NBDTLSTests {
         let image = "image:\(folder.file("disk.img"))"
         let plain = try spindle(["serve", image, "--tcp", "0.0.0.0:0", "--dir", folder.path])
         #expect(plain.status != 0)
-        #expect(plain.errors.contains("in plaintext would let anyone who reaches it read and overwrite"), "\(plain.errors)")
+        #expect(
+            plain.errors.contains("in plaintext would let anyone who reaches it read and overwrite"), "\(plain.errors)")
         #expect(plain.errors.contains("--insecure"))
         let optional = try spindle([
             "serve", image, "--tcp", "0.0.0.0:0", "--tls", "on", "--tls-psk", tls.keys, "--dir", folder.path,
@@ -275,7 +284,8 @@ struct NBDTLSTests {
 
         // The library refuses it too, before binding anything.
         let server = try NBDServer(
-            exports: [NBDServer.Export(name: "m", device: try MemoryDevice(capacityBytes: 1 << 20))], engine: IOEngine())
+            exports: [NBDServer.Export(name: "m", device: try MemoryDevice(capacityBytes: 1 << 20))], engine: IOEngine()
+        )
         let error = await spindleError { _ = try server.listen(host: "0.0.0.0", port: 0) }
         #expect(error?.code == .invalidArgument)
         await server.stop()

@@ -61,7 +61,8 @@ extension NBDConnection {
                 let message = "this server requires TLS: send NBD_OPT_STARTTLS first"
                 if !refusedWithoutTLS {
                     // Logged once: a client without TLS usually tries a few options before giving up.
-                    server.log("\(label): refused option \(optionCode) (\(option.map { "\($0)" } ?? "unknown")): \(message)")
+                    server.log(
+                        "\(label): refused option \(optionCode) (\(option.map { "\($0)" } ?? "unknown")): \(message)")
                     refusedWithoutTLS = true
                 }
                 try await reply(.errorTLSRequired, Array(message.utf8))

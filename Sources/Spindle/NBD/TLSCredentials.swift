@@ -71,7 +71,8 @@ public final class TLSCredentials: @unchecked Sendable {
                 let error = errno
                 gnutls_certificate_free_credentials(credentials)
                 throw SpindleError(
-                    .notFound, "cannot read \((path as String).split(separator: "/").last!) in \(directory) (\(layout))",
+                    .notFound,
+                    "cannot read \((path as String).split(separator: "/").last!) in \(directory) (\(layout))",
                     errno: error, operation: "load TLS certificates", path: path)
             }
             let loaded = gnutls_certificate_set_x509_key_file(credentials, certificate, key, GNUTLS_X509_FMT_PEM)
@@ -177,7 +178,9 @@ public final class TLSCredentials: @unchecked Sendable {
             let name = String(line[..<colon])
             let hex = Array(line[line.index(after: colon)...].utf8)
             guard !name.isEmpty else { throw bad("has no user name") }
-            guard !hex.isEmpty, hex.count % 2 == 0 else { throw bad("has a key that is not an even number of hex digits") }
+            guard !hex.isEmpty, hex.count % 2 == 0 else {
+                throw bad("has a key that is not an even number of hex digits")
+            }
             var key: [UInt8] = []
             for pair in stride(from: 0, to: hex.count, by: 2) {
                 guard let high = hexValue(hex[pair]), let low = hexValue(hex[pair + 1]) else {
@@ -271,12 +274,14 @@ public final class TLSCredentials: @unchecked Sendable {
 /// GnuTLS's key lookup for a PSK handshake: the key of the user the client named, from the
 /// session's credentials; an unknown user is remembered (for the log) and refused.
 private func tlsLookUpKey(
-    _ session: gnutls_session_t?, _ username: UnsafePointer<gnutls_datum_t>?, _ key: UnsafeMutablePointer<gnutls_datum_t>?
+    _ session: gnutls_session_t?, _ username: UnsafePointer<gnutls_datum_t>?,
+    _ key: UnsafeMutablePointer<gnutls_datum_t>?
 ) -> Int32 {
     guard let session, let username, let key, let context = gnutls_session_get_ptr(session) else { return -1 }
     let tls = Unmanaged<TLSSession>.fromOpaque(context).takeUnretainedValue()
     let name = String(
-        decoding: UnsafeRawBufferPointer(start: username.pointee.data, count: Int(username.pointee.size)), as: UTF8.self)
+        decoding: UnsafeRawBufferPointer(start: username.pointee.data, count: Int(username.pointee.size)), as: UTF8.self
+    )
     tls.pskUser = name
     guard let secret = tls.credentials.users[name], let memory = spindle_gnutls_malloc(secret.count) else {
         tls.unknownUser = true

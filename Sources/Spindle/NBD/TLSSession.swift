@@ -223,7 +223,9 @@ final class TLSSession: @unchecked Sendable {
                 parts.append(String(cString: description))
                 spindle_gnutls_free(description)
             }
-            if let user = gnutls_psk_server_get_username(session) { parts.append("PSK user '\(String(cString: user))'") }
+            if let user = gnutls_psk_server_get_username(session) {
+                parts.append("PSK user '\(String(cString: user))'")
+            }
             var count: UInt32 = 0
             if let peers = gnutls_certificate_get_peers(session, &count), count > 0 {
                 var certificate: gnutls_x509_crt_t?

@@ -1,4 +1,4 @@
-import Dispatch
+import Foundation
 import Glibc
 
 /// What a program that serves or copies devices needs from its process, so that a tool built on
@@ -18,17 +18,44 @@ public enum ProcessControl {
     /// caught, whether it came before the wait or during it.
     public static func watchForTermination() -> TerminationWatch {
         let watch = TerminationWatch()
-        var sources: [DispatchSourceSignal] = []
-        for (number, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-            source.setEventHandler { watch.fire(name) }
-            source.resume()
-            sources.append(source)
+        let start = watchers.withLock { watchers -> Bool in
+            watchers.append(watch)
+            return watchers.count == 1
         }
-        // The sources stay alive for the life of the process.
-        kept.withLock { $0 += sources }
+        if start { catchStopSignals() }
         return watch
+    }
+
+    /// Installs a handler for SIGINT and SIGTERM that writes the signal's number into a pipe, and a
+    /// thread that reads the pipe and tells the watchers. A handler works whichever thread the
+    /// kernel delivers the signal to; a signal source (signalfd underneath) loses the signal when
+    /// it lands on a thread that was started before the signal was blocked.
+    private static func catchStopSignals() {
+        var ends: [Int32] = [-1, -1]
+        guard pipe(&ends) == 0 else { return }
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        stopSignalPipe = ends[1]
+        for number in [SIGINT, SIGTERM] {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { number in
+                var byte = UInt8(truncatingIfNeeded: number)
+                _ = write(stopSignalPipe, &byte, 1)
+            }
+            sigemptyset(&action.sa_mask)
+            action.sa_flags = SA_RESTART
+            sigaction(number, &action, nil)
+        }
+        let readEnd = ends[0]
+        Thread.detachNewThread {
+            var byte: UInt8 = 0
+            while true {
+                let count = read(readEnd, &byte, 1)
+                if count < 0, errno == EINTR { continue }
+                guard count == 1 else { return }
+                let name = Int32(byte) == SIGINT ? "SIGINT" : "SIGTERM"
+                for watch in watchers.withLock({ $0 }) { watch.fire(name) }
+            }
+        }
     }
 
     /// The stop signals caught since ``ProcessControl/watchForTermination()``.
@@ -74,6 +101,9 @@ public enum ProcessControl {
     /// that a reader of a pipe sees what was printed).
     public static func flushOutput() { fflush(nil) }
 
-    private static let queue = DispatchQueue(label: "spindle.signals")
-    private static let kept = Locked<[DispatchSourceSignal]>([])
+    private static let watchers = Locked<[TerminationWatch]>([])
 }
+
+/// The write end of the pipe the stop-signal handler writes to (set once, before the handler is
+/// installed; read only by the handler).
+nonisolated(unsafe) private var stopSignalPipe: Int32 = -1
