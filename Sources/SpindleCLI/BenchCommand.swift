@@ -7,17 +7,19 @@ struct BenchCommand: AsyncParsableCommand {
         commandName: "bench",
         abstract: "Run a fio-like load on an image and report IOPS, throughput and latency.",
         discussion: """
-            The target is an image file. When it does not exist and --size is given, it is created and, \
-            for loads that read, written in full first (as fio lays out its files) so that reads measure \
-            data rather than holes. --verify writes self-describing blocks, checks every block read and \
+            The target is an image file, or an NBD export given by its URI (nbd://HOST[:PORT]/EXPORT or \
+            nbd+unix:///EXPORT?socket=PATH). When an image does not exist and --size is given, it is \
+            created and, for loads that read, written in full first (as fio lays out its files) so that \
+            reads measure data rather than holes. --verify writes self-describing blocks, checks every block read and \
             reads back every block written at the end.
 
             Examples:
               spindle bench disk.img --rw randread --bs 4K --iodepth 32 --runtime 10
               spindle bench disk.img --rw write --bs 1M --iodepth 8 --size 1G --verify
+              spindle bench nbd+unix:///disk?socket=/tmp/nbd.sock --rw randwrite --bs 4K --iodepth 32
             """)
 
-    @Argument(help: "The image to load (or use --array).")
+    @Argument(help: "The image or NBD URI to load (or use --array or --volume).")
     var target: String?
 
     @Option(parsing: .upToNextOption, help: "Run on the RAID array made of these member images instead of one image.")
@@ -150,6 +152,10 @@ struct BenchCommand: AsyncParsableCommand {
             return
         }
         let target = self.target!
+        if NBDAddress.looksLikeURI(target) {
+            try await runOnRemote(try NBDAddress(parsing: target), engine: engine)
+            return
+        }
         // A load that only reads opens the image read-only, as fio does: no write lock is taken.
         let readOnly = verifyExisting || (!rw.writesData && !fill && !verify)
         let directIO: FileDevice.DirectIO = direct ? .preferred : .disabled
@@ -198,6 +204,34 @@ struct BenchCommand: AsyncParsableCommand {
                 BenchOutput(report: report, directIO: device.usesDirectIO, engineRingFlags: engine.ringFlags))
         } else {
             printHuman(report, directIO: device.usesDirectIO)
+        }
+    }
+
+    /// Runs the load on a remote export (its size is the server's; --size bounds the region).
+    private func runOnRemote(_ address: NBDAddress, engine: IOEngine) async throws {
+        guard fault.isEmpty else { throw ValidationError("--fault applies to images and arrays, not remote exports") }
+        let readOnly = verifyExisting || (!rw.writesData && !fill && !verify)
+        let device = try await NBDDevice.connect(
+            address, engine: engine, options: NBDDevice.Options(readOnly: readOnly))
+        let showProgress = Terminal.showsProgress && !json
+        let progress: (@Sendable (Bench.Progress) -> Void)? =
+            showProgress ? { @Sendable state in Terminal.progress(BenchCommand.describe(state)) } : nil
+        let report: Bench.Report
+        do {
+            report = try await Bench.run(
+                on: device, options: options(fill: fill), engine: executor == "reactor" ? engine : nil,
+                progress: progress)
+        } catch {
+            if showProgress { Terminal.endProgress() }
+            try? await device.close()
+            throw error
+        }
+        if showProgress { Terminal.endProgress() }
+        try await device.close()
+        if json {
+            try Terminal.printJSON(BenchOutput(report: report, directIO: false, engineRingFlags: engine.ringFlags))
+        } else {
+            printHuman(report, directIO: nil)
         }
     }
 
@@ -331,10 +365,10 @@ struct BenchCommand: AsyncParsableCommand {
         return line
     }
 
-    private func printHuman(_ report: Bench.Report, directIO: Bool) {
+    private func printHuman(_ report: Bench.Report, directIO: Bool?) {
         let options = report.options
         print(
-            "\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(directIO ? "direct I/O" : "page cache")"
+            "\(options.pattern.rawValue) on \(report.device): \(ByteSize.format(UInt64(options.blockBytes))) requests, depth \(options.ioDepth), \(ByteSize.format(report.regionBytes)) region, \(directIO.map { $0 ? "direct I/O" : "page cache" } ?? "over NBD")"
         )
         if report.layoutBytes > 0 { print("  layout: wrote \(ByteSize.format(report.layoutBytes)) before measuring") }
         for (label, direction) in [("read", report.read), ("write", report.write)] {

@@ -10,8 +10,9 @@ struct ServeCommand: AsyncParsableCommand {
             "Export thin volumes, arrays and image files over NBD, to qemu, nbd-client, fio, nbdcopy and other clients.",
         discussion: """
             EXPORT is volume:POOL/NAME (a thin volume or snapshot, exported as POOL/NAME), array:NAME (an \
-            array whose members are in --dir, exported as NAME) or image:PATH (an image file, exported by its \
-            file name). Runs in the foreground and prints each export's URI; on SIGINT or SIGTERM it stops \
+            array whose members are in --dir, exported as NAME), image:PATH (an image file, exported by its \
+            file name) or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH: another \
+            server's export, proxied under its export name). Runs in the foreground and prints each export's URI; on SIGINT or SIGTERM it stops \
             accepting, finishes requests in flight, flushes, and closes pools and arrays cleanly. A member \
             that fails under a served array is logged on standard error when it happens, and each array's \
             state is printed at the stop.
@@ -87,8 +88,12 @@ struct ServeCommand: AsyncParsableCommand {
             throw ValidationError("give something to export: volume:POOL/NAME, array:NAME or image:PATH")
         }
         for export in exports
-        where !(export.hasPrefix("volume:") || export.hasPrefix("array:") || export.hasPrefix("image:")) {
-            throw ValidationError("'\(export)' is not an export: write volume:POOL/NAME, array:NAME or image:PATH")
+        where
+            !(export.hasPrefix("volume:") || export.hasPrefix("array:") || export.hasPrefix("image:")
+            || NBDAddress.looksLikeURI(export))
+        {
+            throw ValidationError(
+                "'\(export)' is not an export: write volume:POOL/NAME, array:NAME, image:PATH or an NBD URI to proxy")
         }
         if tlsCertificates != nil && tlsPSK != nil {
             throw ValidationError("give one of --tls-certificates and --tls-psk, not both")
@@ -128,6 +133,7 @@ struct ServeCommand: AsyncParsableCommand {
         var pools: [String: OpenedPool] = [:]
         var arrays: [RAIDArray] = []
         var files: [FileDevice] = []
+        var remotes: [NBDDevice] = []
         /// Closes everything; returns whether every pool and array closed without an error.
         @discardableResult
         func closeAll() async -> Bool {
@@ -145,6 +151,7 @@ struct ServeCommand: AsyncParsableCommand {
                 }
             }
             for file in files { try? await file.close() }
+            for remote in remotes { try? await remote.close() }
             return clean
         }
         // What the folder holds, scanned once when an export or a fault needs it.
@@ -180,6 +187,17 @@ struct ServeCommand: AsyncParsableCommand {
         var list: [NBDServer.Export] = []
         do {
             for text in exports {
+                if NBDAddress.looksLikeURI(text) {
+                    // A proxy: the remote export served under its own name.
+                    let remote = try await NBDDevice.connect(
+                        text, engine: engine, options: NBDDevice.Options(readOnly: readOnly))
+                    remotes.append(remote)
+                    list.append(
+                        NBDServer.Export(
+                            name: Self.exportName(text), device: remote, readOnly: readOnly || remote.isReadOnly,
+                            description: "proxy of \(text)"))
+                    continue
+                }
                 let value = String(text[text.index(after: text.firstIndex(of: ":")!)...])
                 if text.hasPrefix("volume:") {
                     let (poolName, volumeName) = try PoolStore.split(value)
@@ -312,6 +330,10 @@ struct ServeCommand: AsyncParsableCommand {
 
     /// The name an export is served under: POOL/NAME, the array's name, or the image's file name.
     static func exportName(_ export: String) -> String {
+        if NBDAddress.looksLikeURI(export) {
+            let name = (try? NBDAddress(parsing: export))?.exportName ?? ""
+            return name.isEmpty ? "remote" : name
+        }
         let value = String(export[export.index(after: export.firstIndex(of: ":")!)...])
         return export.hasPrefix("image:") ? (value as NSString).lastPathComponent : value
     }
