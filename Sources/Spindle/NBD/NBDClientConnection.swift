@@ -1,10 +1,13 @@
 import Glibc
 
-/// One connection of an ``NBDDevice`` in its transmission phase: requests go out under a send lock,
-/// each in a slot of a fixed table (the slot's index is the request's cookie), and one reader task
-/// on the engine takes the replies as they come, in any order, reading a read's data straight into
-/// the waiting caller's buffer. Nothing is allocated per request: headers and vectors live in the
-/// slot's preallocated memory, and the caller waits in its slot.
+/// One connection of an ``NBDDevice`` in its transmission phase: each request takes a slot of a fixed
+/// table (the slot's index is the request's cookie) and joins the send queue; whichever request
+/// finds no send under way becomes the sender and sends everything queued, its own and what arrives
+/// meanwhile, in one `writev` per round (so 32 requests in flight cost a few sends, not 32). One
+/// reader task on the engine takes the replies as they come, in any order, reading a read's data
+/// straight into the waiting caller's buffer. Nothing is allocated per request: headers, vectors and
+/// the queue live in preallocated memory, and the caller waits in its slot until its request is
+/// both sent and answered (a write's buffer is in use until then).
 ///
 /// When the connection breaks (the server goes away, a send fails, a reply makes no sense), the
 /// reader stops, the socket is shut down, every request in flight fails with the reason and so does
@@ -16,7 +19,6 @@ final class NBDClientConnection: @unchecked Sendable {
     let info: NBDExportInfo
     let address: NBDAddress
     let engine: IOEngine
-    private let sendLock = AsyncMutex()
     private let slotCount: Int
 
     private struct Slot {
@@ -24,8 +26,12 @@ final class NBDClientConnection: @unchecked Sendable {
         var continuation: UnsafeContinuation<Int32, Never>?
         /// The reply's error (0 for success), or -1 when the connection broke first.
         var result: Int32?
+        /// Whether the send that carried the request has finished (its buffers are free again).
+        var sent = false
         var target: UnsafeMutableRawPointer?
         var length = 0
+        /// The request's vectors: its header, and a write's payload.
+        var vectorCount = 1
     }
 
     private struct State {
@@ -33,12 +39,22 @@ final class NBDClientConnection: @unchecked Sendable {
         var free: [Int]
         var waiters: [UnsafeContinuation<Void, Never>] = []
         var broken: SpindleError?
+        /// Slots waiting to be sent, in order (`queueCount` of them, in `queue`).
+        var queueCount = 0
+        /// Whether a request is sending (it drains the queue before it stops).
+        var sending = false
     }
 
     private let state: Locked<State>
     private static let slotHeaderBytes = 32
     private let headers: UnsafeMutableRawPointer
     private let vectors: UnsafeMutablePointer<iovec>
+    /// The send queue's slots (under `state`'s lock), and the sender's own copies: the batch it
+    /// sends, its gathered vectors, and the continuations it resumes after.
+    private let queue: UnsafeMutablePointer<Int>
+    private let batch: UnsafeMutablePointer<Int>
+    private let gathered: UnsafeMutablePointer<iovec>
+    private let resumable: UnsafeMutablePointer<(UnsafeContinuation<Int32, Never>, Int32)>
     private let inbox = UnsafeMutableRawPointer.allocate(byteCount: NBDClientConnection.inboxBytes, alignment: 64)
     private var inboxStart = 0
     private var inboxEnd = 0
@@ -52,7 +68,11 @@ final class NBDClientConnection: @unchecked Sendable {
         self.engine = engine
         slotCount = slots
         headers = .allocate(byteCount: slots * Self.slotHeaderBytes, alignment: 16)
-        vectors = .allocate(capacity: slots * 4)
+        vectors = .allocate(capacity: slots * 2)
+        queue = .allocate(capacity: slots)
+        batch = .allocate(capacity: slots)
+        gathered = .allocate(capacity: slots * 2)
+        resumable = .allocate(capacity: slots)
         state = Locked(State(slots: Array(repeating: Slot(), count: slots), free: Array((0..<slots).reversed())))
     }
 
@@ -60,6 +80,10 @@ final class NBDClientConnection: @unchecked Sendable {
         Glibc.close(socket)
         headers.deallocate()
         vectors.deallocate()
+        queue.deallocate()
+        batch.deallocate()
+        gathered.deallocate()
+        resumable.deallocate()
         inbox.deallocate()
     }
 
@@ -95,19 +119,24 @@ final class NBDClientConnection: @unchecked Sendable {
         NBDProtocol.putBigEndian(UInt64(slot), header, 8)
         NBDProtocol.putBigEndian(offset, header, 16)
         NBDProtocol.putBigEndian(length, header, 24)
-        let vector = vectors + slot * 4
+        let vector = vectors + slot * 2
         vector[0] = iovec(iov_base: header.baseAddress, iov_len: NBDProtocol.Request.bytes)
         vector[1] = iovec(
             iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payload == nil ? 0 : Int(length))
-        await sendLock.lock()
-        let sent = await send(vector, count: payload == nil ? 1 : 2)
-        sendLock.unlock()
-        if let sent { breakConnection(sent) }
-        // Once sent (or half sent), the slot is the reader's until it completes it: a reply, or the
-        // sweep when the connection breaks. Only then may the caller's buffer go.
+        let sender = state.withLock { state -> Bool in
+            state.slots[slot].vectorCount = payload == nil ? 1 : 2
+            queue[state.queueCount] = slot
+            state.queueCount += 1
+            if state.sending { return false }
+            state.sending = true
+            return true
+        }
+        if sender { await sendQueued() }
+        // The slot completes when it is sent and answered (or swept when the connection breaks):
+        // only then may the caller's buffer go.
         let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Int32, Never>) in
             let ready = state.withLock { state -> Int32? in
-                if let result = state.slots[slot].result { return result }
+                if let result = state.slots[slot].result, state.slots[slot].sent { return result }
                 state.slots[slot].continuation = continuation
                 return nil
             }
@@ -173,36 +202,78 @@ final class NBDClientConnection: @unchecked Sendable {
         SpindleError(.closed, "the connection is closed", operation: "request", path: address.uri)
     }
 
-    /// Sends `count` (at most two) vectors in full; the error, or nil. `vector` is followed by two
-    /// scratch entries, for what is left after a partial send.
-    private func send(_ vector: UnsafeMutablePointer<iovec>, count: Int) async -> SpindleError? {
-        var total = 0
-        for index in 0..<count { total += vector[index].iov_len }
-        var done = 0
-        var next = vector
-        var nextCount = count
-        while done < total {
+    /// Sends what is queued, round after round, until the queue is empty: each round gathers the
+    /// queued requests' vectors into one `writev`. Then marks them sent and resumes those answered
+    /// already. A failed send breaks the connection (its requests fail in the reader's sweep).
+    private func sendQueued() async {
+        while true {
+            let count = state.withLock { state -> Int in
+                let count = state.queueCount
+                if count == 0 { state.sending = false }
+                batch.update(from: queue, count: count)
+                state.queueCount = 0
+                return count
+            }
+            guard count > 0 else { return }
+            var vectorCount = 0
+            state.withLock { state in
+                for index in 0..<count {
+                    let slot = batch[index]
+                    for part in 0..<state.slots[slot].vectorCount {
+                        gathered[vectorCount] = vectors[slot * 2 + part]
+                        vectorCount += 1
+                    }
+                }
+            }
+            if let error = await send(gathered, count: vectorCount) { breakConnection(error) }
+            let ready = state.withLock { state -> Int in
+                var ready = 0
+                for index in 0..<count {
+                    let slot = batch[index]
+                    state.slots[slot].sent = true
+                    if let result = state.slots[slot].result, let continuation = state.slots[slot].continuation {
+                        state.slots[slot].continuation = nil
+                        (resumable + ready).initialize(to: (continuation, result))
+                        ready += 1
+                    }
+                }
+                return ready
+            }
+            for index in 0..<ready {
+                let (continuation, result) = (resumable + index).move()
+                continuation.resume(returning: result)
+            }
+        }
+    }
+
+    /// Sends `count` vectors in full, advancing them in place past what a partial send took; the
+    /// error, or nil.
+    private func send(_ vectors: UnsafeMutablePointer<iovec>, count: Int) async -> SpindleError? {
+        var first = 0
+        var left = 0
+        for index in 0..<count { left += vectors[index].iov_len }
+        while left > 0 {
             let result = await engine.execute(
-                .writeStream(fd: socket, vectors: next, count: UInt32(nextCount), offload: total - done >= 128 * 1024))
+                .writeStream(
+                    fd: socket, vectors: vectors + first, count: UInt32(min(count - first, 1024)),
+                    offload: left >= 128 * 1024))
             if result == -EINTR || result == -EAGAIN { continue }
             guard result > 0 else {
                 return lost(result == 0 ? "the server stopped taking data" : String(cString: strerror(-result)))
             }
-            done += Int(result)
-            // What is left, rebuilt in the scratch entries past the bytes sent.
-            var skip = done
-            nextCount = 0
-            next = vector + 2
-            for index in 0..<count {
-                let length = vector[index].iov_len
-                if skip >= length {
-                    skip -= length
-                    continue
+            left -= Int(result)
+            var skip = Int(result)
+            while skip > 0 && first < count {
+                if skip >= vectors[first].iov_len {
+                    skip -= vectors[first].iov_len
+                    first += 1
+                } else {
+                    vectors[first].iov_base += skip
+                    vectors[first].iov_len -= skip
+                    skip = 0
                 }
-                next[nextCount] = iovec(iov_base: vector[index].iov_base! + skip, iov_len: length - skip)
-                nextCount += 1
-                skip = 0
             }
+            while first < count && vectors[first].iov_len == 0 { first += 1 }
         }
         return nil
     }
@@ -253,7 +324,9 @@ final class NBDClientConnection: @unchecked Sendable {
             var waiting: [UnsafeContinuation<Int32, Never>] = []
             for index in state.slots.indices where state.slots[index].busy && state.slots[index].result == nil {
                 state.slots[index].result = -1
-                if let continuation = state.slots[index].continuation { waiting.append(continuation) }
+                // A request still being sent is resumed by its sender when the send ends.
+                guard state.slots[index].sent, let continuation = state.slots[index].continuation else { continue }
+                waiting.append(continuation)
                 state.slots[index].continuation = nil
             }
             defer { state.waiters = [] }
@@ -266,6 +339,8 @@ final class NBDClientConnection: @unchecked Sendable {
     private func complete(_ slot: Int, _ result: Int32) {
         let continuation = state.withLock { state -> UnsafeContinuation<Int32, Never>? in
             state.slots[slot].result = result
+            // Not sent yet (the reply outran the sender's completion): the sender resumes it.
+            guard state.slots[slot].sent else { return nil }
             defer { state.slots[slot].continuation = nil }
             return state.slots[slot].continuation
         }
@@ -313,9 +388,15 @@ final class NBDClientConnection: @unchecked Sendable {
             NBDProtocol.putBigEndian(UInt64(0), header, 16)
             NBDProtocol.putBigEndian(UInt32(0), header, 24)
             vectors[0] = iovec(iov_base: headers, iov_len: NBDProtocol.Request.bytes)
-            await sendLock.lock()
-            _ = await send(vectors, count: 1)
-            sendLock.unlock()
+            let free = state.withLock { state -> Bool in
+                guard !state.sending else { return false }
+                state.sending = true
+                return true
+            }
+            if free {
+                _ = await send(vectors, count: 1)
+                state.withLock { $0.sending = false }
+            }
         }
         breakConnection(SpindleError(.closed, "the device is closed", operation: "request", path: address.uri))
         await reader?.value
