@@ -55,10 +55,7 @@ final class NBDClientConnection: @unchecked Sendable {
     private let batch: UnsafeMutablePointer<Int>
     private let gathered: UnsafeMutablePointer<iovec>
     private let resumable: UnsafeMutablePointer<(UnsafeContinuation<Int32, Never>, Int32)>
-    private let inbox = UnsafeMutableRawPointer.allocate(byteCount: NBDClientConnection.inboxBytes, alignment: 64)
-    private var inboxStart = 0
-    private var inboxEnd = 0
-    private static let inboxBytes = 256 * 1024
+    private let inbox = SocketInbox()
     private var reader: Task<Void, Never>?
 
     init(socket: Int32, info: NBDExportInfo, address: NBDAddress, engine: IOEngine, slots: Int) {
@@ -84,7 +81,6 @@ final class NBDClientConnection: @unchecked Sendable {
         batch.deallocate()
         gathered.deallocate()
         resumable.deallocate()
-        inbox.deallocate()
     }
 
     /// Starts the reader task on the engine.
@@ -347,33 +343,18 @@ final class NBDClientConnection: @unchecked Sendable {
         continuation?.resume(returning: result)
     }
 
-    /// Exactly `count` bytes: from the inbox first, then the socket (large remainders straight into
-    /// `buffer`, small ones through the inbox, so one read takes in many replies).
+    /// Exactly `count` bytes, through the inbox (many replies per read).
     private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int) async throws(SpindleError) {
-        var done = 0
-        while done < count {
-            if inboxStart < inboxEnd {
-                let take = min(count - done, inboxEnd - inboxStart)
-                (buffer + done).copyMemory(from: inbox + inboxStart, byteCount: take)
-                inboxStart += take
-                done += take
-                continue
-            }
-            let direct = count - done >= Self.inboxBytes / 4
-            let target = direct ? buffer + done : inbox
-            let room = direct ? count - done : Self.inboxBytes
-            let result = await engine.execute(
-                .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max))
-            if result == -EINTR || result == -EAGAIN { continue }
-            if result == 0 { throw failure ?? lost("the server closed the connection") }
-            if result < 0 { throw failure ?? lost(String(cString: strerror(-result))) }
-            if direct {
-                done += Int(result)
-            } else {
-                inboxStart = 0
-                inboxEnd = Int(result)
+        let complete = try await inbox.receive(buffer, count) { target, room throws(SpindleError) in
+            while true {
+                let result = await engine.execute(
+                    .read(fd: socket, buffer: target, length: UInt32(room), offset: UInt64.max))
+                if result == -EINTR || result == -EAGAIN { continue }
+                if result < 0 { throw failure ?? lost(String(cString: strerror(-result))) }
+                return Int(result)
             }
         }
+        if !complete { throw failure ?? lost("the server closed the connection") }
     }
 
     /// Says goodbye (`NBD_CMD_DISCONNECT`, best effort), shuts the socket down and waits for the

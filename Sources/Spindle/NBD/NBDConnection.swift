@@ -28,12 +28,8 @@ final class NBDConnection: @unchecked Sendable {
         let contexts: [NBDMetadataContext]
     }
 
-    /// Bytes read from the socket and not consumed yet: one read takes in as many pipelined
-    /// requests as have arrived, instead of one read per 28-byte header.
-    private let inbox = UnsafeMutableRawPointer.allocate(byteCount: NBDConnection.inboxBytes, alignment: 64)
-    private var inboxStart = 0
-    private var inboxEnd = 0
-    private static let inboxBytes = 256 * 1024
+    /// Bytes read from the socket and not consumed yet (many pipelined requests per read).
+    private let inbox = SocketInbox()
 
     /// Chunks of one read reply at most: runs of data and of zeros beyond this go out as data.
     private static let maximumReadChunks = 32
@@ -53,7 +49,6 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     deinit {
-        inbox.deallocate()
         replyHeaders.deallocate()
         replyVectors.deallocate()
     }
@@ -83,42 +78,17 @@ final class NBDConnection: @unchecked Sendable {
     /// Exactly `count` bytes: from the inbox first, then from the socket (large remainders straight
     /// into `buffer`, small ones through the inbox).
     func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int) async throws {
-        var done = 0
-        while done < count {
-            if inboxStart < inboxEnd {
-                let take = min(count - done, inboxEnd - inboxStart)
-                (buffer + done).copyMemory(from: inbox + inboxStart, byteCount: take)
-                inboxStart += take
-                done += take
-                continue
-            }
-            let direct = count - done >= Self.inboxBytes / 4
-            let target = direct ? buffer + done : inbox
-            let room = direct ? count - done : Self.inboxBytes
-            let result =
-                if let tls {
-                    try await tls.receive(into: target, count: min(room, 1 << 30))
-                } else {
-                    try await socketOperation(
-                        .read(fd: socket, buffer: target, length: UInt32(min(room, 1 << 30)), offset: UInt64.max),
-                        operation: "receive")
-                }
-            if result == 0 { throw EndOfStream() }
-            if direct {
-                done += result
-            } else {
-                inboxStart = 0
-                inboxEnd = result
-            }
+        let complete = try await inbox.receive(buffer, count) { target, room in
+            if let tls { return try await tls.receive(into: target, count: room) }
+            return try await socketOperation(
+                .read(fd: socket, buffer: target, length: UInt32(room), offset: UInt64.max), operation: "receive")
         }
+        if !complete { throw EndOfStream() }
     }
 
     /// The bytes read from the socket and not consumed yet, taken out of the inbox (at
     /// `NBD_OPT_STARTTLS`, they are the start of the TLS stream).
-    func takeBuffered() -> [UInt8] {
-        defer { inboxStart = inboxEnd }
-        return Array(UnsafeRawBufferPointer(start: inbox + inboxStart, count: inboxEnd - inboxStart))
-    }
+    func takeBuffered() -> [UInt8] { inbox.takeBuffered() }
 
     func receive(_ count: Int) async throws -> [UInt8] {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 16)
