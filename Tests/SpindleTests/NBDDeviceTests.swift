@@ -168,6 +168,8 @@ struct NBDDeviceTests {
         let socket = folder.file("remote.sock")
         var server = try NBDKit(["file", image], socket: socket)
         let device = try await NBDDevice.connect(server.uri, engine: engine)
+        try await device.reconnect()  // connected: nothing to do
+        #expect(device.isConnected)
         let durable = AlignedBuffer(count: 1 << 20)
         fillRandom(durable.bytes, seed: 3)
         try await device.write(from: durable, at: 0)

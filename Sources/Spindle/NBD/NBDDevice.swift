@@ -98,12 +98,14 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
     /// Whether the connection is up (false once it broke, until ``reconnect()``).
     public var isConnected: Bool { connection.withLock { $0 }.failure == nil }
 
-    /// Connects again after the connection broke, to the same URI. The export must have the size it
-    /// had; requests made while it was down failed and stay failed (the caller, an array's bitmap,
+    /// Connects again after the connection broke, to the same URI (nothing to do while it works).
+    /// The export must have the size it had; requests made while it was down failed and stay failed (the caller, an array's bitmap,
     /// knows what to write again).
     /// - Throws: ``SpindleError`` when the server cannot be reached or the export changed size.
     public func reconnect() async throws(SpindleError) {
         let old = connection.withLock { $0 }
+        // A connection that works is kept: requests in flight on it go on.
+        guard old.failure != nil else { return }
         let (socket, info) = try await NBDClientHandshake.connect(address, timeoutSeconds: options.timeoutSeconds)
         guard info.sizeBytes == self.info.sizeBytes else {
             Glibc.close(socket)
