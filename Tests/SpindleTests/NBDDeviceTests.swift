@@ -82,6 +82,8 @@ struct NBDDeviceTests {
         // Spindle's server takes any byte range (minimum 1), preferring the device's 4 KiB blocks.
         #expect(device.logicalBlockBytes == 512)
         #expect(device.info.preferredBlockBytes == 4096)
+        #expect(device.info.sendsFlush && device.info.sendsFUA && device.info.sendsTrim)
+        #expect(device.info.sendsWriteZeroes && !device.info.isReadOnly)
         #expect(!device.isReadOnly)
         let expected = try await exerciseConcurrently(device, engine: server.engine, tasks: 16, seed: seed)
         #expect(try await readAll(device) == expected)
@@ -118,6 +120,7 @@ struct NBDDeviceTests {
         let device = try await NBDDevice.connect(policy.uri, engine: engine)
         #expect(device.logicalBlockBytes == 4096)
         #expect(device.maximumPayload == 65536)
+        #expect(!device.info.sendsWriteZeroes, "the nozero filter takes write-zeroes away")
         // A 1 MiB + 12 KiB request at an odd block goes out as pieces of at most 64 KiB.
         let big = AlignedBuffer(count: (1 << 20) + 12288)
         fillRandom(big.bytes, seed: 9)
@@ -147,7 +150,7 @@ struct NBDDeviceTests {
 
         let readOnly = try NBDKit(["-r", "memory", "4M"], socket: folder.file("ro.sock"))
         let reader = try await NBDDevice.connect(readOnly.uri, engine: engine)
-        #expect(reader.isReadOnly)
+        #expect(reader.isReadOnly && reader.info.isReadOnly)
         expectError(
             await spindleError { try await reader.write(from: AlignedBuffer(count: 4096), at: 0) }, .readOnly,
             [readOnly.uri])

@@ -11,6 +11,16 @@ public struct NBDExportInfo: Sendable, Equatable {
     public var minimumBlockBytes: UInt32
     public var preferredBlockBytes: UInt32
     public var maximumPayloadBytes: UInt32
+
+    /// Whether the server offers the export read-only.
+    public var isReadOnly: Bool { flags.contains(.readOnly) }
+    /// Which requests the server takes: flush, FUA writes, trim, write-zeroes.
+    public var sendsFlush: Bool { flags.contains(.sendFlush) }
+    public var sendsFUA: Bool { flags.contains(.sendFUA) }
+    public var sendsTrim: Bool { flags.contains(.sendTrim) }
+    public var sendsWriteZeroes: Bool { flags.contains(.sendWriteZeroes) }
+    /// Whether the server says several connections see each other's writes and flushes.
+    public var allowsMultipleConnections: Bool { flags.contains(.canMultiConn) }
 }
 
 /// The client side of fixed newstyle negotiation: connect, greet, `NBD_OPT_GO` for the export with
